@@ -27,6 +27,7 @@ class NLL:
 
 class Runtime(Protocol):
     name: str
+    tokenizer: PreTrainedTokenizerBase
 
     def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]: ...
 

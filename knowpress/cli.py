@@ -1,0 +1,257 @@
+"""``compress`` (alias ``knowpress``): apply | check | eval | world | list.
+
+Exit codes: 0 success, 1 gate failed, 2 user error (bad recipe, missing files, ...),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from knowpress.errors import KnowpressError
+
+EXIT_GATE, EXIT_USER, EXIT_INTERRUPT = 1, 2, 130
+out = Console()
+err = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    """transformers' own progress bars and load reports would drown ours."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _summary(report: dict[str, Any]) -> Table:
+    tasks = list(report["tasks"])
+    table = Table(title="knowledge retained vs bytes stored")
+    for col in ["model", "stored MiB", "size", *tasks, "worst retention"]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in report["rows"]:
+        cells = [row["name"], f"{row['stored_bytes'] / 2**20:.2f}", f"{row['size_ratio']:.3f}"]
+        cells += [f"{_fmt(row['scores'][t])} ({_fmt(row['retention'][t])})" for t in tasks]
+        worst = row["worst_retention"]
+        color = "green" if worst is not None and worst >= 0.95 else "yellow"
+        cells.append(f"[{color}]{_fmt(worst)}[/{color}] {row['worst_task']}")
+        table.add_row(*cells)
+    return table
+
+
+def _gate_table(result: dict[str, Any]) -> Table:
+    table = Table(title=f"gate FAILED on {result['row']}")
+    for col in ("task", "retention", "floor", "reason"):
+        table.add_column(col)
+    for f in result["failures"]:
+        table.add_row(f["task"], _fmt(f["retention"]), f"{f['floor']:.4f}", f["reason"])
+    return table
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from knowpress.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    out_dir = Path(args.output or Path("runs") / Path(args.recipe).stem)
+    if args.dry_run:
+        _print_plan(recipe, out_dir)
+        return 0
+    from knowpress.progress import Progress
+    from knowpress.runner import apply
+
+    _quiet_libraries()
+    result = apply(
+        recipe, out_dir, resume=args.resume, force=args.force,
+        progress=Progress(console=err, enabled=not args.quiet),
+    )
+    out.print(_summary(result.report))
+    out.print(f"report: {out_dir / 'report.md'}  plot: {out_dir / 'retention_vs_size.png'}")
+    gate = result.report.get("gate")
+    if gate is not None and not gate["passed"]:
+        out.print(_gate_table(gate))
+        return EXIT_GATE
+    if gate is not None:
+        out.print(f"[green]gate passed[/green] (min retention {gate['min_retention']})")
+    return 0
+
+
+def _print_plan(recipe: Any, out_dir: Path) -> None:
+    import yaml
+
+    model = (recipe.model.world and f"world preset {recipe.model.world}") or recipe.model.path
+    teacher = "same as model" if recipe.teacher is None else (
+        recipe.teacher.world or recipe.teacher.path
+    )
+    out.print(f"[bold]plan[/bold] (dry run: nothing loaded)\n  model:   {model}\n"
+              f"  teacher: {teacher}\n  output:  {out_dir}")
+    for i, stage in enumerate(recipe.stages):
+        body = yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False).strip()
+        out.print(f"  stage {i + 1}: " + body.replace("\n", "\n           "))
+    out.print(f"  evaluate: {', '.join(recipe.evaluate.tasks)} after the teacher and every stage")
+    if recipe.gate:
+        out.print(f"  gate: min retention {recipe.gate.min_retention} on "
+                  f"{', '.join(recipe.gate.tasks or recipe.evaluate.tasks)}")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from knowpress.evaluate.gate import check
+    from knowpress.report import load_report
+
+    report = load_report(args.report)
+    baseline = load_report(args.baseline) if args.baseline else None
+    floor = args.min_retention
+    if floor is None and report.get("gate"):
+        floor = report["gate"]["min_retention"]
+    if floor is None and baseline is None:
+        raise KnowpressError(
+            "check: nothing to check against; pass --min-retention X and/or --baseline OLD"
+        )
+    tasks = args.tasks.split(",") if args.tasks else None
+    result = check(report, floor, tasks, baseline, args.baseline, args.tolerance).to_json()
+    if not result["passed"]:
+        out.print(_gate_table(result))
+        return EXIT_GATE
+    out.print(f"[green]gate passed[/green] on {result['row']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from knowpress.evaluate.evaluator import evaluate_runtime
+    from knowpress.evaluate.runtime import TorchRuntime
+    from knowpress.models.io import load_model
+    from knowpress.progress import Progress
+    from knowpress.world import load_world
+
+    _quiet_libraries()
+    model_dir = Path(args.model)
+    world = load_world(args.world or model_dir)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    tasks = args.tasks.split(",")
+    progress = Progress(console=err, enabled=not args.quiet)
+    with progress.session():
+        scores = evaluate_runtime(
+            TorchRuntime(model, tokenizer, args.batch_size), world, tasks, args.max_items, progress
+        )
+    table = Table(title=f"{args.model}")
+    for col in ("task", "metric", "score", "items"):
+        table.add_column(col)
+    for s in scores.values():
+        table.add_row(s.task, s.metric, f"{s.score:.4f}", str(s.n))
+    out.print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v.to_json() for k, v in scores.items()}, indent=1))
+    return 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from knowpress.world import PRESETS, build_teacher
+
+    if args.world_cmd == "list":
+        for name, preset in PRESETS.items():
+            out.print(f"{name:20s} {preset.description}")
+        return 0
+    _quiet_libraries()
+    path = build_teacher(args.preset, force=args.force, progress=not args.quiet)
+    manifest = json.loads((Path(path) / "knowpress_world.json").read_text())
+    out.print(f"teacher: {path}\n{json.dumps(manifest.get('train', {}), indent=1)}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import knowpress.stages  # noqa: F401
+    from knowpress.compress.quant import QUANT_METHODS
+    from knowpress.evaluate.tasks import TASKS
+    from knowpress.stage import STAGES
+    from knowpress.world import PRESETS
+
+    table = Table(title="registered methods")
+    for col in ("family", "name", "what", "paper"):
+        table.add_column(col)
+    for name, cls in STAGES.items():
+        table.add_row("stage", name, cls.summary, cls.paper)
+    for name, cls in QUANT_METHODS.items():
+        table.add_row("quant method", name, cls.summary, cls.paper)
+    for name, cls in TASKS.items():
+        table.add_row("eval task", name, cls.summary, cls.paper)
+    for name, preset in PRESETS.items():
+        table.add_row("world preset", name, preset.description, "")
+    out.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("apply", help="run a recipe")
+    p.add_argument("recipe")
+    p.add_argument("-o", "--output", help="output folder (default: runs/RECIPE_NAME)")
+    p.add_argument("--set", action="append", default=[], metavar="K=V",
+                   help="override a recipe field, e.g. stages.0.method.bits=4")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan")
+    p.add_argument("--resume", action="store_true", help="skip stages already finished")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("check", help="gate a report: exit 1 when knowledge regressed")
+    p.add_argument("report", help="OUT/report.json (or OUT)")
+    p.add_argument("--baseline", help="an older report.json to compare against")
+    p.add_argument("--min-retention", type=float)
+    p.add_argument("--tasks", help="comma-separated tasks to gate (default: all)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="allowed drop vs the baseline's retention (default 0.01)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("eval", help="score a model directory on a fact world")
+    p.add_argument("--model", required=True)
+    p.add_argument("--world", help="preset or teacher dir (default: the model's own world)")
+    p.add_argument("--tasks", default="recall,perplexity")
+    p.add_argument("--max-items", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", help="also write the scores here")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("world", help="build or list fact-world teachers")
+    wsub = p.add_subparsers(dest="world_cmd", required=True)
+    b = wsub.add_parser("build", help="train (or fetch from cache) a preset's teacher")
+    b.add_argument("--preset", default="bios-dense-tiny")
+    b.add_argument("--force", action="store_true", help="retrain even if cached")
+    b.add_argument("-q", "--quiet", action="store_true")
+    wsub.add_parser("list", help="list presets")
+    p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("list", help="registered stages, methods, tasks and presets")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KnowpressError as exc:
+        for line in str(exc).splitlines():
+            err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        err.print("interrupted: finished stages are kept; continue with --resume")
+        return EXIT_INTERRUPT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Compression families: quant/ (weight quantization); more families register alongside."""

@@ -1,0 +1,108 @@
+"""Group-wise integer quantization arithmetic and sub-byte packing.
+
+For a weight ``W`` of shape ``[out, in]`` and group size ``g`` (``in % g == 0``), each row is
+split into ``in / g`` groups. Per group, with ``b`` bits:
+
+- asymmetric: ``s = (max - min) / (2^b - 1)``, ``z = round(-min / s)``,
+  ``q = clamp(round(W / s) + z, 0, 2^b - 1)``, ``Ŵ = (q - z) · s``;
+- symmetric: ``s = max|W| / (2^(b-1) - 1)``, ``q = clamp(round(W / s), -2^(b-1), 2^(b-1) - 1)``
+  stored with the offset ``2^(b-1)``, so ``Ŵ = (q_stored - 2^(b-1)) · s``.
+
+Scales are stored as float16 ``[out, in / g]``; zero points as uint8 ``[out, in / g]``.
+4-bit codes are packed two per byte (low nibble = even column), 8-bit codes one per byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Codes (unpacked, uint8 ``[out, in]``), scales ``[out, groups]``, zeros or None."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+
+def quantize_groups(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> Quantized:
+    """Round-to-nearest group-wise quantization of a 2-D weight (see module docstring)."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+    w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    qmax = 2**bits - 1
+    if symmetric:
+        offset = 2 ** (bits - 1)
+        scale = w.abs().amax(dim=-1) / (offset - 1)
+        scale = _safe_fp16(scale)
+        codes = torch.clamp(torch.round(w / scale.float().unsqueeze(-1)), -offset, offset - 1)
+        codes = (codes + offset).to(torch.uint8)
+        zeros = None
+    else:
+        lo = w.amin(dim=-1).clamp(max=0.0)
+        hi = w.amax(dim=-1).clamp(min=0.0)  # keep 0 representable: exact zeros stay zero
+        scale = _safe_fp16((hi - lo) / qmax)
+        zero = torch.clamp(torch.round(-lo / scale.float()), 0, qmax)
+        codes = torch.clamp(torch.round(w / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1), 0, qmax)
+        codes = codes.to(torch.uint8)
+        zeros = zero.to(torch.uint8)
+    return Quantized(codes.reshape(out_features, in_features), scale, zeros)
+
+
+def _safe_fp16(scale: torch.Tensor) -> torch.Tensor:
+    """float16 scales, with all-zero groups given scale 1 (any code then decodes to 0)."""
+    scale = scale.clamp(max=65504.0).to(torch.float16)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def dequantize_groups(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_groups` (codes unpacked), returning ``[out, in]``."""
+    out_features, in_features = codes.shape
+    q = codes.reshape(out_features, in_features // group_size, group_size).to(torch.float32)
+    zero = (
+        torch.full_like(scales, 2 ** (bits - 1), dtype=torch.float32)
+        if zeros is None
+        else zeros.to(torch.float32)
+    )
+    w = (q - zero.unsqueeze(-1)) * scales.to(torch.float32).unsqueeze(-1)
+    return w.reshape(out_features, in_features).to(dtype)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``[out, in]`` into bytes: ``[out, in]`` (8-bit) or ``[out, in/2]``."""
+    if bits == 8:
+        return codes.contiguous()
+    if bits != 4:
+        raise ValueError(f"packing supports 4 or 8 bits, not {bits}")
+    if codes.shape[-1] % 2:
+        raise ValueError("4-bit packing needs an even number of input features")
+    low, high = codes[..., 0::2], codes[..., 1::2]
+    return (low | (high << 4)).contiguous()
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`."""
+    if bits == 8:
+        return packed
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10·log10(‖W‖² / ‖W − Ŵ‖²)`` in dB."""
+    noise = (reference.float() - approx.float()).pow(2).sum()
+    signal = reference.float().pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))

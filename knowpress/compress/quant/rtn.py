@@ -1,0 +1,56 @@
+"""Round-to-nearest (RTN) weight-only quantization.
+
+Each group of ``g`` consecutive input weights of a row gets its own scale (and zero point
+when asymmetric) and every weight is rounded to the nearest code: ``q = round(W/s) + z``.
+No calibration data. The baseline every data-aware method (GPTQ, AWQ) is compared to; see
+Dettmers & Zettlemoyer, "The case for 4-bit precision" (2023) for RTN at scale.
+
+```yaml
+- kind: quantize
+  method: {name: rtn, bits: 4, group_size: 32}
+```
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from knowpress.compress.quant.base import QUANT_METHODS, QuantMethod
+from knowpress.compress.quant.packing import quantize_groups
+from knowpress.compress.quant.qlinear import QuantLinear
+
+
+@QUANT_METHODS.register("rtn")
+class RTN(QuantMethod):
+    summary = "round-to-nearest, group-wise, weight-only; packed int4/int8 storage"
+    paper = "Dettmers & Zettlemoyer 2023, arXiv:2212.09720"
+
+    name: Literal["rtn"]
+    bits: Literal[4, 8] = 8
+    group_size: int | None = Field(
+        128, gt=0, description="weights per scale; null = one scale per output row"
+    )
+    symmetric: bool = False
+
+    def _group(self, linear: nn.Linear) -> int:
+        return self.group_size or linear.in_features
+
+    def check_module(self, name: str, linear: nn.Linear) -> str | None:
+        g = self._group(linear)
+        if linear.in_features % g:
+            divisors = [d for d in (32, 64, 128, 256) if linear.in_features % d == 0]
+            return (
+                f"group_size {g} does not divide in_features {linear.in_features} of {name}; "
+                f"use one of {divisors or [linear.in_features]} or null (per row)"
+            )
+        if self.bits == 4 and linear.in_features % 2:
+            return f"int4 packing needs an even in_features; {name} has {linear.in_features}"
+        return None
+
+    def quantize_linear(self, linear: nn.Linear) -> QuantLinear:
+        g = self._group(linear)
+        q = quantize_groups(linear.weight, self.bits, g, self.symmetric)
+        return QuantLinear.from_quantized(linear, q, self.bits, g, method=self.name)

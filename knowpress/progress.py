@@ -1,0 +1,66 @@
+"""Progress reporting handed to stages: rich bars on a terminal, nothing when quiet."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+
+T = TypeVar("T")
+
+
+class Progress:
+    """``track`` wraps an iterable with a bar; ``enabled=False`` makes it a pass-through."""
+
+    def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled
+        self._bars: RichProgress | None = None
+
+    @contextmanager
+    def session(self) -> Iterator[Progress]:
+        if not self.enabled:
+            yield self
+            return
+        self._bars = RichProgress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        with self._bars:
+            try:
+                yield self
+            finally:
+                self._bars = None
+
+    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+        if self._bars is None:
+            yield from items
+            return
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)  # type: ignore[arg-type]
+        task = self._bars.add_task(description, total=total)
+        try:
+            for item in items:
+                yield item
+                self._bars.advance(task)
+        finally:
+            self._bars.remove_task(task)
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message)

@@ -1,0 +1,271 @@
+"""Recipes: validated YAML that says what to compress, how, and what must survive.
+
+```yaml
+version: 1
+model: {world: bios-dense-tiny}      # or {path: ./my-model} (a local dir or a hub id)
+teacher: same                        # retention is measured against this model
+stages:
+  - kind: quantize
+    method: {name: rtn, bits: 4, group_size: 32}
+evaluate: {tasks: [recall, perplexity]}
+gate: {min_retention: 0.95}
+```
+
+Every model is pydantic v2 with ``extra="forbid"``. Stage configs are discriminated by
+``kind`` over the :data:`~knowpress.stage.STAGES` registry, methods by ``name`` over their
+family registry. Validation errors become one line per bad field: the dotted path, what is
+wrong, and what is allowed (closest names for unknown kinds and methods).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from knowpress.errors import KnowpressError, RecipeError
+from knowpress.registry import Registry, close_matches
+from knowpress.stage import STAGES, StageConfig
+
+
+def _lookup(registry: Registry[Any], name: str) -> None:
+    """Registry lookup inside a validator: pydantic only turns ValueError into a field error."""
+    try:
+        registry.get(name)
+    except KnowpressError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    """Where a model comes from: a built-in fact-world teacher, or a path / hub id."""
+
+    world: str | None = Field(None, description="built-in preset, e.g. bios-dense-tiny")
+    path: str | None = Field(None, description="local HF directory or hub id")
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.world is None) == (self.path is None):
+            raise ValueError("give exactly one of 'world' (a built-in preset) or 'path'")
+        return self
+
+    @field_validator("world")
+    @classmethod
+    def _known_world(cls, value: str | None) -> str | None:
+        if value is not None:
+            from knowpress.world import PRESETS
+
+            _lookup(PRESETS, value)
+        return value
+
+
+class CalibrationSpec(Strict):
+    world: Literal["train", "heldout"] = "train"
+    samples: int = Field(128, gt=0)
+
+
+class DataSpec(Strict):
+    calibration: CalibrationSpec = CalibrationSpec()
+
+
+class EvaluateSpec(Strict):
+    """Tasks scored on the teacher and after every stage, on the same items."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["recall", "perplexity"], min_length=1)
+    world: str | None = Field(None, description="fact world; default: the model's own")
+    max_items: int | None = Field(None, gt=0, description="cap items per task (speed)")
+    batch_size: int = Field(64, gt=0)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        from knowpress.evaluate.tasks import TASKS
+
+        for name in tasks:
+            _lookup(TASKS, name)
+        if len(set(tasks)) != len(tasks):
+            raise ValueError("each task may be listed once")
+        return tasks
+
+
+class GateSpec(Strict):
+    """Fail the run (exit 1) when any gated task's retention falls below the floor."""
+
+    min_retention: float = Field(gt=0, le=1.5)
+    tasks: list[str] | None = Field(None, description="default: every evaluated task")
+
+
+class Recipe(Strict):
+    version: Literal[1]
+    model: ModelSpec
+    teacher: ModelSpec | None = Field(None, description="'same' (default): the input model")
+    data: DataSpec = DataSpec()
+    stages: list[SerializeAsAny[StageConfig]] = Field(default_factory=list)
+    evaluate: EvaluateSpec = EvaluateSpec()
+    gate: GateSpec | None = None
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _same_teacher(cls, value: Any) -> Any:
+        if value == "same":
+            return None
+        if isinstance(value, str):
+            raise ValueError("expected 'same' or a mapping like {world: NAME} or {path: DIR}")
+        return value
+
+    @model_validator(mode="after")
+    def _gate_tasks_evaluated(self) -> Recipe:
+        if self.gate and self.gate.tasks:
+            missing = [t for t in self.gate.tasks if t not in self.evaluate.tasks]
+            if missing:
+                raise ValueError(
+                    f"gate.tasks {missing} are not in evaluate.tasks {self.evaluate.tasks}"
+                )
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def stage_hash(self, index: int, input_hash: str) -> str:
+        """Hash of a stage's resolved config chained onto the hash of its input."""
+        blob = json.dumps([input_hash, self.stages[index].model_dump(mode="json")], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _validator(stage_kinds: tuple[str, ...]) -> type[Recipe]:
+    classes = tuple(STAGES.get(kind) for kind in stage_kinds)
+    union = Annotated[Union[classes], Field(discriminator="kind")]  # noqa: UP007
+    return create_model("Recipe", __base__=Recipe, stages=(list[union], []))  # type: ignore[call-overload]
+
+
+def _ensure_registered() -> None:
+    import knowpress.stages  # noqa: F401  (registers the built-in stage kinds)
+
+
+def _dotted(loc: tuple[Any, ...], data: Any) -> str:
+    """Dotted path of a pydantic error location, walked along the input so that the union
+    tags pydantic inserts (``quantize``, ``rtn``) are dropped and real keys kept."""
+    parts: list[str] = []
+    for key in loc:
+        if isinstance(data, list) and isinstance(key, int):
+            data = data[key] if 0 <= key < len(data) else None
+        elif isinstance(data, dict) and key in data:
+            data = data[key]
+        elif isinstance(data, dict) and key in (data.get("kind"), data.get("name")):
+            continue
+        else:
+            data = None
+        parts.append(str(key))
+    return ".".join(parts) or "<recipe>"
+
+
+def _error_line(err: Any, data: Any) -> str:
+    path = _dotted(tuple(err["loc"]), data)
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "union_tag_invalid":
+        field = ctx.get("discriminator", "").strip("'")
+        expected = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")]
+        tag = str(ctx.get("tag"))
+        hint = close_matches(tag, expected)
+        did = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
+        what = "stage kind" if field == "kind" else "method"
+        return f"{path}.{field}: unknown {what} {tag!r}{did} (valid: {', '.join(expected)})"
+    if kind == "union_tag_not_found":
+        field = ctx.get("discriminator", "").strip("'")
+        return f"{path}: missing '{field}' (every entry needs one)"
+    if kind == "extra_forbidden":
+        return f"{path}: unknown field; remove it or check its spelling"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    message = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    if kind.startswith("literal_error"):
+        got = err.get("input")
+        return f"{path}: {message} (got {got!r})"
+    return f"{path}: {message}"
+
+
+def validate_recipe(data: Any, source: str | None = None) -> Recipe:
+    """Validate a recipe dict; raise :class:`RecipeError` with one line per bad field."""
+    _ensure_registered()
+    if not isinstance(data, dict):
+        raise RecipeError([f"<recipe>: expected a mapping, got {type(data).__name__}"], source)
+    try:
+        return _validator(tuple(STAGES.names())).model_validate(data)
+    except ValidationError as exc:
+        lines = list(dict.fromkeys(_error_line(e, data) for e in exc.errors()))
+        raise RecipeError(lines, source) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.0.c=VALUE`` overrides (VALUE parsed as YAML) to a copy of ``data``."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError([f"--set {item!r}: expected KEY=VALUE, e.g. stages.0.method.bits=4"])
+        value = yaml.safe_load(raw) if raw else None
+        parts = key.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(
+                        [f"--set {key}: {where} is not an index of a {len(node)}-item list"]
+                    )
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise RecipeError([f"--set {key}: {where} goes inside a value that is not a map"])
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read YAML safely, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise RecipeError([f"recipe file not found: {path} (give the path of a .yaml recipe)"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError([f"<yaml>: not valid YAML at {where}: {problem}"], source) from None
+    if data is None:
+        raise RecipeError(["<recipe>: the file is empty; start with 'version: 1'"], source)
+    if isinstance(data, dict) and overrides:
+        data = apply_overrides(data, overrides)
+    return validate_recipe(data, source)

@@ -1,0 +1,238 @@
+"""The run report: ``report.json`` (versioned), ``report.md`` and ``retention_vs_size.png``.
+
+``report.json`` (schema_version 1)::
+
+    {"schema": "knowpress.report", "schema_version": 1, "knowpress_version": str,
+     "created_utc": str, "inputs": {"model", "teacher", "world"}, "recipe": {...},
+     "tasks": {name: {"metric", "higher_is_better"}},
+     "rows": [{"name", "stage_index", "kind", "stored_bytes", "size_ratio", "parameters",
+               "scores": {task: float}, "retention": {task: float|null},
+               "worst_task", "worst_retention", "details": {task: {"n", "extra", "examples"}}}],
+     "stages": [StageRecord...], "gate": GateResult | null}
+
+Row 0 is the teacher (retention 1 by definition); then one row per stage. Sizes are bytes
+of the safetensors files on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from knowpress.context import StageRecord
+from knowpress.evaluate.evaluator import TaskScore, retention_table, worst
+from knowpress.evaluate.gate import check
+from knowpress.models.io import atomic_write_text
+from knowpress.recipe import Recipe
+
+SCHEMA_VERSION = 1
+REQUIRED_KEYS = ("schema", "schema_version", "inputs", "recipe", "tasks", "rows", "stages", "gate")
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf -> None so the JSON stays standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _version() -> str:
+    try:
+        return version("knowpress")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _row(
+    name: str,
+    index: int | None,
+    kind: str | None,
+    size: int,
+    teacher_size: int,
+    scores: dict[str, TaskScore],
+    teacher: dict[str, TaskScore],
+) -> dict[str, Any]:
+    retention = retention_table(scores, teacher)
+    worst_task, worst_value = worst(retention)
+    return {
+        "name": name,
+        "stage_index": index,
+        "kind": kind,
+        "stored_bytes": size,
+        "size_ratio": size / teacher_size,
+        "scores": {t: s.score for t, s in scores.items()},
+        "retention": retention,
+        "worst_task": worst_task,
+        "worst_retention": worst_value,
+        "details": {t: {"n": s.n, "extra": s.extra, "examples": s.examples} for t, s in scores.items()},
+    }
+
+
+def build_report(
+    *,
+    recipe: Recipe,
+    model_source: str,
+    teacher_source: str,
+    world: Any,
+    teacher_scores: dict[str, TaskScore],
+    teacher_bytes: int,
+    records: list[StageRecord],
+    stage_scores: list[dict[str, TaskScore]],
+) -> dict[str, Any]:
+    rows = [_row("teacher", None, None, teacher_bytes, teacher_bytes, teacher_scores, teacher_scores)]
+    for record, scores in zip(records, stage_scores, strict=True):
+        name = Path(record.checkpoint).name
+        rows.append(
+            _row(name, record.index, record.kind, record.bytes_after, teacher_bytes, scores,
+                 teacher_scores)
+        )
+    report: dict[str, Any] = {
+        "schema": "knowpress.report",
+        "schema_version": SCHEMA_VERSION,
+        "knowpress_version": _version(),
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {
+            "model": model_source,
+            "teacher": teacher_source,
+            "world": {"key": world.config.key(), "config": world.config.model_dump(mode="json")},
+        },
+        "recipe": recipe.dump(),
+        "tasks": {
+            t: {"metric": s.metric, "higher_is_better": s.higher_is_better}
+            for t, s in teacher_scores.items()
+        },
+        "rows": rows,
+        "stages": [dataclasses.asdict(r) for r in records],
+        "gate": None,
+    }
+    if recipe.gate is not None:
+        result = check(report, recipe.gate.min_retention, recipe.gate.tasks)
+        report["gate"] = result.to_json()
+    return _clean(report)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    tasks = list(report["tasks"])
+    lines = ["# knowpress report", ""]
+    lines += [f"- model: `{report['inputs']['model']}`", f"- teacher: `{report['inputs']['teacher']}`"]
+    lines += [f"- world: `{report['inputs']['world']['key']}`", ""]
+    lines += ["## Knowledge retained vs bytes stored", ""]
+    head = ["model", "stored", "size vs teacher"]
+    head += [f"{t} ({report['tasks'][t]['metric']})" for t in tasks]
+    head += [f"{t} retention" for t in tasks] + ["worst retention"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report["rows"]:
+        cells = [row["name"], _bytes(row["stored_bytes"]), f"{row['size_ratio']:.3f}"]
+        cells += [_fmt(row["scores"][t]) for t in tasks]
+        cells += [_fmt(row["retention"][t]) for t in tasks]
+        cells += [f"{_fmt(row['worst_retention'])} ({row['worst_task']})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report["stages"]:
+        lines += ["", "## Stages", "", "| # | kind | seconds | peak RSS | bytes before | bytes after "
+                  "| resumed |", "|---|---|---|---|---|---|---|"]
+        for s in report["stages"]:
+            lines.append(
+                f"| {s['index'] + 1} | {s['kind']} | {s['seconds']:.1f} | "
+                f"{_bytes(s['peak_rss_bytes'])} | {_bytes(s['bytes_before'])} | "
+                f"{_bytes(s['bytes_after'])} | {'yes' if s['resumed'] else 'no'} |"
+            )
+    gate = report.get("gate")
+    if gate is not None:
+        verdict = "PASSED" if gate["passed"] else "FAILED"
+        lines += ["", f"## Gate: {verdict} (min retention {gate['min_retention']})", ""]
+        for f in gate["failures"]:
+            lines.append(f"- `{f['task']}`: retention {_fmt(f['retention'])} < {f['floor']}"
+                         f" ({f['reason']})")
+    final = report["rows"][-1]
+    examples = [(t, d["examples"]) for t, d in final["details"].items() if d["examples"]]
+    if examples:
+        lines += ["", f"## Wrong answers of `{final['name']}` (first few)", ""]
+        for task, items in examples:
+            for ex in items:
+                lines.append(f"- {task}: `{ex['prompt']}` gold `{ex['gold']}`, got "
+                             f"`{ex['prediction']}`")
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    tasks = list(report["tasks"])
+    xs = [row["stored_bytes"] / 2**20 for row in report["rows"]]
+    for task in tasks:
+        ys = [row["retention"][task] for row in report["rows"]]
+        ax.plot(xs, [math.nan if y is None else y for y in ys], "o", alpha=0.6, label=task)
+    worst_y = [row["worst_retention"] for row in report["rows"]]
+    ax.plot(xs, [math.nan if y is None else y for y in worst_y], "k-", lw=1, label="worst task")
+    for x, y, row in zip(xs, worst_y, report["rows"], strict=True):
+        if y is not None:
+            ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    gate = report.get("gate")
+    if gate and gate.get("min_retention") is not None:
+        ax.axhline(gate["min_retention"], color="r", ls="--", lw=1, label="gate")
+    ax.set_xlabel("stored weights (MiB)")
+    ax.set_ylabel("retention vs teacher")
+    ax.set_title("knowledge retained vs bytes stored")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1))
+    atomic_write_text(out_dir / "report.md", render_markdown(report))
+    render_plot(report, out_dir / "retention_vs_size.png")
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """Read and validate a report.json (the schema keys and version)."""
+    from knowpress.errors import KnowpressError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KnowpressError(f"{path}: no such report (give OUT/report.json)") from None
+    except json.JSONDecodeError as exc:
+        raise KnowpressError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    missing = [k for k in REQUIRED_KEYS if k not in data] if isinstance(data, dict) else ["all"]
+    if missing or data.get("schema") != "knowpress.report":
+        raise KnowpressError(f"{path}: not a knowpress report (missing {missing})")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise KnowpressError(
+            f"{path}: report schema_version {data['schema_version']} is not supported "
+            f"(this knowpress reads {SCHEMA_VERSION}); re-run the recipe"
+        )
+    return data

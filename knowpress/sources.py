@@ -1,0 +1,56 @@
+"""Resolve a recipe's model spec to something loadable, with a stable identity for resume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from knowpress.errors import KnowpressError
+from knowpress.measure import directory_fingerprint, stable_hash
+from knowpress.models.io import stored_bytes
+from knowpress.recipe import ModelSpec
+
+WORLD_FILE = "knowpress_world.json"
+
+
+@dataclass(frozen=True)
+class Source:
+    """``location`` is what ``load_model`` takes; ``key`` changes whenever the weights do."""
+
+    location: str
+    key: str
+    spec: ModelSpec
+
+    @property
+    def local_dir(self) -> Path | None:
+        path = Path(self.location)
+        return path if path.is_dir() else None
+
+    def stored_bytes(self) -> int:
+        """Bytes of the weight files behind this source (local dir or the hub cache)."""
+        if self.local_dir is not None:
+            return stored_bytes(self.local_dir)
+        from transformers.utils import cached_file
+
+        config = cached_file(self.location, "config.json", local_files_only=True)
+        if config is None:
+            raise KnowpressError(f"model {self.location!r}: not in the local hub cache")
+        return stored_bytes(Path(config).parent)
+
+
+def resolve_source(spec: ModelSpec, build: bool = True) -> Source:
+    """A world preset resolves to its cached (built on demand) teacher directory."""
+    if spec.world is not None:
+        from knowpress.world import PRESETS, build_teacher
+
+        preset = PRESETS.get(spec.world)
+        location = str(build_teacher(preset)) if build else f"<world:{spec.world}>"
+        return Source(location, stable_hash(["world", spec.world, preset.key(), spec.dtype]), spec)
+    assert spec.path is not None
+    path = Path(spec.path).expanduser()
+    if path.is_dir():
+        key = stable_hash(["path", str(path.resolve()), directory_fingerprint(path), spec.dtype])
+        return Source(str(path), key, spec)
+    if spec.path.startswith((".", "/", "~")):
+        raise KnowpressError(f"model.path: {spec.path} does not exist (give an HF model dir)")
+    return Source(spec.path, stable_hash(["hub", spec.path, spec.dtype]), spec)

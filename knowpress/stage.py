@@ -1,0 +1,45 @@
+"""Stages: the unit a recipe chains.
+
+A stage kind is a frozen pydantic config (``StageConfig`` subclass with ``kind:
+Literal["..."]``) registered in :data:`STAGES`; ``config.build()`` returns the object whose
+``run(ctx, progress)`` transforms the :class:`~knowpress.context.Context`. A stage may change
+the weights, the architecture, replace the model (a student), attach a runtime policy or
+produce an artifact; the runner checkpoints all of these the same way.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from knowpress.registry import Registry
+
+if TYPE_CHECKING:
+    from knowpress.context import Context
+    from knowpress.progress import Progress
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config; ``kind`` is the YAML discriminator."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    #: one-line description and paper, shown by ``compress list``
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    #: the runner loads the teacher into ``ctx.teacher`` only for stages that need it
+    needs_teacher: ClassVar[bool] = False
+
+    def build(self) -> Stage:
+        raise NotImplementedError(f"stage kind {self.kind!r} does not implement build()")
+
+
+class Stage(Protocol):
+    config: StageConfig
+
+    def run(self, ctx: Context, progress: Progress) -> Context: ...
+
+
+STAGES: Registry[type[StageConfig]] = Registry("stage kind")

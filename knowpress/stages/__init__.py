@@ -1,0 +1,3 @@
+"""Built-in stage kinds; importing this package registers them in ``STAGES``."""
+
+from knowpress.stages import quantize  # noqa: F401
