@@ -38,7 +38,7 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("both world and path", base(model={"path": "x", "world": "bios-dense-tiny"}),
      "model: give exactly one of 'world' (a built-in preset) or 'path'"),
     ("unknown world", base(model={"world": "bios-dense-tinny"}),
-     "model.world: unknown world preset 'bios-dense-tinny'; did you mean 'bios-dense-tiny'?"),
+     "model.world: unknown world preset 'bios-dense-tinny'; did you mean 'bios-dense-tiny'"),
     ("unknown top-level field", base(stagez=[]), "stagez: unknown field; remove it"),
     ("unknown stage kind", base(stages=[{"kind": "quantise"}]),
      "stages.0.kind: unknown stage kind 'quantise'; did you mean 'quantize'? (valid:"),

@@ -1,0 +1,31 @@
+"""Shared fixtures: one tiny fact-world teacher per test session, in a private cache."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def knowpress_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point KNOWPRESS_CACHE at a session folder (CI may pre-set one to reuse a teacher)."""
+    preset = os.environ.get("KNOWPRESS_CACHE")
+    cache = Path(preset) if preset else tmp_path_factory.mktemp("knowpress-cache")
+    old = os.environ.get("KNOWPRESS_CACHE")
+    os.environ["KNOWPRESS_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("KNOWPRESS_CACHE", None)
+    else:
+        os.environ["KNOWPRESS_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(knowpress_cache: Path) -> Path:
+    """The ``test-tiny`` preset's trained teacher (built once, ~15 s on 2 CPU cores)."""
+    from knowpress.world import build_teacher
+
+    return build_teacher("test-tiny", progress=False)
