@@ -1,0 +1,109 @@
+"""The CLI: exit codes of apply / check, dry runs, eval on a stage checkpoint, list."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from knowpress.cli import EXIT_GATE, EXIT_USER, main
+
+RECIPE: dict[str, Any] = {
+    "version": 1,
+    "model": {"world": "test-tiny"},
+    "stages": [{"kind": "quantize", "method": {"name": "rtn", "bits": 8, "group_size": 32}}],
+    "evaluate": {"tasks": ["recall", "perplexity"]},
+    "gate": {"min_retention": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    assert main(["apply", str(recipe), "-o", str(root / "out"), "-q"]) == 0
+    return root / "out"
+
+
+def test_check_exit_codes(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = str(run_dir / "report.json")
+    assert main(["check", report, "--min-retention", "0.5"]) == 0
+    assert main(["check", str(run_dir)]) == 0  # floor from the recipe's gate
+    assert main(["check", report, "--min-retention", "1.5"]) == EXIT_GATE
+    out = capsys.readouterr().out
+    assert "gate FAILED" in out and "recall" in out and "below min_retention" in out
+    assert main(["check", report, "--min-retention", "1.5", "--tasks", "perplexity"]) == EXIT_GATE
+
+
+def test_check_against_baseline(run_dir: Path, tmp_path: Path) -> None:
+    report = json.loads((run_dir / "report.json").read_text())
+    assert main(["check", str(run_dir), "--baseline", str(run_dir)]) == 0
+    better = json.loads(json.dumps(report))
+    better["rows"][-1]["retention"]["recall"] = report["rows"][-1]["retention"]["recall"] + 0.2
+    (tmp_path / "old.json").write_text(json.dumps(better))
+    code = main(["check", str(run_dir), "--baseline", str(tmp_path / "old.json")])
+    assert code == EXIT_GATE
+
+
+def test_check_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(tmp_path / "missing.json"), "--min-retention", "0.9"]) == EXIT_USER
+    (tmp_path / "x.json").write_text('{"schema": "other"}')
+    assert main(["check", str(tmp_path / "x.json"), "--min-retention", "0.9"]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert "no such report" in err and "not a knowpress report" in err
+
+
+def test_apply_gate_failure_exits_1_and_keeps_report(
+    tiny_teacher_dir: Path, tmp_path: Path
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    code = main(["apply", str(recipe), "-o", str(tmp_path / "out"), "-q",
+                 "--set", "gate.min_retention=1.5"])
+    assert code == EXIT_GATE
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["gate"]["passed"] is False
+
+
+def test_dry_run_touches_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    assert main(["apply", str(recipe), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert not (tmp_path / "out").exists()
+    out = capsys.readouterr().out
+    assert "world preset test-tiny" in out and "rtn" in out
+
+
+def test_bad_recipe_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "stages": [{"kind": "prune"}]}))
+    assert main(["apply", str(recipe), "--dry-run"]) == EXIT_USER
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stages.0.kind: unknown stage kind 'prune'" in err[0]
+
+
+def test_missing_model_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "model": {"path": str(tmp_path / "nope")}}))
+    assert main(["apply", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == EXIT_USER
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_on_stage_checkpoint(run_dir: Path, tmp_path: Path) -> None:
+    scores = tmp_path / "scores.json"
+    checkpoint = run_dir / "stages" / "01-quantize"
+    assert main(["eval", "--model", str(checkpoint), "--json", str(scores), "-q"]) == 0
+    data = json.loads(scores.read_text())
+    report = json.loads((run_dir / "report.json").read_text())
+    assert data["recall"]["score"] == report["rows"][1]["scores"]["recall"]
+
+
+def test_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("quantize", "rtn", "recall", "perplexity", "bios-dense-tiny"):
+        assert name in out
