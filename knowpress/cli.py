@@ -73,7 +73,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     _quiet_libraries()
     result = apply(
-        recipe, out_dir, resume=args.resume, force=args.force,
+        recipe,
+        out_dir,
+        resume=args.resume,
+        force=args.force,
         progress=Progress(console=err, enabled=not args.quiet),
     )
     out.print(_summary(result.report))
@@ -91,18 +94,22 @@ def _print_plan(recipe: Any, out_dir: Path) -> None:
     import yaml
 
     model = (recipe.model.world and f"world preset {recipe.model.world}") or recipe.model.path
-    teacher = "same as model" if recipe.teacher is None else (
-        recipe.teacher.world or recipe.teacher.path
+    teacher = (
+        "same as model" if recipe.teacher is None else (recipe.teacher.world or recipe.teacher.path)
     )
-    out.print(f"[bold]plan[/bold] (dry run: nothing loaded)\n  model:   {model}\n"
-              f"  teacher: {teacher}\n  output:  {out_dir}")
+    out.print(
+        f"[bold]plan[/bold] (dry run: nothing loaded)\n  model:   {model}\n"
+        f"  teacher: {teacher}\n  output:  {out_dir}"
+    )
     for i, stage in enumerate(recipe.stages):
         body = yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False).strip()
         out.print(f"  stage {i + 1}: " + body.replace("\n", "\n           "))
     out.print(f"  evaluate: {', '.join(recipe.evaluate.tasks)} after the teacher and every stage")
     if recipe.gate:
-        out.print(f"  gate: min retention {recipe.gate.min_retention} on "
-                  f"{', '.join(recipe.gate.tasks or recipe.evaluate.tasks)}")
+        out.print(
+            f"  gate: min retention {recipe.gate.min_retention} on "
+            f"{', '.join(recipe.gate.tasks or recipe.evaluate.tasks)}"
+        )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -151,7 +158,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         table.add_row(s.task, s.metric, f"{s.score:.4f}", str(s.n))
     out.print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({k: v.to_json() for k, v in scores.items()}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({k: v.to_json() for k, v in scores.items()}, indent=1)
+        )
     return 0
 
 
@@ -198,8 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="run a recipe")
     p.add_argument("recipe")
     p.add_argument("-o", "--output", help="output folder (default: runs/RECIPE_NAME)")
-    p.add_argument("--set", action="append", default=[], metavar="K=V",
-                   help="override a recipe field, e.g. stages.0.method.bits=4")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="override a recipe field, e.g. stages.0.method.bits=4",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan")
     p.add_argument("--resume", action="store_true", help="skip stages already finished")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
@@ -211,8 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="an older report.json to compare against")
     p.add_argument("--min-retention", type=float)
     p.add_argument("--tasks", help="comma-separated tasks to gate (default: all)")
-    p.add_argument("--tolerance", type=float, default=0.01,
-                   help="allowed drop vs the baseline's retention (default 0.01)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="allowed drop vs the baseline's retention (default 0.01)",
+    )
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("eval", help="score a model directory on a fact world")

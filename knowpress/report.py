@@ -73,7 +73,9 @@ def _row(
         "retention": retention,
         "worst_task": worst_task,
         "worst_retention": worst_value,
-        "details": {t: {"n": s.n, "extra": s.extra, "examples": s.examples} for t, s in scores.items()},
+        "details": {
+            t: {"n": s.n, "extra": s.extra, "examples": s.examples} for t, s in scores.items()
+        },
     }
 
 
@@ -88,12 +90,21 @@ def build_report(
     records: list[StageRecord],
     stage_scores: list[dict[str, TaskScore]],
 ) -> dict[str, Any]:
-    rows = [_row("teacher", None, None, teacher_bytes, teacher_bytes, teacher_scores, teacher_scores)]
+    rows = [
+        _row("teacher", None, None, teacher_bytes, teacher_bytes, teacher_scores, teacher_scores)
+    ]
     for record, scores in zip(records, stage_scores, strict=True):
         name = Path(record.checkpoint).name
         rows.append(
-            _row(name, record.index, record.kind, record.bytes_after, teacher_bytes, scores,
-                 teacher_scores)
+            _row(
+                name,
+                record.index,
+                record.kind,
+                record.bytes_after,
+                teacher_bytes,
+                scores,
+                teacher_scores,
+            )
         )
     report: dict[str, Any] = {
         "schema": "knowpress.report",
@@ -135,7 +146,10 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     tasks = list(report["tasks"])
     lines = ["# knowpress report", ""]
-    lines += [f"- model: `{report['inputs']['model']}`", f"- teacher: `{report['inputs']['teacher']}`"]
+    lines += [
+        f"- model: `{report['inputs']['model']}`",
+        f"- teacher: `{report['inputs']['teacher']}`",
+    ]
     lines += [f"- world: `{report['inputs']['world']['key']}`", ""]
     lines += ["## Knowledge retained vs bytes stored", ""]
     head = ["model", "stored", "size vs teacher"]
@@ -149,8 +163,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         cells += [f"{_fmt(row['worst_retention'])} ({row['worst_task']})"]
         lines.append("| " + " | ".join(cells) + " |")
     if report["stages"]:
-        lines += ["", "## Stages", "", "| # | kind | seconds | peak RSS | bytes before | bytes after "
-                  "| resumed |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Stages",
+            "",
+            "| # | kind | seconds | peak RSS | bytes before | bytes after | resumed |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for s in report["stages"]:
             lines.append(
                 f"| {s['index'] + 1} | {s['kind']} | {s['seconds']:.1f} | "
@@ -162,16 +181,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         verdict = "PASSED" if gate["passed"] else "FAILED"
         lines += ["", f"## Gate: {verdict} (min retention {gate['min_retention']})", ""]
         for f in gate["failures"]:
-            lines.append(f"- `{f['task']}`: retention {_fmt(f['retention'])} < {f['floor']}"
-                         f" ({f['reason']})")
+            lines.append(
+                f"- `{f['task']}`: retention {_fmt(f['retention'])} < {f['floor']} ({f['reason']})"
+            )
     final = report["rows"][-1]
     examples = [(t, d["examples"]) for t, d in final["details"].items() if d["examples"]]
     if examples:
         lines += ["", f"## Wrong answers of `{final['name']}` (first few)", ""]
         for task, items in examples:
             for ex in items:
-                lines.append(f"- {task}: `{ex['prompt']}` gold `{ex['gold']}`, got "
-                             f"`{ex['prediction']}`")
+                lines.append(
+                    f"- {task}: `{ex['prompt']}` gold `{ex['gold']}`, got `{ex['prediction']}`"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -191,7 +212,9 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
     ax.plot(xs, [math.nan if y is None else y for y in worst_y], "k-", lw=1, label="worst task")
     for x, y, row in zip(xs, worst_y, report["rows"], strict=True):
         if y is not None:
-            ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            ax.annotate(
+                row["name"], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7
+            )
     gate = report.get("gate")
     if gate and gate.get("min_retention") is not None:
         ax.axhline(gate["min_retention"], color="r", ls="--", lw=1, label="gate")

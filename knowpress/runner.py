@@ -133,8 +133,12 @@ class Runner:
         )
         scores = self._evaluate(model, tokenizer, world, "teacher")
         size = teacher.stored_bytes()
-        payload = {"key": key, "source": teacher.location, "stored_bytes": size,
-                   "scores": _scores_json(scores)}
+        payload = {
+            "key": key,
+            "source": teacher.location,
+            "stored_bytes": size,
+            "scores": _scores_json(scores),
+        }
         atomic_write_text(path, json.dumps(payload, indent=1))
         del model
         gc.collect()
@@ -143,8 +147,11 @@ class Runner:
     def run(self) -> RunResult:
         recipe = self.recipe
         _prepare_out_dir(self.out_dir, self.resume, self.force)
-        model_src = resolve_source(recipe.model)
-        teacher_src = model_src if recipe.teacher is None else resolve_source(recipe.teacher)
+        show = self.progress.enabled
+        model_src = resolve_source(recipe.model, progress=show)
+        teacher_src = (
+            model_src if recipe.teacher is None else resolve_source(recipe.teacher, progress=show)
+        )
         world = _load_world(recipe, model_src, teacher_src)
         atomic_write_text(
             self.out_dir / "recipe.yaml", yaml.safe_dump(recipe.dump(), sort_keys=False)

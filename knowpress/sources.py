@@ -38,13 +38,15 @@ class Source:
         return stored_bytes(Path(config).parent)
 
 
-def resolve_source(spec: ModelSpec, build: bool = True) -> Source:
+def resolve_source(spec: ModelSpec, build: bool = True, progress: bool = False) -> Source:
     """A world preset resolves to its cached (built on demand) teacher directory."""
     if spec.world is not None:
         from knowpress.world import PRESETS, build_teacher
 
         preset = PRESETS.get(spec.world)
-        location = str(build_teacher(preset)) if build else f"<world:{spec.world}>"
+        location = (
+            str(build_teacher(preset, progress=progress)) if build else f"<world:{spec.world}>"
+        )
         return Source(location, stable_hash(["world", spec.world, preset.key(), spec.dtype]), spec)
     assert spec.path is not None
     path = Path(spec.path).expanduser()

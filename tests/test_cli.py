@@ -62,8 +62,9 @@ def test_apply_gate_failure_exits_1_and_keeps_report(
 ) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
-    code = main(["apply", str(recipe), "-o", str(tmp_path / "out"), "-q",
-                 "--set", "gate.min_retention=1.5"])
+    code = main(
+        ["apply", str(recipe), "-o", str(tmp_path / "out"), "-q", "--set", "gate.min_retention=1.5"]
+    )
     assert code == EXIT_GATE
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["gate"]["passed"] is False

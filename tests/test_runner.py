@@ -73,7 +73,9 @@ def test_retention_is_ratio_to_teacher(finished_run: Path) -> None:
     report = load_report(finished_run)
     teacher = report["rows"][0]["scores"]
     for row in report["rows"][1:]:
-        assert row["retention"]["recall"] == pytest.approx(row["scores"]["recall"] / teacher["recall"])
+        assert row["retention"]["recall"] == pytest.approx(
+            row["scores"]["recall"] / teacher["recall"]
+        )
         assert row["retention"]["perplexity"] == pytest.approx(
             teacher["perplexity"] / row["scores"]["perplexity"]
         )
@@ -83,7 +85,7 @@ def test_retention_is_ratio_to_teacher(finished_run: Path) -> None:
 
 def test_existing_output_needs_force(finished_run: Path) -> None:
     before = (finished_run / "report.json").read_bytes()
-    with pytest.raises(KnowpressError, match="already exists; pass --resume .* or --force"):
+    with pytest.raises(KnowpressError, match=r"already exists; pass --resume .* or --force"):
         apply(recipe(), finished_run)
     assert (finished_run / "report.json").read_bytes() == before
 
@@ -114,16 +116,20 @@ def test_resume_after_interrupt_between_stages(
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
 
     # Changing stage 2 re-runs only stage 2; changing stage 1 re-runs both.
-    changed = recipe(stages=[
-        {"kind": "quantize", "method": {"name": "rtn", "bits": 8, "group_size": 32}},
-        {"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 64}},
-    ])
+    changed = recipe(
+        stages=[
+            {"kind": "quantize", "method": {"name": "rtn", "bits": 8, "group_size": 32}},
+            {"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 64}},
+        ]
+    )
     report = apply(changed, out, resume=True).report
     assert [s["resumed"] for s in report["stages"]] == [True, False]
-    changed_first = recipe(stages=[
-        {"kind": "quantize", "method": {"name": "rtn", "bits": 8, "group_size": 64}},
-        {"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 64}},
-    ])
+    changed_first = recipe(
+        stages=[
+            {"kind": "quantize", "method": {"name": "rtn", "bits": 8, "group_size": 64}},
+            {"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 64}},
+        ]
+    )
     report = apply(changed_first, out, resume=True).report
     assert [s["resumed"] for s in report["stages"]] == [False, False]
 
@@ -147,10 +153,14 @@ def test_crash_in_stage_keeps_finished_stages(
 
 
 def test_stage_error_names_the_stage(tiny_teacher_dir: Path, tmp_path: Path) -> None:
-    bad = recipe(stages=[{"kind": "quantize", "method": {"name": "rtn", "bits": 4,
-                                                         "group_size": 96}}])
-    with pytest.raises(KnowpressError, match=r"stages\.0 \(quantize\): quantize\.method: "
-                       r"group_size 96 does not divide"):
+    bad = recipe(
+        stages=[{"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 96}}]
+    )
+    with pytest.raises(
+        KnowpressError,
+        match=r"stages\.0 \(quantize\): quantize\.method: "
+        r"group_size 96 does not divide",
+    ):
         apply(bad, tmp_path / "out")
     assert not (tmp_path / "out" / "stages" / "01-quantize").exists()
 

@@ -46,7 +46,12 @@ def evaluate_runtime(
         task = TASKS.get(name)()
         result = task.run(runtime, world, max_items)
         out[name] = TaskScore(
-            name, task.metric, task.higher_is_better, result.score, result.n, result.extra,
+            name,
+            task.metric,
+            task.higher_is_better,
+            result.score,
+            result.n,
+            result.extra,
             result.examples,
         )
     return out
@@ -65,6 +70,7 @@ def retention_table(
 
 def worst(retention: dict[str, float]) -> tuple[str, float]:
     """The task with the lowest retention; NaN (undefined) counts as worst."""
+
     def key(item: tuple[str, float]) -> float:
         return -math.inf if math.isnan(item[1]) else item[1]
 

@@ -95,9 +95,7 @@ def parameter_count(model: torch.nn.Module) -> int:
     return total
 
 
-def save_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path
-) -> None:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
     """``save_pretrained`` (safetensors) for model and tokenizer, plus the packing plan."""
     directory = Path(directory)
     model.save_pretrained(directory, safe_serialization=True)
@@ -151,8 +149,8 @@ def load_model(
     """
     torch_dtype = _DTYPES[dtype]
     path = Path(source)
-    looks_local = path.exists() or str(source).startswith((".", "/", "~")) or os.sep * 2 in str(
-        source
+    looks_local = (
+        path.exists() or str(source).startswith((".", "/", "~")) or os.sep * 2 in str(source)
     )
     if looks_local:
         path = path.expanduser()

@@ -47,7 +47,9 @@ def quantize_groups(weight: torch.Tensor, bits: int, group_size: int, symmetric:
         hi = w.amax(dim=-1).clamp(min=0.0)  # keep 0 representable: exact zeros stay zero
         scale = _safe_fp16((hi - lo) / qmax)
         zero = torch.clamp(torch.round(-lo / scale.float()), 0, qmax)
-        codes = torch.clamp(torch.round(w / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1), 0, qmax)
+        codes = torch.clamp(
+            torch.round(w / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1), 0, qmax
+        )
         codes = codes.to(torch.uint8)
         zeros = zero.to(torch.uint8)
     return Quantized(codes.reshape(out_features, in_features), scale, zeros)

@@ -31,7 +31,12 @@ class QuantLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.symmetric, self.method = bits, group_size, symmetric, method
+        self.bits, self.group_size, self.symmetric, self.method = (
+            bits,
+            group_size,
+            symmetric,
+            method,
+        )
         groups = in_features // group_size
         self.register_buffer(
             "weight_packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8)

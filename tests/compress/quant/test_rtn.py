@@ -91,7 +91,10 @@ def _tokenizer(tmp_path: Path) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         unk_token="<unk>",
     )
     fast.save_pretrained(tmp_path / "tok")
@@ -99,7 +102,9 @@ def _tokenizer(tmp_path: Path) -> PreTrainedTokenizerFast:
 
 
 @pytest.mark.parametrize(("bits", "max_ratio"), [(8, 0.62), (4, 0.45)])
-def test_stored_bytes_shrink_and_reload_exactly(tmp_path: Path, bits: int, max_ratio: float) -> None:
+def test_stored_bytes_shrink_and_reload_exactly(
+    tmp_path: Path, bits: int, max_ratio: float
+) -> None:
     from knowpress.stages.quantize import select_targets
 
     tokenizer = _tokenizer(tmp_path)
