@@ -103,8 +103,9 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio ``10·log10(‖W‖² / ‖W − Ŵ‖²)`` in dB."""
-    noise = (reference.float() - approx.float()).pow(2).sum()
-    signal = reference.float().pow(2).sum()
+    reference, approx = reference.detach().float(), approx.detach().float()
+    noise = (reference - approx).pow(2).sum()
+    signal = reference.pow(2).sum()
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(signal / noise))
