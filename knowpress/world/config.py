@@ -1,0 +1,100 @@
+"""World configuration: everything that determines a synthetic fact world.
+
+``WorldConfig`` is frozen and strict (unknown fields are errors), so a world is named by its
+config alone: ``cfg.key()`` = first 12 hex digits of
+``sha256(canonical_json({"world_version": WORLD_VERSION, **cfg}))`` where canonical JSON has
+sorted keys and no whitespace. ``WORLD_VERSION`` changes whenever the generator's output for
+an unchanged config would change, so caches keyed on it never serve a stale world.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from knowpress.world import words
+
+WORLD_VERSION = 1
+
+# Attribute name -> how many distinct values the word lists can make (the pool-size ceiling).
+SUPPORTED_ATTRIBUTES: dict[str, int] = {
+    "birth_date": len(words.MONTHS) * 28 * 1000,  # 12 months x 28 days x years
+    "birth_city": len(words.CITY_ROOTS) * len(words.CITY_FORMS),
+    "university": len(words.UNIVERSITY_ROOTS) * len(words.UNIVERSITY_FORMS),
+    "major": len(words.MAJORS),
+    "employer": len(words.EMPLOYER_ROOTS) * len(words.EMPLOYER_SUFFIXES),
+}
+
+
+def canonical_hash(payload: Any, length: int = 12) -> str:
+    """First ``length`` hex digits of sha256 over sorted-key, compact JSON of ``payload``."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+class PoolSizes(BaseModel):
+    """How many distinct values each attribute draws from (Physics of LMs 3.1 defaults).
+
+    ``birth_years`` sets the birth-date pool: 12 months x 28 days x ``birth_years`` years
+    starting at 1900, i.e. 67,200 dates by default.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    birth_city: int = Field(200, ge=1)
+    university: int = Field(300, ge=1)
+    major: int = Field(100, ge=1)
+    employer: int = Field(263, ge=1)
+    birth_years: int = Field(200, ge=1, le=1000)
+
+    def size(self, attribute: str) -> int:
+        """|S_a|: the number of distinct values attribute ``attribute`` can take."""
+        if attribute == "birth_date":
+            return len(words.MONTHS) * 28 * self.birth_years
+        return int(getattr(self, attribute))
+
+
+class WorldConfig(BaseModel):
+    """A bioS-style world: ``n_people`` people, each with one value per attribute.
+
+    Training text per person = ``bios_per_person`` biographies (one sentence per attribute,
+    template picked at random, sentence order shuffled when ``permute_sentences``) plus one
+    QA string per attribute in the trained question format.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 0
+    n_people: int = Field(200, ge=1, le=500_000)
+    attributes: tuple[str, ...] = ("birth_date", "birth_city", "university", "major", "employer")
+    pools: PoolSizes = PoolSizes()
+    bios_per_person: int = Field(1, ge=0)
+    permute_sentences: bool = True
+
+    @field_validator("attributes")
+    @classmethod
+    def _known_attributes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one attribute is required")
+        unknown = [a for a in value if a not in SUPPORTED_ATTRIBUTES]
+        if unknown:
+            valid = ", ".join(SUPPORTED_ATTRIBUTES)
+            raise ValueError(f"unknown attribute(s) {', '.join(unknown)} (valid: {valid})")
+        if len(set(value)) != len(value):
+            raise ValueError("attributes must not repeat")
+        return value
+
+    @model_validator(mode="after")
+    def _pools_fit_word_lists(self) -> WorldConfig:
+        for attribute in self.attributes:
+            size, ceiling = self.pools.size(attribute), SUPPORTED_ATTRIBUTES[attribute]
+            if size > ceiling:
+                raise ValueError(f"pools.{attribute}={size} exceeds the {ceiling} values available")
+        return self
+
+    def key(self) -> str:
+        """Short stable hash of this config (and the generator version); see module doc."""
+        return canonical_hash({"world_version": WORLD_VERSION, **self.model_dump(mode="json")})

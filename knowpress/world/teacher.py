@@ -1,0 +1,197 @@
+"""Build (or fetch from the cache) a teacher that has memorised a world; load worlds back.
+
+Cache layout: ``{root}/teachers/{preset.name}-{preset.key()}/`` with ``root = cache_dir or
+default_cache_dir()``. A teacher directory holds ``model.safetensors`` + ``config.json`` +
+``generation_config.json`` (``save_pretrained``), the tokenizer files, and
+``knowpress_world.json``::
+
+    {"format": 1, "preset": name, "preset_key": key, "world_key": ..., "world_fingerprint": ...,
+     "world": {WorldConfig},
+     "model": {LlamaConfig kwargs}, "train_config": {TrainConfig},
+     "train": {"steps", "final_loss", "seconds", "recall"}}
+
+``knowpress_world.json`` is written last and the directory is trained in a temporary
+sibling, then renamed into place, so a directory at the final path is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import ValidationError
+
+from knowpress.errors import KnowpressError
+from knowpress.registry import close_matches
+from knowpress.world.config import WorldConfig
+from knowpress.world.generator import World, generate_world
+from knowpress.world.presets import PRESETS, Preset
+from knowpress.world.tokenizer import build_tokenizer
+
+WORLD_FILE = "knowpress_world.json"
+FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """``$KNOWPRESS_CACHE`` when set, else the platform user cache dir for ``knowpress``."""
+    env = os.environ.get("KNOWPRESS_CACHE")
+    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("knowpress"))
+
+
+def resolve_preset(preset: str | Preset) -> Preset:
+    """A ``Preset`` as is, or the registered preset of that name (unknown -> KnowpressError)."""
+    return preset if isinstance(preset, Preset) else PRESETS.get(preset)
+
+
+def teacher_dir(preset: str | Preset, cache_dir: Path | None = None) -> Path:
+    """Where ``build_teacher`` keeps ``preset``'s teacher (it may not exist yet)."""
+    p = resolve_preset(preset)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / "teachers" / f"{p.name}-{p.key()}"
+
+
+def is_complete(path: Path) -> bool:
+    """True when ``path`` is a finished teacher directory (its world file exists)."""
+    return (path / WORLD_FILE).is_file()
+
+
+def build_teacher(
+    preset: str | Preset,
+    cache_dir: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Path of a trained teacher for ``preset``: cached if present, else trained now (CPU).
+
+    ``force`` retrains and replaces a cached teacher. Training happens in a temporary
+    sibling directory that is renamed into place only when complete.
+    """
+    p = resolve_preset(preset)
+    final = teacher_dir(p, cache_dir)
+    if is_complete(final) and not force:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _train_into(p, tmp, progress)
+        _install(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _train_into(preset: Preset, out: Path, progress: bool) -> None:
+    from knowpress.world.training import train_teacher  # torch only when training
+
+    world = generate_world(preset.world)
+    max_positions = int(preset.model.get("max_position_embeddings", 2048))
+    tokenizer = build_tokenizer(world, model_max_length=max_positions)
+    result = train_teacher(preset, world, tokenizer, progress=progress)
+    out.mkdir(parents=True)
+    _save_quietly(result.model, out)
+    tokenizer.save_pretrained(out)
+    record = {
+        "format": FORMAT_VERSION,
+        "preset": preset.name,
+        "preset_key": preset.key(),
+        "world_key": preset.world.key(),
+        "world_fingerprint": world.fingerprint(),
+        "world": preset.world.model_dump(mode="json"),
+        "model": preset.model,
+        "train_config": preset.train.model_dump(mode="json"),
+        "train": {
+            "steps": result.steps,
+            "final_loss": round(result.final_loss, 6),
+            "seconds": round(result.seconds, 2),
+            "recall": result.recall,
+        },
+    }
+    # Written last: its presence marks the directory complete.
+    (out / WORLD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _save_quietly(model: Any, out: Path) -> None:
+    """``save_pretrained`` (safetensors) without its tqdm shard bar; the bar state is restored."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Move the finished ``tmp`` to ``final``, replacing an old or incomplete ``final``."""
+    old = None
+    if final.exists():
+        # Park the old directory first: rename cannot replace a non-empty directory.
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        # Another process installed the same teacher in between; theirs is as good as ours.
+        if not is_complete(final):
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def teacher_info(path: str | Path) -> dict[str, Any]:
+    """The parsed ``knowpress_world.json`` of a teacher directory (or the file itself)."""
+    path = Path(path)
+    file = path / WORLD_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise KnowpressError(_not_found_message(path))
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise KnowpressError(
+            f"{file}: unreadable world file ({err}); rebuild the teacher with build_teacher"
+        ) from None
+    if not isinstance(record, dict) or "world" not in record:
+        raise KnowpressError(f"{file}: no 'world' entry; rebuild the teacher with build_teacher")
+    return record
+
+
+def load_world(path_or_preset: str | Path) -> World:
+    """The world of a teacher directory (its ``knowpress_world.json``) or of a preset name."""
+    is_preset = isinstance(path_or_preset, str) and path_or_preset in PRESETS
+    if is_preset and not Path(path_or_preset).exists():  # a local directory of that name wins
+        return generate_world(PRESETS.get(str(path_or_preset)).world)
+    record = teacher_info(path_or_preset)
+    try:
+        config = WorldConfig.model_validate(record["world"])
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "world"
+        raise KnowpressError(
+            f"{path_or_preset}: invalid world config at {where}: {first['msg']}; "
+            "rebuild the teacher with build_teacher"
+        ) from None
+    world = generate_world(config)
+    expected = record.get("world_fingerprint")
+    if expected is not None and world.fingerprint() != expected:
+        raise KnowpressError(
+            f"{path_or_preset}: this knowpress version regenerates a different world than the "
+            "teacher was trained on; rebuild it with build_teacher(..., force=True)"
+        )
+    return world
+
+
+def _not_found_message(path: Path) -> str:
+    presets = PRESETS.names()
+    hint = close_matches(str(path), presets)
+    did_you_mean = f"did you mean preset {' or '.join(repr(h) for h in hint)}? " if hint else ""
+    return (
+        f"{path}: not a teacher directory (no {WORLD_FILE}) nor a preset name; {did_you_mean}"
+        f"build one with `build_teacher` or use a preset ({', '.join(presets)})"
+    )

@@ -1,0 +1,201 @@
+"""Train a tiny Llama-style teacher on a world until it has memorised the facts.
+
+Data: each epoch = every training bio once + every trained QA string ``qa_repeat`` times,
+shuffled; each text is ``<s> text </s>`` (the ``</s>`` teaches generation to stop after an
+answer). Batches are length-bucketed (sort within windows of 16 batches, then shuffle the
+batches) so short QA strings are not padded to bio length. Loss: mean next-token
+cross-entropy over all non-pad tokens. All randomness comes from ``train.seed`` through a
+local ``random.Random`` and a forked torch RNG, so global RNG state is left untouched.
+
+Threads: training runs with ``training_threads()`` torch threads (restored afterwards). A
+model this small gains ~1.2x from a second thread on an idle 2-core machine, but when
+another torch process shares the cores, OpenMP spin-waiting made a 2-thread run ~90x
+slower (measured); so by default we use a quarter of the cores, at least one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from knowpress.evaluate.metrics import exact_match
+from knowpress.evaluate.runtime import TorchRuntime
+from knowpress.world.generator import QAItem, World
+from knowpress.world.presets import Preset, TrainConfig
+
+_BUCKET_BATCHES = 16
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What training produced: the model and the numbers recorded in ``knowpress_world.json``."""
+
+    model: LlamaForCausalLM
+    steps: int
+    final_loss: float
+    seconds: float
+    recall: float
+
+
+def training_threads() -> int:
+    """``$KNOWPRESS_TRAIN_THREADS`` if set, else max(1, cpu_count // 4), capped by torch's."""
+    env = os.environ.get("KNOWPRESS_TRAIN_THREADS")
+    wanted = int(env) if env else max(1, (os.cpu_count() or 1) // 4)
+    return max(1, min(wanted, torch.get_num_threads()))
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def make_model(preset: Preset, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+    """Random-init ``LlamaForCausalLM`` from ``preset.model`` with the tokenizer's ids filled in."""
+    config = LlamaConfig(
+        **preset.model,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def encode_texts(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int
+) -> list[list[int]]:
+    """``<s> text </s>`` token ids per text, truncated to ``seq_len`` tokens."""
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return [[*row, tokenizer.eos_token_id][:seq_len] for row in ids]
+
+
+def _batches(
+    examples: list[list[int]], qa_start: int, cfg: TrainConfig, rng: random.Random
+) -> Iterator[list[list[int]]]:
+    """Endless length-bucketed batches; ``examples[qa_start:]`` are repeated ``qa_repeat`` times."""
+    epoch = list(range(qa_start)) + list(range(qa_start, len(examples))) * cfg.qa_repeat
+    window = cfg.batch_size * _BUCKET_BATCHES
+    while True:
+        rng.shuffle(epoch)
+        batches = []
+        for start in range(0, len(epoch), window):
+            chunk = sorted(epoch[start : start + window], key=lambda i: len(examples[i]))
+            batches.extend(
+                chunk[j : j + cfg.batch_size] for j in range(0, len(chunk), cfg.batch_size)
+            )
+        rng.shuffle(batches)
+        for batch in batches:
+            yield [examples[i] for i in batch]
+
+
+def _collate(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row: ``(input_ids, attention_mask, labels)``, pads labelled -100."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` at ``step``: linear warmup, then cosine to ``min_lr_ratio``."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+def recall(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, items: list[QAItem]
+) -> float:
+    """Fraction of ``items`` whose greedy answer exactly matches (after normalisation)."""
+    if not items:
+        return 0.0
+    longest = max(len(tokenizer(i.answer, add_special_tokens=False)["input_ids"]) for i in items)
+    runtime = TorchRuntime(model, tokenizer, batch_size=128)
+    answers = runtime.greedy([i.prompt for i in items], max_new_tokens=longest + 1)
+    return sum(exact_match(a, i.answer) for a, i in zip(answers, items, strict=True)) / len(items)
+
+
+def _progress(enabled: bool, name: str) -> Progress:
+    return Progress(
+        TextColumn(f"training teacher {name}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def train_teacher(
+    preset: Preset, world: World, tokenizer: PreTrainedTokenizerBase, progress: bool = True
+) -> TrainResult:
+    """Train ``preset``'s model on ``world.training_texts()`` and measure trained-QA recall."""
+    with _torch_threads(training_threads()):
+        return _train(preset, world, tokenizer, progress)
+
+
+def _train(
+    preset: Preset, world: World, tokenizer: PreTrainedTokenizerBase, progress: bool
+) -> TrainResult:
+    cfg = preset.train
+    start = time.perf_counter()
+    bios, qa = world.training_bios(), world.training_qa()
+    examples = encode_texts(bios + qa, tokenizer, cfg.seq_len)
+    rng = random.Random(f"knowpress-teacher:{cfg.seed}")
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        model = make_model(preset, tokenizer)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms: no weight decay
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    batches = _batches(examples, len(bios), cfg, rng)
+    ema: float | None = None
+    with _progress(progress, preset.name) as bar:
+        task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
+        for _ in range(cfg.steps):
+            ids, mask, labels = _collate(next(batches), tokenizer.pad_token_id)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            ema = value if ema is None else 0.9 * ema + 0.1 * value  # smoothed for display
+            bar.update(task, advance=1, loss=ema)
+    model.eval()
+    score = recall(model, tokenizer, world.questions("trained"))
+    return TrainResult(model, cfg.steps, float(ema or 0.0), time.perf_counter() - start, score)
