@@ -142,9 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from knowpress.world import load_world
 
     _quiet_libraries()
-    model_dir = Path(args.model)
-    world = load_world(args.world or model_dir)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    world = load_world(args.world or Path(args.model))
     tasks = args.tasks.split(",")
     progress = Progress(console=err, enabled=not args.quiet)
     with progress.session():
