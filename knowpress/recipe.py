@@ -28,8 +28,6 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SerializeAsAny,
     ValidationError,
@@ -38,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from knowpress.config import FrozenConfig
 from knowpress.errors import KnowpressError, RecipeError
 from knowpress.registry import Registry, close_matches
 from knowpress.stage import STAGES, StageConfig
@@ -51,8 +50,8 @@ def _lookup(registry: Registry[Any], name: str) -> None:
         raise ValueError(str(exc)) from None
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Strict(FrozenConfig):
+    """Recipe sections: frozen, unknown fields rejected."""
 
 
 class ModelSpec(Strict):

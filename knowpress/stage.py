@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict
-
+from knowpress.config import FrozenConfig
 from knowpress.registry import Registry
 
 if TYPE_CHECKING:
@@ -20,15 +19,10 @@ if TYPE_CHECKING:
     from knowpress.progress import Progress
 
 
-class StageConfig(BaseModel):
+class StageConfig(FrozenConfig):
     """Base of every stage config; ``kind`` is the YAML discriminator."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     kind: str
-    #: one-line description and paper, shown by ``compress list``
-    summary: ClassVar[str] = ""
-    paper: ClassVar[str] = ""
     #: the runner loads the teacher into ``ctx.teacher`` only for stages that need it
     needs_teacher: ClassVar[bool] = False
 

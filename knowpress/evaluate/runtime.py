@@ -9,12 +9,12 @@ protocol.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -58,59 +58,53 @@ class TorchRuntime:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
 
-    @torch.inference_mode()
-    def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """Greedy answers, decoded without special tokens and cut at end-of-sequence."""
-        tok, out = self.tokenizer, []
-        side, tok.padding_side = tok.padding_side, "left"  # decoder-only: pad on the left
-        self.model.eval()
-        try:
-            for start in range(0, len(prompts), self.batch_size):
-                batch = tok(
-                    list(prompts[start : start + self.batch_size]),
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=True,
-                ).to(_device(self.model))
-                generated = self.model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                    use_cache=True,
-                )
-                new_tokens = generated[:, batch["input_ids"].shape[1] :]
-                out.extend(tok.batch_decode(new_tokens, skip_special_tokens=True))
-        finally:
-            tok.padding_side = side
-        return [text.strip() for text in out]
-
-    @torch.inference_mode()
-    def nll(self, texts: Sequence[str]) -> list[NLL]:
-        """Summed next-token NLL per text (the first token is context, not scored)."""
-        tok, out = self.tokenizer, []
-        side, tok.padding_side = tok.padding_side, "right"
+    def _batches(self, texts: Sequence[str], side: str) -> Iterator[BatchEncoding]:
+        """Tokenized batches padded on ``side`` (left for generation, right for scoring)."""
+        tok = self.tokenizer
+        previous, tok.padding_side = tok.padding_side, side
         self.model.eval()
         try:
             for start in range(0, len(texts), self.batch_size):
-                batch = tok(
+                yield tok(
                     list(texts[start : start + self.batch_size]),
                     return_tensors="pt",
                     padding=True,
                     add_special_tokens=True,
                 ).to(_device(self.model))
-                logits = self.model(**batch).logits[:, :-1].float()
-                targets = batch["input_ids"][:, 1:]
-                mask = batch["attention_mask"][:, 1:].bool()
-                logp = torch.log_softmax(logits, dim=-1)
-                token_nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                token_nll = token_nll.masked_fill(~mask, 0.0)
-                for row, row_mask in zip(token_nll, mask, strict=True):
-                    out.append(NLL(float(row.sum()), int(row_mask.sum())))
         finally:
-            tok.padding_side = side
+            tok.padding_side = previous
+
+    @torch.inference_mode()
+    def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy answers, decoded without special tokens and cut at end-of-sequence."""
+        tok, out = self.tokenizer, []
+        for batch in self._batches(prompts, "left"):  # decoder-only: pad on the left
+            generated = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                use_cache=True,
+            )
+            new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            out.extend(tok.batch_decode(new_tokens, skip_special_tokens=True))
+        return [text.strip() for text in out]
+
+    @torch.inference_mode()
+    def nll(self, texts: Sequence[str]) -> list[NLL]:
+        """Summed next-token NLL per text (the first token is context, not scored)."""
+        out = []
+        for batch in self._batches(texts, "right"):
+            logits = self.model(**batch).logits[:, :-1].float()
+            targets = batch["input_ids"][:, 1:]
+            mask = batch["attention_mask"][:, 1:].bool()
+            logp = torch.log_softmax(logits, dim=-1)
+            token_nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            token_nll = token_nll.masked_fill(~mask, 0.0)
+            for row, row_mask in zip(token_nll, mask, strict=True):
+                out.append(NLL(float(row.sum()), int(row_mask.sum())))
         return out
 
 

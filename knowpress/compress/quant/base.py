@@ -8,11 +8,11 @@ methods that need calibration data (GPTQ) override ``apply`` instead.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from knowpress.config import FrozenConfig
 from knowpress.registry import Registry
 
 if TYPE_CHECKING:
@@ -21,12 +21,8 @@ if TYPE_CHECKING:
     from knowpress.progress import Progress
 
 
-class QuantMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class QuantMethod(FrozenConfig):
     name: str
-    summary: ClassVar[str] = ""
-    paper: ClassVar[str] = ""
 
     def check_module(self, name: str, linear: nn.Linear) -> str | None:
         """A reason this method cannot quantize ``linear`` (shape constraints), or None."""
