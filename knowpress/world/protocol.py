@@ -1,0 +1,41 @@
+"""What evaluation needs from a fact world, synthetic (bioS) or real (facts JSONL, LRE).
+
+Tasks only talk to this protocol, so every task scores every world kind.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from knowpress.world.generator import QAItem
+
+Split = Literal["trained", "heldout"]
+
+
+class WorldConfigLike(Protocol):
+    def key(self) -> str: ...
+
+    def model_dump(self, *, mode: str = ...) -> dict[str, Any]: ...
+
+
+class FactWorld(Protocol):
+    config: WorldConfigLike
+
+    def facts(self) -> list[tuple[str, str, str]]:
+        """(subject, attribute/relation, value) triples the teacher is trained on."""
+        ...
+
+    def value_pool(self, attribute: str) -> list[str]:
+        """Every value ``attribute`` can take (|S_a| in the bits formula)."""
+        ...
+
+    def training_texts(self) -> list[str]: ...
+
+    def questions(self, split: Split) -> list[QAItem]:
+        """One item per fact; ``trained`` uses training templates, ``heldout`` unseen ones."""
+        ...
+
+    def heldout_texts(self, n: int | None = None) -> list[str]: ...
+
+    def fingerprint(self) -> str: ...
