@@ -1,0 +1,509 @@
+"""Real-fact worlds: subject-relation-object triples from a JSONL file or from LRE.
+
+File format (``docs/facts-format.md``): one JSON object per line, blank lines ignored::
+
+    {"type": "relation", "name": "capital_of",
+     "train_templates": ["The capital of {subject} is"],
+     "heldout_templates": ["{subject}'s capital city is"],
+     "train_questions": ["Q: What is the capital of {subject}? A:"],   # optional
+     "heldout_questions": ["Q: Which city is the capital of {subject}? A:"],  # optional
+     "phrase": "the capital of {subject}",                              # optional
+     "subject_type": "country", "object_type": "city"}                  # optional
+    {"type": "fact", "subject": "France", "relation": "capital_of", "object": "Paris"}
+
+Every template holds ``{subject}`` exactly once; the object is the answer / completion.
+Rendering uses ``str.replace`` (never ``str.format``), so subjects may contain braces.
+
+Texts of a world (all deterministic given the config; randomness from
+``random.Random(f"knowpress-facts:{seed}:{stream}")``):
+
+- ``training_bios()``: one text per subject (first-appearance order): a sentence
+  ``template(subject) + " " + object + "."`` per fact, template drawn per fact, sentences
+  shuffled (the bioS analogue).
+- ``training_qa()``: ``prompt + " " + answer`` for every fact x trained question template.
+  Trained question templates = ``train_questions``, or ``train_templates`` when absent, so
+  a trained question is verbatim training text (as in the synthetic world).
+- ``questions("heldout")``: ``heldout_questions`` or else ``heldout_templates``; loading
+  fails if a rendered held-out prompt occurs inside the same subject's training text.
+- ``heldout_texts()``: per-subject texts like the bios but with the held-out templates.
+- ``two_hop_questions()``: for facts ``(s, r1, m)`` and ``(m, r2, o)`` where ``r1`` has a
+  ``phrase`` (and, when both are declared, ``r1.object_type == r2.subject_type``): the first
+  trained question template of ``r2`` (one not starting with ``{subject}`` preferred) with
+  ``{subject}`` replaced by ``r1``'s phrase for ``s``; answer ``o``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from knowpress.errors import KnowpressError
+from knowpress.world import lre
+from knowpress.world.config import canonical_hash
+from knowpress.world.generator import QAItem
+
+# Bump when the same file would render to different texts/questions (cached teachers go stale).
+FACTS_VERSION = 1
+PLACEHOLDER = "{subject}"
+Split = Literal["trained", "heldout"]
+Record = tuple[str, Any]  # (where: "file:line", parsed JSON value)
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_RELATION_KEYS = {
+    "type", "name", "train_templates", "heldout_templates", "train_questions",
+    "heldout_questions", "phrase", "subject_type", "object_type", "description",
+}  # fmt: skip
+_FACT_KEYS = {"type", "subject", "relation", "object"}
+_MAX_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A declared relation; question lists are already defaulted to the templates."""
+
+    name: str
+    train_templates: tuple[str, ...]
+    heldout_templates: tuple[str, ...]
+    train_questions: tuple[str, ...]
+    heldout_questions: tuple[str, ...]
+    phrase: str | None
+    subject_type: str | None
+    object_type: str | None
+    where: str
+
+
+@dataclass(frozen=True)
+class Fact:
+    subject: str
+    relation: str
+    object: str
+
+
+@dataclass(frozen=True)
+class TwoHopItem(QAItem):
+    """A composed question: ``subject`` -(first)-> ``bridge`` -(second)-> ``answer``.
+
+    ``attribute`` is ``"first>second"`` so per-attribute reporting keeps chains apart.
+    """
+
+    bridge: str
+    first: str
+    second: str
+
+
+def render(template: str, subject: str) -> str:
+    return template.replace(PLACEHOLDER, subject)
+
+
+class _Problems(list[str]):
+    def add(self, where: str, message: str) -> None:
+        self.append(f"{where}: {message}")
+
+
+def _strings(problems: _Problems, where: str, record: dict[str, Any], key: str) -> tuple[str, ...]:
+    """``record[key]`` as a tuple of templates; records a problem and returns () when bad."""
+    value = record.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        problems.add(where, f"'{key}' must be a non-empty list of strings; fix its value")
+        return ()
+    out = tuple(v.strip() for v in value)
+    for template in out:
+        if template.count(PLACEHOLDER) != 1:
+            problems.add(
+                where,
+                f"template {template!r} in '{key}' must contain {PLACEHOLDER} exactly once; "
+                f"put {PLACEHOLDER} where the subject goes",
+            )
+    return out
+
+
+def _parse_relation(problems: _Problems, where: str, rec: dict[str, Any]) -> Relation | None:
+    before = len(problems)
+    name = rec.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        problems.add(where, "relation 'name' must match [A-Za-z][A-Za-z0-9_]*; fix the name")
+    train = _strings(problems, where, rec, "train_templates")
+    heldout = _strings(problems, where, rec, "heldout_templates")
+    train_q = (
+        _strings(problems, where, rec, "train_questions") if "train_questions" in rec else train
+    )
+    heldout_q = (
+        _strings(problems, where, rec, "heldout_questions")
+        if "heldout_questions" in rec
+        else heldout
+    )
+    phrase = rec.get("phrase")
+    if phrase is not None and (not isinstance(phrase, str) or phrase.count(PLACEHOLDER) != 1):
+        problems.add(where, f"'phrase' must be a string containing {PLACEHOLDER} exactly once")
+    types = [rec.get("subject_type"), rec.get("object_type")]
+    if any(t is not None and (not isinstance(t, str) or not t.strip()) for t in types):
+        problems.add(where, "'subject_type' and 'object_type' must be non-empty strings when given")
+    for template in heldout + heldout_q:
+        if template in train + train_q:
+            problems.add(
+                where, f"held-out template {template!r} is also a training one; rephrase or drop it"
+            )
+    if len(problems) > before:
+        return None
+    return Relation(str(name), train, heldout, train_q, heldout_q, phrase, *types, where)
+
+
+def _parse_fact(problems: _Problems, where: str, rec: dict[str, Any]) -> Fact | None:
+    fields: list[str] = []
+    for key in ("subject", "relation", "object"):
+        value = rec.get(key)
+        if not isinstance(value, str) or not value.strip():
+            what = "is missing" if key not in rec else "must be a non-empty string"
+            problems.add(where, f"fact '{key}' {what}; a fact needs subject, relation and object")
+            return None
+        fields.append(value.strip())
+    return Fact(*fields)
+
+
+def parse_records(records: Iterable[Record]) -> tuple[dict[str, Relation], list[tuple[str, Fact]]]:
+    """Validate records -> (relations by name, ``(where, fact)`` in order, duplicates dropped).
+
+    Relation lines may come before or after their facts. All problems (up to 20) are
+    raised together as one KnowpressError, one ``where: problem; fix`` line each.
+    """
+    problems = _Problems()
+    relations: dict[str, Relation] = {}
+    raw_facts: list[tuple[str, Fact]] = []
+    broken: set[str] = set()
+    for where, rec in records:
+        if not isinstance(rec, dict):
+            problems.add(where, "expected a JSON object; write one object per line")
+            continue
+        kind = rec.get("type")
+        allowed = _RELATION_KEYS if kind == "relation" else _FACT_KEYS
+        if kind not in ("relation", "fact"):
+            problems.add(where, '\'type\' must be "relation" or "fact"; add or fix it')
+            continue
+        unknown = sorted(set(rec) - allowed)
+        if unknown:
+            keys = ", ".join(sorted(allowed))
+            problems.add(
+                where, f"unknown key(s) {', '.join(unknown)} in a {kind} line (allowed: {keys})"
+            )
+            continue
+        if kind == "relation":
+            relation = _parse_relation(problems, where, rec)
+            if relation is None:
+                broken.add(str(rec.get("name")))  # its facts would only repeat the problem
+                continue
+            if relation.name in relations:
+                first = relations[relation.name].where
+                problems.add(
+                    where, f"relation '{relation.name}' is already declared at {first}; keep one"
+                )
+                continue
+            relations[relation.name] = relation
+        elif (fact := _parse_fact(problems, where, rec)) is not None:
+            raw_facts.append((where, fact))
+    facts: list[tuple[str, Fact]] = []
+    seen: dict[tuple[str, str], tuple[str, str]] = {}
+    for where, fact in raw_facts:
+        if fact.relation in broken:
+            continue
+        if fact.relation not in relations:
+            declared = ", ".join(relations) or "none"
+            problems.add(
+                where,
+                f"unknown relation '{fact.relation}' (declared: {declared}); "
+                'declare it with a {"type": "relation", ...} line',
+            )
+            continue
+        key = (fact.subject, fact.relation)
+        if key in seen:
+            first_where, first_object = seen[key]
+            if first_object != fact.object:
+                problems.add(
+                    where,
+                    f"({fact.subject}, {fact.relation}) -> {fact.object!r} conflicts with "
+                    f"{first_object!r} at {first_where}; keep one object per subject and relation",
+                )
+            continue
+        seen[key] = (where, fact.object)
+        facts.append((where, fact))
+    used = {fact.relation for _, fact in facts}
+    for name, relation in relations.items():
+        if name not in used and not problems:
+            problems.add(relation.where, f"relation '{name}' has no facts; add facts or remove it")
+    if problems:
+        extra = len(problems) - _MAX_PROBLEMS
+        lines = problems[:_MAX_PROBLEMS] + ([f"... and {extra} more"] if extra > 0 else [])
+        raise KnowpressError("\n".join(lines))
+    return relations, facts
+
+
+def read_jsonl(path: Path) -> list[Record]:
+    """``(f"{path}:{line}", value)`` per non-blank line; bad JSON raises KnowpressError."""
+    if not path.is_file():
+        raise KnowpressError(f"{path}: facts file not found; fix the path (a JSONL file)")
+    records: list[Record] = []
+    problems = _Problems()
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                problems.add(
+                    f"{path}:{number}",
+                    f"not valid JSON ({err.msg}, column {err.pos + 1}); write one object per line",
+                )
+    if problems:
+        raise KnowpressError("\n".join(problems[:_MAX_PROBLEMS]))
+    return records
+
+
+class FactsWorldConfig(BaseModel):
+    """A real-fact world: exactly one of ``path`` (facts JSONL) or ``lre`` (relation names,
+    ``"default"`` or ``"all"``; data from ``lre_dir`` / ``$KNOWPRESS_LRE_DIR``).
+
+    ``max_facts_per_relation`` keeps a seeded sample (in file order) of each relation.
+    ``key()`` = ``canonical_hash`` of the version, the fields that shape the world and the
+    sha256 of the data; the locations (``path``, ``lre_dir``) are left out so the same file
+    in another checkout gives the same key.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["facts"] = "facts"
+    path: str | None = None
+    lre: tuple[str, ...] | Literal["default", "all"] | None = None
+    lre_dir: str | None = None
+    seed: int = 0
+    max_facts_per_relation: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FactsWorldConfig:
+        if (self.path is None) == (self.lre is None):
+            raise ValueError("give exactly one of 'path' (a facts JSONL file) or 'lre'")
+        if self.lre_dir is not None and self.lre is None:
+            raise ValueError("'lre_dir' only applies with 'lre'")
+        return self
+
+    def _source(self) -> tuple[list[Record], str]:
+        """(records, sha256 of the data) for this config."""
+        if self.path is not None:
+            path = Path(self.path).expanduser()
+            records = read_jsonl(path)
+            return records, hashlib.sha256(path.read_bytes()).hexdigest()
+        root = lre.lre_root(self.lre_dir)
+        names = lre.resolve_relations(root, self.lre or "default")
+        return lre.lre_records(root, names), lre.lre_digest(root, names)
+
+    def key(self) -> str:
+        """Short stable hash naming this world (see class doc)."""
+        _, digest = self._source()
+        fields = self.model_dump(mode="json", exclude={"path", "lre_dir"})
+        return canonical_hash({"facts_version": FACTS_VERSION, **fields, "content": digest})
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        """Relation names of the world (builds it, cached), as ``WorldConfig.attributes``."""
+        return build_facts_world(self).relations
+
+
+class FactsWorld:
+    """Facts plus every text and question rendered from them (see module doc)."""
+
+    def __init__(
+        self, config: FactsWorldConfig, relations: dict[str, Relation], facts: list[Fact]
+    ) -> None:
+        self.config = config
+        self._relations = relations
+        self._facts = facts
+        used = {f.relation for f in facts}
+        self.relations: tuple[str, ...] = tuple(r for r in relations if r in used)
+        self._by_subject: dict[str, list[Fact]] = {}
+        for fact in facts:
+            self._by_subject.setdefault(fact.subject, []).append(fact)
+        self._bios = self._render_texts("bios", "train_templates", len(self._by_subject))
+        self._check_heldout_unseen()
+
+    def __repr__(self) -> str:
+        return f"FactsWorld(relations={len(self.relations)}, facts={len(self._facts)})"
+
+    def _rng(self, stream: str) -> random.Random:
+        return random.Random(f"knowpress-facts:{self.config.seed}:{stream}")
+
+    def relation(self, name: str) -> Relation:
+        return self._relations[name]
+
+    def facts(self) -> list[tuple[str, str, str]]:
+        """``(subject, relation, object)`` in file order."""
+        return [(f.subject, f.relation, f.object) for f in self._facts]
+
+    def value_pool(self, attribute: str) -> list[str]:
+        """Sorted distinct objects of relation ``attribute`` (|S_a|)."""
+        if attribute not in self.relations:
+            raise ValueError(f"relation {attribute!r} is not in this world")
+        return sorted({f.object for f in self._facts if f.relation == attribute})
+
+    def _render_texts(self, stream: str, field: str, count: int) -> list[str]:
+        """``count`` per-subject texts (cycling over subjects), one sentence per fact."""
+        rng, subjects = self._rng(stream), list(self._by_subject)
+        out = []
+        for i in range(count):
+            subject = subjects[i % len(subjects)]
+            sentences = [
+                f"{render(rng.choice(getattr(self._relations[f.relation], field)), subject)}"
+                f" {f.object}."
+                for f in self._by_subject[subject]
+            ]
+            rng.shuffle(sentences)
+            out.append(" ".join(sentences))
+        return out
+
+    def training_bios(self) -> list[str]:
+        """One text per subject, every fact as a sentence from a training template."""
+        return list(self._bios)
+
+    def training_qa(self) -> list[str]:
+        """``prompt + " " + answer`` for every fact x trained question template."""
+        return [
+            f"{render(t, f.subject)} {f.object}"
+            for f in self._facts
+            for t in self._relations[f.relation].train_questions
+        ]
+
+    def training_once(self) -> list[str]:
+        """Texts a teacher epoch shows once (the bios); QA strings are repeated by the trainer."""
+        return self.training_bios()
+
+    def training_texts(self) -> list[str]:
+        """Everything the teacher trains on: ``training_once() + training_qa()``."""
+        return self.training_once() + self.training_qa()
+
+    def questions(self, split: Split) -> list[QAItem]:
+        """One item per fact, template drawn from the ``questions:<split>`` stream."""
+        if split not in ("trained", "heldout"):
+            raise ValueError(f"split must be 'trained' or 'heldout', not {split!r}")
+        field = "train_questions" if split == "trained" else "heldout_questions"
+        rng = self._rng(f"questions:{split}")
+        return [
+            QAItem(render(rng.choice(getattr(self._relations[f.relation], field)), f.subject),
+                   f.object, f.subject, f.relation)
+            for f in self._facts
+        ]  # fmt: skip
+
+    def heldout_texts(self, n: int | None = None) -> list[str]:
+        """``n`` texts (default one per subject, cycling) from the held-out templates."""
+        count = len(self._by_subject) if n is None else n
+        return self._render_texts("heldout-bios", "heldout_templates", count)
+
+    def two_hop_questions(self) -> list[TwoHopItem]:
+        """Every chain ``(s, r1, m), (m, r2, o)`` with a ``phrase`` for ``r1``, in fact order."""
+        items = []
+        for first in self._facts:
+            phrase = self._relations[first.relation].phrase
+            if phrase is None:
+                continue
+            for second in self._by_subject.get(first.object, []):
+                if not self._types_chain(first.relation, second.relation):
+                    continue
+                bridge = render(phrase, first.subject)
+                templates = self._relations[second.relation].train_questions
+                inside = [t for t in templates if not t.startswith(PLACEHOLDER)]
+                template = (inside or templates)[0]
+                if template.startswith(PLACEHOLDER):
+                    bridge = bridge[:1].upper() + bridge[1:]
+                items.append(
+                    TwoHopItem(
+                        render(template, bridge), second.object, first.subject,
+                        f"{first.relation}>{second.relation}", first.object,
+                        first.relation, second.relation,
+                    )
+                )  # fmt: skip
+        return items
+
+    def _types_chain(self, first: str, second: str) -> bool:
+        """Whether r1's objects can be r2's subjects: types equal, or either one unknown."""
+        a, b = self._relations[first].object_type, self._relations[second].subject_type
+        return a is None or b is None or a == b
+
+    def template_words(self) -> list[str]:
+        """Every template and phrase (``{subject}`` written as ``{name}``) for the tokenizer,
+        plus the rendered held-out and 2-hop prompts: a subject ending in punctuation
+        ("Warner Bros.") fuses with the template's ("?") into a word-level token (".?") that
+        no template or training text contains.
+        """
+        out = [q.prompt for q in self.questions("heldout")]
+        out += [q.prompt for q in self.two_hop_questions()]
+        for r in self._relations.values():
+            for t in (*r.train_templates, *r.heldout_templates, *r.train_questions,
+                      *r.heldout_questions, *([r.phrase] if r.phrase else [])):  # fmt: skip
+                out.append(t.replace(PLACEHOLDER, "{name}"))
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 hex of facts, training texts, both question splits, held-out texts, 2-hop."""
+        payload = {
+            "facts": self.facts(),
+            "train": self.training_texts(),
+            "questions": {s: [vars(q) for q in self.questions(s)] for s in ("trained", "heldout")},
+            "heldout_texts": self.heldout_texts(),
+            "two_hop": [vars(q) for q in self.two_hop_questions()],
+        }
+        text = json.dumps(payload, sort_keys=True, ensure_ascii=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def _check_heldout_unseen(self) -> None:
+        """A held-out prompt inside its subject's training text would not be held out."""
+        texts = {s: " ".join([self._bios[i]] + [f"{render(t, s)} {f.object}" for f in fs
+                 for t in self._relations[f.relation].train_questions])
+                 for i, (s, fs) in enumerate(self._by_subject.items())}  # fmt: skip
+        for f in self._facts:
+            relation = self._relations[f.relation]
+            for template in relation.heldout_questions:
+                if render(template, f.subject) in texts[f.subject]:
+                    raise KnowpressError(
+                        f"{relation.where}: held-out question {template!r} occurs in the "
+                        f"training text of {f.subject!r}; rephrase it unlike every training one"
+                    )
+
+
+_CACHE: dict[tuple[str, str], FactsWorld] = {}
+
+
+def build_facts_world(config: FactsWorldConfig) -> FactsWorld:
+    """The world for ``config``; the same config and data give the same world in any process."""
+    records, digest = config._source()
+    cache_key = (json.dumps(config.model_dump(mode="json"), sort_keys=True), digest)
+    if cache_key in _CACHE:
+        return _CACHE[cache_key]
+    relations, located = parse_records(records)
+    facts = [fact for _, fact in located]
+    if config.max_facts_per_relation is not None:
+        keep: set[int] = set()
+        for name in relations:
+            indices = [i for i, f in enumerate(facts) if f.relation == name]
+            rng = random.Random(f"knowpress-facts:{config.seed}:sample:{name}")
+            keep.update(rng.sample(indices, min(len(indices), config.max_facts_per_relation)))
+        facts = [f for i, f in enumerate(facts) if i in keep]
+    world = FactsWorld(config, relations, facts)
+    if len(_CACHE) >= 8:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[cache_key] = world
+    return world
+
+
+def load_facts(
+    path: str | Path, *, seed: int = 0, max_facts_per_relation: int | None = None
+) -> FactsWorld:
+    """Load a facts JSONL file (format in the module doc); bad lines raise KnowpressError."""
+    config = FactsWorldConfig(
+        path=str(path), seed=seed, max_facts_per_relation=max_facts_per_relation
+    )
+    return build_facts_world(config)
