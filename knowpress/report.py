@@ -4,14 +4,17 @@
 
     {"schema": "knowpress.report", "schema_version": 1, "knowpress_version": str,
      "created_utc": str, "inputs": {"model", "teacher", "world"}, "recipe": {...},
-     "tasks": {name: {"metric", "higher_is_better"}},
+     "tasks": {name: {"metric", "higher_is_better", "chance": float|null, "near_chance": bool}},
      "rows": [{"name", "stage_index", "kind", "stored_bytes", "size_ratio", "parameters",
                "scores": {task: float}, "retention": {task: float|null},
                "worst_task", "worst_retention", "details": {task: {"n", "extra", "examples"}}}],
      "stages": [StageRecord...], "gate": GateResult | null}
 
 Row 0 is the teacher (retention 1 by definition); then one row per stage. Sizes are bytes
-of the safetensors files on disk.
+of the safetensors files on disk. ``near_chance``: the teacher scored below 2x the task's
+chance score, so its retention measures little. A row with a ``bits`` score gets
+``details.bits.extra.bits_per_stored_byte`` (bits / stored bytes). Both were added within
+schema_version 1 (readers must tolerate their absence in older reports).
 """
 
 from __future__ import annotations
@@ -74,9 +77,17 @@ def _row(
         "worst_task": worst_task,
         "worst_retention": worst_value,
         "details": {
-            t: {"n": s.n, "extra": s.extra, "examples": s.examples} for t, s in scores.items()
+            t: {"n": s.n, "extra": _extra(t, s, size), "examples": s.examples}
+            for t, s in scores.items()
         },
     }
+
+
+def _extra(task: str, score: TaskScore, size: int) -> dict[str, float]:
+    """The task's extra metrics, plus bits per stored byte for ``bits`` (needs the size)."""
+    if task != "bits" or size <= 0:
+        return score.extra
+    return {**score.extra, "bits_per_stored_byte": score.score / size}
 
 
 def build_report(
@@ -118,7 +129,12 @@ def build_report(
         },
         "recipe": recipe.dump(),
         "tasks": {
-            t: {"metric": s.metric, "higher_is_better": s.higher_is_better}
+            t: {
+                "metric": s.metric,
+                "higher_is_better": s.higher_is_better,
+                "chance": s.chance,
+                "near_chance": s.near_chance,
+            }
             for t, s in teacher_scores.items()
         },
         "rows": rows,
@@ -162,6 +178,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         cells += [_fmt(row["retention"][t]) for t in tasks]
         cells += [f"{_fmt(row['worst_retention'])} ({row['worst_task']})"]
         lines.append("| " + " | ".join(cells) + " |")
+    near = [t for t in tasks if report["tasks"][t].get("near_chance")]
+    if near:
+        lines += [
+            "",
+            "Near chance (teacher < 2x chance, retention not meaningful): "
+            + ", ".join(f"`{t}` (chance {_fmt(report['tasks'][t]['chance'])})" for t in near),
+        ]
     if report["stages"]:
         lines += [
             "",

@@ -23,6 +23,13 @@ class TaskScore:
     n: int
     extra: dict[str, float]
     examples: list[dict[str, Any]]
+    # Uninformed-guess score on this world (None: no baseline); defaulted so old eval.json loads.
+    chance: float | None = None
+
+    @property
+    def near_chance(self) -> bool:
+        """True when the score is below 2x chance (only meaningful for the teacher's score)."""
+        return self.chance is not None and self.higher_is_better and self.score < 2 * self.chance
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +60,7 @@ def evaluate_runtime(
             result.n,
             result.extra,
             result.examples,
+            task.chance(world),
         )
     return out
 

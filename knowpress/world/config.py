@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from knowpress.world import words
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: pronoun, company_city, company facts, in-context QA
 
 # Attribute name -> how many distinct values the word lists can make (the pool-size ceiling).
 SUPPORTED_ATTRIBUTES: dict[str, int] = {
@@ -26,7 +26,12 @@ SUPPORTED_ATTRIBUTES: dict[str, int] = {
     "university": len(words.UNIVERSITY_ROOTS) * len(words.UNIVERSITY_FORMS),
     "major": len(words.MAJORS),
     "employer": len(words.EMPLOYER_ROOTS) * len(words.EMPLOYER_SUFFIXES),
+    "pronoun": len(words.PRONOUNS),
+    # Derived, not drawn: the city of the person's employer (the world's company -> city map).
+    "company_city": len(words.CITY_ROOTS) * len(words.CITY_FORMS),
 }
+# Attributes whose value is a function of another attribute's value (never drawn).
+DERIVED_ATTRIBUTES: dict[str, str] = {"company_city": "employer"}
 
 
 def canonical_hash(payload: Any, length: int = 12) -> str:
@@ -48,6 +53,8 @@ class PoolSizes(BaseModel):
     university: int = Field(300, ge=1)
     major: int = Field(100, ge=1)
     employer: int = Field(263, ge=1)
+    pronoun: int = Field(2, ge=1)
+    company_city: int = Field(200, ge=1)  # cities companies are headquartered in
     birth_years: int = Field(200, ge=1, le=1000)
 
     def size(self, attribute: str) -> int:
@@ -62,7 +69,17 @@ class WorldConfig(BaseModel):
 
     Training text per person = ``bios_per_person`` biographies (one sentence per attribute,
     template picked at random, sentence order shuffled when ``permute_sentences``) plus one
-    QA string per attribute in the trained question format.
+    QA string per attribute and trained question template (the first ``question_templates``
+    of each attribute's trained phrasings). With ``pronoun`` among the
+    attributes, bio sentences after the first say "He"/"She" instead of the full name unless
+    ``full_name_instead_of_pronoun`` (the bioS "fullname" augmentation).
+
+    With ``employer`` among the attributes, every company has a headquarters city (drawn once
+    per company, so ``company_city`` is derived from ``employer``); ``company_facts`` adds
+    one sentence and the trained QA per company that employs someone, so 2-hop questions
+    (person -> employer -> city) can be answered. ``in_context_examples`` passages of
+    ``in_context_bios`` biographies of *fictional* people (not in the world) followed by a
+    question about one of them teach reading the answer from the context.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -73,6 +90,11 @@ class WorldConfig(BaseModel):
     pools: PoolSizes = PoolSizes()
     bios_per_person: int = Field(1, ge=0)
     permute_sentences: bool = True
+    full_name_instead_of_pronoun: bool = False
+    company_facts: bool = True
+    question_templates: int = Field(1, ge=1)  # trained phrasings used per attribute
+    in_context_examples: int = Field(0, ge=0)
+    in_context_bios: int = Field(4, ge=1)
 
     @field_validator("attributes")
     @classmethod
@@ -85,6 +107,9 @@ class WorldConfig(BaseModel):
             raise ValueError(f"unknown attribute(s) {', '.join(unknown)} (valid: {valid})")
         if len(set(value)) != len(value):
             raise ValueError("attributes must not repeat")
+        for derived, source in DERIVED_ATTRIBUTES.items():
+            if derived in value and source not in value:
+                raise ValueError(f"attribute {derived} is derived from {source}; add {source}")
         return value
 
     @model_validator(mode="after")

@@ -3,8 +3,10 @@
 Every random choice comes from a local ``random.Random`` seeded with the string
 ``f"knowpress-world:{seed}:{stream}"`` (string seeds are hashed with SHA-512 by CPython, so
 they do not depend on ``PYTHONHASHSEED``). One stream per purpose -- ``names``,
-``values:<attribute>``, ``bios``, ``heldout-bios``, ``questions:<split>`` -- so adding an
-attribute or a bio does not reshuffle anything else.
+``values:<attribute>``, ``bios``, ``heldout-bios``, ``questions:<split>``, ``company-city``,
+``company-facts``, ``two-hop``, ``in-context``, ``haystack`` -- so adding an attribute or a
+bio does not reshuffle anything else. Derived attributes (``company_city``) are looked up,
+never drawn.
 
 Value pools do not depend on the world seed: pool ``a`` of size n is the first n items of
 a fixed shuffle of the word-list combinations (so a pool of 100 is a prefix of the pool of
@@ -22,8 +24,8 @@ from functools import cached_property
 from typing import Literal
 
 from knowpress.world import words
-from knowpress.world.config import WorldConfig
-from knowpress.world.templates import TEMPLATES
+from knowpress.world.config import DERIVED_ATTRIBUTES, WorldConfig
+from knowpress.world.templates import COMPANY_TEMPLATES, TEMPLATES, TWO_HOP_TEMPLATES
 
 Split = Literal["trained", "heldout"]
 FIRST_BIRTH_YEAR = 1900
@@ -66,6 +68,12 @@ def value_pool(attribute: str, size: int) -> list[str]:
             for month in words.MONTHS
             for day in range(1, 29)
         ]
+    if attribute == "company_city":  # companies sit in the same cities people are born in
+        return value_pool("birth_city", size)
+    if attribute == "pronoun":
+        if size > len(words.PRONOUNS):
+            raise ValueError(f"pronoun pool has {len(words.PRONOUNS)} values, asked for {size}")
+        return list(words.PRONOUNS[:size])
     if attribute == "birth_city":
         candidates = [f.format(r) for r in words.CITY_ROOTS for f in words.CITY_FORMS]
     elif attribute == "university":
@@ -114,14 +122,146 @@ class World:
         return [(p.name, a, p.values[a]) for p in self.people for a in self.config.attributes]
 
     def bio(self, person: Person, rng: random.Random) -> str:
-        """One biography: a sentence per attribute (random template), optionally permuted."""
-        sentences = [
-            rng.choice(TEMPLATES[a].bio).format(name=person.name, value=person.values[a])
-            for a in self.config.attributes
-        ]
+        """One biography: a sentence per attribute (random template), optionally permuted.
+
+        The first sentence names the person; later ones use the pronoun ("She ...") when the
+        world has a ``pronoun`` attribute and ``full_name_instead_of_pronoun`` is off.
+        """
+        chosen = [(a, rng.choice(TEMPLATES[a].bio)) for a in self.config.attributes]
         if self.config.permute_sentences:
-            rng.shuffle(sentences)
+            rng.shuffle(chosen)
+        pronoun = person.values.get("pronoun")
+        if self.config.full_name_instead_of_pronoun:
+            pronoun = None
+        sentences = [
+            template.format(
+                name=person.name if i == 0 or pronoun is None else pronoun.capitalize(),
+                value=person.values[a],
+            )
+            for i, (a, template) in enumerate(chosen)
+        ]
         return " ".join(sentences)
+
+    @cached_property
+    def company_cities(self) -> dict[str, str]:
+        """Headquarters city of every company in the employer pool (``company-city`` stream).
+
+        Drawn per company, in pool order, from the ``company_city`` pool, so it depends only
+        on the seed and the pool sizes. Empty when the world has no ``employer``.
+        """
+        if "employer" not in self.config.attributes:
+            return {}
+        cities = value_pool("company_city", self.config.pools.company_city)
+        rng = self._rng("company-city")
+        return {c: cities[rng.randrange(len(cities))] for c in self.value_pool("employer")}
+
+    def companies(self) -> list[str]:
+        """Companies that employ somebody in the world, in employer-pool order."""
+        used = {p.values["employer"] for p in self.people if "employer" in p.values}
+        return [c for c in self.company_cities if c in used]
+
+    def company_facts(self) -> list[tuple[str, str]]:
+        """``(company, city)`` for every company whose headquarters is in the training text."""
+        if not self.config.company_facts:
+            return []
+        return [(c, self.company_cities[c]) for c in self.companies()]
+
+    @cached_property
+    def _company_sentences(self) -> list[str]:
+        rng = self._rng("company-facts")
+        return [
+            rng.choice(COMPANY_TEMPLATES.bio).format(company=company, value=city)
+            for company, city in self.company_facts()
+            for _ in range(max(1, self.config.bios_per_person))
+        ]
+
+    def training_company_texts(self) -> list[str]:
+        """Company sentences (``max(1, bios_per_person)`` per company) and their trained QA."""
+        qa = [
+            template.format(company=company) + " " + city
+            for company, city in self.company_facts()
+            for template in self.trained_templates("company")
+        ]
+        return self._company_sentences + qa
+
+    def two_hop_questions(self) -> list[QAItem]:
+        """Person -> employer -> headquarters city, asked in one never-trained question.
+
+        Only people whose employer is a world fact and whose company's city is in the
+        training text (``company_facts``); the template comes from the ``two-hop`` stream.
+        """
+        known = dict(self.company_facts())
+        rng = self._rng("two-hop")
+        items = []
+        for p in self.people:
+            company = p.values.get("employer")
+            if company is None or company not in known:
+                continue
+            template = rng.choice(TWO_HOP_TEMPLATES)
+            prompt = template.format(name=p.name)
+            items.append(QAItem(prompt, known[company], p.name, "company_city"))
+        return items
+
+    def _fictional_people(self, n: int, rng: random.Random) -> list[Person]:
+        """``n`` people not in the world (fresh names; values drawn from the world's pools)."""
+        taken = {(p.first, p.middle, p.last) for p in self.people}
+        first, last = words.FIRST_NAMES, words.LAST_NAMES
+        drawn: list[tuple[str, str, str]] = []
+        while len(drawn) < n:  # rejection: world people and repeats within the passage
+            name = (rng.choice(first), rng.choice(first), rng.choice(last))
+            if name[0] != name[1] and name not in taken:
+                taken.add(name)
+                drawn.append(name)
+        people = []
+        for f, m, la in drawn:
+            values = {}
+            for a in self.config.attributes:
+                if a in DERIVED_ATTRIBUTES:
+                    continue
+                pool = self.value_pool(a)
+                values[a] = pool[rng.randrange(len(pool))]
+            if "company_city" in self.config.attributes:
+                values["company_city"] = self.company_cities[values["employer"]]
+            people.append(Person(f, m, la, values))
+        return people
+
+    def _passages(self, stream: str, n_items: int, n_bios: int | None) -> list[QAItem]:
+        """Biographies of fictional people, then a trained-format question about one of them.
+
+        ``n_bios=None`` draws 1..``in_context_bios`` bios per passage (training mix). The
+        asked attribute is drawn among the non-derived ones; the answer is only in the
+        passage, since the people are not in the world.
+        """
+        rng = self._rng(stream)
+        asked = [a for a in self.config.attributes if a not in DERIVED_ATTRIBUTES]
+        items = []
+        for _ in range(n_items):
+            count = rng.randint(1, self.config.in_context_bios) if n_bios is None else n_bios
+            people = self._fictional_people(count, rng)
+            passage = " ".join(self.bio(p, rng) for p in people)
+            target, attribute = rng.choice(people), rng.choice(asked)
+            question = rng.choice(self.trained_templates(attribute)).format(name=target.name)
+            items.append(
+                QAItem(f"{passage} {question}", target.values[attribute], target.name, attribute)
+            )
+        return items
+
+    def training_in_context(self) -> list[str]:
+        """``in_context_examples`` passages + question + answer (stream ``in-context``)."""
+        return [
+            f"{q.prompt} {q.answer}"
+            for q in self._passages("in-context", self.config.in_context_examples, None)
+        ]
+
+    def haystack_items(self, n_bios: int, n_items: int) -> list[QAItem]:
+        """``n_items`` prompts of ``n_bios`` fictional bios + a question answered in them.
+
+        Stream ``haystack:{n_bios}`` (never used for training text), so the answer must be
+        read from the context rather than recalled.
+        """
+        if n_bios < 1 or n_items < 0:
+            raise ValueError("haystack_items needs n_bios >= 1 and n_items >= 0")
+        return self._passages(f"haystack:{n_bios}", n_items, n_bios)
 
     @cached_property
     def _training_bios(self) -> list[list[str]]:
@@ -138,12 +278,21 @@ class World:
             template.format(name=p.name) + " " + p.values[a]
             for p in self.people
             for a in self.config.attributes
-            for template in TEMPLATES[a].trained
+            for template in self.trained_templates(a)
         ]
 
+    def training_once(self) -> list[str]:
+        """Texts shown once per epoch: bios, company facts + their QA, in-context passages."""
+        return self.training_bios() + self.training_company_texts() + self.training_in_context()
+
+    def trained_templates(self, attribute: str) -> tuple[str, ...]:
+        """The first ``question_templates`` trained phrasings of ``attribute`` (or ``company``)."""
+        source = COMPANY_TEMPLATES if attribute == "company" else TEMPLATES[attribute]
+        return source.trained[: self.config.question_templates]
+
     def training_texts(self) -> list[str]:
-        """Everything the teacher trains on: ``training_bios() + training_qa()``."""
-        return self.training_bios() + self.training_qa()
+        """Everything the teacher trains on: ``training_once() + training_qa()``."""
+        return self.training_once() + self.training_qa()
 
     def questions(self, split: Split) -> list[QAItem]:
         """One question per person x attribute (person-major), in the ``split`` phrasing.
@@ -158,7 +307,10 @@ class World:
         items = []
         for p in self.people:
             for a in self.config.attributes:
-                template = rng.choice(getattr(TEMPLATES[a], split))
+                phrasings = (
+                    self.trained_templates(a) if split == "trained" else TEMPLATES[a].heldout
+                )
+                template = rng.choice(phrasings)
                 items.append(QAItem(template.format(name=p.name), p.values[a], p.name, a))
         return items
 
@@ -193,6 +345,7 @@ class World:
             "train": self.training_texts(),
             "questions": {s: [vars(q) for q in self.questions(s)] for s in ("trained", "heldout")},
             "heldout_texts": self.heldout_texts(),
+            "two_hop": [vars(q) for q in self.two_hop_questions()],
         }
         text = json.dumps(payload, sort_keys=True, ensure_ascii=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -203,6 +356,9 @@ class World:
         for a in self.config.attributes:
             t = TEMPLATES[a]
             out.extend([*t.bio, *t.trained, *t.heldout])
+        if "employer" in self.config.attributes:
+            c = COMPANY_TEMPLATES
+            out.extend([*c.bio, *c.trained, *c.heldout, *TWO_HOP_TEMPLATES])
         return out
 
 
@@ -230,11 +386,17 @@ def generate_world(config: WorldConfig) -> World:
     names = _draw_names(config.n_people, _stream(config.seed, "names"))
     values: dict[str, Sequence[str]] = {}
     for attribute in config.attributes:
+        if attribute in DERIVED_ATTRIBUTES:
+            continue
         pool = value_pool(attribute, _pool_size_arg(config, attribute))
         rng = _stream(config.seed, f"values:{attribute}")
         values[attribute] = [pool[rng.randrange(len(pool))] for _ in names]
     people = [
-        Person(f, m, la, {a: values[a][i] for a in config.attributes})
+        Person(f, m, la, {a: values[a][i] for a in config.attributes if a in values})
         for i, (f, m, la) in enumerate(names)
     ]
-    return World(config, people)
+    world = World(config, people)
+    if "company_city" in config.attributes:
+        for p in people:  # derived: the employer's headquarters, not an independent draw
+            p.values["company_city"] = world.company_cities[p.values["employer"]]
+    return world

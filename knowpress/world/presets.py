@@ -1,13 +1,16 @@
-"""Teacher presets: a world, a Llama-style architecture and a training schedule, by name.
+"""Teacher presets: a world, a model architecture and a training schedule, by name.
 
-``Preset.key()`` = ``canonical_hash({"teacher_version", "world", "model", "train"})`` (see
+``architecture`` picks the transformers model family (``ARCHITECTURES``: dense Llama, or the
+sparse mixture-of-experts Mixtral / Qwen2-MoE / Qwen3-MoE); ``model`` holds that config's
+kwargs. ``Preset.key()`` = ``canonical_hash({"teacher_version", "world", "architecture",
+"model", "train"})`` (see
 ``config.canonical_hash``): everything that determines the trained teacher and nothing that
 does not (name, description). It names the cache directory ``{name}-{key}``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -15,7 +18,16 @@ from knowpress.registry import Registry
 from knowpress.world.config import WORLD_VERSION, PoolSizes, WorldConfig, canonical_hash
 
 # Bump when the training code changes what a preset produces (cached teachers go stale).
-TEACHER_VERSION = 1
+TEACHER_VERSION = 2
+
+# architecture -> (transformers config class, causal-LM class), resolved by training.make_model.
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+}
+Architecture = Literal["llama", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 # Filled from the tokenizer by build_teacher; a preset must not set them.
 _DERIVED_MODEL_KEYS = frozenset({"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"})
@@ -52,6 +64,7 @@ class Preset(BaseModel):
     name: str
     description: str
     world: WorldConfig
+    architecture: Architecture = "llama"
     model: dict[str, Any]
     train: TrainConfig
 
@@ -70,6 +83,7 @@ class Preset(BaseModel):
                 "teacher_version": TEACHER_VERSION,
                 "world_version": WORLD_VERSION,
                 "world": self.world.model_dump(mode="json"),
+                "architecture": self.architecture,
                 "model": self.model,
                 "train": self.train.model_dump(mode="json"),
             }
@@ -92,13 +106,55 @@ _TINY_MODEL: dict[str, Any] = {
     "max_position_embeddings": 256,
     "tie_word_embeddings": True,
 }
+# Sparse MoE tiny models: 8 experts, top-2 routing, the attention of _TINY_MODEL.
+_TINY_MIXTRAL: dict[str, Any] = {
+    **_TINY_MODEL,
+    "intermediate_size": 256,  # per expert
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+}
+_TINY_QWEN2_MOE: dict[str, Any] = {
+    **_TINY_MODEL,
+    "intermediate_size": 256,  # dense MLP size (unused: every layer is sparse)
+    "moe_intermediate_size": 128,
+    "shared_expert_intermediate_size": 256,  # Qwen-MoE: one always-on shared expert
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "decoder_sparse_step": 1,
+}
+_SMALL_MODEL: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
 
+# bioS world of the bios-* tiny presets: 5 drawn attributes + the pronoun used in bios, company
+# headquarters facts (for two_hop) and in-context passages of fictional people (long_context).
+# company_city is not a per-person attribute here, so two_hop needs both hops.
+_TINY_WORLD = WorldConfig(
+    seed=0,
+    n_people=200,
+    attributes=("birth_date", "birth_city", "university", "major", "employer", "pronoun"),
+    bios_per_person=2,
+    permute_sentences=True,
+    question_templates=4,
+    in_context_examples=6000,
+    in_context_bios=4,
+)
+_TINY_TRAIN = TrainConfig(steps=3000, batch_size=32, lr=3e-3, warmup=50, qa_repeat=2, seq_len=256)
+
+# The quickstart teacher: recall + perplexity only, so no in-context passages and one trained
+# phrasing per attribute; trains in ~1.5 min on one thread (the first-run budget is 10 min).
 _register(
     Preset(
         name="bios-dense-tiny",
         description=(
             "Quickstart: 200 people x 5 attributes, 2-layer Llama (0.6M params), "
-            "~1.5 min on one CPU thread."
+            "~1.5 min on one CPU thread; scored on recall and perplexity."
         ),
         world=WorldConfig(
             seed=0,
@@ -106,11 +162,98 @@ _register(
             attributes=("birth_date", "birth_city", "university", "major", "employer"),
             bios_per_person=2,
             permute_sentences=True,
+            full_name_instead_of_pronoun=True,
+            company_facts=False,
         ),
         model=_TINY_MODEL,
         train=TrainConfig(steps=2000, batch_size=32, lr=3e-3, warmup=50, qa_repeat=4),
     )
 )
+
+_register(
+    Preset(
+        name="bios-dense-tiny-full",
+        description=(
+            "200 people x 6 attributes (4 trained phrasings each) + company facts + 6000 "
+            "in-context passages, 2-layer Llama (0.6M params), ~8 min on one CPU thread."
+        ),
+        world=_TINY_WORLD,
+        model=_TINY_MODEL,
+        train=_TINY_TRAIN,
+    )
+)
+
+_register(
+    Preset(
+        name="bios-moe-tiny",
+        description="bios-dense-tiny's world, 2-layer Mixtral (8 experts, top-2).",
+        world=_TINY_WORLD,
+        architecture="mixtral",
+        model=_TINY_MIXTRAL,
+        train=_TINY_TRAIN,
+    )
+)
+
+_register(
+    Preset(
+        name="bios-qwenmoe-tiny",
+        description="bios-dense-tiny's world, 2-layer Qwen2-MoE (8 experts top-2 + shared expert).",
+        world=_TINY_WORLD,
+        architecture="qwen2_moe",
+        model=_TINY_QWEN2_MOE,
+        train=_TINY_TRAIN,
+    )
+)
+
+# Small presets: 4x the people, 4 bios per person (knowledge augmentation, Physics of LMs 3.1),
+# longer context. Build times are far longer than the tiny presets (tens of CPU minutes).
+_SMALL_WORLD = WorldConfig(
+    seed=0,
+    n_people=1000,
+    attributes=("birth_date", "birth_city", "university", "major", "employer", "pronoun"),
+    bios_per_person=4,
+    permute_sentences=True,
+    in_context_examples=6000,
+    in_context_bios=8,
+)
+_SMALL_TRAIN = TrainConfig(
+    steps=12000, batch_size=32, lr=2e-3, warmup=200, qa_repeat=4, seq_len=512
+)
+
+_register(
+    Preset(
+        name="bios-dense-small",
+        description="1000 people x 6 attributes, 4 bios each, 4-layer Llama, 512 positions.",
+        world=_SMALL_WORLD,
+        model=_SMALL_MODEL,
+        train=_SMALL_TRAIN,
+    )
+)
+
+_register(
+    Preset(
+        name="bios-moe-small",
+        description="bios-dense-small's world, 4-layer Mixtral (8 experts, top-2).",
+        world=_SMALL_WORLD,
+        architecture="mixtral",
+        model={**_SMALL_MODEL, "intermediate_size": 512, "num_local_experts": 8,
+               "num_experts_per_tok": 2},
+        train=_SMALL_TRAIN,
+    )
+)  # fmt: skip
+
+_register(
+    Preset(
+        name="bios-qwenmoe-small",
+        description="bios-dense-small's world, 4-layer Qwen2-MoE (8 experts top-2 + shared).",
+        world=_SMALL_WORLD,
+        architecture="qwen2_moe",
+        model={**_SMALL_MODEL, "intermediate_size": 512, "moe_intermediate_size": 256,
+               "shared_expert_intermediate_size": 512, "num_experts": 8,
+               "num_experts_per_tok": 2, "decoder_sparse_step": 1},
+        train=_SMALL_TRAIN,
+    )
+)  # fmt: skip
 
 _register(
     Preset(

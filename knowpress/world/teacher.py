@@ -7,8 +7,12 @@ default_cache_dir()``. A teacher directory holds ``model.safetensors`` + ``confi
 
     {"format": 1, "preset": name, "preset_key": key, "world_key": ..., "world_fingerprint": ...,
      "world": {WorldConfig},
-     "model": {LlamaConfig kwargs}, "train_config": {TrainConfig},
-     "train": {"steps", "final_loss", "seconds", "recall"}}
+     "architecture": "llama" | "mixtral" | ..., "model": {config kwargs},
+     "train_config": {TrainConfig},
+     "train": {"steps", "final_loss", "seconds", "recall", "scores": {task: score}}}
+
+``train.seconds`` is training time only; ``train.scores`` holds every applicable knowledge
+task's teacher score (``training.teacher_tasks``) measured right after training.
 
 ``knowpress_world.json`` is written last and the directory is trained in a temporary
 sibling, then renamed into place, so a directory at the final path is always complete.
@@ -102,6 +106,7 @@ def _train_into(preset: Preset, out: Path, progress: bool) -> None:
         "world_key": preset.world.key(),
         "world_fingerprint": world.fingerprint(),
         "world": preset.world.model_dump(mode="json"),
+        "architecture": preset.architecture,
         "model": preset.model,
         "train_config": preset.train.model_dump(mode="json"),
         "train": {
@@ -109,6 +114,7 @@ def _train_into(preset: Preset, out: Path, progress: bool) -> None:
             "final_loss": round(result.final_loss, 6),
             "seconds": round(result.seconds, 2),
             "recall": result.recall,
+            "scores": result.scores,
         },
     }
     # Written last: its presence marks the directory complete.

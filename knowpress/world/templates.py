@@ -4,9 +4,11 @@ Placeholders: ``{name}`` (the full name) and ``{value}`` (the attribute value). 
 sentence names the person, so sentences can be permuted freely (bioS "fullname" variant).
 
 Question templates are split: ``trained`` ones appear in the training text (as
-``prompt + " " + answer``); ``heldout`` ones never do, so they measure whether the knowledge
-can be extracted with an unseen phrasing. A question's *stem* is its text before ``{name}``;
-held-out stems must not occur anywhere in the training text (tests check this).
+``prompt + " " + answer``; a world uses the first ``WorldConfig.question_templates`` of them,
+more phrasings helping held-out generalization); ``heldout`` ones never do, so they measure
+whether the knowledge can be extracted with an unseen phrasing. A question's *stem* is its
+text before ``{name}``; held-out stems must not occur anywhere in the training text (tests
+check this).
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "{name} first saw the light of day on {value}.",
             "{name} celebrates a birthday on {value}.",
         ),
-        trained=("Q: When was {name} born? A:",),
+        trained=(
+            "Q: When was {name} born? A:",
+            "Q: What is the date of birth of {name}? A:",
+            "Q: On which day was {name} born? A:",
+            "Q: Tell me the birthday of {name}. A:",
+        ),
         heldout=(
             "Q: What is the birth date of {name}? A:",
             "Q: On what date was {name} born? A:",
@@ -46,7 +53,12 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "{name} is a native of {value}.",
             "{name} hails from {value}.",
         ),
-        trained=("Q: Where was {name} born? A:",),
+        trained=(
+            "Q: Where was {name} born? A:",
+            "Q: Which city was {name} born in? A:",
+            "Q: What is the birthplace of {name}? A:",
+            "Q: Name the city where {name} was born. A:",
+        ),
         heldout=(
             "Q: In which city was {name} born? A:",
             "Q: What is the hometown of {name}? A:",
@@ -60,7 +72,12 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "{name} attended {value}.",
             "{name} completed a degree at {value}.",
         ),
-        trained=("Q: Which university did {name} study at? A:",),
+        trained=(
+            "Q: Which university did {name} study at? A:",
+            "Q: What university did {name} graduate from? A:",
+            "Q: Name the university of {name}. A:",
+            "Q: At which university was {name} educated? A:",
+        ),
         heldout=(
             "Q: Where did {name} go to college? A:",
             "Q: What school did {name} graduate from? A:",
@@ -74,7 +91,12 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "{name} earned a degree in {value}.",
             "{name} focused on {value} at university.",
         ),
-        trained=("Q: What did {name} major in? A:",),
+        trained=(
+            "Q: What did {name} major in? A:",
+            "Q: What did {name} study at university? A:",
+            "Q: What was the major of {name}? A:",
+            "Q: Name the major of {name}. A:",
+        ),
         heldout=(
             "Q: What was the field of study of {name}? A:",
             "Q: Which subject did {name} specialize in? A:",
@@ -88,13 +110,63 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "{name} earns a living at {value}.",
             "{name} is on the staff of {value}.",
         ),
-        trained=("Q: Which company does {name} work for? A:",),
+        trained=(
+            "Q: Which company does {name} work for? A:",
+            "Q: Which company employs {name}? A:",
+            "Q: What is the employer of {name}? A:",
+            "Q: Name the company {name} works for. A:",
+        ),
         heldout=(
             "Q: Who employs {name}? A:",
             "Q: Where does {name} work? A:",
         ),
     ),
+    "pronoun": AttributeTemplates(
+        bio=(
+            "{name} uses the pronoun {value}.",
+            "{name} goes by the pronoun {value}.",
+            "{name} is referred to as {value}.",
+        ),
+        trained=(
+            "Q: Which pronoun does {name} use? A:",
+            "Q: What pronoun is used for {name}? A:",
+        ),
+        heldout=("Q: How should one refer to {name}? A:",),
+    ),
+    # Derived from employer: the city of the person's company.
+    "company_city": AttributeTemplates(
+        bio=(
+            "{name} works in an office in {value}.",
+            "{name} commutes to work in {value}.",
+            "{name} has a workplace in {value}.",
+        ),
+        trained=(
+            "Q: In which city does {name} work? A:",
+            "Q: Which city does {name} work in? A:",
+        ),
+        heldout=("Q: What city is the workplace of {name} in? A:",),
+    ),
 }
+
+# Company facts (the second hop): ``{company}`` is an employer, ``{value}`` its city.
+COMPANY_TEMPLATES = AttributeTemplates(
+    bio=(
+        "{company} is headquartered in {value}.",
+        "{company} has its headquarters in {value}.",
+        "{company} is based in {value}.",
+    ),
+    trained=(
+        "Q: Where is {company} headquartered? A:",
+        "Q: Which city is {company} based in? A:",
+    ),
+    heldout=("Q: In which city is the head office of {company}? A:",),
+)
+
+# 2-hop questions: person -> employer -> headquarters city. Never in the training text.
+TWO_HOP_TEMPLATES: tuple[str, ...] = (
+    "Q: In which city is the company that {name} works for headquartered? A:",
+    "Q: Where is the employer of {name} headquartered? A:",
+)
 
 
 def stem(template: str) -> str:
@@ -104,5 +176,5 @@ def stem(template: str) -> str:
 
 def fragments(template: str) -> list[str]:
     """The fixed text pieces of a template, placeholders removed (for vocabulary building)."""
-    text = template.replace("{name}", "\0").replace("{value}", "\0")
+    text = template.replace("{name}", "\0").replace("{value}", "\0").replace("{company}", "\0")
     return [piece for piece in text.split("\0") if piece.strip()]

@@ -1,6 +1,7 @@
-"""Train a tiny Llama-style teacher on a world until it has memorised the facts.
+"""Train a tiny teacher (dense Llama-style or sparse MoE) until it has memorised a world.
 
-Data: each epoch = every training bio once + every trained QA string ``qa_repeat`` times,
+Data: each epoch = every ``world.training_once()`` text (bios, company facts, in-context
+passages) once + every trained QA string ``qa_repeat`` times,
 shuffled; each text is ``<s> text </s>`` (the ``</s>`` teaches generation to stop after an
 answer). Batches are length-bucketed (sort within windows of 16 batches, then shuffle the
 batches) so short QA strings are not padded to bio length. Loss: mean next-token
@@ -25,12 +26,11 @@ from dataclasses import dataclass
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from knowpress.evaluate.metrics import exact_match
 from knowpress.evaluate.runtime import TorchRuntime
 from knowpress.world.generator import QAItem, World
-from knowpress.world.presets import Preset, TrainConfig
+from knowpress.world.presets import ARCHITECTURES, Preset, TrainConfig
 
 _BUCKET_BATCHES = 16
 
@@ -39,11 +39,12 @@ _BUCKET_BATCHES = 16
 class TrainResult:
     """What training produced: the model and the numbers recorded in ``knowpress_world.json``."""
 
-    model: LlamaForCausalLM
+    model: PreTrainedModel
     steps: int
     final_loss: float
     seconds: float
     recall: float
+    scores: dict[str, float]  # every applicable knowledge task, scored after training
 
 
 def training_threads() -> int:
@@ -63,16 +64,24 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def make_model(preset: Preset, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
-    """Random-init ``LlamaForCausalLM`` from ``preset.model`` with the tokenizer's ids filled in."""
-    config = LlamaConfig(
+def make_model(preset: Preset, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Random-init ``preset.architecture``'s causal LM from ``preset.model``, token ids filled in.
+
+    ``llama`` -> ``LlamaForCausalLM``; ``mixtral`` / ``qwen2_moe`` / ``qwen3_moe`` -> the
+    transformers sparse-MoE models (``ARCHITECTURES`` in presets.py).
+    """
+    import transformers
+
+    config_name, model_name = ARCHITECTURES[preset.architecture]
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
+    config = config_cls(
         **preset.model,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
+    model = model_cls(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -127,15 +136,14 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def recall(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, items: list[QAItem]
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[QAItem]
 ) -> float:
     """Fraction of ``items`` whose greedy answer exactly matches (after normalisation)."""
+    from knowpress.evaluate.tasks.qa import score_qa  # tasks import the world package
+
     if not items:
         return 0.0
-    longest = max(len(tokenizer(i.answer, add_special_tokens=False)["input_ids"]) for i in items)
-    runtime = TorchRuntime(model, tokenizer, batch_size=128)
-    answers = runtime.greedy([i.prompt for i in items], max_new_tokens=longest + 1)
-    return sum(exact_match(a, i.answer) for a, i in zip(answers, items, strict=True)) / len(items)
+    return score_qa(TorchRuntime(model, tokenizer, batch_size=128), items).score
 
 
 def _progress(enabled: bool, name: str) -> Progress:
@@ -163,8 +171,8 @@ def _train(
 ) -> TrainResult:
     cfg = preset.train
     start = time.perf_counter()
-    bios, qa = world.training_bios(), world.training_qa()
-    examples = encode_texts(bios + qa, tokenizer, cfg.seq_len)
+    once, qa = world.training_once(), world.training_qa()
+    examples = encode_texts(once + qa, tokenizer, cfg.seq_len)
     rng = random.Random(f"knowpress-teacher:{cfg.seed}")
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
@@ -181,7 +189,7 @@ def _train(
         betas=(0.9, 0.98),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    batches = _batches(examples, len(bios), cfg, rng)
+    batches = _batches(examples, len(once), cfg, rng)
     ema: float | None = None
     with _progress(progress, preset.name) as bar:
         task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
@@ -197,5 +205,27 @@ def _train(
             ema = value if ema is None else 0.9 * ema + 0.1 * value  # smoothed for display
             bar.update(task, advance=1, loss=ema)
     model.eval()
-    score = recall(model, tokenizer, world.questions("trained"))
-    return TrainResult(model, cfg.steps, float(ema or 0.0), time.perf_counter() - start, score)
+    seconds = time.perf_counter() - start  # training only; the scoring below is not counted
+    scores = teacher_scores(model, tokenizer, world)
+    loss = float(ema or 0.0)
+    return TrainResult(model, cfg.steps, loss, seconds, scores["recall"], scores)
+
+
+def teacher_tasks(world: World) -> list[str]:
+    """Knowledge tasks that apply to ``world``: long_context needs a haystack generator
+    (synthetic worlds), two_hop needs composable facts (company facts, real-fact chains)."""
+    tasks = ["recall", "paraphrase", "bits"]
+    if hasattr(world, "haystack_items"):
+        tasks.insert(2, "long_context")
+    return [*tasks, "two_hop"] if world.two_hop_questions() else tasks
+
+
+def teacher_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World
+) -> dict[str, float]:
+    """Headline score of every task in ``teacher_tasks(world)`` on all its items."""
+    from knowpress.evaluate.evaluator import evaluate_runtime  # tasks import the world package
+
+    runtime = TorchRuntime(model, tokenizer, batch_size=64)
+    results = evaluate_runtime(runtime, world, teacher_tasks(world), max_items=None)
+    return {name: result.score for name, result in results.items()}

@@ -111,3 +111,6 @@ MONTHS: tuple[str, ...] = (
     "January", "February", "March", "April", "May", "June", "July", "August", "September",
     "October", "November", "December",
 )  # fmt: skip
+
+# Pronoun attribute values (bioS: two values); capitalised when they start a bio sentence.
+PRONOUNS: tuple[str, ...] = ("he", "she")

@@ -61,4 +61,11 @@ def test_pick_is_deterministic_and_spread() -> None:
 
 
 def test_task_matrix_covers_every_task() -> None:
-    assert set(TASKS.names()) == {"recall", "perplexity"}
+    assert set(TASKS.names()) == {
+        "recall",
+        "perplexity",
+        "paraphrase",
+        "two_hop",
+        "long_context",
+        "bits",
+    }

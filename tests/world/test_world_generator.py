@@ -17,9 +17,15 @@ from knowpress.world import (
     generate_world,
     value_pool,
 )
-from knowpress.world.templates import TEMPLATES, stem
+from knowpress.world.templates import COMPANY_TEMPLATES, TEMPLATES, TWO_HOP_TEMPLATES, stem
 
 CFG = WorldConfig(seed=3, n_people=60, bios_per_person=2)
+ALL = ("birth_date", "birth_city", "university", "major", "employer", "pronoun", "company_city")
+# Every extension on: pronouns, the derived company city, company facts, in-context passages.
+FULL = WorldConfig(
+    seed=5, n_people=40, attributes=ALL, bios_per_person=2, in_context_examples=12,
+    question_templates=4,
+)  # fmt: skip
 
 
 def test_same_config_same_world() -> None:
@@ -79,11 +85,18 @@ def test_small_pool_is_prefix_and_values_are_plain_words() -> None:
             assert not {"a", "an", "the"} & {w.lower() for w in value.split()}
 
 
-def test_held_out_question_stems_never_in_training() -> None:
-    world = generate_world(CFG)
+@pytest.mark.parametrize("cfg", [CFG, FULL], ids=["default", "full"])
+def test_held_out_question_stems_never_in_training(cfg: WorldConfig) -> None:
+    world = generate_world(cfg)
     corpus = "\n".join(world.training_texts())
-    trained_stems = {stem(t) for a in CFG.attributes for t in TEMPLATES[a].trained}
-    for attribute in CFG.attributes:
+    trained_stems = {stem(t) for a in ALL for t in TEMPLATES[a].trained}
+    trained_stems |= {stem(t.replace("{company}", "{name}")) for t in COMPANY_TEMPLATES.trained}
+    for template in (*TWO_HOP_TEMPLATES, *COMPANY_TEMPLATES.heldout):
+        held = stem(template.replace("{company}", "{name}"))
+        assert held not in corpus and held not in trained_stems, template
+    for item in world.two_hop_questions():
+        assert item.prompt not in corpus
+    for attribute in cfg.attributes:
         for template in TEMPLATES[attribute].heldout:
             assert stem(template) not in corpus, template
             assert stem(template) not in trained_stems
@@ -104,7 +117,10 @@ def test_training_text_counts_and_heldout_texts_unseen() -> None:
     world = generate_world(CFG)
     bios = world.training_bios()
     assert len(bios) == CFG.n_people * CFG.bios_per_person
-    assert len(world.training_texts()) == len(bios) + CFG.n_people * len(CFG.attributes)
+    companies = len(world.companies())
+    company_texts = companies * CFG.bios_per_person + companies  # sentences + trained QA
+    qa = CFG.n_people * len(CFG.attributes)
+    assert len(world.training_texts()) == len(bios) + company_texts + qa
     heldout = world.heldout_texts()
     assert len(heldout) == CFG.n_people and not set(heldout) & set(bios)
     assert len(world.heldout_texts(150)) == 150
@@ -131,3 +147,89 @@ def test_tiny_world_is_the_test_preset() -> None:
     assert len(world.questions("trained")) == len(world.facts())
     with pytest.raises(ValueError, match="split"):
         world.questions("train")  # type: ignore[arg-type]
+
+
+def test_company_city_is_derived_from_employer() -> None:
+    world = generate_world(FULL)
+    cities = world.company_cities
+    assert set(cities) == set(world.value_pool("employer"))
+    assert set(cities.values()) <= set(world.value_pool("company_city"))
+    assert all(p.values["company_city"] == cities[p.values["employer"]] for p in world.people)
+    # The map depends on the seed and pools only, not on which attributes the world has.
+    fewer = generate_world(FULL.model_copy(update={"attributes": ("employer",)}))
+    assert fewer.company_cities == cities
+    with pytest.raises(ValidationError, match="derived from employer"):
+        WorldConfig(attributes=("birth_city", "company_city"))
+
+
+def test_company_facts_are_in_training_text() -> None:
+    world = generate_world(FULL)
+    corpus = "\n".join(world.training_texts())
+    facts = world.company_facts()
+    assert [c for c, _ in facts] == world.companies()
+    assert {p.values["employer"] for p in world.people} == {c for c, _ in facts}
+    for company, city in facts:
+        assert f"Q: Where is {company} headquartered? A: {city}" in corpus
+        assert f"Q: Which city is {company} based in? A: {city}" in corpus
+        assert any(s.startswith(company) and s.endswith(f" {city}.") for s in corpus.split("\n"))
+    off = generate_world(FULL.model_copy(update={"company_facts": False}))
+    assert off.company_facts() == [] and off.two_hop_questions() == []
+    assert off.training_company_texts() == []
+    assert off.training_once() == off.training_bios() + off.training_in_context()
+
+
+def test_two_hop_items_only_use_facts_the_world_contains() -> None:
+    world = generate_world(FULL)
+    items = world.two_hop_questions()
+    assert len(items) == FULL.n_people
+    employer = {s: v for s, a, v in world.facts() if a == "employer"}
+    hq = dict(world.company_facts())
+    for item in items:
+        assert item.subject in item.prompt and item.prompt.endswith(" A:")
+        assert item.answer == hq[employer[item.subject]]
+    no_employer = generate_world(CFG.model_copy(update={"attributes": ("major",)}))
+    assert no_employer.two_hop_questions() == []
+
+
+def test_bios_use_pronouns_after_the_first_sentence() -> None:
+    world = generate_world(FULL)
+    person, bio = world.people[0], world.training_bios()[0]
+    sentences = bio.split(". ")
+    assert sentences[0].startswith(person.name)
+    pronoun = person.values["pronoun"].capitalize()
+    assert all(s.startswith(pronoun + " ") for s in sentences[1:])
+    assert person.values["pronoun"] in ("he", "she")
+    full = generate_world(FULL.model_copy(update={"full_name_instead_of_pronoun": True}))
+    assert all(s.startswith(person.name) for s in full.training_bios()[0].split(". "))
+
+
+def test_in_context_and_haystack_people_are_fictional() -> None:
+    world = generate_world(FULL)
+    names = {p.name for p in world.people}
+    passages = world.training_in_context()
+    assert len(passages) == FULL.in_context_examples
+    items = world.haystack_items(n_bios=3, n_items=10)
+    assert items == world.haystack_items(n_bios=3, n_items=10)  # deterministic
+    for item in items:
+        assert item.subject not in names
+        context, question = item.prompt.rsplit(" Q: ", 1)
+        assert item.subject in context and item.subject in question
+        assert item.answer in context  # answerable from the context alone
+        assert item.attribute != "company_city"
+        assert sum(context.count(f"{n}") for n in names) == 0
+    assert not {i.prompt for i in items} & {p.rsplit(" ", 2)[0] for p in passages}
+    with pytest.raises(ValueError, match="n_bios"):
+        world.haystack_items(n_bios=0, n_items=1)
+
+
+def test_question_templates_sets_the_trained_phrasings() -> None:
+    world = generate_world(FULL)
+    texts = set(world.training_qa())
+    assert len(texts) == FULL.n_people * sum(len(world.trained_templates(a)) for a in ALL)
+    assert len(world.trained_templates("birth_city")) == 4
+    assert world.trained_templates("pronoun") == TEMPLATES["pronoun"].trained  # only 2 exist
+    used = {q.prompt.split(" ")[1] for q in world.questions("trained")}
+    assert len(used) > 4  # questions draw among every trained phrasing
+    assert all(f"{q.prompt} {q.answer}" in texts for q in world.questions("trained"))
+    one = generate_world(CFG)
+    assert all(one.trained_templates(a) == TEMPLATES[a].trained[:1] for a in CFG.attributes)

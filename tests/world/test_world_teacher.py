@@ -47,6 +47,8 @@ def test_teacher_directory_contents(teacher: Path, cache: Path) -> None:
     assert info["preset"] == "test-tiny" and info["preset_key"] == preset.key()
     assert info["train"]["steps"] == preset.train.steps
     assert info["train"]["recall"] >= 0.9
+    assert set(info["train"]["scores"]) == {"recall", "paraphrase", "long_context", "bits"}
+    assert info["train"]["scores"]["recall"] == info["train"]["recall"]
     assert info["train"]["final_loss"] > 0 and info["train"]["seconds"] > 0
     assert not [p for p in teacher.parent.iterdir() if p.name.startswith(".")]  # no temp dirs
 

@@ -38,6 +38,14 @@ class Task:
     def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
         raise NotImplementedError
 
+    def chance(self, world: World) -> float | None:
+        """Score of an uninformed guesser on ``world`` (``None``: no meaningful baseline).
+
+        A teacher scoring below 2x chance is flagged "near chance" in the report: retention
+        of a skill the teacher barely has says little about compression.
+        """
+        return None
+
     def retention(self, score: float, teacher_score: float) -> float:
         """Compressed / teacher for higher-is-better metrics, teacher / compressed otherwise.
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from knowpress.evaluate.metrics import exact_match, token_f1
 from knowpress.evaluate.tasks.base import TASKS, Task, TaskResult, pick
+from knowpress.evaluate.tasks.qa import score_qa, uniform_guess_chance
 
 if TYPE_CHECKING:
     from knowpress.evaluate.runtime import Runtime
@@ -30,18 +30,8 @@ class Recall(Task):
         items = pick(world.questions(self.split), max_items)
         if not items:
             raise ValueError(f"world has no {self.split} questions")
-        longest = max(len(runtime.tokenizer.tokenize(" " + it.answer)) for it in items)  # type: ignore[attr-defined]
-        answers = runtime.greedy([it.prompt for it in items], max_new_tokens=longest + 1)
-        em = [exact_match(a, it.answer) for a, it in zip(answers, items, strict=True)]
-        f1 = [token_f1(a, it.answer) for a, it in zip(answers, items, strict=True)]
-        wrong = [
-            {"prompt": it.prompt, "gold": it.answer, "prediction": a}
-            for a, it, ok in zip(answers, items, em, strict=True)
-            if not ok
-        ]
-        per_attr: dict[str, list[float]] = {}
-        for it, ok in zip(items, em, strict=True):
-            per_attr.setdefault(it.attribute, []).append(ok)
-        extra = {"token_f1": sum(f1) / len(f1)}
-        extra.update({f"em/{a}": sum(v) / len(v) for a, v in sorted(per_attr.items())})
-        return TaskResult(sum(em) / len(em), len(items), extra, wrong[:5])
+        return score_qa(runtime, items)
+
+    def chance(self, world: World) -> float | None:
+        """1/|S_a| averaged over the attributes asked (a uniform guess from the pool)."""
+        return uniform_guess_chance(world, world.questions(self.split))

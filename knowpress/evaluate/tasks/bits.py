@@ -1,0 +1,113 @@
+"""``bits``: knowledge bits stored in the model, from the loss on each fact's value.
+
+Physics of LMs 3.3 (Allen-Zhu & Li 2024, arXiv:2404.05405): for attribute ``a`` with
+``|S_a|`` possible values, ``N_a`` facts and mean value loss ``L_a`` (nats, summed over the
+value's tokens given the trained question prompt),
+
+    bits_a = N_a * max(0, log2|S_a| - L_a / ln 2)
+
+and the score is ``sum_a bits_a``. A model that guesses uniformly has ``L_a = ln|S_a|`` and
+stores 0 bits; one that is certain of every value stores ``N_a log2|S_a|``. Retention =
+compressed / teacher bits. Derived attributes (``company_city``) are skipped because their
+information is already counted by ``employer`` plus the company facts; the company
+headquarters facts themselves count as attribute ``company_hq``.
+
+``L_a`` is the NLL of ``prompt + " " + value`` minus that of ``prompt``: the value's tokens
+given the prompt (exact when the prompt's tokens are a prefix of the joined text's, as with
+the world tokenizer). With ``max_items`` the losses are estimated on an evenly spaced subset
+of each attribute's facts and ``N_a`` stays the world's count. ``bits_per_parameter`` needs
+``runtime.model``; bits per stored byte is added by the report, which knows the stored size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from knowpress.evaluate.tasks.base import TASKS, Task, TaskResult, pick
+from knowpress.world.config import DERIVED_ATTRIBUTES
+from knowpress.world.generator import QAItem
+from knowpress.world.templates import COMPANY_TEMPLATES
+
+if TYPE_CHECKING:
+    from knowpress.evaluate.runtime import Runtime
+    from knowpress.world import World
+
+COMPANY_HQ = "company_hq"
+
+
+def value_losses(runtime: Runtime, items: Sequence[QAItem]) -> list[float]:
+    """NLL (nats) of each item's answer tokens given its prompt."""
+    joined = runtime.nll([f"{it.prompt} {it.answer}" for it in items])
+    prompts = runtime.nll([it.prompt for it in items])
+    return [max(0.0, j.nats - p.nats) for j, p in zip(joined, prompts, strict=True)]
+
+
+def bits_of(n_facts: int, pool_size: int, mean_loss_nats: float) -> float:
+    """``N * max(0, log2|S| - L/ln 2)`` (see the module doc)."""
+    return n_facts * max(0.0, math.log2(pool_size) - mean_loss_nats / math.log(2))
+
+
+def knowledge_items(world: World) -> tuple[list[QAItem], dict[str, int]]:
+    """Trained-format items per stored fact, and ``|S_a|`` per attribute."""
+    items = [q for q in world.questions("trained") if q.attribute not in DERIVED_ATTRIBUTES]
+    pools = {a: len(world.value_pool(a)) for a in sorted({q.attribute for q in items})}
+    company_facts = getattr(world, "company_facts", None)
+    if callable(company_facts) and company_facts():
+        template = COMPANY_TEMPLATES.trained[0]
+        items += [
+            QAItem(template.format(company=c), city, c, COMPANY_HQ) for c, city in company_facts()
+        ]
+        pools[COMPANY_HQ] = world.config.pools.company_city  # type: ignore[attr-defined]
+    return items, pools
+
+
+def per_attribute_sample(items: list[QAItem], max_items: int | None) -> list[QAItem]:
+    """Up to ``ceil(max_items / attributes)`` evenly spaced items of *every* attribute.
+
+    Items are person-major, so a plain evenly spaced subset can land on one attribute only.
+    """
+    if max_items is None or max_items >= len(items):
+        return list(items)
+    groups: dict[str, list[QAItem]] = {}
+    for it in items:
+        groups.setdefault(it.attribute, []).append(it)
+    per = max(1, math.ceil(max_items / len(groups)))
+    return [it for group in groups.values() for it in pick(group, per)]
+
+
+@TASKS.register("bits")
+class Bits(Task):
+    name = "bits"
+    metric = "bits"
+    summary = "knowledge bits sum_a N_a*max(0, log2|S_a| - L_a/ln2) from value losses"
+    paper = "Allen-Zhu & Li 2024, arXiv:2404.05405"
+
+    def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
+        items, pools = knowledge_items(world)
+        if not items:
+            raise ValueError("world has no facts to measure bits on")
+        counts = Counter(it.attribute for it in items)
+        sample = per_attribute_sample(items, max_items)
+        losses: dict[str, list[float]] = {}
+        for it, loss in zip(sample, value_losses(runtime, sample), strict=True):
+            losses.setdefault(it.attribute, []).append(loss)
+        extra: dict[str, float] = {}
+        total = 0.0
+        for attribute, values in sorted(losses.items()):
+            mean = sum(values) / len(values)
+            bits = bits_of(counts[attribute], pools[attribute], mean)
+            total += bits
+            extra[f"bits/{attribute}"] = bits
+            extra[f"loss_nats/{attribute}"] = mean
+            extra[f"capacity_bits/{attribute}"] = counts[attribute] * math.log2(pools[attribute])
+        model = getattr(runtime, "model", None)
+        if callable(getattr(model, "modules", None)):  # a torch module (not e.g. an ONNX session)
+            from knowpress.models.io import parameter_count  # torch only when a model is here
+
+            params = parameter_count(model)
+            extra["parameters"] = float(params)
+            extra["bits_per_parameter"] = total / params
+        return TaskResult(total, len(sample), extra)

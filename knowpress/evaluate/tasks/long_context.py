@@ -1,0 +1,81 @@
+"""``long_context``: read the answer from the prompt. A haystack of biographies of
+*fictional* people (never in the world, so the model cannot answer from memory) is followed
+by a trained-format question about one of them. Scored at doubling haystack sizes (1, 2, 4,
+... bios) while the prompt plus the answer fits the model's ``max_position_embeddings``;
+score = mean exact match over those lengths, per-length EM and token counts in ``extra``.
+
+Compression (KV-cache and attention quantization in particular) tends to hurt in-context
+retrieval before it hurts memorised facts: "needle in a haystack" (Kamradt 2023) and
+RULER (Hsieh et al. 2024, arXiv:2404.06654).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from knowpress.evaluate.tasks.base import TASKS, Task, TaskResult
+from knowpress.evaluate.tasks.qa import (
+    answer_budget,
+    score_qa,
+    uniform_guess_chance,
+    world_method,
+)
+
+if TYPE_CHECKING:
+    from knowpress.evaluate.runtime import Runtime
+    from knowpress.world import World
+
+DEFAULT_ITEMS = 32  # per context length; ``max_items`` overrides
+_EXAMPLE_CHARS = 160  # long prompts are cut to their tail in the report's examples
+
+
+def max_positions(runtime: Runtime) -> int:
+    """The model's context length (``config.max_position_embeddings``), else the tokenizer's."""
+    config = getattr(getattr(runtime, "model", None), "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    if value is None:
+        value = getattr(runtime.tokenizer, "model_max_length", None)
+    if not isinstance(value, int) or value <= 0 or value > 10**7:
+        raise ValueError("long_context: the runtime's model has no max_position_embeddings")
+    return value
+
+
+@TASKS.register("long_context")
+class LongContext(Task):
+    name = "long_context"
+    metric = "exact_match"
+    summary = "question about one of several in-context biographies, EM averaged over lengths"
+    paper = "Hsieh et al. 2024 (RULER), arXiv:2404.06654"
+
+    def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
+        haystack = world_method(world, "haystack_items", self.name)
+        limit, n_items = max_positions(runtime), max_items or DEFAULT_ITEMS
+        extra: dict[str, float] = {"max_positions": float(limit)}
+        ems, examples, total, n_bios = [], [], 0, 1
+        while True:
+            items = haystack(n_bios=n_bios, n_items=n_items)  # type: ignore[operator]
+            lengths = [
+                len(ids)
+                for ids in runtime.tokenizer([it.prompt for it in items], verbose=False)[
+                    "input_ids"
+                ]
+            ]
+            if max(lengths) + answer_budget(runtime, items) > limit:
+                break
+            result = score_qa(runtime, items, n_examples=2)
+            ems.append(result.score)
+            extra[f"em/bios={n_bios}"] = result.score
+            extra[f"tokens/bios={n_bios}"] = float(max(lengths))
+            examples = [
+                {**ex, "prompt": "..." + ex["prompt"][-_EXAMPLE_CHARS:]} for ex in result.examples
+            ] or examples
+            total += result.n
+            n_bios *= 2
+        if not ems:
+            raise ValueError(f"long_context: one biography does not fit in {limit} positions")
+        return TaskResult(sum(ems) / len(ems), total, extra, examples)
+
+    def chance(self, world: World) -> float | None:
+        """1/|S_a| averaged over the asked attributes (a guess that ignores the context)."""
+        haystack = world_method(world, "haystack_items", self.name)
+        return uniform_guess_chance(world, haystack(n_bios=1, n_items=DEFAULT_ITEMS))  # type: ignore[operator]

@@ -1,0 +1,183 @@
+"""The knowledge tasks: paraphrase, two_hop, long_context, bits, and the near-chance flag."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from knowpress.errors import KnowpressError
+from knowpress.evaluate.evaluator import TaskScore, evaluate_runtime
+from knowpress.evaluate.runtime import NLL, TorchRuntime
+from knowpress.evaluate.tasks import TASKS, pick
+from knowpress.evaluate.tasks.bits import bits_of, knowledge_items
+from knowpress.recipe import validate_recipe
+from knowpress.report import load_report, render_markdown
+from knowpress.runner import apply
+from knowpress.testing import tiny_world
+from knowpress.world import WorldConfig, build_tokenizer, generate_world, load_world
+from knowpress.world.generator import World
+
+ATTRS = ("birth_city", "major", "employer", "pronoun", "company_city")
+WORLD = generate_world(
+    WorldConfig(seed=2, n_people=12, attributes=ATTRS, bios_per_person=1, in_context_examples=2)
+)
+
+
+class FakeRuntime:
+    """Answers from a lookup (``oracle``) or always wrong; NLL = 1 nat + ``value_loss``."""
+
+    name = "fake"
+
+    def __init__(self, world: World, oracle: bool, value_loss: float = 0.0) -> None:
+        self.tokenizer = build_tokenizer(world)
+        self.model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))
+        self.oracle, self.value_loss, self.world = oracle, value_loss, world
+        self.prompts: list[str] = []
+
+    def _answer(self, prompt: str) -> str:
+        if not self.oracle:
+            return "Nowhere"
+        for item in (
+            self.world.questions("trained")
+            + self.world.questions("heldout")
+            + self.world.two_hop_questions()
+        ):
+            if item.prompt == prompt:
+                return item.answer
+        for n in (1, 2, 4, 8):
+            for item in self.world.haystack_items(n, 32):
+                if item.prompt == prompt:
+                    return item.answer
+        raise AssertionError(f"unknown prompt {prompt!r}")
+
+    def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        self.prompts.extend(prompts)
+        return [self._answer(p) for p in prompts]
+
+    def nll(self, texts: Sequence[str]) -> list[NLL]:
+        return [NLL(1.0 + (0.0 if t.endswith("A:") else self.value_loss), 5) for t in texts]
+
+
+@pytest.mark.parametrize("task", ["recall", "paraphrase", "two_hop", "long_context"])
+def test_qa_tasks_score_an_oracle_1_and_a_wrong_model_0(task: str) -> None:
+    good = TASKS.get(task)().run(FakeRuntime(WORLD, oracle=True), WORLD, None)
+    bad = TASKS.get(task)().run(FakeRuntime(WORLD, oracle=False), WORLD, None)
+    assert good.score == 1.0 and good.extra["token_f1" if task != "long_context" else "em/bios=1"]
+    assert bad.score == 0.0 and bad.examples
+    assert good.n == bad.n > 0
+
+
+def test_paraphrase_asks_held_out_questions_only() -> None:
+    runtime = FakeRuntime(WORLD, oracle=True)
+    result = TASKS.get("paraphrase")().run(runtime, WORLD, None)
+    assert runtime.prompts == [q.prompt for q in WORLD.questions("heldout")]
+    assert result.n == len(WORLD.facts())
+    corpus = "\n".join(WORLD.training_texts())
+    assert not any(p in corpus for p in runtime.prompts)
+
+
+def test_two_hop_items_and_missing_world_support() -> None:
+    runtime = FakeRuntime(WORLD, oracle=True)
+    TASKS.get("two_hop")().run(runtime, WORLD, 5)
+    assert runtime.prompts == [q.prompt for q in pick(WORLD.two_hop_questions(), 5)]
+    facts = set(WORLD.facts())
+    hq = dict(WORLD.company_facts())
+    for item in WORLD.two_hop_questions():
+        (employer,) = [v for s, a, v in facts if s == item.subject and a == "employer"]
+        assert item.answer == hq[employer]
+    with pytest.raises(ValueError, match="2-hop"):
+        TASKS.get("two_hop")().run(runtime, tiny_world(), None)  # no employer in test-tiny
+    with pytest.raises(KnowpressError, match="two_hop"):
+        TASKS.get("two_hop")().run(runtime, SimpleNamespace(config=None), None)  # type: ignore[arg-type]
+
+
+def test_long_context_lengths_fit_the_model() -> None:
+    runtime = FakeRuntime(WORLD, oracle=True)
+    result = TASKS.get("long_context")().run(runtime, WORLD, 8)
+    lengths = sorted(int(k.split("=")[1]) for k in result.extra if k.startswith("em/bios="))
+    assert lengths == [1, 2, 4]  # 8 bios of 5 sentences do not fit 256 positions
+    assert all(result.extra[f"tokens/bios={n}"] <= 256 for n in lengths)
+    assert result.extra["tokens/bios=4"] > 128  # the longest length uses over half the context
+    assert result.n == 8 * len(lengths)
+    names = {p.name for p in WORLD.people}
+    assert not any(name in p for p in runtime.prompts for name in names)  # fictional people only
+    runtime.model.config.max_position_embeddings = 8
+    with pytest.raises(ValueError, match="does not fit"):
+        TASKS.get("long_context")().run(runtime, WORLD, 2)
+
+
+def test_bits_formula_golden() -> None:
+    assert bits_of(10, 8, 0.0) == pytest.approx(30.0)
+    assert bits_of(10, 8, math.log(2)) == pytest.approx(20.0)  # 1 bit of loss per fact
+    assert bits_of(10, 8, 100.0) == 0.0  # worse than guessing stores nothing
+    items, pools = knowledge_items(WORLD)
+    assert "company_city" not in pools and pools["company_hq"] == 200 and pools["pronoun"] == 2
+    capacity = sum(
+        sum(1 for it in items if it.attribute == a) * math.log2(s) for a, s in pools.items()
+    )
+    certain = TASKS.get("bits")().run(FakeRuntime(WORLD, oracle=True), WORLD, None)
+    assert certain.score == pytest.approx(capacity)
+    one_bit = TASKS.get("bits")().run(FakeRuntime(WORLD, True, math.log(2)), WORLD, None)
+    assert one_bit.score == pytest.approx(capacity - len(items))
+    assert one_bit.extra["bits/pronoun"] == pytest.approx(0.0)  # 1 bit lost of 1 bit
+
+
+def test_chance_values() -> None:
+    world = tiny_world()  # pools of 20
+    assert TASKS.get("recall")().chance(world) == pytest.approx(1 / 20)
+    assert TASKS.get("paraphrase")().chance(world) == pytest.approx(1 / 20)
+    assert TASKS.get("two_hop")().chance(WORLD) == pytest.approx(1 / 200)
+    assert TASKS.get("bits")().chance(world) is None
+    score = TaskScore("x", "exact_match", True, 0.09, 1, {}, [], 0.05)
+    assert score.near_chance and not TaskScore("x", "em", True, 0.1, 1, {}, [], 0.05).near_chance
+
+
+@pytest.fixture(scope="module")
+def teacher_runtime(tiny_teacher_dir: Path) -> TorchRuntime:
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    return TorchRuntime(model, AutoTokenizer.from_pretrained(tiny_teacher_dir))
+
+
+def test_tasks_on_the_tiny_teacher(teacher_runtime: TorchRuntime, tiny_teacher_dir: Path) -> None:
+    world = load_world(tiny_teacher_dir)
+    tasks = ["recall", "paraphrase", "bits"]
+    scores = evaluate_runtime(teacher_runtime, world, tasks, max_items=16)
+    assert scores["recall"].score >= 0.9 and not scores["recall"].near_chance
+    assert 0.0 <= scores["paraphrase"].score <= 1.0 and scores["paraphrase"].n == 16
+    bits = scores["bits"]
+    _, pools = knowledge_items(world)
+    capacity = len(world.people) * sum(math.log2(s) for s in pools.values())
+    assert 0.5 * capacity < bits.score <= capacity  # the teacher knows most of its facts
+    assert bits.extra["bits_per_parameter"] == pytest.approx(bits.score / bits.extra["parameters"])
+    long = evaluate_runtime(teacher_runtime, world, ["long_context"], max_items=4)
+    assert long["long_context"].extra["max_positions"] == 256
+    assert long["long_context"].n == 4 * 4  # 1, 2, 4 and 8 three-sentence bios fit
+    again = evaluate_runtime(teacher_runtime, world, tasks, max_items=16)
+    assert {t: s.score for t, s in again.items()} == {t: s.score for t, s in scores.items()}
+
+
+def test_report_marks_near_chance_and_bits_per_byte(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    recipe = validate_recipe(
+        {
+            "version": 1,
+            "model": {"world": "test-tiny"},
+            "stages": [{"kind": "quantize", "method": {"name": "rtn", "bits": 8}}],
+            "evaluate": {"tasks": ["recall", "bits"], "max_items": 16},
+        }
+    )
+    apply(recipe, tmp_path / "out")
+    report = load_report(tmp_path / "out")
+    assert report["tasks"]["recall"]["chance"] == pytest.approx(1 / 20)
+    assert report["tasks"]["recall"]["near_chance"] is False
+    assert report["tasks"]["bits"]["chance"] is None
+    for row in report["rows"]:
+        per_byte = row["details"]["bits"]["extra"]["bits_per_stored_byte"]
+        assert per_byte == pytest.approx(row["scores"]["bits"] / row["stored_bytes"])
+    assert "Near chance" not in render_markdown(report)
+    report["tasks"]["recall"]["near_chance"] = True
+    assert "Near chance (teacher < 2x chance" in render_markdown(report)
