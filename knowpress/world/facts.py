@@ -58,6 +58,7 @@ from knowpress.world.facts_format import (
     render,
 )
 from knowpress.world.generator import QAItem
+from knowpress.world.protocol import world_fingerprint
 
 
 class FactsWorldConfig(BaseModel):
@@ -242,16 +243,8 @@ class FactsWorld:
         return out
 
     def fingerprint(self) -> str:
-        """sha256 hex of facts, training texts, both question splits, held-out texts, 2-hop."""
-        payload = {
-            "facts": self.facts(),
-            "train": self.training_texts(),
-            "questions": {s: [vars(q) for q in self.questions(s)] for s in ("trained", "heldout")},
-            "heldout_texts": self.heldout_texts(),
-            "two_hop": [vars(q) for q in self.two_hop_questions()],
-        }
-        text = json.dumps(payload, sort_keys=True, ensure_ascii=True)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        """See :func:`knowpress.world.protocol.world_fingerprint`."""
+        return world_fingerprint(self)
 
     def _check_heldout_unseen(self) -> None:
         """A held-out prompt inside its subject's training text would not be held out."""

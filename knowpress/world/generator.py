@@ -15,8 +15,6 @@ a fixed shuffle of the word-list combinations (so a pool of 100 is a prefix of t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from typing import Literal
 
 from knowpress.world import words
 from knowpress.world.config import DERIVED_ATTRIBUTES, WorldConfig
+from knowpress.world.protocol import world_fingerprint
 from knowpress.world.templates import COMPANY_TEMPLATES, TEMPLATES, TWO_HOP_TEMPLATES
 
 Split = Literal["trained", "heldout"]
@@ -335,20 +334,8 @@ class World:
         return out
 
     def fingerprint(self) -> str:
-        """sha256 hex of the JSON of facts, training texts, both question splits, held-out texts.
-
-        Recorded next to a teacher so ``load_world`` can detect a world that no longer
-        regenerates identically (a changed generator).
-        """
-        payload = {
-            "facts": self.facts(),
-            "train": self.training_texts(),
-            "questions": {s: [vars(q) for q in self.questions(s)] for s in ("trained", "heldout")},
-            "heldout_texts": self.heldout_texts(),
-            "two_hop": [vars(q) for q in self.two_hop_questions()],
-        }
-        text = json.dumps(payload, sort_keys=True, ensure_ascii=True)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        """See :func:`knowpress.world.protocol.world_fingerprint`."""
+        return world_fingerprint(self)
 
     def template_words(self) -> list[str]:
         """Every template in this world (bio, trained, held-out), for vocabulary building."""

@@ -5,6 +5,8 @@ Tasks only talk to this protocol, so every task scores every world kind.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -39,3 +41,18 @@ class FactWorld(Protocol):
     def heldout_texts(self, n: int | None = None) -> list[str]: ...
 
     def fingerprint(self) -> str: ...
+
+
+def world_fingerprint(world: Any) -> str:
+    """sha256 hex of the JSON of facts, training texts, both question splits, held-out texts
+    and 2-hop items: recorded next to a teacher so ``load_world`` can detect a world that no
+    longer regenerates identically (a changed generator or data file)."""
+    payload = {
+        "facts": world.facts(),
+        "train": world.training_texts(),
+        "questions": {s: [vars(q) for q in world.questions(s)] for s in ("trained", "heldout")},
+        "heldout_texts": world.heldout_texts(),
+        "two_hop": [vars(q) for q in world.two_hop_questions()],
+    }
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
