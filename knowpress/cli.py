@@ -32,21 +32,25 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _summary(report: dict[str, Any]) -> Table:
+    """Retention per task (scores are in report.md), sized to fit a terminal."""
     tasks = list(report["tasks"])
-    table = Table(title="knowledge retained vs bytes stored")
-    for col in ["model", "stored MiB", "size", *tasks, "worst retention"]:
-        table.add_column(col, justify="left" if col == "model" else "right")
+    table = Table(title="knowledge retained vs bytes stored (retention vs teacher)")
+    for col in ["model", "MiB", "size", *tasks, "worst"]:
+        if col == "model":
+            table.add_column(col, no_wrap=True)
+        else:
+            table.add_column(col, justify="right", overflow="fold")
     for row in report["rows"]:
         cells = [row["name"], f"{row['stored_bytes'] / 2**20:.2f}", f"{row['size_ratio']:.3f}"]
-        cells += [f"{_fmt(row['scores'][t])} ({_fmt(row['retention'][t])})" for t in tasks]
+        cells += [_fmt(row["retention"][t], 3) for t in tasks]
         worst = row["worst_retention"]
         color = "green" if worst is not None and worst >= 0.95 else "yellow"
-        cells.append(f"[{color}]{_fmt(worst)}[/{color}] {row['worst_task']}")
+        cells.append(f"[{color}]{_fmt(worst, 3)}[/{color}]")
         table.add_row(*cells)
     return table
 

@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from knowpress.errors import KnowpressError
 from knowpress.registry import close_matches
 from knowpress.world.config import WorldConfig
+from knowpress.world.facts import FactsWorld, FactsWorldConfig, build_facts_world
 from knowpress.world.generator import World, generate_world
 from knowpress.world.presets import PRESETS, Preset
 from knowpress.world.tokenizer import build_tokenizer
@@ -92,7 +93,7 @@ def build_teacher(
 def _train_into(preset: Preset, out: Path, progress: bool) -> None:
     from knowpress.world.training import train_teacher  # torch only when training
 
-    world = generate_world(preset.world)
+    world = make_world(preset.world)
     max_positions = int(preset.model.get("max_position_embeddings", 2048))
     tokenizer = build_tokenizer(world, model_max_length=max_positions)
     result = train_teacher(preset, world, tokenizer, progress=progress)
@@ -168,14 +169,23 @@ def teacher_info(path: str | Path) -> dict[str, Any]:
     return record
 
 
-def load_world(path_or_preset: str | Path) -> World:
+def make_world(config: WorldConfig | FactsWorldConfig) -> World | FactsWorld:
+    """The world a config describes: synthetic bioS, or real facts (JSONL file / LRE)."""
+    if isinstance(config, FactsWorldConfig):
+        return build_facts_world(config)
+    return generate_world(config)
+
+
+def load_world(path_or_preset: str | Path) -> World | FactsWorld:
     """The world of a teacher directory (its ``knowpress_world.json``) or of a preset name."""
     is_preset = isinstance(path_or_preset, str) and path_or_preset in PRESETS
     if is_preset and not Path(path_or_preset).exists():  # a local directory of that name wins
-        return generate_world(PRESETS.get(str(path_or_preset)).world)
+        return make_world(PRESETS.get(str(path_or_preset)).world)
     record = teacher_info(path_or_preset)
     try:
-        config = WorldConfig.model_validate(record["world"])
+        data = record["world"]
+        is_facts = isinstance(data, dict) and data.get("kind") == "facts"
+        config = (FactsWorldConfig if is_facts else WorldConfig).model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "world"
@@ -183,7 +193,7 @@ def load_world(path_or_preset: str | Path) -> World:
             f"{path_or_preset}: invalid world config at {where}: {first['msg']}; "
             "rebuild the teacher with build_teacher"
         ) from None
-    world = generate_world(config)
+    world = make_world(config)
     expected = record.get("world_fingerprint")
     if expected is not None and world.fingerprint() != expected:
         raise KnowpressError(

@@ -266,3 +266,39 @@ def test_lre_errors_and_all() -> None:
         load_lre(root, ["presidents_birth_year"])  # its only paraphrase is its training prompt
     names = FactsWorldConfig(lre="all", lre_dir=str(root)).attributes
     assert "presidents_birth_year" not in names and len(names) == 45
+
+
+@needs_lre
+def test_lre_preset_world_and_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from knowpress.world import PRESETS, load_world
+
+    monkeypatch.setenv("KNOWPRESS_LRE_DIR", str(LRE_DIR))
+    world = load_world("lre-dense-tiny")
+    assert isinstance(world, FactsWorld)
+    assert len(world.facts()) == 279 and world.two_hop_questions()
+    preset = PRESETS.get("lre-dense-tiny")
+    assert preset.key() == PRESETS.get("lre-dense-tiny").key()
+
+
+def test_facts_preset_teacher_round_trips(tmp_path: Path, facts_file: Path) -> None:
+    """A facts-file preset trains, records its world, and load_world rebuilds it."""
+    from knowpress.world import Preset, TrainConfig, build_teacher, load_world
+
+    preset = Preset(
+        name="facts-test",
+        description="test",
+        world=FactsWorldConfig(path=str(facts_file)),
+        model={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            "tie_word_embeddings": True,
+        },
+        train=TrainConfig(steps=5, batch_size=8, warmup=1, seq_len=32),
+    )
+    path = build_teacher(preset, cache_dir=tmp_path, progress=False)
+    again = load_world(path)
+    assert isinstance(again, FactsWorld) and again.facts() == load_facts(facts_file).facts()
