@@ -15,6 +15,7 @@ from knowpress.world.teacher import (
     build_teacher,
     default_cache_dir,
     load_world,
+    make_world,
     teacher_dir,
     teacher_info,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "default_cache_dir",
     "generate_world",
     "load_world",
+    "make_world",
     "teacher_dir",
     "teacher_info",
     "value_pool",
