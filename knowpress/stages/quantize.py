@@ -85,4 +85,18 @@ class Quantize:
                 raise KnowpressError(f"quantize.method: {problem}")
         method.apply(ctx.model, targets, ctx, progress)
         ctx.metrics["quantized_modules"] = float(len(targets))
+        fused = fused_expert_parameters(ctx.model)
+        ctx.metrics["float_fused_expert_parameters"] = float(fused)
+        if fused:
+            # transformers 5 stores MoE experts as 3-D tensors, not nn.Linear: say so rather
+            # than let the size column suggest the experts were quantized.
+            progress.log(
+                f"[yellow]quantize: {fused:,} parameters in fused 3-D MoE expert tensors are "
+                f"left in float (this stage quantizes nn.Linear layers only)[/yellow]"
+            )
         return ctx
+
+
+def fused_expert_parameters(model: nn.Module) -> int:
+    """Elements of 3-D parameters (fused experts, e.g. ``gate_up_proj [E, 2I, H]``)."""
+    return sum(p.numel() for p in model.parameters() if p.dim() == 3)

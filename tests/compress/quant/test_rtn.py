@@ -129,3 +129,20 @@ def test_stored_bytes_shrink_and_reload_exactly(
 def test_registry_matrix_covers_every_method() -> None:
     # Adding a quant method = its file + one import line + one row here.
     assert set(QUANT_METHODS.names()) == {"rtn"}
+
+
+def test_fused_moe_experts_are_counted_not_silently_skipped() -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from knowpress.stages.quantize import fused_expert_parameters, select_targets
+
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2,
+    )  # fmt: skip
+    model = MixtralForCausalLM(config)
+    fused = fused_expert_parameters(model)
+    assert fused == 4 * (2 * 64 * 32 + 32 * 64)  # gate_up_proj + down_proj per expert
+    assert all(t.weight.dim() == 2 for t in select_targets(model, ["lm_head"]).values())
+    assert fused_expert_parameters(tiny_llama()) == 0
