@@ -134,7 +134,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not result["passed"]:
         out.print(_gate_table(result))
         return EXIT_GATE
-    out.print(f"[green]gate passed[/green] on {result['row']}")
+    near = ", ".join(result["skipped"])
+    skipped = f" (near chance, not gated: {near})" if near else ""
+    out.print(f"[green]gate passed[/green] on {result['row']}{skipped}")
     return 0
 
 

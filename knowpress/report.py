@@ -207,6 +207,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"- `{f['task']}`: retention {_fmt(f['retention'])} < {f['floor']} ({f['reason']})"
             )
+        if gate.get("skipped"):
+            lines.append(f"- not gated (teacher near chance): {', '.join(gate['skipped'])}")
     final = report["rows"][-1]
     examples = [(t, d["examples"]) for t, d in final["details"].items() if d["examples"]]
     if examples:

@@ -108,3 +108,15 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for name in ("quantize", "rtn", "recall", "perplexity", "bios-dense-tiny"):
         assert name in out
+
+
+def test_gate_skips_near_chance_tasks_unless_named(run_dir: Path) -> None:
+    from knowpress.evaluate.gate import check
+
+    report = json.loads((run_dir / "report.json").read_text())
+    report["tasks"]["perplexity"]["near_chance"] = True
+    report["rows"][-1]["retention"]["perplexity"] = 0.1
+    result = check(report, 0.5)
+    assert result.passed and result.skipped == ["perplexity"]
+    named = check(report, 0.5, tasks=["recall", "perplexity"])
+    assert not named.passed and [f.task for f in named.failures] == ["perplexity"]

@@ -3,7 +3,8 @@
 Checks the report's final row (the output of the last stage). A task fails when its
 retention is below ``min_retention``, or, with a baseline report, when it dropped more than
 ``tolerance`` below the baseline's retention for the same task. An undefined retention (NaN:
-teacher scored 0) fails: it cannot show that knowledge held.
+teacher scored 0) fails: it cannot show that knowledge held. Tasks whose teacher score is
+near chance are skipped unless named in ``tasks``: their retention means nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class GateResult:
     min_retention: float | None
     baseline: str | None
     failures: list[Failure] = field(default_factory=list)
+    #: near-chance tasks left out of a default gate (their retention means nothing)
+    skipped: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,7 +48,12 @@ def check(
     if min_retention is None and baseline is None:
         raise ValueError("the gate needs min_retention, a baseline report, or both")
     row = report["rows"][-1]
-    names = tasks or list(row["retention"])
+    if tasks:
+        names, skipped = list(tasks), []
+    else:
+        near = {t for t, info in report["tasks"].items() if info.get("near_chance")}
+        names = [t for t in row["retention"] if t not in near]
+        skipped = [t for t in row["retention"] if t in near]
     failures: list[Failure] = []
     base_row = baseline["rows"][-1] if baseline is not None else None
     for name in names:
@@ -67,4 +75,4 @@ def check(
                 failures.append(
                     Failure(name, value, floor, f"regressed from baseline {before:.4f}")
                 )
-    return GateResult(not failures, row["name"], min_retention, baseline_name, failures)
+    return GateResult(not failures, row["name"], min_retention, baseline_name, failures, skipped)
