@@ -9,8 +9,9 @@ from knowpress.errors import KnowpressError
 from knowpress.measure import directory_fingerprint, stable_hash
 from knowpress.models.io import stored_bytes
 from knowpress.recipe import ModelSpec
+from knowpress.world.teacher import WORLD_FILE
 
-WORLD_FILE = "knowpress_world.json"
+__all__ = ["WORLD_FILE", "Source", "resolve_source"]
 
 
 @dataclass(frozen=True)

@@ -96,9 +96,21 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
-    """``save_pretrained`` (safetensors) for model and tokenizer, plus the packing plan."""
+    """``save_pretrained`` (safetensors) for model and tokenizer, plus the packing plan.
+
+    transformers' shard-writing tqdm bar is hidden meanwhile (it would interleave with
+    knowpress's own progress) and restored afterwards.
+    """
+    from transformers.utils import logging as hf_logging
+
     directory = Path(directory)
-    model.save_pretrained(directory, safe_serialization=True)
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(directory)
     plan = {
         name: module.packing_spec()

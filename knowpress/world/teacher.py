@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -74,32 +72,28 @@ def build_teacher(
     """Path of a trained teacher for ``preset``: cached if present, else trained now (CPU).
 
     ``force`` retrains and replaces a cached teacher. Training happens in a temporary
-    sibling directory that is renamed into place only when complete.
+    sibling directory that is renamed into place only when complete (``atomic_dir``).
     """
     p = resolve_preset(preset)
     final = teacher_dir(p, cache_dir)
     if is_complete(final) and not force:
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    from knowpress.models.io import atomic_dir  # torch only when building
+
+    with atomic_dir(final) as tmp:  # a complete directory, or none, at ``final``
         _train_into(p, tmp, progress)
-        _install(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
 def _train_into(preset: Preset, out: Path, progress: bool) -> None:
+    from knowpress.models.io import save_model
     from knowpress.world.training import train_teacher  # torch only when training
 
     world = make_world(preset.world)
     max_positions = int(preset.model.get("max_position_embeddings", 2048))
     tokenizer = build_tokenizer(world, model_max_length=max_positions)
     result = train_teacher(preset, world, tokenizer, progress=progress)
-    out.mkdir(parents=True)
-    _save_quietly(result.model, out)
-    tokenizer.save_pretrained(out)
+    save_model(result.model, tokenizer, out)
     record = {
         "format": FORMAT_VERSION,
         "preset": preset.name,
@@ -120,36 +114,6 @@ def _train_into(preset: Preset, out: Path, progress: bool) -> None:
     }
     # Written last: its presence marks the directory complete.
     (out / WORLD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
-def _save_quietly(model: Any, out: Path) -> None:
-    """``save_pretrained`` (safetensors) without its tqdm shard bar; the bar state is restored."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out)
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _install(tmp: Path, final: Path) -> None:
-    """Move the finished ``tmp`` to ``final``, replacing an old or incomplete ``final``."""
-    old = None
-    if final.exists():
-        # Park the old directory first: rename cannot replace a non-empty directory.
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        # Another process installed the same teacher in between; theirs is as good as ours.
-        if not is_complete(final):
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def teacher_info(path: str | Path) -> dict[str, Any]:
