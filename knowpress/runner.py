@@ -114,6 +114,7 @@ class Runner:
         self.recipe, self.out_dir, self.progress = recipe, Path(out_dir), progress
         self.resume, self.force = resume, force
         self.eval_key = stable_hash(recipe.evaluate.model_dump(mode="json"))
+        self.teacher_src: Source | None = None  # resolved once in run()
 
     def _evaluate(self, model: Any, tokenizer: Any, world: Any, label: str) -> dict[str, TaskScore]:
         spec = self.recipe.evaluate
@@ -127,10 +128,7 @@ class Runner:
         cached = _read_json(path) if self.resume else None
         if cached and cached.get("key") == key:
             return _scores_from(cached["scores"]), int(cached["stored_bytes"])
-        spec = teacher.spec
-        model, tokenizer = load_model(
-            teacher.location, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code
-        )
+        model, tokenizer = teacher.load()
         scores = self._evaluate(model, tokenizer, world, "teacher")
         size = teacher.stored_bytes()
         payload = {
@@ -152,6 +150,7 @@ class Runner:
         teacher_src = (
             model_src if recipe.teacher is None else resolve_source(recipe.teacher, progress=show)
         )
+        self.teacher_src = teacher_src  # resolved once; stages that need the teacher load it
         world = _load_world(recipe, model_src, teacher_src)
         atomic_write_text(
             self.out_dir / "recipe.yaml", yaml.safe_dump(recipe.dump(), sort_keys=False)
@@ -228,12 +227,8 @@ class Runner:
         config = self.recipe.stages[index]
         self.progress.log(f"[bold]stage {index + 1}/{len(self.recipe.stages)}: {config.kind}")
         if type(config).needs_teacher and ctx.teacher is None:
-            teacher = self.recipe.teacher or self.recipe.model
-            ctx.teacher, _ = load_model(
-                resolve_source(teacher).location,
-                dtype=teacher.dtype,
-                trust_remote_code=teacher.trust_remote_code,
-            )
+            assert self.teacher_src is not None  # run() resolves it before any stage
+            ctx.teacher, _ = self.teacher_src.load()
         start = time.perf_counter()
         with PeakMemory() as memory:
             try:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from knowpress.errors import KnowpressError
 from knowpress.measure import directory_fingerprint, stable_hash
-from knowpress.models.io import stored_bytes
+from knowpress.models.io import load_model, stored_bytes
 from knowpress.recipe import ModelSpec
 from knowpress.world.teacher import WORLD_FILE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["WORLD_FILE", "Source", "resolve_source"]
 
@@ -26,6 +30,12 @@ class Source:
     def local_dir(self) -> Path | None:
         path = Path(self.location)
         return path if path.is_dir() else None
+
+    def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The model and tokenizer, with the spec's dtype and remote-code setting."""
+        return load_model(
+            self.location, dtype=self.spec.dtype, trust_remote_code=self.spec.trust_remote_code
+        )
 
     def stored_bytes(self) -> int:
         """Bytes of the weight files behind this source (local dir or the hub cache)."""
