@@ -30,6 +30,18 @@ def recipe(**changes: Any) -> Recipe:
     return validate_recipe(data)
 
 
+def fail_int4_stage(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """Make the int4 quantize stage (stage 2 of ``recipe()``) raise ``error``."""
+    original = Quantize.run
+
+    def failing(self: Quantize, ctx: Any, progress: Any) -> Any:
+        if self.config.method.bits == 4:  # type: ignore[attr-defined]
+            raise error
+        return original(self, ctx, progress)
+
+    monkeypatch.setattr(Quantize, "run", failing)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "out"
@@ -95,13 +107,7 @@ def test_resume_after_interrupt_between_stages(
 ) -> None:
     out = tmp_path / "out"
     original = Quantize.run
-
-    def interrupted(self: Quantize, ctx: Any, progress: Any) -> Any:
-        if self.config.method.bits == 4:  # type: ignore[attr-defined]
-            raise KeyboardInterrupt  # Ctrl-C during stage 2
-        return original(self, ctx, progress)
-
-    monkeypatch.setattr(Quantize, "run", interrupted)
+    fail_int4_stage(monkeypatch, KeyboardInterrupt())  # Ctrl-C during stage 2
     with pytest.raises(KeyboardInterrupt):
         apply(recipe(), out)
     first = out / "stages" / "01-quantize"
@@ -138,14 +144,7 @@ def test_crash_in_stage_keeps_finished_stages(
     tiny_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out"
-    original = Quantize.run
-
-    def crash(self: Quantize, ctx: Any, progress: Any) -> Any:
-        if self.config.method.bits == 4:  # type: ignore[attr-defined]
-            raise RuntimeError("boom")
-        return original(self, ctx, progress)
-
-    monkeypatch.setattr(Quantize, "run", crash)
+    fail_int4_stage(monkeypatch, RuntimeError("boom"))
     with pytest.raises(RuntimeError, match="boom"):
         apply(recipe(), out)
     record = json.loads((out / "stages" / "01-quantize" / "knowpress_stage.json").read_text())
