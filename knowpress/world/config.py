@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from knowpress.world import words
 
-WORLD_VERSION = 2  # 2: pronoun, company_city, company facts, in-context QA
+WORLD_VERSION = 3  # 2: pronoun, company city, in-context QA; 3: fresh passages per epoch
 
 # Attribute name -> how many distinct values the word lists can make (the pool-size ceiling).
 SUPPORTED_ATTRIBUTES: dict[str, int] = {

@@ -245,11 +245,17 @@ class World:
             )
         return items
 
-    def training_in_context(self) -> list[str]:
-        """``in_context_examples`` passages + question + answer (stream ``in-context``)."""
+    def training_in_context(self, epoch: int = 0) -> list[str]:
+        """``in_context_examples`` passages + question + answer (stream ``in-context:{epoch}``).
+
+        Every epoch draws fresh fictional people: with a fixed set, a small model memorises
+        the passages' answers instead of learning to read them (measured: long_context 0.01
+        after 6 epochs over 6000 fixed passages).
+        """
+        stream = f"in-context:{epoch}"
         return [
             f"{q.prompt} {q.answer}"
-            for q in self._passages("in-context", self.config.in_context_examples, None)
+            for q in self._passages(stream, self.config.in_context_examples, None)
         ]
 
     def haystack_items(self, n_bios: int, n_items: int) -> list[QAItem]:
@@ -280,9 +286,12 @@ class World:
             for template in self.trained_templates(a)
         ]
 
-    def training_once(self) -> list[str]:
-        """Texts shown once per epoch: bios, company facts + their QA, in-context passages."""
-        return self.training_bios() + self.training_company_texts() + self.training_in_context()
+    def training_once(self, epoch: int = 0) -> list[str]:
+        """Texts shown once in epoch ``epoch``: bios, company facts + their QA, and that
+        epoch's in-context passages (the only part that changes between epochs)."""
+        return (
+            self.training_bios() + self.training_company_texts() + self.training_in_context(epoch)
+        )
 
     def trained_templates(self, attribute: str) -> tuple[str, ...]:
         """The first ``question_templates`` trained phrasings of ``attribute`` (or ``company``)."""
@@ -290,7 +299,8 @@ class World:
         return source.trained[: self.config.question_templates]
 
     def training_texts(self) -> list[str]:
-        """Everything the teacher trains on: ``training_once() + training_qa()``."""
+        """Epoch 0's training text: ``training_once(0) + training_qa()`` (later epochs differ
+        only in their in-context passages, made of the same vocabulary)."""
         return self.training_once() + self.training_qa()
 
     def questions(self, split: Split) -> list[QAItem]:

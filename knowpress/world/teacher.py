@@ -71,8 +71,10 @@ def build_teacher(
 ) -> Path:
     """Path of a trained teacher for ``preset``: cached if present, else trained now (CPU).
 
-    ``force`` retrains and replaces a cached teacher. Training happens in a temporary
-    sibling directory that is renamed into place only when complete (``atomic_dir``).
+    ``force`` retrains from scratch and replaces a cached teacher. Training happens in a
+    temporary sibling directory that is renamed into place only when complete
+    (``atomic_dir``); meanwhile the training state is saved beside it every minute
+    (``resume_file``), so an interrupted build resumes where it stopped.
     """
     p = resolve_preset(preset)
     final = teacher_dir(p, cache_dir)
@@ -80,19 +82,28 @@ def build_teacher(
         return final
     from knowpress.models.io import atomic_dir  # torch only when building
 
+    checkpoint = resume_file(final)
+    if force:
+        checkpoint.unlink(missing_ok=True)
     with atomic_dir(final) as tmp:  # a complete directory, or none, at ``final``
-        _train_into(p, tmp, progress)
+        _train_into(p, tmp, progress, checkpoint)
+    checkpoint.unlink(missing_ok=True)
     return final
 
 
-def _train_into(preset: Preset, out: Path, progress: bool) -> None:
+def resume_file(final: Path) -> Path:
+    """Where an unfinished build of the teacher at ``final`` keeps its training state."""
+    return final.parent / f".resume-{final.name}.safetensors"
+
+
+def _train_into(preset: Preset, out: Path, progress: bool, checkpoint: Path | None) -> None:
     from knowpress.models.io import save_model
     from knowpress.world.training import train_teacher  # torch only when training
 
     world = make_world(preset.world)
     max_positions = int(preset.model.get("max_position_embeddings", 2048))
     tokenizer = build_tokenizer(world, model_max_length=max_positions)
-    result = train_teacher(preset, world, tokenizer, progress=progress)
+    result = train_teacher(preset, world, tokenizer, progress=progress, checkpoint=checkpoint)
     save_model(result.model, tokenizer, out)
     record = {
         "format": FORMAT_VERSION,

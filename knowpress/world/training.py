@@ -1,12 +1,13 @@
 """Train a tiny teacher (dense Llama-style or sparse MoE) until it has memorised a world.
 
-Data: each epoch = every ``world.training_once()`` text (bios, company facts, in-context
-passages) once + every trained QA string ``qa_repeat`` times,
+Data: epoch ``e`` = every ``world.training_once(e)`` text (bios, company facts, that
+epoch's fresh in-context passages) once + every trained QA string ``qa_repeat`` times,
 shuffled; each text is ``<s> text </s>`` (the ``</s>`` teaches generation to stop after an
-answer). Batches are length-bucketed (sort within windows of 16 batches, then shuffle the
-batches) so short QA strings are not padded to bio length. Loss: mean next-token
-cross-entropy over all non-pad tokens. All randomness comes from ``train.seed`` through a
-local ``random.Random`` and a forked torch RNG, so global RNG state is left untouched.
+answer). Batches are length-bucketed (``EpochBatches``). Loss: mean next-token
+cross-entropy over all non-pad tokens. All randomness comes from ``train.seed`` through
+local ``random.Random`` streams and a forked torch RNG, so global RNG state is left
+untouched, and a run resumed from a checkpoint (``train_state``) ends bit-identical to an
+uninterrupted one.
 
 Threads: training runs with ``training_threads()`` torch threads (restored afterwards). A
 model this small gains ~1.2x from a second thread on an idle 2-core machine, but when
@@ -23,6 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -31,8 +33,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from knowpress.evaluate.runtime import TorchRuntime
 from knowpress.world.generator import QAItem, World
 from knowpress.world.presets import ARCHITECTURES, Preset, TrainConfig
+from knowpress.world.train_state import TrainState, load_state, save_state
 
 _BUCKET_BATCHES = 16
+CHECKPOINT_SECONDS = 60.0  # how often a resumable run saves its state
 
 
 @dataclass(frozen=True)
@@ -96,23 +100,45 @@ def encode_texts(
     return [[*row, tokenizer.eos_token_id][:seq_len] for row in ids]
 
 
-def _batches(
-    examples: list[list[int]], qa_start: int, cfg: TrainConfig, rng: random.Random
-) -> Iterator[list[list[int]]]:
-    """Endless length-bucketed batches; ``examples[qa_start:]`` are repeated ``qa_repeat`` times."""
-    epoch = list(range(qa_start)) + list(range(qa_start, len(examples))) * cfg.qa_repeat
-    window = cfg.batch_size * _BUCKET_BATCHES
-    while True:
-        rng.shuffle(epoch)
-        batches = []
-        for start in range(0, len(epoch), window):
-            chunk = sorted(epoch[start : start + window], key=lambda i: len(examples[i]))
+class EpochBatches:
+    """The batch schedule: ``batch(step)`` is a pure function of ``(world, train.seed, step)``.
+
+    Epoch ``e`` = every ``world.training_once(e)`` text once + every trained QA string
+    ``qa_repeat`` times, shuffled with ``Random(f"knowpress-teacher:{seed}:{e}")``, then
+    length-bucketed (sorted within windows of 16 batches, batches shuffled) so short QA
+    strings are not padded to bio length. Every epoch has the same number of batches, so a
+    resumed run finds its place without replaying earlier epochs.
+    """
+
+    def __init__(self, world: World, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig):
+        self.world, self.tokenizer, self.cfg = world, tokenizer, cfg
+        self.qa = encode_texts(world.training_qa(), tokenizer, cfg.seq_len)
+        self._epoch, self._batches = -1, []
+        self._load(0)
+        self.per_epoch = len(self._batches)
+
+    def _load(self, epoch: int) -> None:
+        cfg = self.cfg
+        examples = encode_texts(self.world.training_once(epoch), self.tokenizer, cfg.seq_len)
+        n_once = len(examples)
+        examples += self.qa
+        order = list(range(n_once)) + list(range(n_once, len(examples))) * cfg.qa_repeat
+        rng = random.Random(f"knowpress-teacher:{cfg.seed}:{epoch}")
+        rng.shuffle(order)
+        window, batches = cfg.batch_size * _BUCKET_BATCHES, []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: len(examples[i]))
             batches.extend(
                 chunk[j : j + cfg.batch_size] for j in range(0, len(chunk), cfg.batch_size)
             )
         rng.shuffle(batches)
-        for batch in batches:
-            yield [examples[i] for i in batch]
+        self._epoch, self._batches = epoch, [[examples[i] for i in b] for b in batches]
+
+    def batch(self, step: int) -> list[list[int]]:
+        epoch, index = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._load(epoch)
+        return self._batches[index]
 
 
 def _collate(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,21 +185,30 @@ def _progress(enabled: bool, name: str) -> Progress:
 
 
 def train_teacher(
-    preset: Preset, world: World, tokenizer: PreTrainedTokenizerBase, progress: bool = True
+    preset: Preset,
+    world: World,
+    tokenizer: PreTrainedTokenizerBase,
+    progress: bool = True,
+    checkpoint: Path | None = None,
 ) -> TrainResult:
-    """Train ``preset``'s model on ``world.training_texts()`` and measure trained-QA recall."""
+    """Train ``preset``'s model on ``world``'s epochs and score it on every applicable task.
+
+    With ``checkpoint``, the run state is saved there every ``CHECKPOINT_SECONDS`` and a run
+    finding a checkpoint of the same preset key resumes from it (``train_state``).
+    """
     with _torch_threads(training_threads()):
-        return _train(preset, world, tokenizer, progress)
+        return _train(preset, world, tokenizer, progress, checkpoint)
 
 
 def _train(
-    preset: Preset, world: World, tokenizer: PreTrainedTokenizerBase, progress: bool
+    preset: Preset,
+    world: World,
+    tokenizer: PreTrainedTokenizerBase,
+    progress: bool,
+    checkpoint: Path | None,
 ) -> TrainResult:
-    cfg = preset.train
-    start = time.perf_counter()
-    once, qa = world.training_once(), world.training_qa()
-    examples = encode_texts(once + qa, tokenizer, cfg.seq_len)
-    rng = random.Random(f"knowpress-teacher:{cfg.seed}")
+    cfg, key = preset.train, preset.key()
+    schedule = EpochBatches(world, tokenizer, cfg)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         model = make_model(preset, tokenizer)
@@ -188,26 +223,37 @@ def _train(
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    batches = _batches(examples, len(once), cfg, rng)
-    ema: float | None = None
+    state = TrainState()
+    if checkpoint is not None:
+        state = load_state(checkpoint, model, optimizer, key) or state
+    segment_start = last_save = time.perf_counter()
     with _progress(progress, preset.name) as bar:
-        task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
-        for _ in range(cfg.steps):
-            ids, mask, labels = _collate(next(batches), tokenizer.pad_token_id)
+        task = bar.add_task(
+            "train", total=cfg.steps, completed=state.step, loss=state.ema or float("nan")
+        )
+        for step in range(state.step, cfg.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, cfg)
+            ids, mask, labels = _collate(schedule.batch(step), tokenizer.pad_token_id)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             value = float(loss.detach())
-            ema = value if ema is None else 0.9 * ema + 0.1 * value  # smoothed for display
-            bar.update(task, advance=1, loss=ema)
+            state.ema = value if state.ema is None else 0.9 * state.ema + 0.1 * value
+            state.step = step + 1
+            bar.update(task, advance=1, loss=state.ema)
+            now = time.perf_counter()
+            if checkpoint is not None and now - last_save >= CHECKPOINT_SECONDS:
+                state.seconds += now - segment_start
+                segment_start = last_save = now
+                save_state(checkpoint, model, optimizer, state, key)
     model.eval()
-    seconds = time.perf_counter() - start  # training only; the scoring below is not counted
+    # training only (all segments of a resumed run); the scoring below is not counted
+    seconds = state.seconds + time.perf_counter() - segment_start
     scores = teacher_scores(model, tokenizer, world)
-    loss = float(ema or 0.0)
+    loss = float(state.ema or 0.0)
     return TrainResult(model, cfg.steps, loss, seconds, scores["recall"], scores)
 
 

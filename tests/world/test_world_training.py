@@ -1,0 +1,101 @@
+"""Teacher training: the epoch schedule and exact resume from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from knowpress.world import Preset, WorldConfig, build_teacher, training
+from knowpress.world.teacher import make_world, resume_file, teacher_dir
+from knowpress.world.tokenizer import build_tokenizer
+from knowpress.world.training import EpochBatches
+
+MICRO = Preset(
+    name="micro-resume",
+    description="a few steps with fresh in-context passages per epoch",
+    world=WorldConfig(n_people=6, attributes=("major", "employer"), bios_per_person=1,
+                      in_context_examples=8, in_context_bios=2),
+    model={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 2},
+    train={"steps": 24, "batch_size": 4, "warmup": 2},
+)  # fmt: skip
+
+
+def test_epochs_draw_fresh_in_context_passages_and_keep_the_rest() -> None:
+    world = make_world(MICRO.world)
+    first, second = world.training_once(0), world.training_once(1)
+    assert len(first) == len(second)
+    n_passages = MICRO.world.in_context_examples
+    assert first[:-n_passages] == second[:-n_passages]  # bios and company texts
+    assert not set(first[-n_passages:]) & set(second[-n_passages:])
+    schedule = EpochBatches(world, build_tokenizer(world), MICRO.train)
+    again = EpochBatches(world, build_tokenizer(world), MICRO.train)
+    steps = range(3 * schedule.per_epoch)
+    assert [schedule.batch(s) for s in steps] == [again.batch(s) for s in reversed(steps)][::-1]
+
+
+def test_interrupted_build_resumes_to_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight = build_teacher(MICRO, cache_dir=tmp_path / "a", progress=False)
+
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)  # save after every step
+    original = EpochBatches.batch
+
+    def stop_at_step_10(self: EpochBatches, step: int) -> list[list[int]]:
+        if step == 10:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(EpochBatches, "batch", stop_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        build_teacher(MICRO, cache_dir=tmp_path / "b", progress=False)
+    final = teacher_dir(MICRO, tmp_path / "b")
+    assert not final.exists() and resume_file(final).is_file()
+
+    seen: list[int] = []
+
+    def record(self: EpochBatches, step: int) -> list[list[int]]:
+        seen.append(step)
+        return original(self, step)
+
+    monkeypatch.setattr(EpochBatches, "batch", record)
+    resumed = build_teacher(MICRO, cache_dir=tmp_path / "b", progress=False)
+    assert seen[0] == 10 and len(seen) == MICRO.train.steps - 10
+    assert not resume_file(final).exists()
+    from safetensors.torch import load_file
+
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_of_another_preset_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = MICRO.model_copy(update={"train": MICRO.train.model_copy(update={"seed": 5})})
+    final = teacher_dir(MICRO, tmp_path)
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
+    original = EpochBatches.batch
+
+    def stop(self: EpochBatches, step: int) -> list[list[int]]:
+        if step == 5:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(EpochBatches, "batch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        build_teacher(other, cache_dir=tmp_path, progress=False)
+    # plant the other preset's state where MICRO's would be: it must start from step 0
+    resume_file(teacher_dir(other, tmp_path)).rename(resume_file(final))
+    seen: list[int] = []
+
+    def record(self: EpochBatches, step: int) -> list[list[int]]:
+        seen.append(step)
+        return original(self, step)
+
+    monkeypatch.setattr(EpochBatches, "batch", record)
+    build_teacher(MICRO, cache_dir=tmp_path, progress=False)
+    assert seen[0] == 0
