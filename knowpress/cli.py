@@ -108,11 +108,12 @@ def _print_plan(recipe: Any, out_dir: Path) -> None:
     for i, stage in enumerate(recipe.stages):
         body = yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False).strip()
         out.print(f"  stage {i + 1}: " + body.replace("\n", "\n           "))
-    out.print(f"  evaluate: {', '.join(recipe.evaluate.tasks)} after the teacher and every stage")
+    tasks = recipe.evaluate.task_names()
+    out.print(f"  evaluate: {', '.join(tasks)} after the teacher and every stage")
     if recipe.gate:
         out.print(
             f"  gate: min retention {recipe.gate.min_retention} on "
-            f"{', '.join(recipe.gate.tasks or recipe.evaluate.tasks)}"
+            f"{', '.join(recipe.gate.tasks or tasks)}"
         )
 
 
@@ -141,7 +142,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from knowpress.evaluate.evaluator import evaluate_runtime
+    from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, run_lm_eval
     from knowpress.evaluate.runtime import TorchRuntime
     from knowpress.models.io import load_model
     from knowpress.progress import Progress
@@ -149,13 +153,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _quiet_libraries()
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    world = load_world(args.world or Path(args.model))
-    tasks = args.tasks.split(",")
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks and not args.lm_eval:
+        raise KnowpressError("--tasks is empty and no --lm-eval tasks: nothing to evaluate")
+    harness = None
+    if args.lm_eval:
+        try:
+            harness = LmEvalSpec(
+                tasks=[t for t in args.lm_eval.split(",") if t],
+                include_path=args.lm_eval_include,
+                limit=args.lm_eval_limit,
+                num_fewshot=args.lm_eval_fewshot,
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            flags = {"limit": "--lm-eval-limit", "num_fewshot": "--lm-eval-fewshot"}
+            flag = flags.get(str(first["loc"][0]), "--lm-eval")
+            raise KnowpressError(f"{flag}: {first['msg']}") from None
+    world = load_world(args.world or Path(args.model)) if tasks else None
     progress = Progress(console=err, enabled=not args.quiet)
     with progress.session():
         scores = evaluate_runtime(
             TorchRuntime(model, tokenizer, args.batch_size), world, tasks, args.max_items, progress
         )
+    if harness is not None:
+        scores.update(run_lm_eval(model, tokenizer, harness))
     table = Table(title=f"{args.model}")
     for col in ("task", "metric", "score", "items"):
         table.add_column(col)
@@ -241,7 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model directory on a fact world")
     p.add_argument("--model", required=True)
     p.add_argument("--world", help="preset or teacher dir (default: the model's own world)")
-    p.add_argument("--tasks", default="recall,perplexity")
+    p.add_argument("--tasks", default="recall,perplexity", help="world tasks ('' for none)")
+    p.add_argument("--lm-eval", help="comma-separated lm-evaluation-harness tasks (extra 'eval')")
+    p.add_argument("--lm-eval-include", help="folder of local harness task YAMLs")
+    p.add_argument("--lm-eval-limit", type=int, help="documents per harness task")
+    p.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples per harness task")
     p.add_argument("--max-items", type=int)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", help="also write the scores here")

@@ -38,6 +38,7 @@ from pydantic import (
 
 from knowpress.config import FrozenConfig
 from knowpress.errors import KnowpressError, RecipeError
+from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, report_name
 from knowpress.registry import Registry, close_matches
 from knowpress.stage import STAGES, StageConfig
 
@@ -94,6 +95,12 @@ class EvaluateSpec(Strict):
     world: str | None = Field(None, description="fact world; default: the model's own")
     max_items: int | None = Field(None, gt=0, description="cap items per task (speed)")
     batch_size: int = Field(64, gt=0)
+    lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks too")
+
+    def task_names(self) -> list[str]:
+        """Every report task: the world tasks, then ``lm_eval/<task>`` for harness tasks."""
+        harness = [report_name(t) for t in self.lm_eval.tasks] if self.lm_eval else []
+        return [*self.tasks, *harness]
 
     @field_validator("tasks")
     @classmethod
@@ -135,11 +142,10 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _gate_tasks_evaluated(self) -> Recipe:
         if self.gate and self.gate.tasks:
-            missing = [t for t in self.gate.tasks if t not in self.evaluate.tasks]
+            evaluated = self.evaluate.task_names()
+            missing = [t for t in self.gate.tasks if t not in evaluated]
             if missing:
-                raise ValueError(
-                    f"gate.tasks {missing} are not in evaluate.tasks {self.evaluate.tasks}"
-                )
+                raise ValueError(f"gate.tasks {missing} are not evaluated (tasks: {evaluated})")
         return self
 
     def dump(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import yaml
 from knowpress.context import Context, StageRecord
 from knowpress.errors import KnowpressError
 from knowpress.evaluate.evaluator import TaskScore, evaluate_runtime
+from knowpress.evaluate.lm_eval_bridge import run_lm_eval
 from knowpress.evaluate.runtime import TorchRuntime
 from knowpress.measure import PeakMemory, stable_hash
 from knowpress.models.io import atomic_dir, atomic_write_text, load_model, save_model, stored_bytes
@@ -118,9 +119,12 @@ class Runner:
 
     def _evaluate(self, model: Any, tokenizer: Any, world: Any, label: str) -> dict[str, TaskScore]:
         spec = self.recipe.evaluate
-        self.progress.log(f"[dim]evaluating {label} on {', '.join(spec.tasks)}[/dim]")
+        self.progress.log(f"[dim]evaluating {label} on {', '.join(spec.task_names())}[/dim]")
         runtime = TorchRuntime(model, tokenizer, batch_size=spec.batch_size)
-        return evaluate_runtime(runtime, world, spec.tasks, spec.max_items, self.progress)
+        scores = evaluate_runtime(runtime, world, spec.tasks, spec.max_items, self.progress)
+        if spec.lm_eval is not None:
+            scores.update(run_lm_eval(model, tokenizer, spec.lm_eval))
+        return scores
 
     def _teacher_scores(self, teacher: Source, world: Any) -> tuple[dict[str, TaskScore], int]:
         path = self.out_dir / "teacher" / EVAL_FILE

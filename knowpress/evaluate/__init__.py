@@ -1,5 +1,5 @@
-"""Evaluation: tasks scored through a runtime, retention against the teacher, the gate."""
+"""Evaluation: tasks scored through a runtime, retention against the teacher, the gate.
 
-from knowpress.evaluate.evaluator import TaskScore, evaluate_runtime, retention_table
-
-__all__ = ["TaskScore", "evaluate_runtime", "retention_table"]
+Import the submodules (``evaluator``, ``tasks``, ``lm_eval_bridge``); the package itself
+imports nothing, so reading a recipe does not pull in torch.
+"""

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from knowpress.evaluate.tasks import TASKS
+from knowpress.evaluate.tasks.base import retention
 
 if TYPE_CHECKING:
     from knowpress.evaluate.runtime import Runtime
@@ -68,12 +69,12 @@ def evaluate_runtime(
 def retention_table(
     scores: dict[str, TaskScore], teacher: dict[str, TaskScore]
 ) -> dict[str, float]:
-    """Per-task retention = compressed / teacher (inverted for lower-is-better metrics)."""
-    table: dict[str, float] = {}
-    for name, score in scores.items():
-        task = TASKS.get(name)()
-        table[name] = task.retention(score.score, teacher[name].score)
-    return table
+    """Per-task retention = compressed / teacher (inverted for lower-is-better metrics);
+    the direction is the score's own, so harness tasks (``lm_eval/...``) work too."""
+    return {
+        name: retention(score.score, teacher[name].score, score.higher_is_better)
+        for name, score in scores.items()
+    }
 
 
 def worst(retention: dict[str, float]) -> tuple[str, float]:

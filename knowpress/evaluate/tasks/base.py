@@ -47,13 +47,17 @@ class Task:
         return None
 
     def retention(self, score: float, teacher_score: float) -> float:
-        """Compressed / teacher for higher-is-better metrics, teacher / compressed otherwise.
+        return retention(score, teacher_score, self.higher_is_better)
 
-        A teacher score of 0 leaves retention undefined (reported as NaN and flagged).
-        """
-        if self.higher_is_better:
-            return score / teacher_score if teacher_score > 0 else float("nan")
-        return teacher_score / score if score > 0 else float("nan")
+
+def retention(score: float, teacher_score: float, higher_is_better: bool) -> float:
+    """Compressed / teacher for higher-is-better metrics, teacher / compressed otherwise.
+
+    A teacher score of 0 leaves retention undefined (reported as NaN and flagged).
+    """
+    if higher_is_better:
+        return score / teacher_score if teacher_score > 0 else float("nan")
+    return teacher_score / score if score > 0 else float("nan")
 
 
 def pick(items: Sequence[T], max_items: int | None) -> list[T]:
