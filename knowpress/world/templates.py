@@ -7,8 +7,11 @@ Question templates are split: ``trained`` ones appear in the training text (as
 ``prompt + " " + answer``; a world uses the first ``WorldConfig.question_templates`` of them,
 more phrasings helping held-out generalization); ``heldout`` ones never do, so they measure
 whether the knowledge can be extracted with an unseen phrasing. A question's *stem* is its
-text before ``{name}``; held-out stems must not occur anywhere in the training text (tests
-check this).
+text before ``{name}``; held-out stems must not occur anywhere in the training text, while
+every *word* of a held-out question does occur in it (with 4 trained phrasings): the
+teachers use a word-level tokenizer, and a never-trained word is an untrained embedding, so
+a question built on one would measure that embedding rather than knowledge extraction
+(tests check both).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ TEMPLATES: dict[str, AttributeTemplates] = {
         ),
         heldout=(
             "Q: What is the birth date of {name}? A:",
-            "Q: On what date was {name} born? A:",
+            "Q: Which date was {name} born on? A:",
         ),
     ),
     "birth_city": AttributeTemplates(
@@ -60,8 +63,8 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "Q: Name the city where {name} was born. A:",
         ),
         heldout=(
-            "Q: In which city was {name} born? A:",
-            "Q: What is the hometown of {name}? A:",
+            "Q: Which city is the birthplace of {name}? A:",
+            "Q: What city is {name} a native of? A:",
         ),
     ),
     "university": AttributeTemplates(
@@ -79,8 +82,8 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "Q: At which university was {name} educated? A:",
         ),
         heldout=(
-            "Q: Where did {name} go to college? A:",
-            "Q: What school did {name} graduate from? A:",
+            "Q: At which university did {name} study? A:",
+            "Q: Which university educated {name}? A:",
         ),
     ),
     "major": AttributeTemplates(
@@ -99,7 +102,7 @@ TEMPLATES: dict[str, AttributeTemplates] = {
         ),
         heldout=(
             "Q: What was the field of study of {name}? A:",
-            "Q: Which subject did {name} specialize in? A:",
+            "Q: Which field did {name} study? A:",
         ),
     ),
     "employer": AttributeTemplates(
@@ -117,7 +120,7 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "Q: Name the company {name} works for. A:",
         ),
         heldout=(
-            "Q: Who employs {name}? A:",
+            "Q: Which company is {name} employed by? A:",
             "Q: Where does {name} work? A:",
         ),
     ),
@@ -131,7 +134,7 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "Q: Which pronoun does {name} use? A:",
             "Q: What pronoun is used for {name}? A:",
         ),
-        heldout=("Q: How should one refer to {name}? A:",),
+        heldout=("Q: What pronoun does {name} use? A:",),
     ),
     # Derived from employer: the city of the person's company.
     "company_city": AttributeTemplates(
@@ -159,12 +162,12 @@ COMPANY_TEMPLATES = AttributeTemplates(
         "Q: Where is {company} headquartered? A:",
         "Q: Which city is {company} based in? A:",
     ),
-    heldout=("Q: In which city is the head office of {company}? A:",),
+    heldout=("Q: What city is {company} headquartered in? A:",),
 )
 
 # 2-hop questions: person -> employer -> headquarters city. Never in the training text.
 TWO_HOP_TEMPLATES: tuple[str, ...] = (
-    "Q: In which city is the company that {name} works for headquartered? A:",
+    "Q: Which city is the employer of {name} based in? A:",
     "Q: Where is the employer of {name} headquartered? A:",
 )
 

@@ -104,6 +104,19 @@ def test_held_out_question_stems_never_in_training(cfg: WorldConfig) -> None:
         assert item.prompt not in corpus
 
 
+def test_held_out_questions_use_only_trained_words() -> None:
+    """New phrasings of known words: a never-trained word would be an untrained embedding."""
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.Whitespace().pre_tokenize_str
+    world = generate_world(FULL)
+    seen = {w for text in world.training_texts() for w, _ in split(text)}
+    questions = [q.prompt for q in world.questions("heldout") + world.two_hop_questions()]
+    questions += [t.format(company="Acme") for t in COMPANY_TEMPLATES.heldout]
+    for prompt in questions:
+        assert {w for w, _ in split(prompt)} - seen - {"Acme"} == set(), prompt
+
+
 def test_trained_questions_appear_verbatim_in_training() -> None:
     world = generate_world(CFG)
     texts = set(world.training_texts())
