@@ -173,10 +173,13 @@ class FactsWorld:
             for t in self._relations[f.relation].train_questions
         ]
 
-    def training_once(self, epoch: int = 0) -> list[str]:
-        """Texts a teacher epoch shows once (the bios, the same every epoch); QA strings are
-        repeated by the trainer."""
+    def training_once(self) -> list[str]:
+        """Texts a teacher epoch shows once (the bios); QA strings are repeated by the trainer."""
         return self.training_bios()
+
+    def training_in_context(self, epoch: int = 0) -> list[QAItem]:
+        """No in-context passages in a facts world (long_context needs a bioS world)."""
+        return []
 
     def training_texts(self) -> list[str]:
         """Everything the teacher trains on: ``training_once() + training_qa()``."""

@@ -245,18 +245,16 @@ class World:
             )
         return items
 
-    def training_in_context(self, epoch: int = 0) -> list[str]:
-        """``in_context_examples`` passages + question + answer (stream ``in-context:{epoch}``).
+    def training_in_context(self, epoch: int = 0) -> list[QAItem]:
+        """``in_context_examples`` passages + question (stream ``in-context:{epoch}``).
 
-        Every epoch draws fresh fictional people: with a fixed set, a small model memorises
-        the passages' answers instead of learning to read them (measured: long_context 0.01
-        after 6 epochs over 6000 fixed passages).
+        The trainer puts its loss on the answer only (the passage is context, as in the
+        long_context task). Every epoch draws fresh fictional people: with a fixed set, a
+        small model memorises the passages' answers instead of learning to read them
+        (measured: long_context 0.01 after 6 epochs over 6000 fixed passages).
         """
         stream = f"in-context:{epoch}"
-        return [
-            f"{q.prompt} {q.answer}"
-            for q in self._passages(stream, self.config.in_context_examples, None)
-        ]
+        return self._passages(stream, self.config.in_context_examples, None)
 
     def haystack_items(self, n_bios: int, n_items: int) -> list[QAItem]:
         """``n_items`` prompts of ``n_bios`` fictional bios + a question answered in them.
@@ -286,12 +284,9 @@ class World:
             for template in self.trained_templates(a)
         ]
 
-    def training_once(self, epoch: int = 0) -> list[str]:
-        """Texts shown once in epoch ``epoch``: bios, company facts + their QA, and that
-        epoch's in-context passages (the only part that changes between epochs)."""
-        return (
-            self.training_bios() + self.training_company_texts() + self.training_in_context(epoch)
-        )
+    def training_once(self) -> list[str]:
+        """Texts shown once per epoch: bios, company facts + their QA."""
+        return self.training_bios() + self.training_company_texts()
 
     def trained_templates(self, attribute: str) -> tuple[str, ...]:
         """The first ``question_templates`` trained phrasings of ``attribute`` (or ``company``)."""
@@ -299,9 +294,10 @@ class World:
         return source.trained[: self.config.question_templates]
 
     def training_texts(self) -> list[str]:
-        """Epoch 0's training text: ``training_once(0) + training_qa()`` (later epochs differ
-        only in their in-context passages, made of the same vocabulary)."""
-        return self.training_once() + self.training_qa()
+        """Epoch 0's training text: ``training_once()``, the epoch-0 in-context passages with
+        their answers, ``training_qa()`` (later epochs differ only in their passages)."""
+        passages = [f"{q.prompt} {q.answer}" for q in self.training_in_context(0)]
+        return self.training_once() + passages + self.training_qa()
 
     def questions(self, split: Split) -> list[QAItem]:
         """One question per person x attribute (person-major), in the ``split`` phrasing.

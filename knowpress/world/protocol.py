@@ -34,6 +34,18 @@ class FactWorld(Protocol):
 
     def training_texts(self) -> list[str]: ...
 
+    def training_once(self) -> list[str]:
+        """Texts shown once per training epoch (bios, ...)."""
+        ...
+
+    def training_qa(self) -> list[str]:
+        """Trained ``question + answer`` strings (repeated ``qa_repeat`` times per epoch)."""
+        ...
+
+    def training_in_context(self, epoch: int = 0) -> list[QAItem]:
+        """Epoch ``epoch``'s in-context items (passage + question -> answer; may be empty)."""
+        ...
+
     def questions(self, split: Split) -> list[QAItem]:
         """One item per fact; ``trained`` uses training templates, ``heldout`` unseen ones."""
         ...

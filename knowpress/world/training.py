@@ -1,10 +1,11 @@
 """Train a tiny teacher (dense Llama-style or sparse MoE) until it has memorised a world.
 
-Data: epoch ``e`` = every ``world.training_once(e)`` text (bios, company facts, that
-epoch's fresh in-context passages) once + every trained QA string ``qa_repeat`` times,
-shuffled; each text is ``<s> text </s>`` (the ``</s>`` teaches generation to stop after an
-answer). Batches are length-bucketed (``EpochBatches``). Loss: mean next-token
-cross-entropy over all non-pad tokens. All randomness comes from ``train.seed`` through
+Data: epoch ``e`` = every ``world.training_once()`` text (bios, company facts) once, that
+epoch's fresh in-context items (passage + question, loss on the answer only) once, and
+every trained QA string ``qa_repeat`` times, shuffled; each text is ``<s> text </s>`` (the
+``</s>`` teaches generation to stop after an answer). Batches are length-bucketed
+(``EpochBatches``). Loss: mean next-token cross-entropy over all labelled tokens (not pads,
+not in-context passages). All randomness comes from ``train.seed`` through
 local ``random.Random`` streams and a forked torch RNG, so global RNG state is left
 untouched, and a run resumed from a checkpoint (``train_state``) ends bit-identical to an
 uninterrupted one.
@@ -92,6 +93,10 @@ def make_model(preset: Preset, tokenizer: PreTrainedTokenizerBase) -> PreTrained
     return model
 
 
+# One training sequence: token ids and how many leading tokens carry no loss (context).
+Example = tuple[list[int], int]
+
+
 def encode_texts(
     texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int
 ) -> list[list[int]]:
@@ -100,56 +105,82 @@ def encode_texts(
     return [[*row, tokenizer.eos_token_id][:seq_len] for row in ids]
 
 
+def encode_prompted(
+    items: list[QAItem], tokenizer: PreTrainedTokenizerBase, seq_len: int
+) -> list[Example]:
+    """``<s> prompt answer </s>`` with the prompt's tokens masked from the loss.
+
+    The world tokenizer splits on whitespace, so the prompt's tokens are a prefix of the
+    whole text's tokens.
+    """
+    if not items:
+        return []
+    whole = encode_texts([f"{q.prompt} {q.answer}" for q in items], tokenizer, seq_len)
+    prompts = tokenizer([q.prompt for q in items], add_special_tokens=True)["input_ids"]
+    return [(ids, min(len(p), len(ids))) for ids, p in zip(whole, prompts, strict=True)]
+
+
 class EpochBatches:
     """The batch schedule: ``batch(step)`` is a pure function of ``(world, train.seed, step)``.
 
-    Epoch ``e`` = every ``world.training_once(e)`` text once + every trained QA string
-    ``qa_repeat`` times, shuffled with ``Random(f"knowpress-teacher:{seed}:{e}")``, then
-    length-bucketed (sorted within windows of 16 batches, batches shuffled) so short QA
-    strings are not padded to bio length. Every epoch has the same number of batches, so a
-    resumed run finds its place without replaying earlier epochs.
+    Epoch ``e`` = every ``world.training_once()`` text once, every in-context item of
+    ``world.training_in_context(e)`` once (fresh each epoch, loss on the answer only), every
+    trained QA string ``qa_repeat`` times; shuffled with
+    ``Random(f"knowpress-teacher:{seed}:{e}")``, then length-bucketed (sorted within
+    windows of 16 batches, batches shuffled) so short QA strings are not padded to passage
+    length. Every epoch has the same number of batches, so a resumed run finds its place
+    without replaying earlier epochs.
     """
 
     def __init__(self, world: World, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig):
         self.world, self.tokenizer, self.cfg = world, tokenizer, cfg
-        self.qa = encode_texts(world.training_qa(), tokenizer, cfg.seq_len)
+        static = encode_texts(world.training_once(), tokenizer, cfg.seq_len)
+        self.static: list[Example] = [(ids, 0) for ids in static]
+        self.qa: list[Example] = [
+            (ids, 0) for ids in encode_texts(world.training_qa(), tokenizer, cfg.seq_len)
+        ]
         self._epoch, self._batches = -1, []
         self._load(0)
         self.per_epoch = len(self._batches)
 
     def _load(self, epoch: int) -> None:
         cfg = self.cfg
-        examples = encode_texts(self.world.training_once(epoch), self.tokenizer, cfg.seq_len)
-        n_once = len(examples)
-        examples += self.qa
+        passages = encode_prompted(
+            self.world.training_in_context(epoch), self.tokenizer, cfg.seq_len
+        )
+        examples = self.static + passages + self.qa
+        n_once = len(self.static) + len(passages)
         order = list(range(n_once)) + list(range(n_once, len(examples))) * cfg.qa_repeat
         rng = random.Random(f"knowpress-teacher:{cfg.seed}:{epoch}")
         rng.shuffle(order)
         window, batches = cfg.batch_size * _BUCKET_BATCHES, []
         for start in range(0, len(order), window):
-            chunk = sorted(order[start : start + window], key=lambda i: len(examples[i]))
+            chunk = sorted(order[start : start + window], key=lambda i: len(examples[i][0]))
             batches.extend(
                 chunk[j : j + cfg.batch_size] for j in range(0, len(chunk), cfg.batch_size)
             )
         rng.shuffle(batches)
         self._epoch, self._batches = epoch, [[examples[i] for i in b] for b in batches]
 
-    def batch(self, step: int) -> list[list[int]]:
+    def batch(self, step: int) -> list[Example]:
         epoch, index = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             self._load(epoch)
         return self._batches[index]
 
 
-def _collate(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest row: ``(input_ids, attention_mask, labels)``, pads labelled -100."""
-    width = max(len(r) for r in rows)
+def _collate(rows: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row: ``(input_ids, attention_mask, labels)``; pads and each
+    row's masked prefix are labelled -100."""
+    width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row, masked) in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-    return ids, mask, ids.masked_fill(mask == 0, -100)
+        labels[i, masked : len(row)] = ids[i, masked : len(row)]
+    return ids, mask, labels
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

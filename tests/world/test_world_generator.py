@@ -188,7 +188,7 @@ def test_company_facts_are_in_training_text() -> None:
     off = generate_world(FULL.model_copy(update={"company_facts": False}))
     assert off.company_facts() == [] and off.two_hop_questions() == []
     assert off.training_company_texts() == []
-    assert off.training_once() == off.training_bios() + off.training_in_context()
+    assert off.training_once() == off.training_bios()
 
 
 def test_two_hop_items_only_use_facts_the_world_contains() -> None:
@@ -230,7 +230,9 @@ def test_in_context_and_haystack_people_are_fictional() -> None:
         assert item.answer in context  # answerable from the context alone
         assert item.attribute != "company_city"
         assert sum(context.count(f"{n}") for n in names) == 0
-    assert not {i.prompt for i in items} & {p.rsplit(" ", 2)[0] for p in passages}
+    assert not {i.prompt for i in items} & {p.prompt for p in passages}
+    for passage in passages:
+        assert passage.subject not in names and passage.answer in passage.prompt
     with pytest.raises(ValueError, match="n_bios"):
         world.haystack_items(n_bios=0, n_items=1)
 

@@ -10,7 +10,7 @@ import torch
 from knowpress.world import Preset, WorldConfig, build_teacher, training
 from knowpress.world.teacher import make_world, resume_file, teacher_dir
 from knowpress.world.tokenizer import build_tokenizer
-from knowpress.world.training import EpochBatches
+from knowpress.world.training import EpochBatches, Example, _collate, encode_prompted
 
 MICRO = Preset(
     name="micro-resume",
@@ -25,15 +25,26 @@ MICRO = Preset(
 
 def test_epochs_draw_fresh_in_context_passages_and_keep_the_rest() -> None:
     world = make_world(MICRO.world)
-    first, second = world.training_once(0), world.training_once(1)
-    assert len(first) == len(second)
-    n_passages = MICRO.world.in_context_examples
-    assert first[:-n_passages] == second[:-n_passages]  # bios and company texts
-    assert not set(first[-n_passages:]) & set(second[-n_passages:])
+    first, second = world.training_in_context(0), world.training_in_context(1)
+    assert len(first) == len(second) == MICRO.world.in_context_examples
+    assert not {q.prompt for q in first} & {q.prompt for q in second}
+    assert world.training_in_context(1) == second  # deterministic per epoch
     schedule = EpochBatches(world, build_tokenizer(world), MICRO.train)
     again = EpochBatches(world, build_tokenizer(world), MICRO.train)
     steps = range(3 * schedule.per_epoch)
     assert [schedule.batch(s) for s in steps] == [again.batch(s) for s in reversed(steps)][::-1]
+
+
+def test_in_context_loss_is_on_the_answer_only() -> None:
+    world = make_world(MICRO.world)
+    tokenizer = build_tokenizer(world)
+    item = world.training_in_context(0)[0]
+    [(ids, masked)] = encode_prompted([item], tokenizer, seq_len=512)
+    assert tokenizer.decode(ids[masked:], skip_special_tokens=True) == item.answer
+    assert ids[masked:][-1] == tokenizer.eos_token_id
+    _, _, labels = _collate([(ids, masked), (ids[:5], 0)], tokenizer.pad_token_id)
+    assert (labels[0] != -100).sum() == len(ids) - masked
+    assert labels[1, :5].tolist() == ids[:5] and (labels[1, 5:] == -100).all()
 
 
 def test_interrupted_build_resumes_to_the_same_weights(
@@ -44,7 +55,7 @@ def test_interrupted_build_resumes_to_the_same_weights(
     monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)  # save after every step
     original = EpochBatches.batch
 
-    def stop_at_step_10(self: EpochBatches, step: int) -> list[list[int]]:
+    def stop_at_step_10(self: EpochBatches, step: int) -> list[Example]:
         if step == 10:
             raise KeyboardInterrupt
         return original(self, step)
@@ -57,7 +68,7 @@ def test_interrupted_build_resumes_to_the_same_weights(
 
     seen: list[int] = []
 
-    def record(self: EpochBatches, step: int) -> list[list[int]]:
+    def record(self: EpochBatches, step: int) -> list[Example]:
         seen.append(step)
         return original(self, step)
 
@@ -80,7 +91,7 @@ def test_checkpoint_of_another_preset_is_ignored(
     monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
     original = EpochBatches.batch
 
-    def stop(self: EpochBatches, step: int) -> list[list[int]]:
+    def stop(self: EpochBatches, step: int) -> list[Example]:
         if step == 5:
             raise KeyboardInterrupt
         return original(self, step)
@@ -92,7 +103,7 @@ def test_checkpoint_of_another_preset_is_ignored(
     resume_file(teacher_dir(other, tmp_path)).rename(resume_file(final))
     seen: list[int] = []
 
-    def record(self: EpochBatches, step: int) -> list[list[int]]:
+    def record(self: EpochBatches, step: int) -> list[Example]:
         seen.append(step)
         return original(self, step)
 
