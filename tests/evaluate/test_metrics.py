@@ -10,6 +10,7 @@ from knowpress.evaluate.evaluator import worst
 from knowpress.evaluate.metrics import exact_match, normalize_answer, token_f1
 from knowpress.evaluate.runtime import NLL, perplexity
 from knowpress.evaluate.tasks import TASKS, pick
+from knowpress.evaluate.tasks.base import pick_by_attribute
 
 
 @pytest.mark.parametrize(
@@ -58,6 +59,17 @@ def test_pick_is_deterministic_and_spread() -> None:
     items = list(range(100))
     assert pick(items, None) == items
     assert pick(items, 4) == [0, 25, 50, 75]
+
+
+def test_pick_by_attribute_covers_every_attribute() -> None:
+    from knowpress.world.generator import QAItem
+
+    # person-major, 5 attributes: plain pick(…, 4) with step 25 would hit "a0" only
+    items = [QAItem(f"q{p}{a}", "x", f"p{p}", f"a{a}") for p in range(20) for a in range(5)]
+    assert {it.attribute for it in pick(items, 4)} == {"a0"}
+    chosen = pick_by_attribute(items, 7)
+    assert len(chosen) == 7 and {it.attribute for it in chosen} == {f"a{a}" for a in range(5)}
+    assert pick_by_attribute(items, 7) == chosen and pick_by_attribute(items, None) == items
 
 
 def test_task_matrix_covers_every_task() -> None:

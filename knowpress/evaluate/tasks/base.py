@@ -68,4 +68,24 @@ def pick(items: Sequence[T], max_items: int | None) -> list[T]:
     return [items[int(i * step)] for i in range(max_items)]
 
 
+def pick_by_attribute(items: Sequence[T], max_items: int | None) -> list[T]:
+    """``max_items`` items spread over every ``item.attribute`` (``pick`` within each).
+
+    QA items are person-major, so a plain evenly spaced subset can land on a single
+    attribute when the step is a multiple of the attribute count. Quotas differ by at most
+    one between attributes; the result keeps the attributes' first-seen order.
+    """
+    if max_items is None or max_items >= len(items):
+        return list(items)
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(item.attribute, []).append(item)  # type: ignore[attr-defined]
+    base, extra = divmod(max_items, len(groups))
+    return [
+        it
+        for i, group in enumerate(groups.values())
+        for it in pick(group, base + (1 if i < extra else 0))
+    ]
+
+
 TASKS: Registry[type[Task]] = Registry("eval task")

@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from knowpress.evaluate.tasks.base import TASKS, Task, TaskResult, pick
+from knowpress.evaluate.tasks.base import TASKS, Task, TaskResult, pick_by_attribute
 from knowpress.world.config import DERIVED_ATTRIBUTES
 from knowpress.world.generator import QAItem
 from knowpress.world.templates import COMPANY_TEMPLATES
@@ -64,20 +64,6 @@ def knowledge_items(world: World) -> tuple[list[QAItem], dict[str, int]]:
     return items, pools
 
 
-def per_attribute_sample(items: list[QAItem], max_items: int | None) -> list[QAItem]:
-    """Up to ``ceil(max_items / attributes)`` evenly spaced items of *every* attribute.
-
-    Items are person-major, so a plain evenly spaced subset can land on one attribute only.
-    """
-    if max_items is None or max_items >= len(items):
-        return list(items)
-    groups: dict[str, list[QAItem]] = {}
-    for it in items:
-        groups.setdefault(it.attribute, []).append(it)
-    per = max(1, math.ceil(max_items / len(groups)))
-    return [it for group in groups.values() for it in pick(group, per)]
-
-
 @TASKS.register("bits")
 class Bits(Task):
     name = "bits"
@@ -90,7 +76,7 @@ class Bits(Task):
         if not items:
             raise ValueError("world has no facts to measure bits on")
         counts = Counter(it.attribute for it in items)
-        sample = per_attribute_sample(items, max_items)
+        sample = pick_by_attribute(items, max_items)
         losses: dict[str, list[float]] = {}
         for it, loss in zip(sample, value_losses(runtime, sample), strict=True):
             losses.setdefault(it.attribute, []).append(loss)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from knowpress.evaluate.tasks.base import TASKS, Task, TaskResult, pick
+from knowpress.evaluate.tasks.base import TASKS, Task, TaskResult, pick_by_attribute
 from knowpress.evaluate.tasks.qa import score_qa, uniform_guess_chance
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class Recall(Task):
     split = "trained"
 
     def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
-        items = pick(world.questions(self.split), max_items)
+        items = pick_by_attribute(world.questions(self.split), max_items)
         if not items:
             raise ValueError(f"world has no {self.split} questions")
         return score_qa(runtime, items)
