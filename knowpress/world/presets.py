@@ -19,7 +19,7 @@ from knowpress.world.config import WORLD_VERSION, PoolSizes, WorldConfig, canoni
 from knowpress.world.facts import FactsWorldConfig
 
 # Bump when the training code changes what a preset produces (cached teachers go stale).
-TEACHER_VERSION = 3
+TEACHER_VERSION = 4
 
 # architecture -> (transformers config class, causal-LM class), resolved by training.make_model.
 ARCHITECTURES: dict[str, tuple[str, str]] = {
