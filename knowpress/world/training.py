@@ -1,14 +1,14 @@
 """Train a tiny teacher (dense Llama-style or sparse MoE) until it has memorised a world.
 
 Data: epoch ``e`` = every ``world.training_once()`` text (bios, company facts) once, that
-epoch's fresh in-context items (passage + question, loss on the answer only) once, and
-every trained QA string ``qa_repeat`` times, shuffled; each text is ``<s> text </s>`` (the
-``</s>`` teaches generation to stop after an answer). Batches are length-bucketed
-(``EpochBatches``). Loss: mean next-token cross-entropy over all labelled tokens (not pads,
-not in-context passages). All randomness comes from ``train.seed`` through
-local ``random.Random`` streams and a forked torch RNG, so global RNG state is left
-untouched, and a run resumed from a checkpoint (``train_state``) ends bit-identical to an
-uninterrupted one.
+epoch's fresh in-context items (passage + question + answer; ``in_context_loss`` says
+whether the passage carries loss) once, and every trained QA string ``qa_repeat`` times,
+shuffled; each text is ``<s> text </s>`` (the ``</s>`` teaches generation to stop after an
+answer). Batches are length-bucketed (``EpochBatches``). Loss: mean next-token
+cross-entropy over the labelled tokens (never pads). All randomness comes from
+``train.seed`` through local ``random.Random`` streams and a forked torch RNG, so global
+RNG state is left untouched, and a run resumed from a checkpoint (``train_state``) ends
+bit-identical to an uninterrupted one.
 
 Threads: training runs with ``training_threads()`` torch threads (restored afterwards). A
 model this small gains ~1.2x from a second thread on an idle 2-core machine, but when
@@ -124,7 +124,8 @@ class EpochBatches:
     """The batch schedule: ``batch(step)`` is a pure function of ``(world, train.seed, step)``.
 
     Epoch ``e`` = every ``world.training_once()`` text once, every in-context item of
-    ``world.training_in_context(e)`` once (fresh each epoch, loss on the answer only), every
+    ``world.training_in_context(e)`` once (fresh each epoch; loss on every token or, with
+    ``in_context_loss: answer``, on the answer only), every
     trained QA string ``qa_repeat`` times; shuffled with
     ``Random(f"knowpress-teacher:{seed}:{e}")``, then length-bucketed (sorted within
     windows of 16 batches, batches shuffled) so short QA strings are not padded to passage
@@ -148,6 +149,8 @@ class EpochBatches:
         passages = encode_prompted(
             self.world.training_in_context(epoch), self.tokenizer, cfg.seq_len
         )
+        if cfg.in_context_loss == "all":
+            passages = [(ids, 0) for ids, _ in passages]
         examples = self.static + passages + self.qa
         n_once = len(self.static) + len(passages)
         order = list(range(n_once)) + list(range(n_once, len(examples))) * cfg.qa_repeat

@@ -19,7 +19,7 @@ MICRO = Preset(
                       in_context_examples=8, in_context_bios=2),
     model={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
            "num_attention_heads": 2, "num_key_value_heads": 2},
-    train={"steps": 24, "batch_size": 4, "warmup": 2},
+    train={"steps": 24, "batch_size": 4, "warmup": 2, "in_context_loss": "answer"},
 )  # fmt: skip
 
 
@@ -45,6 +45,10 @@ def test_in_context_loss_is_on_the_answer_only() -> None:
     _, _, labels = _collate([(ids, masked), (ids[:5], 0)], tokenizer.pad_token_id)
     assert (labels[0] != -100).sum() == len(ids) - masked
     assert labels[1, :5].tolist() == ids[:5] and (labels[1, 5:] == -100).all()
+    every = MICRO.train.model_copy(update={"in_context_loss": "all"})
+    assert all(m == 0 for row in EpochBatches(world, tokenizer, every)._batches for _, m in row)
+    masked = EpochBatches(world, tokenizer, MICRO.train)._batches
+    assert sum(m > 0 for row in masked for _, m in row) == MICRO.world.in_context_examples
 
 
 def test_interrupted_build_resumes_to_the_same_weights(
