@@ -132,15 +132,6 @@ _TINY_QWEN2_MOE: dict[str, Any] = {
     "num_experts_per_tok": 2,
     "decoder_sparse_step": 1,
 }
-_SMALL_MODEL: dict[str, Any] = {
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 512,
-    "tie_word_embeddings": True,
-}
 
 # bioS world of the bios-* tiny presets: 5 drawn attributes + the pronoun used in bios, company
 # headquarters facts (for two_hop) and in-context passages of fictional people (long_context).
@@ -215,25 +206,34 @@ _register(
     )
 )
 
-# Small presets: 4x the people, 4 bios per person (knowledge augmentation, Physics of LMs 3.1),
-# longer context. Build times are far longer than the tiny presets (tens of CPU minutes).
+# Small presets: twice the people of the tiny ones, 4 layers, 512 positions, passages of up
+# to 8 bios (the longest haystack that fits). Sized to build in well under an hour on one
+# CPU core; build times and scores are in benchmarks/results/knowledge_instrument.json.
+_SMALL_MODEL: dict[str, Any] = {
+    "hidden_size": 192,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 6,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
 _SMALL_WORLD = WorldConfig(
     seed=0,
-    n_people=1000,
+    n_people=400,
     attributes=("birth_date", "birth_city", "university", "major", "employer", "pronoun"),
-    bios_per_person=4,
+    bios_per_person=2,
     permute_sentences=True,
-    in_context_examples=6000,
+    question_templates=4,
+    in_context_examples=2000,
     in_context_bios=8,
 )
-_SMALL_TRAIN = TrainConfig(
-    steps=12000, batch_size=32, lr=2e-3, warmup=200, qa_repeat=4, seq_len=512
-)
+_SMALL_TRAIN = TrainConfig(steps=4000, batch_size=32, lr=3e-3, warmup=100, qa_repeat=2, seq_len=512)
 
 _register(
     Preset(
         name="bios-dense-small",
-        description="1000 people x 6 attributes, 4 bios each, 4-layer Llama, 512 positions.",
+        description="400 people x 6 attributes, 4 phrasings, 4-layer Llama (h192), 512 positions.",
         world=_SMALL_WORLD,
         model=_SMALL_MODEL,
         train=_SMALL_TRAIN,
@@ -246,7 +246,7 @@ _register(
         description="bios-dense-small's world, 4-layer Mixtral (8 experts, top-2).",
         world=_SMALL_WORLD,
         architecture="mixtral",
-        model={**_SMALL_MODEL, "intermediate_size": 512, "num_local_experts": 8,
+        model={**_SMALL_MODEL, "intermediate_size": 384, "num_local_experts": 8,
                "num_experts_per_tok": 2},
         train=_SMALL_TRAIN,
     )
@@ -258,8 +258,8 @@ _register(
         description="bios-dense-small's world, 4-layer Qwen2-MoE (8 experts top-2 + shared).",
         world=_SMALL_WORLD,
         architecture="qwen2_moe",
-        model={**_SMALL_MODEL, "intermediate_size": 512, "moe_intermediate_size": 256,
-               "shared_expert_intermediate_size": 512, "num_experts": 8,
+        model={**_SMALL_MODEL, "intermediate_size": 384, "moe_intermediate_size": 192,
+               "shared_expert_intermediate_size": 384, "num_experts": 8,
                "num_experts_per_tok": 2, "decoder_sparse_step": 1},
         train=_SMALL_TRAIN,
     )
