@@ -152,7 +152,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from knowpress.world import load_world
 
     _quiet_libraries()
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     tasks = [t for t in args.tasks.split(",") if t]
     if not tasks and not args.lm_eval:
         raise KnowpressError("--tasks is empty and no --lm-eval tasks: nothing to evaluate")
@@ -170,6 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             flags = {"limit": "--lm-eval-limit", "num_fewshot": "--lm-eval-fewshot"}
             flag = flags.get(str(first["loc"][0]), "--lm-eval")
             raise KnowpressError(f"{flag}: {first['msg']}") from None
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     world = load_world(args.world or Path(args.model)) if tasks else None
     progress = Progress(console=err, enabled=not args.quiet)
     with progress.session():

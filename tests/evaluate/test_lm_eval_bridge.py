@@ -112,3 +112,22 @@ def test_gate_on_a_harness_task_must_be_evaluated() -> None:
                 "gate": {"min_retention": 0.5, "tasks": ["lm_eval/other"]},
             }
         )
+
+
+def test_cli_eval_runs_harness_tasks_alone(
+    tiny_teacher_dir: Path, fact_task: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from knowpress.cli import EXIT_USER, main
+
+    out = tmp_path / "scores.json"
+    argv = ["eval", "--model", str(tiny_teacher_dir), "--tasks", "", "-q", "--json", str(out)]
+    harness = ["--lm-eval", "knowpress_facts", "--lm-eval-include", str(fact_task)]
+    assert main([*argv, *harness, "--lm-eval-limit", "12"]) == 0
+    scores = json.loads(out.read_text())
+    assert (
+        list(scores) == ["lm_eval/knowpress_facts"] and scores["lm_eval/knowpress_facts"]["n"] == 12
+    )
+    assert main([*argv, *harness, "--lm-eval-limit", "0"]) == EXIT_USER
+    assert "--lm-eval-limit: Input should be greater than 0" in capsys.readouterr().err
+    assert main([*argv]) == EXIT_USER
+    assert "nothing to evaluate" in capsys.readouterr().err
