@@ -145,7 +145,10 @@ class Recipe(Strict):
             evaluated = self.evaluate.task_names()
             missing = [t for t in self.gate.tasks if t not in evaluated]
             if missing:
-                raise ValueError(f"gate.tasks {missing} are not evaluated (tasks: {evaluated})")
+                raise ValueError(
+                    f"gate.tasks {missing} are not evaluated; add them to evaluate.tasks "
+                    f"(or evaluate.lm_eval.tasks) or drop them (evaluated: {evaluated})"
+                )
         return self
 
     def dump(self) -> dict[str, Any]:

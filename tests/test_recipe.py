@@ -102,7 +102,7 @@ MALFORMED: list[tuple[str, Any, str]] = [
     (
         "gate task not evaluated",
         base(evaluate={"tasks": ["recall"]}, gate={"min_retention": 0.9, "tasks": ["perplexity"]}),
-        "<recipe>: gate.tasks ['perplexity'] are not in evaluate.tasks ['recall']",
+        "<recipe>: gate.tasks ['perplexity'] are not evaluated; add them to evaluate.tasks",
     ),
     (
         "teacher string",
