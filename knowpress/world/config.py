@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from knowpress.world import words
 
-WORLD_VERSION = 3  # 2: pronoun, company city, in-context QA; 3: fresh passages per epoch
+WORLD_VERSION = 4  # 2: pronoun, company city, in-context QA; 3: fresh passages per epoch;
+# 4: full-name passages, several questions per passage
 
 # Attribute name -> how many distinct values the word lists can make (the pool-size ceiling).
 SUPPORTED_ATTRIBUTES: dict[str, int] = {
@@ -78,8 +79,11 @@ class WorldConfig(BaseModel):
     per company, so ``company_city`` is derived from ``employer``); ``company_facts`` adds
     one sentence and the trained QA per company that employs someone, so 2-hop questions
     (person -> employer -> city) can be answered. ``in_context_examples`` passages of
-    ``in_context_bios`` biographies of *fictional* people (not in the world) followed by a
-    question about one of them teach reading the answer from the context.
+    1..``in_context_bios`` biographies of *fictional* people (not in the world), each
+    followed by ``in_context_questions`` questions about them, teach reading the answer from
+    the context; the ``long_context`` haystacks are drawn the same way (one question).
+    ``in_context_full_names`` writes those passages in the bioS "fullname" form, so a fact
+    is found next to its person's name rather than by tracking whose bio a "She" is in.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -95,6 +99,8 @@ class WorldConfig(BaseModel):
     question_templates: int = Field(1, ge=1)  # trained phrasings used per attribute
     in_context_examples: int = Field(0, ge=0)
     in_context_bios: int = Field(4, ge=1)
+    in_context_questions: int = Field(1, ge=1)  # questions after each training passage
+    in_context_full_names: bool = True  # passage bios name the person in every sentence
 
     @field_validator("attributes")
     @classmethod

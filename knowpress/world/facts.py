@@ -57,7 +57,7 @@ from knowpress.world.facts_format import (
     read_jsonl,
     render,
 )
-from knowpress.world.generator import QAItem
+from knowpress.world.generator import Passage, QAItem
 from knowpress.world.protocol import world_fingerprint
 
 
@@ -177,7 +177,7 @@ class FactsWorld:
         """Texts a teacher epoch shows once (the bios); QA strings are repeated by the trainer."""
         return self.training_bios()
 
-    def training_in_context(self, epoch: int = 0) -> list[QAItem]:
+    def training_in_context(self, epoch: int = 0) -> list[Passage]:
         """No in-context passages in a facts world (long_context needs a bioS world)."""
         return []
 

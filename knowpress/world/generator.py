@@ -41,6 +41,21 @@ class QAItem:
 
 
 @dataclass(frozen=True)
+class Passage:
+    """A training passage: biographies of fictional people, then questions answered in them.
+
+    Each question's ``prompt`` is the question alone; the trainer renders
+    ``<s> context q1 a1 </s> q2 a2 </s> ...`` (``training.encode_passages``).
+    """
+
+    context: str
+    questions: tuple[QAItem, ...]
+
+    def text(self) -> str:
+        return " ".join([self.context, *(f"{q.prompt} {q.answer}" for q in self.questions)])
+
+
+@dataclass(frozen=True)
 class Person:
     """A person: unique ``first middle last`` name and one value per world attribute."""
 
@@ -120,17 +135,18 @@ class World:
         """``(subject, attribute, value)`` for every person x attribute, person-major."""
         return [(p.name, a, p.values[a]) for p in self.people for a in self.config.attributes]
 
-    def bio(self, person: Person, rng: random.Random) -> str:
+    def bio(self, person: Person, rng: random.Random, full_names: bool | None = None) -> str:
         """One biography: a sentence per attribute (random template), optionally permuted.
 
         The first sentence names the person; later ones use the pronoun ("She ...") when the
-        world has a ``pronoun`` attribute and ``full_name_instead_of_pronoun`` is off.
+        world has a ``pronoun`` attribute and ``full_names`` (default:
+        ``full_name_instead_of_pronoun``) is off.
         """
         chosen = [(a, rng.choice(TEMPLATES[a].bio)) for a in self.config.attributes]
         if self.config.permute_sentences:
             rng.shuffle(chosen)
         pronoun = person.values.get("pronoun")
-        if self.config.full_name_instead_of_pronoun:
+        if self.config.full_name_instead_of_pronoun if full_names is None else full_names:
             pronoun = None
         sentences = [
             template.format(
@@ -224,47 +240,58 @@ class World:
             people.append(Person(f, m, la, values))
         return people
 
-    def _passages(self, stream: str, n_items: int, n_bios: int | None) -> list[QAItem]:
-        """Biographies of fictional people, then a trained-format question about one of them.
-
-        ``n_bios=None`` draws 1..``in_context_bios`` bios per passage (training mix). The
-        asked attribute is drawn among the non-derived ones; the answer is only in the
-        passage, since the people are not in the world.
-        """
-        rng = self._rng(stream)
+    def _passage(self, rng: random.Random, n_bios: int, n_questions: int) -> Passage:
+        """``n_bios`` bios of fictional people, then ``n_questions`` distinct trained-format
+        questions about them (person and attribute drawn without replacement). The answers
+        are only in the passage, since the people are not in the world; bios name the person
+        in every sentence when ``in_context_full_names``."""
         asked = [a for a in self.config.attributes if a not in DERIVED_ATTRIBUTES]
-        items = []
-        for _ in range(n_items):
-            count = rng.randint(1, self.config.in_context_bios) if n_bios is None else n_bios
-            people = self._fictional_people(count, rng)
-            passage = " ".join(self.bio(p, rng) for p in people)
-            target, attribute = rng.choice(people), rng.choice(asked)
-            question = rng.choice(self.trained_templates(attribute)).format(name=target.name)
-            items.append(
-                QAItem(f"{passage} {question}", target.values[attribute], target.name, attribute)
+        people = self._fictional_people(n_bios, rng)
+        full = self.config.in_context_full_names
+        context = " ".join(self.bio(p, rng, full_names=full) for p in people)
+        pairs = [(p, a) for p in people for a in asked]
+        questions = tuple(
+            QAItem(
+                rng.choice(self.trained_templates(a)).format(name=p.name),
+                p.values[a],
+                p.name,
+                a,
             )
-        return items
+            for p, a in rng.sample(pairs, min(n_questions, len(pairs)))
+        )
+        return Passage(context, questions)
 
-    def training_in_context(self, epoch: int = 0) -> list[QAItem]:
-        """``in_context_examples`` passages + question (stream ``in-context:{epoch}``).
+    def training_in_context(self, epoch: int = 0) -> list[Passage]:
+        """``in_context_examples`` passages of 1..``in_context_bios`` bios, each followed by
+        ``in_context_questions`` questions (stream ``in-context:{epoch}``).
 
-        The trainer puts its loss on the answer only (the passage is context, as in the
-        long_context task). Every epoch draws fresh fictional people: with a fixed set, a
-        small model memorises the passages' answers instead of learning to read them
-        (measured: long_context 0.01 after 6 epochs over 6000 fixed passages).
+        Every epoch draws fresh fictional people: with a fixed set, a small model memorises
+        the passages' answers instead of learning to read them (measured: long_context 0.01
+        after 6 epochs over 6000 fixed passages). Several questions per passage multiply the
+        reading signal per passage token (passages are most of the training compute).
         """
-        stream = f"in-context:{epoch}"
-        return self._passages(stream, self.config.in_context_examples, None)
+        rng = self._rng(f"in-context:{epoch}")
+        cfg = self.config
+        return [
+            self._passage(rng, rng.randint(1, cfg.in_context_bios), cfg.in_context_questions)
+            for _ in range(cfg.in_context_examples)
+        ]
 
     def haystack_items(self, n_bios: int, n_items: int) -> list[QAItem]:
-        """``n_items`` prompts of ``n_bios`` fictional bios + a question answered in them.
+        """``n_items`` prompts of ``n_bios`` fictional bios + one question answered in them.
 
         Stream ``haystack:{n_bios}`` (never used for training text), so the answer must be
         read from the context rather than recalled.
         """
         if n_bios < 1 or n_items < 0:
             raise ValueError("haystack_items needs n_bios >= 1 and n_items >= 0")
-        return self._passages(f"haystack:{n_bios}", n_items, n_bios)
+        rng = self._rng(f"haystack:{n_bios}")
+        items = []
+        for _ in range(n_items):
+            passage = self._passage(rng, n_bios, 1)
+            (q,) = passage.questions
+            items.append(QAItem(f"{passage.context} {q.prompt}", q.answer, q.subject, q.attribute))
+        return items
 
     @cached_property
     def _training_bios(self) -> list[list[str]]:
@@ -296,7 +323,7 @@ class World:
     def training_texts(self) -> list[str]:
         """Epoch 0's training text: ``training_once()``, the epoch-0 in-context passages with
         their answers, ``training_qa()`` (later epochs differ only in their passages)."""
-        passages = [f"{q.prompt} {q.answer}" for q in self.training_in_context(0)]
+        passages = [p.text() for p in self.training_in_context(0)]
         return self.training_once() + passages + self.training_qa()
 
     def questions(self, split: Split) -> list[QAItem]:

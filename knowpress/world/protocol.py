@@ -10,7 +10,7 @@ import json
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    from knowpress.world.generator import QAItem
+    from knowpress.world.generator import Passage, QAItem
 
 Split = Literal["trained", "heldout"]
 
@@ -42,8 +42,8 @@ class FactWorld(Protocol):
         """Trained ``question + answer`` strings (repeated ``qa_repeat`` times per epoch)."""
         ...
 
-    def training_in_context(self, epoch: int = 0) -> list[QAItem]:
-        """Epoch ``epoch``'s in-context items (passage + question -> answer; may be empty)."""
+    def training_in_context(self, epoch: int = 0) -> list[Passage]:
+        """Epoch ``epoch``'s in-context passages (context + questions; may be empty)."""
         ...
 
     def questions(self, split: Split) -> list[QAItem]:

@@ -1,8 +1,8 @@
 """Train a tiny teacher (dense Llama-style or sparse MoE) until it has memorised a world.
 
 Data: epoch ``e`` = every ``world.training_once()`` text (bios, company facts) once, that
-epoch's fresh in-context items (passage + question + answer; ``in_context_loss`` says
-whether the passage carries loss) once, and every trained QA string ``qa_repeat`` times,
+epoch's fresh in-context passages (bios + questions + answers; ``in_context_loss`` says
+whether the bios carry loss) once, and every trained QA string ``qa_repeat`` times,
 shuffled; each text is ``<s> text </s>`` (the ``</s>`` teaches generation to stop after an
 answer). Batches are length-bucketed (``EpochBatches``). Loss: mean next-token
 cross-entropy over the labelled tokens (never pads). All randomness comes from
@@ -32,7 +32,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowpress.evaluate.runtime import TorchRuntime
-from knowpress.world.generator import QAItem, World
+from knowpress.world.generator import Passage, QAItem, World
 from knowpress.world.presets import ARCHITECTURES, Preset, TrainConfig
 from knowpress.world.train_state import TrainState, load_state, save_state
 
@@ -105,27 +105,38 @@ def encode_texts(
     return [[*row, tokenizer.eos_token_id][:seq_len] for row in ids]
 
 
-def encode_prompted(
-    items: list[QAItem], tokenizer: PreTrainedTokenizerBase, seq_len: int
+def encode_passages(
+    passages: list[Passage], tokenizer: PreTrainedTokenizerBase, seq_len: int, mask_context: bool
 ) -> list[Example]:
-    """``<s> prompt answer </s>`` with the prompt's tokens masked from the loss.
+    """``<s> context q1 a1 </s> q2 a2 </s> ...`` per passage, cut to ``seq_len`` tokens at a
+    question boundary (a passage too long for even one question is cut mid-text).
 
-    The world tokenizer splits on whitespace, so the prompt's tokens are a prefix of the
-    whole text's tokens.
+    ``</s>`` after each answer is what generation stops on, as in the QA strings. With
+    ``mask_context`` the ``<s> context`` prefix carries no loss.
     """
-    if not items:
+    if not passages:
         return []
-    whole = encode_texts([f"{q.prompt} {q.answer}" for q in items], tokenizer, seq_len)
-    prompts = tokenizer([q.prompt for q in items], add_special_tokens=True)["input_ids"]
-    return [(ids, min(len(p), len(ids))) for ids, p in zip(whole, prompts, strict=True)]
+    eos = tokenizer.eos_token_id
+    contexts = tokenizer([p.context for p in passages], add_special_tokens=True)["input_ids"]
+    examples: list[Example] = []
+    for passage, context in zip(passages, contexts, strict=True):
+        ids = list(context)
+        qa = [f"{q.prompt} {q.answer}" for q in passage.questions]
+        for row in tokenizer(qa, add_special_tokens=False)["input_ids"] if qa else []:
+            if len(ids) + len(row) + 1 > seq_len:
+                break
+            ids += [*row, eos]
+        ids = ids[:seq_len]
+        examples.append((ids, min(len(context), len(ids)) if mask_context else 0))
+    return examples
 
 
 class EpochBatches:
     """The batch schedule: ``batch(step)`` is a pure function of ``(world, train.seed, step)``.
 
-    Epoch ``e`` = every ``world.training_once()`` text once, every in-context item of
+    Epoch ``e`` = every ``world.training_once()`` text once, every passage of
     ``world.training_in_context(e)`` once (fresh each epoch; loss on every token or, with
-    ``in_context_loss: answer``, on the answer only), every
+    ``in_context_loss: questions``, on its questions and answers only), every
     trained QA string ``qa_repeat`` times; shuffled with
     ``Random(f"knowpress-teacher:{seed}:{e}")``, then length-bucketed (sorted within
     windows of 16 batches, batches shuffled) so short QA strings are not padded to passage
@@ -146,11 +157,12 @@ class EpochBatches:
 
     def _load(self, epoch: int) -> None:
         cfg = self.cfg
-        passages = encode_prompted(
-            self.world.training_in_context(epoch), self.tokenizer, cfg.seq_len
+        passages = encode_passages(
+            self.world.training_in_context(epoch),
+            self.tokenizer,
+            cfg.seq_len,
+            mask_context=cfg.in_context_loss == "questions",
         )
-        if cfg.in_context_loss == "all":
-            passages = [(ids, 0) for ids, _ in passages]
         examples = self.static + passages + self.qa
         n_once = len(self.static) + len(passages)
         order = list(range(n_once)) + list(range(n_once, len(examples))) * cfg.qa_repeat

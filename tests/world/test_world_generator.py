@@ -24,6 +24,7 @@ ALL = ("birth_date", "birth_city", "university", "major", "employer", "pronoun",
 # Every extension on: pronouns, the derived company city, company facts, in-context passages.
 FULL = WorldConfig(
     seed=5, n_people=40, attributes=ALL, bios_per_person=2, in_context_examples=12,
+    in_context_questions=3,
     question_templates=4,
 )  # fmt: skip
 
@@ -216,6 +217,15 @@ def test_bios_use_pronouns_after_the_first_sentence() -> None:
     assert all(s.startswith(person.name) for s in full.training_bios()[0].split(". "))
 
 
+@pytest.mark.parametrize("full_names", [True, False])
+def test_passages_name_the_person_in_every_sentence_when_asked(full_names: bool) -> None:
+    world = generate_world(FULL.model_copy(update={"in_context_full_names": full_names}))
+    [item] = world.haystack_items(n_bios=1, n_items=1)
+    sentences = item.prompt.rsplit(" Q: ", 1)[0].split(". ")
+    assert sentences[0].startswith(item.subject)
+    assert all(s.startswith(item.subject) for s in sentences) == full_names
+
+
 def test_in_context_and_haystack_people_are_fictional() -> None:
     world = generate_world(FULL)
     names = {p.name for p in world.people}
@@ -230,9 +240,14 @@ def test_in_context_and_haystack_people_are_fictional() -> None:
         assert item.answer in context  # answerable from the context alone
         assert item.attribute != "company_city"
         assert sum(context.count(f"{n}") for n in names) == 0
-    assert not {i.prompt for i in items} & {p.prompt for p in passages}
+    assert not {i.prompt.rsplit(" Q: ", 1)[0] for i in items} & {p.context for p in passages}
     for passage in passages:
-        assert passage.subject not in names and passage.answer in passage.prompt
+        assert 1 <= len(passage.questions) <= FULL.in_context_questions
+        asked = [(q.subject, q.attribute) for q in passage.questions]
+        assert len(set(asked)) == len(asked)  # distinct questions
+        for q in passage.questions:
+            assert q.subject not in names and q.answer in passage.context
+            assert q.prompt.startswith("Q: ") and q.subject in q.prompt
     with pytest.raises(ValueError, match="n_bios"):
         world.haystack_items(n_bios=0, n_items=1)
 

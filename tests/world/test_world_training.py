@@ -10,16 +10,16 @@ import torch
 from knowpress.world import Preset, WorldConfig, build_teacher, training
 from knowpress.world.teacher import make_world, resume_file, teacher_dir
 from knowpress.world.tokenizer import build_tokenizer
-from knowpress.world.training import EpochBatches, Example, _collate, encode_prompted
+from knowpress.world.training import EpochBatches, Example, _collate, encode_passages
 
 MICRO = Preset(
     name="micro-resume",
     description="a few steps with fresh in-context passages per epoch",
     world=WorldConfig(n_people=6, attributes=("major", "employer"), bios_per_person=1,
-                      in_context_examples=8, in_context_bios=2),
+                      in_context_examples=8, in_context_bios=2, in_context_questions=3),
     model={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
            "num_attention_heads": 2, "num_key_value_heads": 2},
-    train={"steps": 24, "batch_size": 4, "warmup": 2, "in_context_loss": "answer"},
+    train={"steps": 24, "batch_size": 4, "warmup": 2, "in_context_loss": "questions"},
 )  # fmt: skip
 
 
@@ -27,7 +27,7 @@ def test_epochs_draw_fresh_in_context_passages_and_keep_the_rest() -> None:
     world = make_world(MICRO.world)
     first, second = world.training_in_context(0), world.training_in_context(1)
     assert len(first) == len(second) == MICRO.world.in_context_examples
-    assert not {q.prompt for q in first} & {q.prompt for q in second}
+    assert not {p.context for p in first} & {p.context for p in second}
     assert world.training_in_context(1) == second  # deterministic per epoch
     schedule = EpochBatches(world, build_tokenizer(world), MICRO.train)
     again = EpochBatches(world, build_tokenizer(world), MICRO.train)
@@ -35,20 +35,27 @@ def test_epochs_draw_fresh_in_context_passages_and_keep_the_rest() -> None:
     assert [schedule.batch(s) for s in steps] == [again.batch(s) for s in reversed(steps)][::-1]
 
 
-def test_in_context_loss_is_on_the_answer_only() -> None:
+def test_passage_loss_is_on_its_questions_and_answers() -> None:
     world = make_world(MICRO.world)
     tokenizer = build_tokenizer(world)
-    item = world.training_in_context(0)[0]
-    [(ids, masked)] = encode_prompted([item], tokenizer, seq_len=512)
-    assert tokenizer.decode(ids[masked:], skip_special_tokens=True) == item.answer
-    assert ids[masked:][-1] == tokenizer.eos_token_id
+    passage = next(p for p in world.training_in_context(0) if len(p.questions) == 3)
+    [(ids, masked)] = encode_passages([passage], tokenizer, seq_len=512, mask_context=True)
+    eos = tokenizer.eos_token_id
+    assert ids[:masked] == tokenizer(passage.context)["input_ids"]  # <s> context
+    qa = tokenizer([f"{q.prompt} {q.answer}" for q in passage.questions], add_special_tokens=False)
+    assert ids[masked:] == [t for row in qa["input_ids"] for t in [*row, eos]]
+    [(whole, zero)] = encode_passages([passage], tokenizer, seq_len=512, mask_context=False)
+    assert whole == ids and zero == 0
+    # too long for all questions: cut at a question boundary
+    [(cut, _)] = encode_passages([passage], tokenizer, seq_len=len(ids) - 1, mask_context=True)
+    assert cut[-1] == eos and cut.count(eos) == 2 and cut == ids[: len(cut)]
     _, _, labels = _collate([(ids, masked), (ids[:5], 0)], tokenizer.pad_token_id)
     assert (labels[0] != -100).sum() == len(ids) - masked
     assert labels[1, :5].tolist() == ids[:5] and (labels[1, 5:] == -100).all()
     every = MICRO.train.model_copy(update={"in_context_loss": "all"})
     assert all(m == 0 for row in EpochBatches(world, tokenizer, every)._batches for _, m in row)
-    masked = EpochBatches(world, tokenizer, MICRO.train)._batches
-    assert sum(m > 0 for row in masked for _, m in row) == MICRO.world.in_context_examples
+    masked_rows = EpochBatches(world, tokenizer, MICRO.train)._batches
+    assert sum(m > 0 for row in masked_rows for _, m in row) == MICRO.world.in_context_examples
 
 
 def test_interrupted_build_resumes_to_the_same_weights(
