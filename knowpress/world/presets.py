@@ -37,7 +37,7 @@ _DERIVED_MODEL_KEYS = frozenset({"vocab_size", "bos_token_id", "eos_token_id", "
 class TrainConfig(BaseModel):
     """Teacher training schedule.
 
-    Each epoch shows every training bio and that epoch's in-context items once and every
+    Each epoch shows every training bio and that epoch's in-context passages once and every
     trained QA string ``qa_repeat`` times (QA is what recall is measured on). Learning rate:
     linear warmup over ``warmup`` steps to ``lr``, then cosine decay to
     ``lr * min_lr_ratio`` at ``steps``. AdamW, gradient norm clipped to ``grad_clip``.
