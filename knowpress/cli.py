@@ -199,7 +199,13 @@ def cmd_world(args: argparse.Namespace) -> int:
             out.print(f"{name:20s} {preset.description}")
         return 0
     _quiet_libraries()
-    path = build_teacher(args.preset, force=args.force, progress=not args.quiet)
+    from knowpress.world.training import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        raise KnowpressError(f"--device: {exc}") from None
+    path = build_teacher(args.preset, force=args.force, progress=not args.quiet, device=args.device)
     manifest = json.loads((Path(path) / "knowpress_world.json").read_text())
     out.print(f"teacher: {path}\n{json.dumps(manifest.get('train', {}), indent=1)}")
     return 0
@@ -280,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = wsub.add_parser("build", help="train (or fetch from cache) a preset's teacher")
     b.add_argument("--preset", default="bios-dense-tiny")
     b.add_argument("--force", action="store_true", help="retrain even if cached")
+    b.add_argument("--device", default="cpu", help="train on cpu (default) or cuda[:N]")
     b.add_argument("-q", "--quiet", action="store_true")
     wsub.add_parser("list", help="list presets")
     p.set_defaults(func=cmd_world)

@@ -120,3 +120,10 @@ def test_gate_skips_near_chance_tasks_unless_named(run_dir: Path) -> None:
     assert result.passed and result.skipped == ["perplexity"]
     named = check(report, 0.5, tasks=["recall", "perplexity"])
     assert not named.passed and [f.task for f in named.failures] == ["perplexity"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_world_build_on_missing_gpu_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["world", "build", "--preset", "test-tiny", "--device", "cuda", "-q"]) == EXIT_USER
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device" in err[0] and "use --device cpu" in err[0]

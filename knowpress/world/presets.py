@@ -59,6 +59,18 @@ class TrainConfig(BaseModel):
     # Loss on in-context passages: "all" tokens (the bios too) or only the "questions" and
     # answers after the bios.
     in_context_loss: Literal["all", "questions"] = "all"
+    # Copy sequences per epoch: ``<s> span . span </s>``, span = ``copy_span`` (min, max)
+    # random world words, loss on the second copy only. They teach the induction-style
+    # copying that reading a many-valued answer out of the context needs (long_context).
+    copy_examples: int = Field(0, ge=0)
+    copy_span: tuple[int, int] = (4, 24)
+
+    @field_validator("copy_span")
+    @classmethod
+    def _span_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1]:
+            raise ValueError("copy_span must be (min, max) with 1 <= min <= max")
+        return value
 
 
 class Preset(BaseModel):
@@ -94,9 +106,15 @@ class Preset(BaseModel):
                 ),
                 "architecture": self.architecture,
                 "model": self.model,
-                "train": self.train.model_dump(mode="json"),
+                "train": self.train.model_dump(mode="json", exclude=_unused_copy(self.train)),
             }
         )
+
+
+def _unused_copy(train: TrainConfig) -> set[str]:
+    """The copy-sequence fields when no copies are made: left out of the key, so teachers
+    built before the option existed keep their keys (and their caches)."""
+    return {"copy_examples", "copy_span"} if train.copy_examples == 0 else set()
 
 
 PRESETS: Registry[Preset] = Registry("world preset")
@@ -231,20 +249,32 @@ _SMALL_WORLD = WorldConfig(
 )
 _SMALL_TRAIN = TrainConfig(steps=5000, batch_size=32, lr=3e-3, warmup=100, qa_repeat=2, seq_len=512)
 
+# bios-dense-small reads answers out of its context as well: six times the in-context
+# passages of _SMALL_WORLD (1-4 bios, loss on the questions only), synthetic copy sequences
+# and lr 1e-3. On an H200 (4000 steps, passages only) 1-2-bio passages lifted one-bio
+# long_context EM from chance to 0.74, copy sequences and question-only loss each sped that
+# up, and in the full mix lr 1e-3 reached recall 1.0 where 3e-3 spiked.
+_SMALL_DENSE_WORLD = _SMALL_WORLD.model_copy(
+    update={"in_context_examples": 12000, "in_context_bios": 4}
+)
+_SMALL_DENSE_TRAIN = _SMALL_TRAIN.model_copy(
+    update={"lr": 1e-3, "copy_examples": 4000, "in_context_loss": "questions"}
+)
+
 _register(
     Preset(
         name="bios-dense-small",
         description="400 people x 6 attributes, 4 phrasings, 4-layer Llama (h192), 512 positions.",
-        world=_SMALL_WORLD,
+        world=_SMALL_DENSE_WORLD,
         model=_SMALL_MODEL,
-        train=_SMALL_TRAIN,
+        train=_SMALL_DENSE_TRAIN,
     )
 )
 
 _register(
     Preset(
         name="bios-moe-small",
-        description="bios-dense-small's world, 4-layer Mixtral (8 experts, top-2).",
+        description="400 people x 6 attributes, 4-layer Mixtral (8 experts, top-2), 512 positions.",
         world=_SMALL_WORLD,
         architecture="mixtral",
         model={**_SMALL_MODEL, "intermediate_size": 384, "num_local_experts": 8,
@@ -256,7 +286,7 @@ _register(
 _register(
     Preset(
         name="bios-qwenmoe-small",
-        description="bios-dense-small's world, 4-layer Qwen2-MoE (8 experts top-2 + shared).",
+        description="bios-moe-small's world, 4-layer Qwen2-MoE (8 experts top-2 + shared).",
         world=_SMALL_WORLD,
         architecture="qwen2_moe",
         model={**_SMALL_MODEL, "intermediate_size": 384, "moe_intermediate_size": 192,

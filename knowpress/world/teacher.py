@@ -68,8 +68,10 @@ def build_teacher(
     cache_dir: Path | None = None,
     force: bool = False,
     progress: bool = True,
+    device: str = "cpu",
 ) -> Path:
-    """Path of a trained teacher for ``preset``: cached if present, else trained now (CPU).
+    """Path of a trained teacher for ``preset``: cached if present, else trained now on
+    ``device`` (cpu, or cuda when a GPU is present).
 
     ``force`` retrains from scratch and replaces a cached teacher. Training happens in a
     temporary sibling directory that is renamed into place only when complete
@@ -86,7 +88,7 @@ def build_teacher(
     if force:
         checkpoint.unlink(missing_ok=True)
     with atomic_dir(final) as tmp:  # a complete directory, or none, at ``final``
-        _train_into(p, tmp, progress, checkpoint)
+        _train_into(p, tmp, progress, checkpoint, device)
     checkpoint.unlink(missing_ok=True)
     return final
 
@@ -96,14 +98,18 @@ def resume_file(final: Path) -> Path:
     return final.parent / f".resume-{final.name}.safetensors"
 
 
-def _train_into(preset: Preset, out: Path, progress: bool, checkpoint: Path | None) -> None:
+def _train_into(
+    preset: Preset, out: Path, progress: bool, checkpoint: Path | None, device: str
+) -> None:
     from knowpress.models.io import save_model
     from knowpress.world.training import train_teacher  # torch only when training
 
     world = make_world(preset.world)
     max_positions = int(preset.model.get("max_position_embeddings", 2048))
     tokenizer = build_tokenizer(world, model_max_length=max_positions)
-    result = train_teacher(preset, world, tokenizer, progress=progress, checkpoint=checkpoint)
+    result = train_teacher(
+        preset, world, tokenizer, progress=progress, checkpoint=checkpoint, device=device
+    )
     save_model(result.model, tokenizer, out)
     record = {
         "format": FORMAT_VERSION,
@@ -119,6 +125,7 @@ def _train_into(preset: Preset, out: Path, progress: bool, checkpoint: Path | No
             "steps": result.steps,
             "final_loss": round(result.final_loss, 6),
             "seconds": round(result.seconds, 2),
+            "device": device,
             "recall": result.recall,
             "scores": result.scores,
         },

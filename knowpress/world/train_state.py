@@ -46,10 +46,10 @@ def save_state(
     """Write model, optimizer and ``state`` for preset ``key`` to ``path`` atomically."""
     tensors: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
-        tensors[f"param.{name}"] = param.detach().clone()
+        tensors[f"param.{name}"] = param.detach().cpu().clone()
         for field, value in optimizer.state.get(param, {}).items():
             if field in _ADAM_KEYS and isinstance(value, torch.Tensor):
-                tensors[f"adam.{name}.{field}"] = value.detach().clone().reshape(value.shape)
+                tensors[f"adam.{name}.{field}"] = value.detach().cpu().clone().reshape(value.shape)
     metadata = {
         "preset_key": key,
         "step": str(state.step),
@@ -82,7 +82,12 @@ def load_state(
         for name, param in params.items():
             param.copy_(loaded[f"param.{name}"])
     for name, param in params.items():
-        moments = {f: loaded[k] for f in _ADAM_KEYS if (k := f"adam.{name}.{f}") in loaded}
+        moments = {
+            # AdamW keeps ``step`` on the CPU unless capturable; the moments live with the param
+            f: loaded[k] if f == "step" else loaded[k].to(param.device)
+            for f in _ADAM_KEYS
+            if (k := f"adam.{name}.{f}") in loaded
+        }
         if moments:
             optimizer.state[param] = moments
     ema = meta.get("ema", "")

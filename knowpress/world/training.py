@@ -4,7 +4,8 @@ Data: epoch ``e`` = every ``world.training_once()`` text (bios, company facts) o
 epoch's fresh in-context passages (bios + questions + answers; ``in_context_loss`` says
 whether the bios carry loss) once, and every trained QA string ``qa_repeat`` times,
 shuffled; each text is ``<s> text </s>`` (the ``</s>`` teaches generation to stop after an
-answer). Batches are length-bucketed (``EpochBatches``). Loss: mean next-token
+answer); ``copy_examples`` synthetic copy sequences join the mix when set. Batches are
+length-bucketed (``EpochBatches``). Loss: mean next-token
 cross-entropy over the labelled tokens (never pads). All randomness comes from
 ``train.seed`` through local ``random.Random`` streams and a forked torch RNG, so global
 RNG state is left untouched, and a run resumed from a checkpoint (``train_state``) ends
@@ -131,13 +132,38 @@ def encode_passages(
     return examples
 
 
+def copy_examples(
+    tokenizer: PreTrainedTokenizerBase, n: int, span: tuple[int, int], rng: random.Random
+) -> list[Example]:
+    """``n`` sequences ``<s> w1..wk . w1..wk </s>``, k ~ U[span], words uniform over the
+    tokenizer's non-special vocabulary; the loss is on the second copy and ``</s>`` only.
+
+    Synthetic copying is the fastest way to grow induction heads (Olsson et al. 2022,
+    arXiv:2209.11895); without it a CPU-sized teacher learns to copy two-valued answers
+    (pronouns) from a passage but not names of cities, universities or employers.
+    """
+    if n == 0:
+        return []
+    separator = tokenizer.convert_tokens_to_ids(".")
+    if separator is None or separator == tokenizer.unk_token_id:
+        raise ValueError("train.copy_examples needs '.' in the tokenizer's vocabulary")
+    special = set(tokenizer.all_special_ids)
+    words = [i for i in range(len(tokenizer)) if i not in special and i != separator]
+    examples: list[Example] = []
+    for _ in range(n):
+        row = [rng.choice(words) for _ in range(rng.randint(*span))]
+        prefix = [tokenizer.bos_token_id, *row, separator]
+        examples.append(([*prefix, *row, tokenizer.eos_token_id], len(prefix)))
+    return examples
+
+
 class EpochBatches:
     """The batch schedule: ``batch(step)`` is a pure function of ``(world, train.seed, step)``.
 
     Epoch ``e`` = every ``world.training_once()`` text once, every passage of
     ``world.training_in_context(e)`` once (fresh each epoch; loss on every token or, with
-    ``in_context_loss: questions``, on its questions and answers only), every
-    trained QA string ``qa_repeat`` times; shuffled with
+    ``in_context_loss: questions``, on its questions and answers only), ``copy_examples``
+    fresh copy sequences, every trained QA string ``qa_repeat`` times; shuffled with
     ``Random(f"knowpress-teacher:{seed}:{e}")``, then length-bucketed (sorted within
     windows of 16 batches, batches shuffled) so short QA strings are not padded to passage
     length. Every epoch has the same number of batches, so a resumed run finds its place
@@ -163,8 +189,14 @@ class EpochBatches:
             cfg.seq_len,
             mask_context=cfg.in_context_loss == "questions",
         )
-        examples = self.static + passages + self.qa
-        n_once = len(self.static) + len(passages)
+        copies = copy_examples(
+            self.tokenizer,
+            cfg.copy_examples,
+            cfg.copy_span,
+            random.Random(f"knowpress-copy:{cfg.seed}:{epoch}"),
+        )
+        examples = self.static + passages + copies + self.qa
+        n_once = len(examples) - len(self.qa)
         order = list(range(n_once)) + list(range(n_once, len(examples))) * cfg.qa_repeat
         rng = random.Random(f"knowpress-teacher:{cfg.seed}:{epoch}")
         rng.shuffle(order)
@@ -236,14 +268,33 @@ def train_teacher(
     tokenizer: PreTrainedTokenizerBase,
     progress: bool = True,
     checkpoint: Path | None = None,
+    device: str = "cpu",
 ) -> TrainResult:
     """Train ``preset``'s model on ``world``'s epochs and score it on every applicable task.
 
     With ``checkpoint``, the run state is saved there every ``CHECKPOINT_SECONDS`` and a run
-    finding a checkpoint of the same preset key resumes from it (``train_state``).
+    finding a checkpoint of the same preset key resumes from it (``train_state``). The
+    model is initialised on the CPU (same weights on every device), trained and scored on
+    ``device`` and returned on the CPU. The batch schedule does not depend on the device;
+    float results do (kernels differ), so a GPU-built teacher is close to, not bit-equal
+    to, a CPU-built one.
     """
+    target = resolve_device(device)
     with _torch_threads(training_threads()):
-        return _train(preset, world, tokenizer, progress, checkpoint)
+        return _train(preset, world, tokenizer, progress, checkpoint, target)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``torch.device(device)``, or a ValueError naming the fix when it is not usable here."""
+    try:
+        target = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1)") from exc
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch has no usable CUDA GPU; use --device cpu")
+    if target.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: teachers train on cpu or cuda")
+    return target
 
 
 def _train(
@@ -252,13 +303,14 @@ def _train(
     tokenizer: PreTrainedTokenizerBase,
     progress: bool,
     checkpoint: Path | None,
+    device: torch.device,
 ) -> TrainResult:
     cfg, key = preset.train, preset.key()
     schedule = EpochBatches(world, tokenizer, cfg)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         model = make_model(preset, tokenizer)
-    model.train()
+    model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms: no weight decay
     optimizer = torch.optim.AdamW(
@@ -280,7 +332,8 @@ def _train(
         for step in range(state.step, cfg.steps):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg)
-            ids, mask, labels = _collate(schedule.batch(step), tokenizer.pad_token_id)
+            batch = _collate(schedule.batch(step), tokenizer.pad_token_id)
+            ids, mask, labels = (t.to(device) for t in batch)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -299,6 +352,7 @@ def _train(
     # training only (all segments of a resumed run); the scoring below is not counted
     seconds = state.seconds + time.perf_counter() - segment_start
     scores = teacher_scores(model, tokenizer, world)
+    model.to("cpu")
     loss = float(state.ema or 0.0)
     return TrainResult(model, cfg.steps, loss, seconds, scores["recall"], scores)
 

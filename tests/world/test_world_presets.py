@@ -34,6 +34,18 @@ BASE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
         "max_position_embeddings": 256}  # fmt: skip
 
 
+def test_copy_fields_enter_the_key_only_when_used() -> None:
+    base = PRESETS.get("bios-moe-small")
+    assert base.train.copy_examples == 0
+
+    def with_train(**update: object) -> Preset:
+        return base.model_copy(update={"train": base.train.model_copy(update=update)})
+
+    assert with_train(copy_span=(2, 3)).key() == base.key()  # unused: teachers keep keys
+    assert with_train(copy_examples=1).key() != base.key()
+    assert with_train(copy_examples=1).key() != with_train(copy_examples=1, copy_span=(2, 3)).key()
+
+
 def test_micro_matrix_covers_every_architecture() -> None:
     assert set(MICRO_MODELS) == set(ARCHITECTURES)
 

@@ -1,7 +1,9 @@
-"""Teacher training: the epoch schedule and exact resume from a checkpoint."""
+"""Teacher training: the epoch schedule, copy sequences, devices and exact resume from a
+checkpoint."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,8 @@ MICRO = Preset(
                       in_context_examples=8, in_context_bios=2, in_context_questions=3),
     model={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
            "num_attention_heads": 2, "num_key_value_heads": 2},
-    train={"steps": 24, "batch_size": 4, "warmup": 2, "in_context_loss": "questions"},
+    train={"steps": 24, "batch_size": 4, "warmup": 2, "in_context_loss": "questions",
+           "copy_examples": 3, "copy_span": (2, 4)},
 )  # fmt: skip
 
 
@@ -52,10 +55,50 @@ def test_passage_loss_is_on_its_questions_and_answers() -> None:
     _, _, labels = _collate([(ids, masked), (ids[:5], 0)], tokenizer.pad_token_id)
     assert (labels[0] != -100).sum() == len(ids) - masked
     assert labels[1, :5].tolist() == ids[:5] and (labels[1, 5:] == -100).all()
-    every = MICRO.train.model_copy(update={"in_context_loss": "all"})
+    every = MICRO.train.model_copy(update={"in_context_loss": "all", "copy_examples": 0})
     assert all(m == 0 for row in EpochBatches(world, tokenizer, every)._batches for _, m in row)
     masked_rows = EpochBatches(world, tokenizer, MICRO.train)._batches
-    assert sum(m > 0 for row in masked_rows for _, m in row) == MICRO.world.in_context_examples
+    n_masked = MICRO.world.in_context_examples + MICRO.train.copy_examples
+    assert sum(m > 0 for row in masked_rows for _, m in row) == n_masked
+
+
+def test_copy_examples_repeat_a_span_with_loss_on_the_copy() -> None:
+    world = make_world(MICRO.world)
+    tokenizer = build_tokenizer(world)
+    rows = training.copy_examples(tokenizer, 60, (2, 5), random.Random(0))
+    dot, special = tokenizer.convert_tokens_to_ids("."), set(tokenizer.all_special_ids)
+    for ids, masked in rows:
+        k = (len(ids) - 3) // 2  # <s> span . span </s>
+        assert 2 <= k <= 5 and len(ids) == 2 * k + 3 and masked == k + 2
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert ids[k + 1] == dot and ids[1 : k + 1] == ids[k + 2 : -1]
+        assert not (special | {dot}) & set(ids[1 : k + 1])
+    assert {len(ids) for ids, _ in rows} == {7, 9, 11, 13}  # every span length drawn
+    assert rows == training.copy_examples(tokenizer, 60, (2, 5), random.Random(0))
+    assert training.copy_examples(tokenizer, 0, (2, 5), random.Random(0)) == []
+    # the epoch holds exactly copy_examples of them, fresh each epoch
+    schedule = EpochBatches(world, tokenizer, MICRO.train)
+
+    def copies(epoch: int) -> list[Example]:
+        schedule.batch(epoch * schedule.per_epoch)
+        rows = [row for batch in schedule._batches for row in batch]
+        return [(ids, m) for ids, m in rows if m > 2 and ids[m:-1] == ids[1 : m - 1]]
+
+    first, second = copies(0), copies(1)
+    assert len(first) == len(second) == MICRO.train.copy_examples and first != second
+
+
+def test_copy_span_and_device_are_validated() -> None:
+    with pytest.raises(ValueError, match="copy_span"):
+        MICRO.train.model_validate({"steps": 1, "copy_span": (5, 2)})
+    assert training.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a torch device"):
+        training.resolve_device("gpu0")
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        training.resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="use --device cpu"):
+            training.resolve_device("cuda")
 
 
 def test_interrupted_build_resumes_to_the_same_weights(
