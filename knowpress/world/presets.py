@@ -224,9 +224,14 @@ _register(
     )
 )
 
-# Small presets: twice the people of the tiny ones, 4 layers, 512 positions, passages of up
-# to 8 bios (the longest haystack that fits). Sized to build in well under an hour on one
-# CPU core; build times and scores are in benchmarks/results/knowledge_instrument.json.
+# Small presets: twice the people of the tiny ones, 4 layers, 512 positions. They read answers
+# out of their context too: 12000 in-context passages of 1-4 bios per epoch (loss on the
+# questions only), 4000 synthetic copy sequences and lr 1e-3. Lead-finding runs on an H200
+# (throwaway script, 4000 steps, passages only) showed 1-2-bio passages lifting one-bio
+# long_context EM from chance to 0.74, copy sequences and question-only loss each speeding
+# that up, and, in the full mix, lr 1e-3 reaching recall 1.0 where 3e-3 spiked. About 40 min
+# (dense) on two CPU threads; build times and scores are in
+# benchmarks/results/knowledge_instrument.json.
 _SMALL_MODEL: dict[str, Any] = {
     "hidden_size": 192,
     "intermediate_size": 768,
@@ -243,38 +248,35 @@ _SMALL_WORLD = WorldConfig(
     bios_per_person=2,
     permute_sentences=True,
     question_templates=4,
-    in_context_examples=2000,
-    in_context_bios=8,
+    in_context_examples=12000,
+    in_context_bios=4,
     in_context_questions=4,
 )
-_SMALL_TRAIN = TrainConfig(steps=5000, batch_size=32, lr=3e-3, warmup=100, qa_repeat=2, seq_len=512)
-
-# bios-dense-small reads answers out of its context as well: six times the in-context
-# passages of _SMALL_WORLD (1-4 bios, loss on the questions only), synthetic copy sequences
-# and lr 1e-3. On an H200 (4000 steps, passages only) 1-2-bio passages lifted one-bio
-# long_context EM from chance to 0.74, copy sequences and question-only loss each sped that
-# up, and in the full mix lr 1e-3 reached recall 1.0 where 3e-3 spiked.
-_SMALL_DENSE_WORLD = _SMALL_WORLD.model_copy(
-    update={"in_context_examples": 12000, "in_context_bios": 4}
-)
-_SMALL_DENSE_TRAIN = _SMALL_TRAIN.model_copy(
-    update={"lr": 1e-3, "copy_examples": 4000, "in_context_loss": "questions"}
+_SMALL_TRAIN = TrainConfig(
+    steps=5000,
+    batch_size=32,
+    lr=1e-3,
+    warmup=100,
+    qa_repeat=2,
+    seq_len=512,
+    in_context_loss="questions",
+    copy_examples=4000,
 )
 
 _register(
     Preset(
         name="bios-dense-small",
         description="400 people x 6 attributes, 4 phrasings, 4-layer Llama (h192), 512 positions.",
-        world=_SMALL_DENSE_WORLD,
+        world=_SMALL_WORLD,
         model=_SMALL_MODEL,
-        train=_SMALL_DENSE_TRAIN,
+        train=_SMALL_TRAIN,
     )
 )
 
 _register(
     Preset(
         name="bios-moe-small",
-        description="400 people x 6 attributes, 4-layer Mixtral (8 experts, top-2), 512 positions.",
+        description="bios-dense-small's world, 4-layer Mixtral (8 experts, top-2).",
         world=_SMALL_WORLD,
         architecture="mixtral",
         model={**_SMALL_MODEL, "intermediate_size": 384, "num_local_experts": 8,
@@ -286,7 +288,7 @@ _register(
 _register(
     Preset(
         name="bios-qwenmoe-small",
-        description="bios-moe-small's world, 4-layer Qwen2-MoE (8 experts top-2 + shared).",
+        description="bios-dense-small's world, 4-layer Qwen2-MoE (8 experts top-2 + shared).",
         world=_SMALL_WORLD,
         architecture="qwen2_moe",
         model={**_SMALL_MODEL, "intermediate_size": 384, "moe_intermediate_size": 192,

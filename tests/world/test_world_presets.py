@@ -35,7 +35,7 @@ BASE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
 
 
 def test_copy_fields_enter_the_key_only_when_used() -> None:
-    base = PRESETS.get("bios-moe-small")
+    base = PRESETS.get("bios-dense-tiny-full")
     assert base.train.copy_examples == 0
 
     def with_train(**update: object) -> Preset:
