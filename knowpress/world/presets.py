@@ -229,8 +229,8 @@ _register(
 # questions only), 4000 synthetic copy sequences and lr 1e-3. Lead-finding runs on an H200
 # (throwaway script, 4000 steps, passages only) showed 1-2-bio passages lifting one-bio
 # long_context EM from chance to 0.74, copy sequences and question-only loss each speeding
-# that up, and, in the full mix, lr 1e-3 reaching recall 1.0 where 3e-3 spiked. About 40 min
-# (dense) on two CPU threads; build times and scores are in
+# that up, and, in the full mix, lr 1e-3 reaching recall 1.0 where 3e-3 spiked. Builds: 39 min
+# (dense), 52 min (Mixtral) on two CPU threads; scores in
 # benchmarks/results/knowledge_instrument.json.
 _SMALL_MODEL: dict[str, Any] = {
     "hidden_size": 192,
