@@ -74,10 +74,11 @@ def main() -> None:
     torch.set_num_threads(training_threads())
     rows = [measure(name, args.max_items) for name in args.presets]
     for row in rows:
+        built = row["build_seconds"]
+        build = "cached" if built is None else f"built in {built} s"
         print(
             f"{row['preset']} ({row['architecture']}, {row['parameters']:,} params, "
-            f"{row['stored_bytes']:,} B, build {row['build_seconds']} s, "
-            f"train {row['train_seconds']} s)"
+            f"{row['stored_bytes']:,} B, {build}, train {row['train_seconds']} s)"
         )
         for task, s in row["tasks"].items():
             flag = "  NEAR CHANCE" if s["near_chance"] else ""
