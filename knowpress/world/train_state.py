@@ -46,10 +46,10 @@ def save_state(
     """Write model, optimizer and ``state`` for preset ``key`` to ``path`` atomically."""
     tensors: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
-        tensors[f"param.{name}"] = param.detach().cpu().clone()
+        tensors[f"param.{name}"] = param.detach().to("cpu", copy=True)
         for field, value in optimizer.state.get(param, {}).items():
             if field in _ADAM_KEYS and isinstance(value, torch.Tensor):
-                tensors[f"adam.{name}.{field}"] = value.detach().cpu().clone().reshape(value.shape)
+                tensors[f"adam.{name}.{field}"] = value.detach().to("cpu", copy=True)
     metadata = {
         "preset_key": key,
         "step": str(state.step),
