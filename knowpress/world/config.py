@@ -2,16 +2,18 @@
 
 ``WorldConfig`` is frozen and strict (unknown fields are errors), so a world is named by its
 config alone: ``cfg.key()`` = first 12 hex digits of
-``sha256(canonical_json({"world_version": WORLD_VERSION, **cfg}))`` where canonical JSON has
-sorted keys and no whitespace. ``WORLD_VERSION`` changes whenever the generator's output for
-an unchanged config would change, so caches keyed on it never serve a stale world.
+``sha256(canonical_json({"world_version": WORLD_VERSION, **cfg.key_fields()}))`` where
+canonical JSON has sorted keys and no whitespace (``key_fields`` leaves out fields added
+later while they hold the default that reproduces older worlds). ``WORLD_VERSION`` changes
+whenever the generator's output for an unchanged config would change, so caches keyed on it
+never serve a stale world.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -84,6 +86,12 @@ class WorldConfig(BaseModel):
     the context; the ``long_context`` haystacks are drawn the same way (one question).
     ``in_context_full_names`` writes those passages in the bioS "fullname" form, so a fact
     is found next to its person's name rather than by tracking whose bio a "She" is in.
+    ``in_context_style: facts`` writes them instead as one fixed sentence per person and
+    attribute, ``The {relation} of {name} is {value}.``, shuffled across the passage's
+    people: RULER's multi-key needles (Hsieh et al. 2024), where the value sits at a fixed
+    offset after its key. In ``bios`` passages the relation phrase between name and value
+    varies, so reading them takes binding a value to the name at its sentence's start; the
+    4-layer small teachers learned that for one bio but not for several (see presets.py).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -101,6 +109,7 @@ class WorldConfig(BaseModel):
     in_context_bios: int = Field(4, ge=1)
     in_context_questions: int = Field(1, ge=1)  # questions after each training passage
     in_context_full_names: bool = True  # passage bios name the person in every sentence
+    in_context_style: Literal["bios", "facts"] = "bios"
 
     @field_validator("attributes")
     @classmethod
@@ -126,6 +135,19 @@ class WorldConfig(BaseModel):
                 raise ValueError(f"pools.{attribute}={size} exceeds the {ceiling} values available")
         return self
 
+    def key_fields(self) -> dict[str, Any]:
+        """The config as hashed: ``model_dump`` less fields added later while at their
+        default (``_LATER_DEFAULTS``), so worlds made before a field existed keep their key."""
+        dump = self.model_dump(mode="json")
+        for name, default in _LATER_DEFAULTS.items():
+            if dump[name] == default:
+                del dump[name]
+        return dump
+
     def key(self) -> str:
         """Short stable hash of this config (and the generator version); see module doc."""
-        return canonical_hash({"world_version": WORLD_VERSION, **self.model_dump(mode="json")})
+        return canonical_hash({"world_version": WORLD_VERSION, **self.key_fields()})
+
+
+# Fields added after WORLD_VERSION 4, with the default that reproduces the older worlds.
+_LATER_DEFAULTS: dict[str, Any] = {"in_context_style": "bios"}

@@ -244,11 +244,18 @@ class World:
         """``n_bios`` bios of fictional people, then ``n_questions`` distinct trained-format
         questions about them (person and attribute drawn without replacement). The answers
         are only in the passage, since the people are not in the world; bios name the person
-        in every sentence when ``in_context_full_names``."""
+        in every sentence when ``in_context_full_names``. ``in_context_style: facts``: one
+        ``TEMPLATES[a].fact`` sentence per person and attribute, shuffled across people."""
         asked = [a for a in self.config.attributes if a not in DERIVED_ATTRIBUTES]
         people = self._fictional_people(n_bios, rng)
-        full = self.config.in_context_full_names
-        context = " ".join(self.bio(p, rng, full_names=full) for p in people)
+        if self.config.in_context_style == "facts":
+            sentences = [TEMPLATES[a].fact.format(name=p.name, value=p.values[a])
+                         for p in people for a in asked]  # fmt: skip
+            rng.shuffle(sentences)
+            context = " ".join(sentences)
+        else:
+            full = self.config.in_context_full_names
+            context = " ".join(self.bio(p, rng, full_names=full) for p in people)
         pairs = [(p, a) for p in people for a in asked]
         questions = tuple(
             QAItem(
@@ -373,9 +380,10 @@ class World:
     def template_words(self) -> list[str]:
         """Every template in this world (bio, trained, held-out), for vocabulary building."""
         out: list[str] = []
+        facts = self.config.in_context_style == "facts"  # bios worlds keep their vocabulary
         for a in self.config.attributes:
             t = TEMPLATES[a]
-            out.extend([*t.bio, *t.trained, *t.heldout])
+            out.extend([*t.bio, *t.trained, *t.heldout, *([t.fact] if facts else [])])
         if "employer" in self.config.attributes:
             c = COMPANY_TEMPLATES
             out.extend([*c.bio, *c.trained, *c.heldout, *TWO_HOP_TEMPLATES])

@@ -26,6 +26,8 @@ class AttributeTemplates:
     bio: tuple[str, ...]
     trained: tuple[str, ...]
     heldout: tuple[str, ...]
+    # The one fixed sentence of ``in_context_style: facts`` passages (RULER-style needles).
+    fact: str = ""
 
 
 TEMPLATES: dict[str, AttributeTemplates] = {
@@ -47,6 +49,7 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "Q: What is the birth date of {name}? A:",
             "Q: Which date was {name} born on? A:",
         ),
+        fact="The date of birth of {name} is {value}.",
     ),
     "birth_city": AttributeTemplates(
         bio=(
@@ -66,6 +69,7 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "Q: Which city is the birthplace of {name}? A:",
             "Q: What city is {name} a native of? A:",
         ),
+        fact="The birth city of {name} is {value}.",
     ),
     "university": AttributeTemplates(
         bio=(
@@ -85,6 +89,7 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "Q: At which university did {name} study? A:",
             "Q: Which university educated {name}? A:",
         ),
+        fact="The university of {name} is {value}.",
     ),
     "major": AttributeTemplates(
         bio=(
@@ -104,6 +109,7 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "Q: What was the field of study of {name}? A:",
             "Q: Which field did {name} study? A:",
         ),
+        fact="The major of {name} is {value}.",
     ),
     "employer": AttributeTemplates(
         bio=(
@@ -123,6 +129,7 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "Q: Which company is {name} employed by? A:",
             "Q: Where does {name} work? A:",
         ),
+        fact="The employer of {name} is {value}.",
     ),
     "pronoun": AttributeTemplates(
         bio=(
@@ -135,6 +142,7 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "Q: What pronoun is used for {name}? A:",
         ),
         heldout=("Q: What pronoun does {name} use? A:",),
+        fact="The pronoun of {name} is {value}.",
     ),
     # Derived from employer: the city of the person's company.
     "company_city": AttributeTemplates(
@@ -148,6 +156,7 @@ TEMPLATES: dict[str, AttributeTemplates] = {
             "Q: Which city does {name} work in? A:",
         ),
         heldout=("Q: What city is the workplace of {name} in? A:",),
+        fact="The work city of {name} is {value}.",
     ),
 }
 

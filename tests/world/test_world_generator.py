@@ -226,6 +226,33 @@ def test_passages_name_the_person_in_every_sentence_when_asked(full_names: bool)
     assert all(s.startswith(item.subject) for s in sentences) == full_names
 
 
+def test_facts_style_passages_are_one_fixed_sentence_per_person_and_attribute() -> None:
+    facts = FULL.model_copy(update={"in_context_style": "facts"})
+    world = generate_world(facts)
+    asked = [a for a in ALL if a != "company_city"]
+    for item in world.haystack_items(n_bios=3, n_items=5):
+        context = item.prompt.rsplit(" Q: ", 1)[0]
+        sentences = [s.rstrip(".") + "." for s in context.split(". ")]
+        assert len(sentences) == 3 * len(asked)
+        subject_facts = [s for s in sentences if f" of {item.subject} is " in s]
+        assert len(subject_facts) == len(asked)
+        wanted = TEMPLATES[item.attribute].fact.format(name=item.subject, value=item.answer)
+        assert wanted in subject_facts
+        templates = [TEMPLATES[a].fact.split("{name}")[0] for a in asked]
+        assert all(any(s.startswith(t) for t in templates) for s in sentences)
+    assert world.training_in_context(0) != generate_world(FULL).training_in_context(0)
+    corpus = "\n".join(world.training_texts())
+    heldout = [t for a in ALL for t in TEMPLATES[a].heldout] + list(TWO_HOP_TEMPLATES)
+    assert not [t for t in heldout if stem(t) in corpus]  # held-out phrasings stay unseen
+    # Only facts worlds add the fact sentences' words to the vocabulary (bios worlds keep
+    # their tokenizer), and only they hash the field (bios worlds keep their key).
+    fact_texts = [TEMPLATES[a].fact for a in ALL]
+    assert set(fact_texts) <= set(world.template_words())
+    assert not set(fact_texts) & set(generate_world(FULL).template_words())
+    assert "in_context_style" not in FULL.key_fields()
+    assert facts.key() != FULL.key() and facts.key_fields()["in_context_style"] == "facts"
+
+
 def test_in_context_and_haystack_people_are_fictional() -> None:
     world = generate_world(FULL)
     names = {p.name for p in world.people}
