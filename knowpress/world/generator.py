@@ -249,8 +249,11 @@ class World:
         asked = [a for a in self.config.attributes if a not in DERIVED_ATTRIBUTES]
         people = self._fictional_people(n_bios, rng)
         if self.config.in_context_style == "facts":
-            sentences = [TEMPLATES[a].fact.format(name=p.name, value=p.values[a])
-                         for p in people for a in asked]  # fmt: skip
+            sentences = [
+                TEMPLATES[a].fact.format(name=p.name, value=p.values[a])
+                for p in people
+                for a in asked
+            ]
             rng.shuffle(sentences)
             context = " ".join(sentences)
         else:
