@@ -250,9 +250,7 @@ class World:
         people = self._fictional_people(n_bios, rng)
         if self.config.in_context_style == "facts":
             sentences = [
-                TEMPLATES[a].fact.format(name=p.name, value=p.values[a])
-                for p in people
-                for a in asked
+                _fact(a).format(name=p.name, value=p.values[a]) for p in people for a in asked
             ]
             rng.shuffle(sentences)
             context = " ".join(sentences)
@@ -386,11 +384,21 @@ class World:
         facts = self.config.in_context_style == "facts"  # bios worlds keep their vocabulary
         for a in self.config.attributes:
             t = TEMPLATES[a]
-            out.extend([*t.bio, *t.trained, *t.heldout, *([t.fact] if facts else [])])
+            out.extend([*t.bio, *t.trained, *t.heldout, *([_fact(a)] if facts else [])])
         if "employer" in self.config.attributes:
             c = COMPANY_TEMPLATES
             out.extend([*c.bio, *c.trained, *c.heldout, *TWO_HOP_TEMPLATES])
         return out
+
+
+def _fact(attribute: str) -> str:
+    fact = TEMPLATES[attribute].fact
+    if fact is None:
+        raise ValueError(
+            f"attribute {attribute} has no fact sentence for in_context_style: facts; "
+            "add AttributeTemplates.fact in knowpress/world/templates.py or use style bios"
+        )
+    return fact
 
 
 def _stream(seed: int, stream: str) -> random.Random:

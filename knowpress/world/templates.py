@@ -26,8 +26,9 @@ class AttributeTemplates:
     bio: tuple[str, ...]
     trained: tuple[str, ...]
     heldout: tuple[str, ...]
-    # The one fixed sentence of ``in_context_style: facts`` passages (RULER-style needles).
-    fact: str = ""
+    # The one fixed sentence of ``in_context_style: facts`` passages (RULER-style needles);
+    # every person attribute has one (tested), company facts never appear in passages.
+    fact: str | None = None
 
 
 TEMPLATES: dict[str, AttributeTemplates] = {

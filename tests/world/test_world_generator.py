@@ -254,6 +254,12 @@ def test_facts_style_passages_are_one_fixed_sentence_per_person_and_attribute() 
     assert facts.key() != FULL.key() and facts.key_fields()["in_context_style"] == "facts"
 
 
+def test_every_person_attribute_has_a_fact_sentence() -> None:
+    for attribute, templates in TEMPLATES.items():
+        fact = templates.fact or ""
+        assert "{name}" in fact and "{value}" in fact, f"{attribute} needs a fact sentence"
+
+
 def test_in_context_and_haystack_people_are_fictional() -> None:
     world = generate_world(FULL)
     names = {p.name for p in world.people}
