@@ -230,7 +230,7 @@ _register(
 # (throwaway script, 4000 steps, passages only) showed 1-2-bio passages lifting one-bio
 # long_context EM from chance to 0.74, copy sequences and question-only loss each speeding
 # that up, and, in the full mix, lr 1e-3 reaching recall 1.0 where 3e-3 spiked. Builds: 39 min
-# (dense), ~70 min (Mixtral, 6500 steps) on two CPU threads; scores in
+# (dense), ~70 min (Mixtral) and ~65 min (Qwen2-MoE; 6500 steps each) on two CPU threads; scores in
 # benchmarks/results/knowledge_instrument.json. What they do not learn is binding: with two or
 # more bios in the context, EM stays at about the one-bio EM over the number of bios (they read
 # the right relation from a random person). Fifteen H100 variants (longer runs, 8-12
