@@ -92,6 +92,10 @@ class WorldConfig(BaseModel):
     offset after its key. In ``bios`` passages the relation phrase between name and value
     varies, so reading them takes binding a value to the name at its sentence's start; the
     4-layer small teachers learned that for one bio but not for several (see presets.py).
+    ``in_context_lookup`` makes that share of the training passages *lookups*: one attribute
+    stated for 2..2*``in_context_bios`` people (one sentence each, in the world's style), then
+    questions about it, so the relation cannot pick the answer and only the name can. They
+    teach the name half of the (name, relation) lookup that full passages leave unlearned.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -110,6 +114,7 @@ class WorldConfig(BaseModel):
     in_context_questions: int = Field(1, ge=1)  # questions after each training passage
     in_context_full_names: bool = True  # passage bios name the person in every sentence
     in_context_style: Literal["bios", "facts"] = "bios"
+    in_context_lookup: float = Field(0.0, ge=0, le=1)  # share of lookup passages (see above)
 
     @field_validator("attributes")
     @classmethod
@@ -150,4 +155,4 @@ class WorldConfig(BaseModel):
 
 
 # Fields added after WORLD_VERSION 4, with the default that reproduces the older worlds.
-_LATER_DEFAULTS: dict[str, Any] = {"in_context_style": "bios"}
+_LATER_DEFAULTS: dict[str, Any] = {"in_context_style": "bios", "in_context_lookup": 0.0}

@@ -17,56 +17,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
 from knowpress.world import words
 from knowpress.world.config import DERIVED_ATTRIBUTES, WorldConfig
+from knowpress.world.items import Passage, Person, QAItem
+from knowpress.world.passages import fact_sentence, full_passage, lookup_passage
 from knowpress.world.protocol import world_fingerprint
 from knowpress.world.templates import COMPANY_TEMPLATES, TEMPLATES, TWO_HOP_TEMPLATES
 
 Split = Literal["trained", "heldout"]
 FIRST_BIRTH_YEAR = 1900
-
-
-@dataclass(frozen=True)
-class QAItem:
-    """One question: ``prompt`` ends with ``"A:"``; the model should continue with ``answer``."""
-
-    prompt: str
-    answer: str
-    subject: str
-    attribute: str
-
-
-@dataclass(frozen=True)
-class Passage:
-    """A training passage: biographies of fictional people, then questions answered in them.
-
-    Each question's ``prompt`` is the question alone; the trainer renders
-    ``<s> context q1 a1 </s> q2 a2 </s> ...`` (``training.encode_passages``).
-    """
-
-    context: str
-    questions: tuple[QAItem, ...]
-
-    def text(self) -> str:
-        return " ".join([self.context, *(f"{q.prompt} {q.answer}" for q in self.questions)])
-
-
-@dataclass(frozen=True)
-class Person:
-    """A person: unique ``first middle last`` name and one value per world attribute."""
-
-    first: str
-    middle: str
-    last: str
-    values: dict[str, str] = field(hash=False)
-
-    @property
-    def name(self) -> str:
-        return f"{self.first} {self.middle} {self.last}"
 
 
 def value_pool(attribute: str, size: int) -> list[str]:
@@ -217,58 +179,6 @@ class World:
             items.append(QAItem(prompt, known[company], p.name, "company_city"))
         return items
 
-    def _fictional_people(self, n: int, rng: random.Random) -> list[Person]:
-        """``n`` people not in the world (fresh names; values drawn from the world's pools)."""
-        taken = {(p.first, p.middle, p.last) for p in self.people}
-        first, last = words.FIRST_NAMES, words.LAST_NAMES
-        drawn: list[tuple[str, str, str]] = []
-        while len(drawn) < n:  # rejection: world people and repeats within the passage
-            name = (rng.choice(first), rng.choice(first), rng.choice(last))
-            if name[0] != name[1] and name not in taken:
-                taken.add(name)
-                drawn.append(name)
-        people = []
-        for f, m, la in drawn:
-            values = {}
-            for a in self.config.attributes:
-                if a in DERIVED_ATTRIBUTES:
-                    continue
-                pool = self.value_pool(a)
-                values[a] = pool[rng.randrange(len(pool))]
-            if "company_city" in self.config.attributes:
-                values["company_city"] = self.company_cities[values["employer"]]
-            people.append(Person(f, m, la, values))
-        return people
-
-    def _passage(self, rng: random.Random, n_bios: int, n_questions: int) -> Passage:
-        """``n_bios`` bios of fictional people, then ``n_questions`` distinct trained-format
-        questions about them (person and attribute drawn without replacement). The answers
-        are only in the passage, since the people are not in the world; bios name the person
-        in every sentence when ``in_context_full_names``. ``in_context_style: facts``: one
-        ``TEMPLATES[a].fact`` sentence per person and attribute, shuffled across people."""
-        asked = [a for a in self.config.attributes if a not in DERIVED_ATTRIBUTES]
-        people = self._fictional_people(n_bios, rng)
-        if self.config.in_context_style == "facts":
-            sentences = [
-                _fact(a).format(name=p.name, value=p.values[a]) for p in people for a in asked
-            ]
-            rng.shuffle(sentences)
-            context = " ".join(sentences)
-        else:
-            full = self.config.in_context_full_names
-            context = " ".join(self.bio(p, rng, full_names=full) for p in people)
-        pairs = [(p, a) for p in people for a in asked]
-        questions = tuple(
-            QAItem(
-                rng.choice(self.trained_templates(a)).format(name=p.name),
-                p.values[a],
-                p.name,
-                a,
-            )
-            for p, a in rng.sample(pairs, min(n_questions, len(pairs)))
-        )
-        return Passage(context, questions)
-
     def training_in_context(self, epoch: int = 0) -> list[Passage]:
         """``in_context_examples`` passages of 1..``in_context_bios`` bios, each followed by
         ``in_context_questions`` questions (stream ``in-context:{epoch}``).
@@ -280,10 +190,15 @@ class World:
         """
         rng = self._rng(f"in-context:{epoch}")
         cfg = self.config
-        return [
-            self._passage(rng, rng.randint(1, cfg.in_context_bios), cfg.in_context_questions)
-            for _ in range(cfg.in_context_examples)
-        ]
+        passages = []
+        for _ in range(cfg.in_context_examples):
+            # Worlds without lookups draw nothing extra, so their passages stay as they were.
+            if cfg.in_context_lookup and rng.random() < cfg.in_context_lookup:
+                passages.append(lookup_passage(self, rng, rng.randint(2, 2 * cfg.in_context_bios)))
+            else:
+                n_bios = rng.randint(1, cfg.in_context_bios)
+                passages.append(full_passage(self, rng, n_bios, cfg.in_context_questions))
+        return passages
 
     def haystack_items(self, n_bios: int, n_items: int) -> list[QAItem]:
         """``n_items`` prompts of ``n_bios`` fictional bios + one question answered in them.
@@ -296,7 +211,7 @@ class World:
         rng = self._rng(f"haystack:{n_bios}")
         items = []
         for _ in range(n_items):
-            passage = self._passage(rng, n_bios, 1)
+            passage = full_passage(self, rng, n_bios, 1)
             (q,) = passage.questions
             items.append(QAItem(f"{passage.context} {q.prompt}", q.answer, q.subject, q.attribute))
         return items
@@ -384,21 +299,11 @@ class World:
         facts = self.config.in_context_style == "facts"  # bios worlds keep their vocabulary
         for a in self.config.attributes:
             t = TEMPLATES[a]
-            out.extend([*t.bio, *t.trained, *t.heldout, *([_fact(a)] if facts else [])])
+            out.extend([*t.bio, *t.trained, *t.heldout, *([fact_sentence(a)] if facts else [])])
         if "employer" in self.config.attributes:
             c = COMPANY_TEMPLATES
             out.extend([*c.bio, *c.trained, *c.heldout, *TWO_HOP_TEMPLATES])
         return out
-
-
-def _fact(attribute: str) -> str:
-    fact = TEMPLATES[attribute].fact
-    if fact is None:
-        raise ValueError(
-            f"attribute {attribute} has no fact sentence for in_context_style: facts; "
-            "add AttributeTemplates.fact in knowpress/world/templates.py or use style bios"
-        )
-    return fact
 
 
 def _stream(seed: int, stream: str) -> random.Random:

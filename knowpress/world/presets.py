@@ -225,20 +225,21 @@ _register(
 )
 
 # Small presets: twice the people of the tiny ones, 4 layers, 512 positions. They read answers
-# out of their context too: 12000 in-context passages of 1-4 bios per epoch (loss on the
-# questions only), 4000 synthetic copy sequences and lr 1e-3. Lead-finding runs on an H200
-# (throwaway script, 4000 steps, passages only) showed 1-2-bio passages lifting one-bio
-# long_context EM from chance to 0.74, copy sequences and question-only loss each speeding
-# that up, and, in the full mix, lr 1e-3 reaching recall 1.0 where 3e-3 spiked. Builds: 39 min
-# (dense), ~70 min (Mixtral) and ~65 min (Qwen2-MoE; 6500 steps each) on two CPU threads; scores in
-# benchmarks/results/knowledge_instrument.json. What they do not learn is binding: with two or
-# more bios in the context, EM stays at about the one-bio EM over the number of bios (they read
-# the right relation from a random person). Fifteen H100 variants (longer runs, 8-12
-# questions per passage, 2-8 bios only, lr 2e-3 / 3e-3, weight decay 0.1, 6 and 8 layers,
-# hidden 384) showed no binding within 2000-5500 steps, nor did six more run to 5500-7700
-# steps (this mix: EM 0.98 / 0.48 / 0.28 / 0.25 at 1 / 2 / 4 / 8 bios). Nor did this dense
-# preset with ``in_context_style="facts"`` on the CPU (5000 steps: EM 0.93 / 0.42 / 0.24 at
-# 1 / 2 / 4 people, though recall 0.986 and paraphrase 0.786), so the presets keep bios.
+# out of their context too: 12000 in-context passages per epoch (loss on the questions only),
+# 4000 synthetic copy sequences and lr 1e-3 (H200 lead-finding: 1-2-person passages lift
+# one-person long_context EM from chance, copies and question-only loss speed that up, 3e-3
+# spiked). Half the passages are RULER-style fact sentences of 1-4 people with 4 questions, half
+# are lookups (``in_context_lookup``: one attribute of 2-8 people). Without the lookups no
+# teacher learned binding: with k people in the context, EM stayed near the one-person EM / k
+# (the right relation, read from a random person). That held for bios passages on the CPU
+# (dense 0.69 / 0.28 / 0.09 / 0.13 at 1 / 2 / 4 / 8 bios, Mixtral 1.00 / 0.38 / 0.22 / 0.19), for
+# facts passages on the CPU (0.93 / 0.42 / 0.24 at 1 / 2 / 4 people) and for 21 H100 variants
+# (more questions, 2-8 bios only, lr, weight decay, 6-8 layers, hidden 384; up to 7700
+# steps). With the lookups, the name half of the (name, relation) key is learned on its own:
+# a 2-layer tiny model went from 0.84 / 0.47 to 1.00 / 0.99 (1 / 2 people, 2000 steps), and this
+# dense preset on an H100 reached 1.00 / 0.95 / 0.83 at 3300 of its 5000 steps. Bios-style
+# passages with lookups did not bind by then (0.81 / 0.45 / 0.16 / 0.12), so facts it is.
+# Build times and scores: benchmarks/results/knowledge_instrument.json.
 _SMALL_MODEL: dict[str, Any] = {
     "hidden_size": 192,
     "intermediate_size": 768,
@@ -258,6 +259,8 @@ _SMALL_WORLD = WorldConfig(
     in_context_examples=12000,
     in_context_bios=4,
     in_context_questions=4,
+    in_context_style="facts",
+    in_context_lookup=0.5,
 )
 _SMALL_TRAIN = TrainConfig(
     steps=5000,

@@ -88,8 +88,13 @@ def test_small_pool_is_prefix_and_values_are_plain_words() -> None:
 
 @pytest.mark.parametrize(
     "cfg",
-    [CFG, FULL, FULL.model_copy(update={"in_context_style": "facts"})],
-    ids=["default", "full", "facts"],
+    [
+        CFG,
+        FULL,
+        FULL.model_copy(update={"in_context_style": "facts"}),
+        FULL.model_copy(update={"in_context_style": "facts", "in_context_lookup": 0.5}),
+    ],
+    ids=["default", "full", "facts", "facts-lookup"],
 )
 def test_held_out_question_stems_never_in_training(cfg: WorldConfig) -> None:
     world = generate_world(cfg)
@@ -252,6 +257,32 @@ def test_facts_style_passages_are_one_fixed_sentence_per_person_and_attribute() 
     assert not set(fact_texts) & set(generate_world(FULL).template_words())
     assert "in_context_style" not in FULL.key_fields()
     assert facts.key() != FULL.key() and facts.key_fields()["in_context_style"] == "facts"
+
+
+@pytest.mark.parametrize("style", ["bios", "facts"])
+def test_lookup_passages_state_one_attribute_of_several_people(style: str) -> None:
+    lookups = FULL.model_copy(update={"in_context_lookup": 1.0, "in_context_style": style})
+    world = generate_world(lookups)
+    people = {p.name for p in world.people}
+    for passage in world.training_in_context(0):
+        sentences = [s.rstrip(".") + "." for s in passage.context.split(". ")]
+        assert 2 <= len(sentences) <= 2 * FULL.in_context_bios
+        assert 1 <= len(passage.questions) <= min(FULL.in_context_questions, len(sentences))
+        [attribute] = {q.attribute for q in passage.questions}
+        bio_or_fact = TEMPLATES[attribute].bio if style == "bios" else (TEMPLATES[attribute].fact,)
+        for question in passage.questions:
+            assert question.subject not in people  # fictional: read, not recalled
+            [said] = [s for s in sentences if question.subject in s]
+            assert said in {
+                t.format(name=question.subject, value=question.answer) for t in bio_or_fact
+            }
+    mixed = generate_world(FULL.model_copy(update={"in_context_lookup": 0.5}))
+    n_lookups = sum(
+        len({q.attribute for q in p.questions}) == 1 for p in mixed.training_in_context(0)
+    )
+    assert 0 < n_lookups < FULL.in_context_examples
+    # Worlds without lookups keep their key (and their passages: no extra draws).
+    assert "in_context_lookup" not in FULL.key_fields() and lookups.key() != FULL.key()
 
 
 def test_every_person_attribute_has_a_fact_sentence() -> None:

@@ -1,0 +1,44 @@
+"""The plain records a fact world hands out: questions, training passages, people."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question: ``prompt`` ends with ``"A:"``; the model should continue with ``answer``."""
+
+    prompt: str
+    answer: str
+    subject: str
+    attribute: str
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A training passage: biographies of fictional people, then questions answered in them.
+
+    Each question's ``prompt`` is the question alone; the trainer renders
+    ``<s> context q1 a1 </s> q2 a2 </s> ...`` (``training.encode_passages``).
+    """
+
+    context: str
+    questions: tuple[QAItem, ...]
+
+    def text(self) -> str:
+        return " ".join([self.context, *(f"{q.prompt} {q.answer}" for q in self.questions)])
+
+
+@dataclass(frozen=True)
+class Person:
+    """A person: unique ``first middle last`` name and one value per world attribute."""
+
+    first: str
+    middle: str
+    last: str
+    values: dict[str, str] = field(hash=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.first} {self.middle} {self.last}"

@@ -1,0 +1,106 @@
+"""In-context passages of fictional people: the reading half of a world's training data and
+its ``long_context`` haystacks (``World.training_in_context``, ``World.haystack_items``).
+
+Everything is drawn from the caller's ``random.Random``, so a passage is a pure function of
+the world and the stream position.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+from knowpress.world import words
+from knowpress.world.config import DERIVED_ATTRIBUTES
+from knowpress.world.items import Passage, Person, QAItem
+from knowpress.world.templates import TEMPLATES
+
+if TYPE_CHECKING:
+    from knowpress.world.generator import World
+
+
+def fictional_people(world: World, n: int, rng: random.Random) -> list[Person]:
+    """``n`` people not in the world (fresh names; values drawn from the world's pools)."""
+    taken = {(p.first, p.middle, p.last) for p in world.people}
+    first, last = words.FIRST_NAMES, words.LAST_NAMES
+    drawn: list[tuple[str, str, str]] = []
+    while len(drawn) < n:  # rejection: world people and repeats within the passage
+        name = (rng.choice(first), rng.choice(first), rng.choice(last))
+        if name[0] != name[1] and name not in taken:
+            taken.add(name)
+            drawn.append(name)
+    people = []
+    for f, m, la in drawn:
+        values = {}
+        for a in world.config.attributes:
+            if a in DERIVED_ATTRIBUTES:
+                continue
+            pool = world.value_pool(a)
+            values[a] = pool[rng.randrange(len(pool))]
+        if "company_city" in world.config.attributes:
+            values["company_city"] = world.company_cities[values["employer"]]
+        people.append(Person(f, m, la, values))
+    return people
+
+
+def full_passage(world: World, rng: random.Random, n_bios: int, n_questions: int) -> Passage:
+    """``n_bios`` bios of fictional people, then ``n_questions`` distinct trained-format
+    questions about them (person and attribute drawn without replacement). The answers
+    are only in the passage, since the people are not in the world; bios name the person
+    in every sentence when ``in_context_full_names``. ``in_context_style: facts``: one
+    ``TEMPLATES[a].fact`` sentence per person and attribute, shuffled across people."""
+    asked = [a for a in world.config.attributes if a not in DERIVED_ATTRIBUTES]
+    people = fictional_people(world, n_bios, rng)
+    if world.config.in_context_style == "facts":
+        sentences = [
+            fact_sentence(a).format(name=p.name, value=p.values[a]) for p in people for a in asked
+        ]
+        rng.shuffle(sentences)
+        context = " ".join(sentences)
+    else:
+        full = world.config.in_context_full_names
+        context = " ".join(world.bio(p, rng, full_names=full) for p in people)
+    pairs = [(p, a) for p in people for a in asked]
+    questions = tuple(
+        QAItem(
+            rng.choice(world.trained_templates(a)).format(name=p.name),
+            p.values[a],
+            p.name,
+            a,
+        )
+        for p, a in rng.sample(pairs, min(n_questions, len(pairs)))
+    )
+    return Passage(context, questions)
+
+
+def lookup_passage(world: World, rng: random.Random, n_people: int) -> Passage:
+    """One attribute of ``n_people`` fictional people, a sentence each (a random bio
+    template with the full name, or the fact sentence in facts style), shuffled; then
+    ``min(in_context_questions, n_people)`` questions about that attribute."""
+    asked = [a for a in world.config.attributes if a not in DERIVED_ATTRIBUTES]
+    attribute = rng.choice(asked)
+    people = fictional_people(world, n_people, rng)
+    facts = world.config.in_context_style == "facts"
+    sentences = [
+        (fact_sentence(attribute) if facts else rng.choice(TEMPLATES[attribute].bio)).format(
+            name=p.name, value=p.values[attribute]
+        )
+        for p in people
+    ]
+    rng.shuffle(sentences)
+    templates = world.trained_templates(attribute)
+    questions = tuple(
+        QAItem(rng.choice(templates).format(name=p.name), p.values[attribute], p.name, attribute)
+        for p in rng.sample(people, min(world.config.in_context_questions, n_people))
+    )
+    return Passage(" ".join(sentences), questions)
+
+
+def fact_sentence(attribute: str) -> str:
+    fact = TEMPLATES[attribute].fact
+    if fact is None:
+        raise ValueError(
+            f"attribute {attribute} has no fact sentence for in_context_style: facts; "
+            "add AttributeTemplates.fact in knowpress/world/templates.py or use style bios"
+        )
+    return fact
