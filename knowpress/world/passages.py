@@ -76,7 +76,12 @@ def full_passage(world: World, rng: random.Random, n_bios: int, n_questions: int
 def lookup_passage(world: World, rng: random.Random, n_people: int) -> Passage:
     """One attribute of ``n_people`` fictional people, a sentence each (a random bio
     template with the full name, or the fact sentence in facts style), shuffled; then
-    ``min(in_context_questions, n_people)`` questions about that attribute."""
+    ``min(in_context_questions, n_people)`` questions about that attribute.
+
+    Every sentence holds the asked relation, so only the name finds the answer: this is
+    multi-query associative recall (Arora et al. 2023, Zoology, arXiv:2312.04927) with names
+    as keys. Full passages alone let a small teacher get by on the relation (it then reads a
+    random person's value); these teach the name half of the (name, relation) key."""
     asked = [a for a in world.config.attributes if a not in DERIVED_ATTRIBUTES]
     attribute = rng.choice(asked)
     people = fictional_people(world, n_people, rng)
