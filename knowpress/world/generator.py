@@ -181,7 +181,8 @@ class World:
 
     def training_in_context(self, epoch: int = 0) -> list[Passage]:
         """``in_context_examples`` passages of 1..``in_context_bios`` bios, each followed by
-        ``in_context_questions`` questions (stream ``in-context:{epoch}``).
+        ``in_context_questions`` questions (stream ``in-context:{epoch}``); a share
+        ``in_context_lookup`` of them are lookups instead (``passages.lookup_passage``).
 
         Every epoch draws fresh fictional people: with a fixed set, a small model memorises
         the passages' answers instead of learning to read them (measured: long_context 0.01
