@@ -238,7 +238,9 @@ _register(
 # steps). With the lookups, the name half of the (name, relation) key is learned on its own:
 # a 2-layer tiny model went from 0.84 / 0.47 to 1.00 / 0.99 (1 / 2 people, 2000 steps), and this
 # dense preset on an H100 reached 1.00 / 0.95 / 0.83 at 3300 of its 5000 steps. Bios-style
-# passages with lookups did not bind by then (0.81 / 0.45 / 0.16 / 0.12), so facts it is.
+# passages with lookups did not bind by then (0.81 / 0.45 / 0.16 / 0.12), so facts it is. The
+# transition is sudden and its step varies by run: this preset's CPU build had not bound at
+# 5000 steps (1.00 / 0.50 / 0.34), nor had two more tiny-model seeds at 2500.
 # Build times and scores: benchmarks/results/knowledge_instrument.json.
 _SMALL_MODEL: dict[str, Any] = {
     "hidden_size": 192,
