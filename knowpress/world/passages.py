@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from knowpress.world.generator import World
 
 
+def _drawn_attributes(world: World) -> list[str]:
+    """The world's attributes that have values of their own (derived ones are looked up)."""
+    return [a for a in world.config.attributes if a not in DERIVED_ATTRIBUTES]
+
+
 def fictional_people(world: World, n: int, rng: random.Random) -> list[Person]:
     """``n`` people not in the world (fresh names; values drawn from the world's pools)."""
     taken = {(p.first, p.middle, p.last) for p in world.people}
@@ -32,9 +37,7 @@ def fictional_people(world: World, n: int, rng: random.Random) -> list[Person]:
     people = []
     for f, m, la in drawn:
         values = {}
-        for a in world.config.attributes:
-            if a in DERIVED_ATTRIBUTES:
-                continue
+        for a in _drawn_attributes(world):
             pool = world.value_pool(a)
             values[a] = pool[rng.randrange(len(pool))]
         if "company_city" in world.config.attributes:
@@ -49,7 +52,7 @@ def full_passage(world: World, rng: random.Random, n_bios: int, n_questions: int
     are only in the passage, since the people are not in the world; bios name the person
     in every sentence when ``in_context_full_names``. ``in_context_style: facts``: one
     ``TEMPLATES[a].fact`` sentence per person and attribute, shuffled across people."""
-    asked = [a for a in world.config.attributes if a not in DERIVED_ATTRIBUTES]
+    asked = _drawn_attributes(world)
     people = fictional_people(world, n_bios, rng)
     if world.config.in_context_style == "facts":
         sentences = [
@@ -82,7 +85,7 @@ def lookup_passage(world: World, rng: random.Random, n_people: int) -> Passage:
     multi-query associative recall (Arora et al. 2023, Zoology, arXiv:2312.04927) with names
     as keys. Full passages alone let a small teacher get by on the relation (it then reads a
     random person's value); these teach the name half of the (name, relation) key."""
-    asked = [a for a in world.config.attributes if a not in DERIVED_ATTRIBUTES]
+    asked = _drawn_attributes(world)
     attribute = rng.choice(asked)
     people = fictional_people(world, n_people, rng)
     facts = world.config.in_context_style == "facts"
