@@ -225,22 +225,21 @@ _register(
 )
 
 # Small presets: twice the people of the tiny ones, 4 layers, 512 positions. They read answers
-# out of their context too: 12000 in-context passages per epoch (loss on the questions only),
-# 4000 synthetic copy sequences and lr 1e-3 (H200 lead-finding: 1-2-person passages lift
-# one-person long_context EM from chance, copies and question-only loss speed that up, 3e-3
-# spiked). Half the passages are RULER-style fact sentences of 1-4 people with 4 questions, half
-# are lookups (``in_context_lookup``: one attribute of 2-8 people). Without the lookups no
-# teacher learned binding: with k people in the context, EM stayed near the one-person EM / k
-# (the right relation, read from a random person). That held for bios passages on the CPU
-# (dense 0.69 / 0.28 / 0.09 / 0.13 at 1 / 2 / 4 / 8 bios, Mixtral 1.00 / 0.38 / 0.22 / 0.19), for
-# facts passages on the CPU (0.93 / 0.42 / 0.24 at 1 / 2 / 4 people) and for 21 H100 variants
-# (more questions, 2-8 bios only, lr, weight decay, 6-8 layers, hidden 384; up to 7700
-# steps). With the lookups, the name half of the (name, relation) key is learned on its own:
-# a 2-layer tiny model went from 0.84 / 0.47 to 1.00 / 0.99 (1 / 2 people, 2000 steps), and this
-# dense preset on an H100 reached 1.00 / 0.95 / 0.83 at 3300 of its 5000 steps. Bios-style
-# passages with lookups did not bind by then (0.81 / 0.45 / 0.16 / 0.12), so facts it is. The
-# transition is sudden and its step varies by run: this preset's CPU build had not bound at
-# 5000 steps (1.00 / 0.50 / 0.34), nor had two more tiny-model seeds at 2500.
+# out of their context too: 24000 in-context passages per epoch (loss on the questions only,
+# 8 per passage), 4000 synthetic copy sequences and lr 1e-3 (H200 lead-finding: 1-2-person
+# passages lift one-person long_context EM from chance, copies and question-only loss speed
+# that up, 3e-3 spiked). A tenth of the passages are RULER-style fact sentences of 1-4 people;
+# nine tenths are lookups (``in_context_lookup``: one attribute of 2-8 people). Without lookups
+# no teacher learned binding: with k people in the context, EM stayed near the one-person EM / k
+# (the right relation, read from a random person), for bios and facts passages on the CPU and
+# for 21 H100 variants (more questions, 2-8 bios only, lr, weight decay, 6-8 layers, hidden
+# 384; up to 7700 steps). Lookups teach the name half of the (name, relation) key, but binding
+# arrives as a sudden transition after enough of them: with 12000 passages, half of them
+# lookups, this dense preset bound at step ~3300 on an H100 but not by 5000 on the CPU (1.00 /
+# 0.50 / 0.34 at 1 / 2 / 4 people); with nine tenths lookups and 8 questions it had not at 3650
+# either (two seeds: 0.88 / 0.38 / 0.25, 0.92 / 0.40 / 0.21). Doubling the passages as well
+# (lookups per sequence 0.31 -> 0.46) bound at step ~2950 of 6000 on the CPU (0.98 / 0.94 /
+# 0.78; lookup EM 0.94 with 8 people), leaving half the schedule as margin.
 # Build times and scores: benchmarks/results/knowledge_instrument.json.
 _SMALL_MODEL: dict[str, Any] = {
     "hidden_size": 192,
@@ -258,14 +257,14 @@ _SMALL_WORLD = WorldConfig(
     bios_per_person=2,
     permute_sentences=True,
     question_templates=4,
-    in_context_examples=12000,
+    in_context_examples=24000,
     in_context_bios=4,
-    in_context_questions=4,
+    in_context_questions=8,
     in_context_style="facts",
-    in_context_lookup=0.5,
+    in_context_lookup=0.9,
 )
 _SMALL_TRAIN = TrainConfig(
-    steps=5000,
+    steps=6000,
     batch_size=32,
     lr=1e-3,
     warmup=100,
@@ -277,7 +276,7 @@ _SMALL_TRAIN = TrainConfig(
 # The sparse models memorise more slowly (top-2 of 8 experts: each expert sees about a quarter
 # of the tokens): Mixtral at 5000 steps reached recall 0.940 / paraphrase 0.690 on the CPU,
 # just under the dense model's 0.961 / 0.701, so the MoE presets train 1500 steps longer.
-_SMALL_MOE_TRAIN = _SMALL_TRAIN.model_copy(update={"steps": 6500})
+_SMALL_MOE_TRAIN = _SMALL_TRAIN.model_copy(update={"steps": 7500})
 
 _register(
     Preset(
