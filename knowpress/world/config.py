@@ -140,6 +140,11 @@ class WorldConfig(BaseModel):
                 raise ValueError(f"pools.{attribute}={size} exceeds the {ceiling} values available")
         return self
 
+    @property
+    def drawn_attributes(self) -> tuple[str, ...]:
+        """The attributes drawn per person; derived ones (``DERIVED_ATTRIBUTES``) are looked up."""
+        return tuple(a for a in self.attributes if a not in DERIVED_ATTRIBUTES)
+
     def key_fields(self) -> dict[str, Any]:
         """The config as hashed: ``model_dump`` less fields added later while at their
         default (``_LATER_DEFAULTS``), so worlds made before a field existed keep their key."""

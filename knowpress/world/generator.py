@@ -21,7 +21,7 @@ from functools import cached_property
 from typing import Literal
 
 from knowpress.world import words
-from knowpress.world.config import DERIVED_ATTRIBUTES, WorldConfig
+from knowpress.world.config import WorldConfig
 from knowpress.world.items import Passage, Person, QAItem
 from knowpress.world.passages import fact_sentence, full_passage, lookup_passage
 from knowpress.world.protocol import world_fingerprint
@@ -81,6 +81,11 @@ class World:
 
     def __repr__(self) -> str:
         return f"World(key={self.config.key()}, people={len(self.people)})"
+
+    @cached_property
+    def names(self) -> frozenset[tuple[str, str, str]]:
+        """Every person's ``(first, middle, last)``: the names fictional people must avoid."""
+        return frozenset((p.first, p.middle, p.last) for p in self.people)
 
     def _rng(self, stream: str) -> random.Random:
         return _stream(self.config.seed, stream)
@@ -330,9 +335,7 @@ def generate_world(config: WorldConfig) -> World:
     """Build the world for ``config``; the same config gives the same world in any process."""
     names = _draw_names(config.n_people, _stream(config.seed, "names"))
     values: dict[str, Sequence[str]] = {}
-    for attribute in config.attributes:
-        if attribute in DERIVED_ATTRIBUTES:
-            continue
+    for attribute in config.drawn_attributes:
         pool = value_pool(attribute, _pool_size_arg(config, attribute))
         rng = _stream(config.seed, f"values:{attribute}")
         values[attribute] = [pool[rng.randrange(len(pool))] for _ in names]

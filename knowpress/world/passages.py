@@ -11,7 +11,6 @@ import random
 from typing import TYPE_CHECKING
 
 from knowpress.world import words
-from knowpress.world.config import DERIVED_ATTRIBUTES
 from knowpress.world.items import Passage, Person, QAItem
 from knowpress.world.templates import TEMPLATES
 
@@ -19,27 +18,18 @@ if TYPE_CHECKING:
     from knowpress.world.generator import World
 
 
-def _drawn_attributes(world: World) -> list[str]:
-    """The world's attributes that have values of their own (derived ones are looked up)."""
-    return [a for a in world.config.attributes if a not in DERIVED_ATTRIBUTES]
-
-
 def fictional_people(world: World, n: int, rng: random.Random) -> list[Person]:
     """``n`` people not in the world (fresh names; values drawn from the world's pools)."""
-    taken = {(p.first, p.middle, p.last) for p in world.people}
     first, last = words.FIRST_NAMES, words.LAST_NAMES
     drawn: list[tuple[str, str, str]] = []
     while len(drawn) < n:  # rejection: world people and repeats within the passage
         name = (rng.choice(first), rng.choice(first), rng.choice(last))
-        if name[0] != name[1] and name not in taken:
-            taken.add(name)
+        if name[0] != name[1] and name not in world.names and name not in drawn:
             drawn.append(name)
+    pools = {a: world.value_pool(a) for a in world.config.drawn_attributes}
     people = []
     for f, m, la in drawn:
-        values = {}
-        for a in _drawn_attributes(world):
-            pool = world.value_pool(a)
-            values[a] = pool[rng.randrange(len(pool))]
+        values = {a: pool[rng.randrange(len(pool))] for a, pool in pools.items()}
         if "company_city" in world.config.attributes:
             values["company_city"] = world.company_cities[values["employer"]]
         people.append(Person(f, m, la, values))
@@ -52,7 +42,7 @@ def full_passage(world: World, rng: random.Random, n_bios: int, n_questions: int
     are only in the passage, since the people are not in the world; bios name the person
     in every sentence when ``in_context_full_names``. ``in_context_style: facts``: one
     ``TEMPLATES[a].fact`` sentence per person and attribute, shuffled across people."""
-    asked = _drawn_attributes(world)
+    asked = world.config.drawn_attributes
     people = fictional_people(world, n_bios, rng)
     if world.config.in_context_style == "facts":
         sentences = [
@@ -85,7 +75,7 @@ def lookup_passage(world: World, rng: random.Random, n_people: int) -> Passage:
     multi-query associative recall (Arora et al. 2023, Zoology, arXiv:2312.04927) with names
     as keys. Full passages alone let a small teacher get by on the relation (it then reads a
     random person's value); these teach the name half of the (name, relation) key."""
-    asked = _drawn_attributes(world)
+    asked = world.config.drawn_attributes
     attribute = rng.choice(asked)
     people = fictional_people(world, n_people, rng)
     facts = world.config.in_context_style == "facts"
