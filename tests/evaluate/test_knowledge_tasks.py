@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,21 +40,23 @@ class FakeRuntime:
         self.oracle, self.value_loss, self.world = oracle, value_loss, world
         self.prompts: list[str] = []
 
-    def _answer(self, prompt: str) -> str:
-        if not self.oracle:
-            return "Nowhere"
-        for item in (
+    @cached_property
+    def _answers(self) -> dict[str, str]:
+        items = (
             self.world.questions("trained")
             + self.world.questions("heldout")
             + self.world.two_hop_questions()
-        ):
-            if item.prompt == prompt:
-                return item.answer
-        for n in (1, 2, 4, 8):
-            for item in self.world.haystack_items(n, 32):
-                if item.prompt == prompt:
-                    return item.answer
-        raise AssertionError(f"unknown prompt {prompt!r}")
+        )
+        for n in range(1, 9):
+            items += self.world.haystack_items(n, 32)
+        return {item.prompt: item.answer for item in items}
+
+    def _answer(self, prompt: str) -> str:
+        if not self.oracle:
+            return "Nowhere"
+        if prompt not in self._answers:
+            raise AssertionError(f"unknown prompt {prompt!r}")
+        return self._answers[prompt]
 
     def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         self.prompts.extend(prompts)
@@ -106,6 +109,17 @@ def test_long_context_lengths_fit_the_model() -> None:
     assert result.n == 8 * len(lengths)
     names = {p.name for p in WORLD.people}
     assert not any(name in p for p in runtime.prompts for name in names)  # fictional people only
+    # Between 2 and 4 bios, the largest haystack that fits is scored too.
+    runtime.model.config.max_position_embeddings = int(result.extra["tokens/bios=4"]) - 1
+    runtime.prompts.clear()
+    cut = TASKS.get("long_context")().run(runtime, WORLD, 8)
+    assert sorted(k for k in cut.extra if k.startswith("em/bios=")) == [
+        "em/bios=1",
+        "em/bios=2",
+        "em/bios=3",
+    ]
+    assert cut.score == 1.0 and cut.n == 8 * 3
+    assert len(runtime.prompts) == 8 * 3
     runtime.model.config.max_position_embeddings = 8
     with pytest.raises(ValueError, match="does not fit"):
         TASKS.get("long_context")().run(runtime, WORLD, 2)

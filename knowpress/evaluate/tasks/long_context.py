@@ -1,7 +1,8 @@
 """``long_context``: read the answer from the prompt. A haystack of biographies of
 *fictional* people (never in the world, so the model cannot answer from memory) is followed
 by a trained-format question about one of them. Scored at doubling haystack sizes (1, 2, 4,
-... bios) while the prompt plus the answer fits the model's ``max_position_embeddings``;
+... bios) while the prompt plus the answer fits the model's ``max_position_embeddings``, then
+at the largest size that still fits, so the longest prompt reaches the model's maximum;
 score = mean exact match over those lengths, per-length EM and token counts in ``extra``.
 
 Compression (KV-cache and attention quantization in particular) tends to hurt in-context
@@ -24,6 +25,7 @@ from knowpress.evaluate.tasks.qa import (
 if TYPE_CHECKING:
     from knowpress.evaluate.runtime import Runtime
     from knowpress.world import World
+    from knowpress.world.items import QAItem
 
 DEFAULT_ITEMS = 32  # per context length; ``max_items`` overrides
 _EXAMPLE_CHARS = 160  # long prompts are cut to their tail in the report's examples
@@ -50,29 +52,36 @@ class LongContext(Task):
     def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
         haystack = world_method(world, "haystack_items", self.name)
         limit, n_items = max_positions(runtime), max_items or DEFAULT_ITEMS
-        extra: dict[str, float] = {"max_positions": float(limit)}
-        ems, examples, total, n_bios = [], [], 0, 1
-        while True:
+
+        def fitting(n_bios: int) -> tuple[list[QAItem], int] | None:
             items = haystack(n_bios=n_bios, n_items=n_items)  # type: ignore[operator]
-            lengths = [
-                len(ids)
-                for ids in runtime.tokenizer([it.prompt for it in items], verbose=False)[
-                    "input_ids"
-                ]
-            ]
-            if max(lengths) + answer_budget(runtime, items) > limit:
+            ids = runtime.tokenizer([it.prompt for it in items], verbose=False)["input_ids"]
+            longest = max(len(x) for x in ids)
+            return (items, longest) if longest + answer_budget(runtime, items) <= limit else None
+
+        sizes: list[tuple[int, list[QAItem], int]] = []
+        n_bios = 1
+        while (fit := fitting(n_bios)) is not None:
+            sizes.append((n_bios, *fit))
+            n_bios *= 2
+        if not sizes:
+            raise ValueError(f"long_context: one biography does not fit in {limit} positions")
+        # Between the last doubling that fit and the first that did not, the largest that fits.
+        for n in range(n_bios - 1, sizes[-1][0], -1):
+            if (fit := fitting(n)) is not None:
+                sizes.append((n, *fit))
                 break
+        extra: dict[str, float] = {"max_positions": float(limit)}
+        ems, examples, total = [], [], 0
+        for n, items, longest in sizes:
             result = score_qa(runtime, items, n_examples=2)
             ems.append(result.score)
-            extra[f"em/bios={n_bios}"] = result.score
-            extra[f"tokens/bios={n_bios}"] = float(max(lengths))
+            extra[f"em/bios={n}"] = result.score
+            extra[f"tokens/bios={n}"] = float(longest)
             examples = [
                 {**ex, "prompt": "..." + ex["prompt"][-_EXAMPLE_CHARS:]} for ex in result.examples
             ] or examples
             total += result.n
-            n_bios *= 2
-        if not ems:
-            raise ValueError(f"long_context: one biography does not fit in {limit} positions")
         return TaskResult(sum(ems) / len(ems), total, extra, examples)
 
     def chance(self, world: World) -> float | None:
