@@ -84,6 +84,12 @@ def main() -> None:
             flag = "  NEAR CHANCE" if s["near_chance"] else ""
             chance = "n/a" if s["chance"] is None else f"{s['chance']:.4f}"
             print(f"  {task:13s} {s['score']:10.4f}  (chance {chance}, n={s['n']}){flag}")
+            sizes = sorted(int(k.split("=")[1]) for k in s["extra"] if k.startswith("em/bios="))
+            if sizes:  # long_context: EM at each haystack size
+                print("    " + ", ".join(
+                    f"{n} bios {s['extra'][f'em/bios={n}']:.2f} "
+                    f"({s['extra'][f'tokens/bios={n}']:.0f} tok)" for n in sizes
+                ))  # fmt: skip
         print(
             f"  bits/param {row['bits_per_parameter']:.5f}  "
             f"bits/stored byte {row['bits_per_stored_byte']:.5f}"
