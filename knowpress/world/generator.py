@@ -137,6 +137,12 @@ class World:
         rng = self._rng("company-city")
         return {c: cities[rng.randrange(len(cities))] for c in self.value_pool("employer")}
 
+    def add_derived(self, values: dict[str, str]) -> None:
+        """Fill ``values``' derived attributes in place: ``company_city`` is the headquarters of
+        its ``employer`` (``company_cities``), never an independent draw."""
+        if "company_city" in self.config.attributes:
+            values["company_city"] = self.company_cities[values["employer"]]
+
     def companies(self) -> list[str]:
         """Companies that employ somebody in the world, in employer-pool order."""
         used = {p.values["employer"] for p in self.people if "employer" in p.values}
@@ -344,7 +350,6 @@ def generate_world(config: WorldConfig) -> World:
         for i, (f, m, la) in enumerate(names)
     ]
     world = World(config, people)
-    if "company_city" in config.attributes:
-        for p in people:  # derived: the employer's headquarters, not an independent draw
-            p.values["company_city"] = world.company_cities[p.values["employer"]]
+    for p in people:
+        world.add_derived(p.values)
     return world

@@ -30,8 +30,7 @@ def fictional_people(world: World, n: int, rng: random.Random) -> list[Person]:
     people = []
     for f, m, la in drawn:
         values = {a: pool[rng.randrange(len(pool))] for a, pool in pools.items()}
-        if "company_city" in world.config.attributes:
-            values["company_city"] = world.company_cities[values["employer"]]
+        world.add_derived(values)
         people.append(Person(f, m, la, values))
     return people
 
