@@ -4,9 +4,12 @@ For every preset given: build the teacher (or take it from the cache; a fresh bu
 timed), reload it from disk, score every knowledge task that applies to its world
 (``training.teacher_tasks`` + perplexity), and report the task's chance score, knowledge
 bits (Physics of LMs 3.3), bits per parameter and bits per stored byte (bytes of the
-safetensors files). Writes ``benchmarks/results/knowledge_instrument.json``.
+safetensors files). Writes ``benchmarks/results/knowledge_instrument.json``: this run's rows,
+plus the earlier rows of other presets whose teacher is still what the preset builds (same
+preset key), so slow presets can be measured in separate runs; ``--replace`` keeps only this
+run's rows.
 
-    python benchmarks/knowledge_instrument.py [PRESET ...] [--max-items N]
+    python benchmarks/knowledge_instrument.py [PRESET ...] [--max-items N] [--replace]
 
 Default presets: bios-dense-tiny. Training uses ``KNOWPRESS_TRAIN_THREADS`` torch threads.
 """
@@ -47,6 +50,8 @@ def measure(name: str, max_items: int | None) -> dict[str, Any]:
     bits = scores["bits"].score
     return {
         "preset": name,
+        "preset_key": PRESETS.get(name).key(),
+        "max_items": max_items,
         "architecture": PRESETS.get(name).architecture,
         "teacher": str(path),
         "build_seconds": build_seconds,
@@ -65,10 +70,45 @@ def measure(name: str, max_items: int | None) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def long_context_line(extra: dict[str, float]) -> str:
+    """long_context's EM and prompt tokens per haystack size, and at the trained sizes."""
+    sizes = sorted(int(k.split("=")[1]) for k in extra if k.startswith("em/bios="))
+    line = ", ".join(
+        f"{n} bios {extra[f'em/bios={n}']:.2f} ({extra[f'tokens/bios={n}']:.0f} tok)" for n in sizes
+    )
+    if "em/trained_lengths" in extra:
+        line += (
+            f"; trained lengths (<= {extra['trained_bios']:.0f} bios) "
+            f"{extra['em/trained_lengths']:.4f}"
+        )
+    return line
+
+
+def merge(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``fresh`` plus the ``previous`` rows of other presets still current, in preset order.
+
+    A row is current when its preset still exists and has the key the row was measured
+    with (rows from before ``preset_key`` was recorded: the key ending the teacher path).
+    """
+    names, kept = {row["preset"] for row in fresh}, []
+    for row in previous:
+        if row["preset"] in names or row["preset"] not in PRESETS:
+            continue
+        key = row.get("preset_key") or str(row["teacher"]).rsplit("-", 1)[-1]
+        current = PRESETS.get(row["preset"]).key()
+        if key == current:
+            kept.append(row)
+        else:
+            print(f"dropped the row of {row['preset']}: teacher {key}, the preset builds {current}")
+    order = PRESETS.names()
+    return sorted([*kept, *fresh], key=lambda row: order.index(row["preset"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="*", default=["bios-dense-tiny"])
     parser.add_argument("--max-items", type=int, default=None, help="cap items per task")
+    parser.add_argument("--replace", action="store_true", help="drop the rows of other presets")
     args = parser.parse_args()
     # Evaluation too: several torch threads on a shared CPU spin-wait each other (training.py).
     torch.set_num_threads(training_threads())
@@ -84,19 +124,17 @@ def main() -> None:
             flag = "  NEAR CHANCE" if s["near_chance"] else ""
             chance = "n/a" if s["chance"] is None else f"{s['chance']:.4f}"
             print(f"  {task:13s} {s['score']:10.4f}  (chance {chance}, n={s['n']}){flag}")
-            sizes = sorted(int(k.split("=")[1]) for k in s["extra"] if k.startswith("em/bios="))
-            if sizes:  # long_context: EM at each haystack size
-                print("    " + ", ".join(
-                    f"{n} bios {s['extra'][f'em/bios={n}']:.2f} "
-                    f"({s['extra'][f'tokens/bios={n}']:.0f} tok)" for n in sizes
-                ))  # fmt: skip
+            if "em/bios=1" in s["extra"]:
+                print("    " + long_context_line(s["extra"]))
         print(
             f"  bits/param {row['bits_per_parameter']:.5f}  "
             f"bits/stored byte {row['bits_per_stored_byte']:.5f}"
         )
+    keep = not args.replace and RESULTS.is_file()
+    merged = merge(json.loads(RESULTS.read_text())["rows"] if keep else [], rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    print(f"wrote {RESULTS}")
+    RESULTS.write_text(json.dumps({"rows": merged}, indent=1) + "\n")
+    print(f"wrote {RESULTS} ({len(merged)} rows: {', '.join(r['preset'] for r in merged)})")
 
 
 if __name__ == "__main__":

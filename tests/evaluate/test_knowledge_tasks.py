@@ -125,6 +125,21 @@ def test_long_context_lengths_fit_the_model() -> None:
         TASKS.get("long_context")().run(runtime, WORLD, 2)
 
 
+def test_long_context_reports_the_trained_lengths_apart() -> None:
+    """A model that reads 1-2 bios but not 4: the headline counts every length, the
+    trained-length figure only those up to the world's ``in_context_bios`` (2 here)."""
+    world = generate_world(WORLD.config.model_copy(update={"in_context_bios": 2}))
+    runtime = FakeRuntime(world, oracle=True)
+    four = {item.prompt for item in world.haystack_items(4, 8)}
+    runtime._answers.update({prompt: "Nowhere" for prompt in four})
+    result = TASKS.get("long_context")().run(runtime, world, 8)
+    assert result.extra["em/bios=4"] == 0.0 and result.score == pytest.approx(2 / 3)
+    assert result.extra["trained_bios"] == 2 and result.extra["em/trained_lengths"] == 1.0
+    untrained = generate_world(WORLD.config.model_copy(update={"in_context_examples": 0}))
+    plain = TASKS.get("long_context")().run(FakeRuntime(untrained, oracle=True), untrained, 8)
+    assert "em/trained_lengths" not in plain.extra and "trained_bios" not in plain.extra
+
+
 def test_bits_formula_golden() -> None:
     assert bits_of(10, 8, 0.0) == pytest.approx(30.0)
     assert bits_of(10, 8, math.log(2)) == pytest.approx(20.0)  # 1 bit of loss per fact

@@ -4,6 +4,10 @@ by a trained-format question about one of them. Scored at doubling haystack size
 ... bios) while the prompt plus the answer fits the model's ``max_position_embeddings``, then
 at the largest size that still fits, so the longest prompt reaches the model's maximum;
 score = mean exact match over those lengths, per-length EM and token counts in ``extra``.
+When the world trains in-context passages (``in_context_examples``), ``extra`` also holds
+``trained_bios`` (its ``in_context_bios``, the most bios a training passage holds) and
+``em/trained_lengths``, the mean EM over the haystacks no longer than that: reading at the
+lengths the teacher was trained on, apart from generalising past them.
 
 Compression (KV-cache and attention quantization in particular) tends to hurt in-context
 retrieval before it hurts memorised facts: "needle in a haystack" (Kamradt 2023) and
@@ -40,6 +44,14 @@ def max_positions(runtime: Runtime) -> int:
     if not isinstance(value, int) or value <= 0 or value > 10**7:
         raise ValueError("long_context: the runtime's model has no max_position_embeddings")
     return value
+
+
+def trained_bios(world: World) -> int | None:
+    """Most bios in one of the world's training passages, or None when it trains none."""
+    config = getattr(world, "config", None)
+    if not getattr(config, "in_context_examples", 0):
+        return None
+    return int(config.in_context_bios)  # type: ignore[union-attr]
 
 
 @TASKS.register("long_context")
@@ -82,6 +94,11 @@ class LongContext(Task):
                 {**ex, "prompt": "..." + ex["prompt"][-_EXAMPLE_CHARS:]} for ex in result.examples
             ] or examples
             total += result.n
+        trained = trained_bios(world)
+        within = [em for (n, _, _), em in zip(sizes, ems, strict=True) if trained and n <= trained]
+        if within:
+            extra["trained_bios"] = float(trained or 0)
+            extra["em/trained_lengths"] = sum(within) / len(within)
         return TaskResult(sum(ems) / len(ems), total, extra, examples)
 
     def chance(self, world: World) -> float | None:

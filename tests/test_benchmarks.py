@@ -1,0 +1,43 @@
+"""benchmarks/knowledge_instrument.py: merging rows across runs, the long_context line."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+from knowpress.world import PRESETS
+
+
+def _instrument() -> ModuleType:
+    path = Path(__file__).parents[1] / "benchmarks" / "knowledge_instrument.py"
+    spec = importlib.util.spec_from_file_location("knowledge_instrument", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_merge_keeps_current_rows_of_other_presets_only() -> None:
+    merge = _instrument().merge
+    dense, moe = PRESETS.get("bios-dense-small").key(), PRESETS.get("bios-moe-small").key()
+    previous = [
+        {"preset": "bios-moe-small", "teacher": f"/c/teachers/bios-moe-small-{moe}", "v": 0},
+        {"preset": "bios-dense-small", "preset_key": "0123456789ab", "teacher": "x", "v": 0},
+        {"preset": "lre-dense-tiny", "preset_key": PRESETS.get("lre-dense-tiny").key(), "v": 0},
+        {"preset": "removed-preset", "preset_key": "0123456789ab", "v": 0},
+    ]
+    fresh = [{"preset": "bios-moe-small", "preset_key": moe, "v": 1}]
+    merged = merge(previous, fresh)
+    # the fresh Mixtral row replaces the old one; the stale dense row and the unknown preset go
+    assert [(r["preset"], r["v"]) for r in merged] == [("bios-moe-small", 1), ("lre-dense-tiny", 0)]
+    fresh.append({"preset": "bios-dense-small", "preset_key": dense, "v": 1})
+    assert [r["preset"] for r in merge([], fresh)] == ["bios-dense-small", "bios-moe-small"]
+
+
+def test_long_context_line_shows_the_trained_lengths_when_known() -> None:
+    line = _instrument().long_context_line
+    extra = {"em/bios=1": 1.0, "tokens/bios=1": 81.0, "em/bios=2": 0.5, "tokens/bios=2": 143.0}
+    assert line(extra) == "1 bios 1.00 (81 tok), 2 bios 0.50 (143 tok)"
+    extra |= {"trained_bios": 1.0, "em/trained_lengths": 1.0}
+    assert line(extra).endswith("; trained lengths (<= 1 bios) 1.0000")
