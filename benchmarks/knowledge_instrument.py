@@ -9,7 +9,7 @@ plus the earlier rows of other presets whose teacher is still what the preset bu
 preset key), so slow presets can be measured in separate runs; ``--replace`` keeps only this
 run's rows.
 
-    python benchmarks/knowledge_instrument.py [PRESET ...] [--max-items N] [--replace]
+    python benchmarks/knowledge_instrument.py [PRESET ...] [--max-items N] [--device D] [--replace]
 
 Default presets: bios-dense-tiny. Training uses ``KNOWPRESS_TRAIN_THREADS`` torch threads.
 """
@@ -34,11 +34,11 @@ from knowpress.world.training import teacher_tasks, training_threads
 RESULTS = Path(__file__).parent / "results" / "knowledge_instrument.json"
 
 
-def measure(name: str, max_items: int | None) -> dict[str, Any]:
-    """Build (timed when not cached) and score one preset's teacher."""
+def measure(name: str, max_items: int | None, device: str = "cpu") -> dict[str, Any]:
+    """Build on ``device`` (timed when not cached) and score one preset's teacher (on the CPU)."""
     cached = is_complete(teacher_dir(name))
     start = time.perf_counter()
-    path = build_teacher(name, progress=True)
+    path = build_teacher(name, progress=True, device=device)
     build_seconds = None if cached else round(time.perf_counter() - start, 1)
     model, tokenizer = load_model(path)
     world = load_world(path)
@@ -56,6 +56,7 @@ def measure(name: str, max_items: int | None) -> dict[str, Any]:
         "teacher": str(path),
         "build_seconds": build_seconds,
         "train_seconds": teacher_info(path)["train"]["seconds"],
+        "train_device": teacher_info(path)["train"].get("device", "cpu"),
         "eval_seconds": round(time.perf_counter() - start, 1),
         "parameters": params,
         "stored_bytes": size,
@@ -108,17 +109,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="*", default=["bios-dense-tiny"])
     parser.add_argument("--max-items", type=int, default=None, help="cap items per task")
+    parser.add_argument("--device", default="cpu", help="train uncached teachers on cpu or cuda")
     parser.add_argument("--replace", action="store_true", help="drop the rows of other presets")
     args = parser.parse_args()
     # Evaluation too: several torch threads on a shared CPU spin-wait each other (training.py).
     torch.set_num_threads(training_threads())
-    rows = [measure(name, args.max_items) for name in args.presets]
+    rows = [measure(name, args.max_items, args.device) for name in args.presets]
     for row in rows:
         built = row["build_seconds"]
         build = "cached" if built is None else f"built in {built} s"
         print(
             f"{row['preset']} ({row['architecture']}, {row['parameters']:,} params, "
-            f"{row['stored_bytes']:,} B, {build}, train {row['train_seconds']} s)"
+            f"{row['stored_bytes']:,} B, {build}, "
+            f"train {row['train_seconds']} s on {row['train_device']})"
         )
         for task, s in row["tasks"].items():
             flag = "  NEAR CHANCE" if s["near_chance"] else ""
