@@ -1,7 +1,7 @@
 """``compress`` (alias ``knowpress``): apply | check | eval | world | list.
 
 Exit codes: 0 success, 1 gate failed, 2 user error (bad recipe, missing files, ...),
-130 interrupted.
+130 interrupted (Ctrl-C, or SIGTERM from ``kill``, a cancelled CI job or a scheduler's timeout).
 """
 
 from __future__ import annotations
@@ -9,8 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from rich.console import Console
@@ -296,16 +301,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM unwinds like Ctrl-C.
+
+    Python's default SIGTERM action kills the process without unwinding, which would leave
+    ``atomic_dir``'s temporary output directories behind; raised as ``KeyboardInterrupt`` it
+    runs their cleanup. Signal handlers can only be set from the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with _terminate_as_interrupt():
+            return int(args.func(args))
     except KnowpressError as exc:
         for line in str(exc).splitlines():
             err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
         return EXIT_USER
     except KeyboardInterrupt:
-        err.print("interrupted: finished stages are kept; continue with --resume")
+        err.print(
+            "interrupted: finished stages and the last teacher-training save are kept; "
+            "rerun the command to continue (apply: with --resume)"
+        )
         return EXIT_INTERRUPT
 
 

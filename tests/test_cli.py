@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from knowpress.cli import EXIT_GATE, EXIT_USER, main
+from knowpress.cli import EXIT_GATE, EXIT_INTERRUPT, EXIT_USER, main
 
 RECIPE: dict[str, Any] = {
     "version": 1,
@@ -127,3 +132,21 @@ def test_world_build_on_missing_gpu_is_one_line(capsys: pytest.CaptureFixture[st
     assert main(["world", "build", "--preset", "test-tiny", "--device", "cuda", "-q"]) == EXIT_USER
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--device" in err[0] and "use --device cpu" in err[0]
+
+
+def test_sigterm_during_a_build_removes_its_temporary_directory(tmp_path: Path) -> None:
+    """``kill`` (SIGTERM) mid-training exits 130 and leaves no ``.tmp-*`` output behind."""
+    env = {**os.environ, "KNOWPRESS_CACHE": str(tmp_path)}
+    cmd = [sys.executable, "-m", "knowpress.cli", "world", "build", "--preset", "test-tiny", "-q"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    teachers = tmp_path / "teachers"
+    deadline = time.monotonic() + 120
+    while not list(teachers.glob(".tmp-*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the build never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPT, stderr
+    assert "interrupted" in stderr
+    assert not list(teachers.glob(".tmp-*"))
+    assert not [p for p in teachers.iterdir() if p.is_dir()]  # no half-built teacher either
