@@ -152,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from knowpress.evaluate.evaluator import evaluate_runtime
     from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, run_lm_eval
     from knowpress.evaluate.runtime import TorchRuntime
-    from knowpress.models.io import load_model
+    from knowpress.models.io import atomic_write_text, load_model
     from knowpress.progress import Progress
     from knowpress.world import load_world
 
@@ -190,8 +190,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         table.add_row(s.task, s.metric, f"{s.score:.4f}", str(s.n))
     out.print(table)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({k: v.to_json() for k, v in scores.items()}, indent=1)
+        atomic_write_text(
+            Path(args.json), json.dumps({k: v.to_json() for k, v in scores.items()}, indent=1)
         )
     return 0
 
@@ -302,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    # A second SIGTERM (a supervisor repeating itself) must not cut the cleanup short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -311,16 +313,32 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
     Python's default SIGTERM action kills the process without unwinding, which would leave
     ``atomic_dir``'s temporary output directories behind; raised as ``KeyboardInterrupt`` it
-    runs their cleanup. Signal handlers can only be set from the main thread.
+    runs their cleanup. Left alone: other threads (handlers are the main thread's), a SIGTERM
+    the caller chose to ignore, and a handler installed from C (it could not be restored).
     """
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGTERM)
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or previous is signal.SIG_IGN
+        or previous is None
+    ):
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_hint(args: argparse.Namespace) -> str:
+    """What survives an interrupt of this command, and how to continue."""
+    if args.command == "apply":
+        return "finished stages are kept; rerun with --resume to continue"
+    if args.command == "world" and args.world_cmd == "build":
+        rerun = "rerun without --force" if args.force else "rerun"
+        return f"training is saved every minute; {rerun} to continue from the last save"
+    return "nothing was written"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,10 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
         return EXIT_USER
     except KeyboardInterrupt:
-        err.print(
-            "interrupted: finished stages and the last teacher-training save are kept; "
-            "rerun the command to continue (apply: with --resume)"
-        )
+        err.print(f"interrupted: {_interrupted_hint(args)}")
         return EXIT_INTERRUPT
 
 

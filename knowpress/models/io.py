@@ -37,24 +37,27 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to ``final`` only on success.
 
-    A crash or Ctrl-C inside the block leaves ``final`` untouched (old content or absent).
+    A crash or Ctrl-C inside the block, or during the swap, leaves ``final`` as it was (old
+    content or absent) and removes the temporary directory.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    old: Path | None = None
     try:
+        tmp.mkdir()
         yield tmp
         if final.exists():
             old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
     except BaseException:
+        if old is not None and old.exists() and not final.exists():
+            os.replace(old, final)  # interrupted between the two renames: put the old one back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

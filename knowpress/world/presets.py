@@ -226,10 +226,12 @@ _register(
 
 # Small presets: twice the people of the tiny ones, 4 layers, 512 positions. They read answers
 # out of their context too: 24000 in-context passages per epoch (loss on the questions only,
-# 8 per passage), 4000 synthetic copy sequences and lr 1e-3 (H200 lead-finding: 1-2-person
-# passages lift one-person long_context EM from chance, copies and question-only loss speed
-# that up, 3e-3 spiked). A tenth of the passages are RULER-style fact sentences of 1-4 people;
-# nine tenths are lookups (``in_context_lookup``: one attribute of 2-8 people). Without lookups
+# up to 8 per passage: a long passage keeps the questions that fit 512 tokens), 4000 synthetic
+# copy sequences and lr 1e-3 (H200 lead-finding: 1-2-person passages lift one-person
+# long_context EM from chance, copies and question-only loss speed that up, 3e-3 spiked). A
+# tenth of the passages are RULER-style fact sentences of 1 to ``in_context_bios`` people; nine
+# tenths are lookups (``in_context_lookup``: one attribute of 2 to twice that). The figures
+# below, up to the 7-people paragraph, are from passages of at most 4 people. Without lookups
 # no teacher learned binding: with k people in the context, EM stayed near the one-person EM / k
 # (the right relation, read from a random person), for bios and facts passages on the CPU and
 # for 21 H100 variants (more questions, 2-8 bios only, lr, weight decay, 6-8 layers, hidden
@@ -241,9 +243,10 @@ _register(
 # (lookups per sequence 0.31 -> 0.46) bound at step ~2950 of 6000 on the CPU (0.98 / 0.94 /
 # 0.78; lookup EM 0.94 with 8 people), leaving half the schedule as margin.
 # Passages reach 7 people (``in_context_bios=7``; 461 tokens, the longest haystack that fits 512
-# positions) so that the teacher's trained context length is its whole context: with at most 4,
-# EM at 7 people was 0.75 (dense) and 0.56 (Mixtral) against 0.97 / 1.00 now, at the same recall
-# and paraphrase. Build times and scores: benchmarks/results/knowledge_instrument.json.
+# positions) so that the teacher's trained context length is its whole context. With at most 4,
+# EM at 7 people was 0.75 (dense) and 0.56 (Mixtral); with 7 it is 0.97 and 1.00, recall /
+# paraphrase 0.997 / 0.890 -> 0.994 / 0.892 (dense) and 0.994 / 0.894 -> 0.998 / 0.847
+# (Mixtral). Build times and scores: benchmarks/results/knowledge_instrument.json.
 _SMALL_MODEL: dict[str, Any] = {
     "hidden_size": 192,
     "intermediate_size": 768,
