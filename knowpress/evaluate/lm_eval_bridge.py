@@ -183,8 +183,9 @@ def write_fact_task(
 
     A local, offline harness task: ``include_path: out_dir``, ``tasks: [name]``.
     """
+    from knowpress.models.io import atomic_write_text
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"knowpress-lm-eval:{name}")
     items = world.questions("trained")
     if max_items is not None:
@@ -198,7 +199,7 @@ def write_fact_task(
             {"question": item.prompt, "choices": choices, "label": choices.index(item.answer)}
         )
     data = out_dir / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(data, "".join(json.dumps(r) + "\n" for r in rows))
     config = {
         "task": name,
         "dataset_path": "json",
@@ -212,5 +213,5 @@ def write_fact_task(
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
     }
     path = out_dir / f"{name}.yaml"
-    path.write_text(json.dumps(config, indent=1) + "\n")  # JSON is valid YAML
+    atomic_write_text(path, json.dumps(config, indent=1) + "\n")  # JSON is valid YAML
     return path
