@@ -30,7 +30,7 @@ from typing import Any
 from knowpress.context import StageRecord
 from knowpress.evaluate.evaluator import TaskScore, retention_table, worst
 from knowpress.evaluate.gate import check
-from knowpress.models.io import atomic_write_text
+from knowpress.models.io import atomic_file, atomic_write_text
 from knowpress.recipe import Recipe
 
 SCHEMA_VERSION = 1
@@ -249,13 +249,9 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
 

@@ -16,13 +16,14 @@ the saved one stopped: its final weights equal an uninterrupted run's (tests che
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from knowpress.models.io import atomic_file
 
 _ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
@@ -56,14 +57,8 @@ def save_state(
         "ema": "" if state.ema is None else repr(state.ema),
         "seconds": repr(state.seconds),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_state(
