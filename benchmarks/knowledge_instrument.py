@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from knowpress.evaluate.evaluator import evaluate_runtime
-from knowpress.evaluate.runtime import TorchRuntime
-from knowpress.models.io import load_model, parameter_count, stored_bytes
+from knowpress.evaluate.loader import load_runtime
+from knowpress.models import stored_bytes
 from knowpress.world import PRESETS, build_teacher, load_world, teacher_dir, teacher_info
 from knowpress.world.teacher import is_complete
 from knowpress.world.training import teacher_tasks, training_threads
@@ -40,13 +40,12 @@ def measure(name: str, max_items: int | None, device: str = "cpu") -> dict[str, 
     start = time.perf_counter()
     path = build_teacher(name, progress=True, device=device)
     build_seconds = None if cached else round(time.perf_counter() - start, 1)
-    model, tokenizer = load_model(path)
+    runtime = load_runtime(path)
     world = load_world(path)
-    runtime = TorchRuntime(model, tokenizer)
     tasks = [*teacher_tasks(world), "perplexity"]
     start = time.perf_counter()
     scores = evaluate_runtime(runtime, world, tasks, max_items)
-    size, params = stored_bytes(path), parameter_count(model)
+    size, params = stored_bytes(path), runtime.parameter_count()
     bits = scores["bits"].score
     return {
         "preset": name,

@@ -18,27 +18,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast
 
 from knowpress.compress.quant.packing import sqnr_db
 from knowpress.compress.quant.qlinear import QuantLinear
 from knowpress.compress.quant.rtn import RTN
-from knowpress.models.io import save_model, stored_bytes
-from knowpress.stages.quantize import select_targets
-from knowpress.testing.models import tiny_llama
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
+from knowpress.compress.quant.targets import select
+from knowpress.models import save_model, stored_bytes
+from knowpress.testing.models import tiny_llama, tiny_tokenizer
 
 
 def _latency(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
@@ -74,7 +60,7 @@ def main() -> None:
             vocab_size=1024,
             intermediate_size=4 * args.hidden,
         )
-        save_model(base, _tokenizer(), Path(tmp) / "fp")
+        save_model(base, tiny_tokenizer(1024), Path(tmp) / "fp")
         base_bytes = stored_bytes(Path(tmp) / "fp")
         base_time = _latency(base, ids, args.repeats)
         for bits, group in ((8, 64), (4, 64), (4, 32)):
@@ -86,14 +72,14 @@ def main() -> None:
             )
             method = RTN(name="rtn", bits=bits, group_size=group)
             sqnrs = []
-            for name, linear in select_targets(model, ["lm_head"]).items():
+            for target in select(model, None, ["lm_head"]):
+                linear = model.get_submodule(target.module)
                 q = method.quantize_linear(linear)
                 sqnrs.append(sqnr_db(linear.weight, q.dequantized_weight()))
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, q)
+                model.set_submodule(target.module, q)
             assert any(isinstance(m, QuantLinear) for m in model.modules())
             folder = Path(tmp) / f"int{bits}-g{group}"
-            save_model(model, _tokenizer(), folder)
+            save_model(model, tiny_tokenizer(1024), folder)
             rows.append(
                 {
                     "method": f"rtn int{bits} g{group}",

@@ -44,14 +44,16 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def _summary(report: dict[str, Any]) -> Table:
     """Retention per task (scores are in report.md), sized to fit a terminal."""
     tasks = list(report["tasks"])
-    table = Table(title="knowledge retained vs bytes stored (retention vs teacher)")
-    for col in ["model", "MiB", "size", *tasks, "worst"]:
+    table = Table(title="knowledge retained vs bytes stored (retention vs reference)")
+    for col in ["model", "MiB", "vs bf16 ref", "bits/param", *tasks, "worst"]:
         if col == "model":
             table.add_column(col, no_wrap=True)
         else:
             table.add_column(col, justify="right", overflow="fold")
     for row in report["rows"]:
-        cells = [row["name"], f"{row['stored_bytes'] / 2**20:.2f}", f"{row['size_ratio']:.3f}"]
+        size = row.get("size_vs_bf16_reference", row.get("size_ratio"))
+        bits = row.get("bits_per_parameter")
+        cells = [row["name"], f"{row['stored_bytes'] / 2**20:.2f}", _fmt(size, 3), _fmt(bits, 2)]
         cells += [_fmt(row["retention"][t], 3) for t in tasks]
         worst = row["worst_retention"]
         color = "green" if worst is not None and worst >= 0.95 else "yellow"
@@ -72,7 +74,8 @@ def _gate_table(result: dict[str, Any]) -> Table:
 def cmd_apply(args: argparse.Namespace) -> int:
     from knowpress.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.set)
+    overrides = [*args.set, *([f"device={args.device}"] if args.device else [])]
+    recipe = load_recipe(args.recipe, overrides)
     out_dir = Path(args.output or Path("runs") / Path(args.recipe).stem)
     if args.dry_run:
         _print_plan(recipe, out_dir)
@@ -102,13 +105,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def _print_plan(recipe: Any, out_dir: Path) -> None:
     import yaml
 
+    def named(spec: Any, default: str) -> str:
+        return default if spec is None else (spec.world or spec.path)
+
     model = (recipe.model.world and f"world preset {recipe.model.world}") or recipe.model.path
-    teacher = (
-        "same as model" if recipe.teacher is None else (recipe.teacher.world or recipe.teacher.path)
-    )
+    teacher = named(recipe.teacher, "the reference")
+    reference = named(recipe.reference, "the model")
     out.print(
-        f"[bold]plan[/bold] (dry run: nothing loaded)\n  model:   {model}\n"
-        f"  teacher: {teacher}\n  output:  {out_dir}"
+        f"[bold]plan[/bold] (dry run: nothing loaded)\n  model:     {model} "
+        f"(stored in {recipe.model.dtype}, computed in {recipe.model.compute_dtype})\n"
+        f"  reference: {reference}\n  teacher:   {teacher}\n  device:    {recipe.device}\n"
+        f"  output:    {out_dir}"
     )
     for i, stage in enumerate(recipe.stages):
         body = yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False).strip()
@@ -149,11 +156,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from knowpress.evaluate.evaluator import evaluate_runtime
+    from knowpress.device import resolve_device
+    from knowpress.evaluate.evaluator import evaluate_runtime, measure
     from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, run_lm_eval
-    from knowpress.evaluate.runtime import TorchRuntime
-    from knowpress.models.io import atomic_write_text, load_model
+    from knowpress.evaluate.loader import load_runtime
+    from knowpress.models.io import atomic_write_text
     from knowpress.progress import Progress
+    from knowpress.recipe import ModelSpec
+    from knowpress.sources import resolve_source
     from knowpress.world import load_world
 
     _quiet_libraries()
@@ -174,26 +184,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
             flags = {"limit": "--lm-eval-limit", "num_fewshot": "--lm-eval-fewshot"}
             flag = flags.get(str(first["loc"][0]), "--lm-eval")
             raise KnowpressError(f"{flag}: {first['msg']}") from None
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    source = resolve_source(ModelSpec(path=args.model, trust_remote_code=args.trust_remote_code))
     world = load_world(args.world or Path(args.model)) if tasks else None
+    runtime = load_runtime(
+        source.location,
+        device=str(resolve_device(args.device, "--device")),
+        batch_size=args.batch_size,
+        trust_remote_code=args.trust_remote_code,
+    )
     progress = Progress(console=err, enabled=not args.quiet)
     with progress.session():
-        scores = evaluate_runtime(
-            TorchRuntime(model, tokenizer, args.batch_size), world, tasks, args.max_items, progress
-        )
+        scores = evaluate_runtime(runtime, world, tasks, args.max_items, progress)
     if harness is not None:
-        scores.update(run_lm_eval(model, tokenizer, harness))
+        scores.update(run_lm_eval(runtime, harness))
+    measurement = measure(runtime, scores, source.stored_bytes())
     table = Table(title=f"{args.model}")
     for col in ("task", "metric", "score", "items"):
         table.add_column(col)
     for s in scores.values():
         table.add_row(s.task, s.metric, f"{s.score:.4f}", str(s.n))
     out.print(table)
+    out.print(_size_line(measurement, source.bf16_bytes()))
     if args.json:
-        atomic_write_text(
-            Path(args.json), json.dumps({k: v.to_json() for k, v in scores.items()}, indent=1)
-        )
+        atomic_write_text(Path(args.json), json.dumps(measurement.to_json(), indent=1))
     return 0
+
+
+def _size_line(m: Any, bf16: int) -> str:
+    """Stored bytes, size vs the same model in bf16, bits per parameter, KV bytes per token."""
+    from knowpress.models.sizes import bits_per_parameter
+
+    policy = m.runtime.get("kv_policy") or "full cache"
+    return (
+        f"stored {m.stored_bytes:,} bytes ({m.stored_bytes / bf16:.3f} of its safetensors in "
+        f"bf16), {bits_per_parameter(m.stored_bytes, m.parameters):.2f} bits/param over "
+        f"{m.parameters:,} parameters, KV {m.kv_bytes_per_token:.0f} bytes/token ({policy}); "
+        f"measured with {m.runtime['runtime']} on {m.runtime['device']} in {m.runtime['dtype']}"
+    )
 
 
 def cmd_world(args: argparse.Namespace) -> int:
@@ -204,13 +231,10 @@ def cmd_world(args: argparse.Namespace) -> int:
             out.print(f"{name:20s} {preset.description}")
         return 0
     _quiet_libraries()
-    from knowpress.world.training import resolve_device
+    from knowpress.device import resolve_device
 
-    try:
-        resolve_device(args.device)
-    except ValueError as exc:
-        raise KnowpressError(f"--device: {exc}") from None
-    path = build_teacher(args.preset, force=args.force, progress=not args.quiet, device=args.device)
+    device = str(resolve_device(args.device, "--device"))
+    path = build_teacher(args.preset, force=args.force, progress=not args.quiet, device=device)
     manifest = json.loads((Path(path) / "knowpress_world.json").read_text())
     out.print(f"teacher: {path}\n{json.dumps(manifest.get('train', {}), indent=1)}")
     return 0
@@ -218,6 +242,7 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     import knowpress.stages  # noqa: F401
+    from knowpress.compress.kv import KV_POLICIES
     from knowpress.compress.quant import QUANT_METHODS
     from knowpress.evaluate.tasks import TASKS
     from knowpress.stage import STAGES
@@ -230,6 +255,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_row("stage", name, cls.summary, cls.paper)
     for name, cls in QUANT_METHODS.items():
         table.add_row("quant method", name, cls.summary, cls.paper)
+    for name, cls in KV_POLICIES.items():
+        table.add_row("KV policy", name, cls.summary, cls.paper)
     for name, cls in TASKS.items():
         table.add_row("eval task", name, cls.summary, cls.paper)
     for name, preset in PRESETS.items():
@@ -255,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan")
     p.add_argument("--resume", action="store_true", help="skip stages already finished")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the recipe's device)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_apply)
 
@@ -281,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples per harness task")
     p.add_argument("--max-items", type=int)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--json", help="also write the scores here")
+    p.add_argument("--json", help="also write the scores and sizes here")
+    p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -291,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = wsub.add_parser("build", help="train (or fetch from cache) a preset's teacher")
     b.add_argument("--preset", default="bios-dense-tiny")
     b.add_argument("--force", action="store_true", help="retrain even if cached")
-    b.add_argument("--device", default="cpu", help="train on cpu (default) or cuda[:N]")
+    b.add_argument("--device", default="cpu", help="train on cpu (default), cuda[:N] or auto")
     b.add_argument("-q", "--quiet", action="store_true")
     wsub.add_parser("list", help="list presets")
     p.set_defaults(func=cmd_world)

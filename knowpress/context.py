@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
+    from knowpress.compress.kv.base import KVPolicy
     from knowpress.recipe import Recipe
     from knowpress.world import World
 
@@ -29,16 +31,23 @@ class StageRecord:
     resumed: bool = False
     scores: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    format: str = "hf"
 
 
 @dataclass
 class Context:
     """Typed state handed to every stage.
 
-    ``model`` is the model being compressed (a stage may replace it); ``teacher`` the frozen
-    reference every retention is measured against, loaded only when a stage needs it;
-    ``kv_policy`` a runtime KV-cache policy attached by a stage; ``artifacts`` non-PyTorch
-    outputs (e.g. ONNX files) by name; ``metrics`` numbers a stage wants in the report.
+    ``model`` is the model being compressed (a stage may replace it), on ``device``;
+    ``teacher`` the frozen model a distillation stage learns from (``recipe.teacher``,
+    default the reference), loaded only for stages with ``needs_teacher``. Carried from stage
+    to stage and saved in every later artifact's manifest: ``kv_policy`` (a runtime KV-cache
+    policy a stage attached) and ``structure`` (per-layer facts a loader needs, e.g. experts
+    kept per layer). Fresh for each stage: ``stage_dir`` (the stage's output folder, being
+    written: files a stage writes there are part of its artifact and counted in its bytes),
+    ``artifacts`` (name -> file in ``stage_dir``, recorded in the manifest) and ``metrics``
+    (a stage's own figures, shown under its row in the report).
     """
 
     recipe: Recipe
@@ -46,8 +55,15 @@ class Context:
     tokenizer: PreTrainedTokenizerBase
     out_dir: Path
     world: World | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     teacher: PreTrainedModel | None = None
-    kv_policy: Any | None = None
-    artifacts: dict[str, Path] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
+    kv_policy: KVPolicy | None = None
+    structure: dict[str, Any] = field(default_factory=dict)
+    stage_dir: Path | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
     history: list[StageRecord] = field(default_factory=list)
+
+    def begin_stage(self, stage_dir: Path) -> None:
+        """Reset the per-stage fields before a stage runs."""
+        self.stage_dir, self.artifacts, self.metrics = stage_dir, {}, {}

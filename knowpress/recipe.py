@@ -3,7 +3,9 @@
 ```yaml
 version: 1
 model: {world: bios-dense-tiny}      # or {path: ./my-model} (a local dir or a hub id)
-teacher: same                        # retention is measured against this model
+reference: same                      # retention is measured against this (default: the model)
+teacher: same                        # what distillation learns from (default: the reference)
+device: auto                         # auto | cpu | cuda | cuda:N
 stages:
   - kind: quantize
     method: {name: rtn, bits: 4, group_size: 32}
@@ -23,6 +25,7 @@ import copy
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -55,13 +58,21 @@ class Strict(FrozenConfig):
     """Recipe sections: frozen, unknown fields rejected."""
 
 
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
 class ModelSpec(Strict):
-    """Where a model comes from: a built-in fact-world teacher, or a path / hub id."""
+    """Where a model comes from: a built-in fact-world teacher, or a path / hub id.
+
+    ``dtype`` is the deploy dtype: every tensor a stage does not compress is stored in it.
+    ``compute_dtype`` is what stages and evaluation compute in (weights are upcast on load).
+    """
 
     world: str | None = Field(None, description="built-in preset, e.g. bios-dense-tiny")
     path: str | None = Field(None, description="local HF directory or hub id")
     trust_remote_code: bool = False
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Dtype = Field("bfloat16", description="stored dtype of tensors no stage compresses")
+    compute_dtype: Dtype = Field("float32", description="dtype stages and evaluation run in")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -124,19 +135,28 @@ class GateSpec(Strict):
 class Recipe(Strict):
     version: Literal[1]
     model: ModelSpec
-    teacher: ModelSpec | None = Field(None, description="'same' (default): the input model")
+    reference: ModelSpec | None = Field(None, description="'same' (default): the input model")
+    teacher: ModelSpec | None = Field(None, description="'same' (default): the reference")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     data: DataSpec = DataSpec()
     stages: list[SerializeAsAny[StageConfig]] = Field(default_factory=list)
     evaluate: EvaluateSpec = EvaluateSpec()
     gate: GateSpec | None = None
 
-    @field_validator("teacher", mode="before")
+    @field_validator("reference", "teacher", mode="before")
     @classmethod
-    def _same_teacher(cls, value: Any) -> Any:
+    def _same(cls, value: Any) -> Any:
         if value == "same":
             return None
         if isinstance(value, str):
             raise ValueError("expected 'same' or a mapping like {world: NAME} or {path: DIR}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is None:
+            raise ValueError(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N")
         return value
 
     @model_validator(mode="after")
@@ -154,9 +174,11 @@ class Recipe(Strict):
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
-    def stage_hash(self, index: int, input_hash: str) -> str:
-        """Hash of a stage's resolved config chained onto the hash of its input."""
-        blob = json.dumps([input_hash, self.stages[index].model_dump(mode="json")], sort_keys=True)
+    def stage_hash(self, index: int, input_hash: str, run_key: str) -> str:
+        """Hash of a stage's resolved config chained onto the hash of its input and the
+        ``run_key`` (teacher identity, ``data`` spec, knowpress version, deploy dtype)."""
+        config = self.stages[index].model_dump(mode="json")
+        blob = json.dumps([input_hash, run_key, config], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,20 +1,27 @@
 """The run report: ``report.json`` (versioned), ``report.md`` and ``retention_vs_size.png``.
 
-``report.json`` (schema_version 1)::
+``report.json`` (schema_version 2)::
 
-    {"schema": "knowpress.report", "schema_version": 1, "knowpress_version": str,
-     "created_utc": str, "inputs": {"model", "teacher", "world"}, "recipe": {...},
+    {"schema": "knowpress.report", "schema_version": 2, "knowpress_version": str,
+     "created_utc": str, "inputs": {"model", "reference", "teacher", "world"},
+     "recipe": {...}, "reference_bf16_bytes": int,
      "tasks": {name: {"metric", "higher_is_better", "chance": float|null, "near_chance": bool}},
-     "rows": [{"name", "stage_index", "kind", "stored_bytes", "size_ratio", "parameters",
+     "rows": [{"name", "stage_index", "kind", "stored_bytes", "size_vs_bf16_reference",
+               "parameters", "bits_per_parameter", "kv_bytes_per_token",
+               "runtime": {"runtime", "device", "dtype", "kv_policy"},
                "scores": {task: float}, "retention": {task: float|null},
                "worst_task", "worst_retention", "details": {task: {"n", "extra", "examples"}}}],
      "stages": [StageRecord...], "gate": GateResult | null}
 
-Row 0 is the teacher (retention 1 by definition); then one row per stage. Sizes are bytes
-of the safetensors files on disk. ``near_chance``: the teacher scored below 2x the task's
-chance score, so its retention measures little. A row with a ``bits`` score gets
-``details.bits.extra.bits_per_stored_byte`` (bits / stored bytes). Both were added within
-schema_version 1 (readers must tolerate their absence in older reports).
+Row 0 is the reference (retention 1 by definition); then one row per stage. ``stored_bytes``
+is the artifact's payload on disk (``models/artifact.py``); ``size_vs_bf16_reference`` divides
+it by the reference's safetensors with every float tensor in bfloat16 (what is deployed,
+``reference_bf16_bytes``); ``bits_per_parameter`` = 8 · stored bytes / logical parameters;
+``kv_bytes_per_token`` is measured on the runtime's cache (its KV policy, or the full cache);
+``runtime`` says on which device and in which dtype the row was measured. ``near_chance``:
+the reference scored below 2x the task's chance score, so its retention measures little. A
+row with a ``bits`` score gets ``details.bits.extra.bits_per_stored_byte``. Schema 1 (before
+the artifact manifest) differs in sizes only; ``load_report`` reads both for gating.
 """
 
 from __future__ import annotations
@@ -28,12 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from knowpress.context import StageRecord
-from knowpress.evaluate.evaluator import TaskScore, retention_table, worst
+from knowpress.evaluate.evaluator import Measurement, TaskScore, retention_table, worst
 from knowpress.evaluate.gate import check
 from knowpress.models.io import atomic_file, atomic_write_text
+from knowpress.models.sizes import bits_per_parameter
 from knowpress.recipe import Recipe
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 REQUIRED_KEYS = ("schema", "schema_version", "inputs", "recipe", "tasks", "rows", "stages", "gate")
 
 
@@ -48,7 +57,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _version() -> str:
+def knowpress_version() -> str:
     try:
         return version("knowpress")
     except PackageNotFoundError:
@@ -57,21 +66,24 @@ def _version() -> str:
 
 def _row(
     name: str,
-    index: int | None,
-    kind: str | None,
-    size: int,
-    teacher_size: int,
-    scores: dict[str, TaskScore],
-    teacher: dict[str, TaskScore],
+    record: StageRecord | None,
+    measurement: Measurement,
+    reference: Measurement,
+    reference_bf16_bytes: int,
 ) -> dict[str, Any]:
-    retention = retention_table(scores, teacher)
+    scores, size = measurement.scores, measurement.stored_bytes
+    retention = retention_table(scores, reference.scores)
     worst_task, worst_value = worst(retention)
     return {
         "name": name,
-        "stage_index": index,
-        "kind": kind,
+        "stage_index": None if record is None else record.index,
+        "kind": None if record is None else record.kind,
         "stored_bytes": size,
-        "size_ratio": size / teacher_size,
+        "size_vs_bf16_reference": size / reference_bf16_bytes,
+        "parameters": measurement.parameters,
+        "bits_per_parameter": bits_per_parameter(size, measurement.parameters),
+        "kv_bytes_per_token": measurement.kv_bytes_per_token,
+        "runtime": measurement.runtime,
         "scores": {t: s.score for t, s in scores.items()},
         "retention": retention,
         "worst_task": worst_task,
@@ -93,41 +105,28 @@ def _extra(task: str, score: TaskScore, size: int) -> dict[str, float]:
 def build_report(
     *,
     recipe: Recipe,
-    model_source: str,
-    teacher_source: str,
+    inputs: dict[str, str],
     world: Any,
-    teacher_scores: dict[str, TaskScore],
-    teacher_bytes: int,
-    records: list[StageRecord],
-    stage_scores: list[dict[str, TaskScore]],
+    reference: Measurement,
+    reference_bf16_bytes: int,
+    stages: list[tuple[StageRecord, Measurement]],
 ) -> dict[str, Any]:
-    rows = [
-        _row("teacher", None, None, teacher_bytes, teacher_bytes, teacher_scores, teacher_scores)
-    ]
-    for record, scores in zip(records, stage_scores, strict=True):
+    """The report of a run: the reference row, then one row per stage (see module doc)."""
+    rows = [_row("reference", None, reference, reference, reference_bf16_bytes)]
+    for record, measurement in stages:
         name = Path(record.checkpoint).name
-        rows.append(
-            _row(
-                name,
-                record.index,
-                record.kind,
-                record.bytes_after,
-                teacher_bytes,
-                scores,
-                teacher_scores,
-            )
-        )
+        rows.append(_row(name, record, measurement, reference, reference_bf16_bytes))
     report: dict[str, Any] = {
         "schema": "knowpress.report",
         "schema_version": SCHEMA_VERSION,
-        "knowpress_version": _version(),
+        "knowpress_version": knowpress_version(),
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "inputs": {
-            "model": model_source,
-            "teacher": teacher_source,
+            **inputs,
             "world": {"key": world.config.key(), "config": world.config.model_dump(mode="json")},
         },
         "recipe": recipe.dump(),
+        "reference_bf16_bytes": reference_bf16_bytes,
         "tasks": {
             t: {
                 "metric": s.metric,
@@ -135,10 +134,10 @@ def build_report(
                 "chance": s.chance,
                 "near_chance": s.near_chance,
             }
-            for t, s in teacher_scores.items()
+            for t, s in reference.scores.items()
         },
         "rows": rows,
-        "stages": [dataclasses.asdict(r) for r in records],
+        "stages": [dataclasses.asdict(r) for r, _ in stages],
         "gate": None,
     }
     if recipe.gate is not None:
@@ -159,56 +158,93 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def _has_policy(report: dict[str, Any]) -> bool:
+    return any((row.get("runtime") or {}).get("kv_policy") for row in report["rows"])
+
+
+def _results_table(report: dict[str, Any]) -> list[str]:
     tasks = list(report["tasks"])
-    lines = ["# knowpress report", ""]
-    lines += [
-        f"- model: `{report['inputs']['model']}`",
-        f"- teacher: `{report['inputs']['teacher']}`",
-    ]
-    lines += [f"- world: `{report['inputs']['world']['key']}`", ""]
-    lines += ["## Knowledge retained vs bytes stored", ""]
-    head = ["model", "stored", "size vs teacher"]
+    kv = _has_policy(report)
+    head = ["model", "stored", "size vs bf16 reference", "bits/param"]
+    head += ["KV bytes/token", "KV policy"] if kv else []
     head += [f"{t} ({report['tasks'][t]['metric']})" for t in tasks]
-    head += [f"{t} retention" for t in tasks] + ["worst retention"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head += [f"{t} retention" for t in tasks] + ["worst retention", "measured on"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
-        cells = [row["name"], _bytes(row["stored_bytes"]), f"{row['size_ratio']:.3f}"]
+        runtime = row.get("runtime") or {}
+        cells = [row["name"], _bytes(row["stored_bytes"]), f"{row['size_vs_bf16_reference']:.3f}"]
+        cells.append(f"{row['bits_per_parameter']:.2f}")
+        if kv:
+            cells += [f"{row['kv_bytes_per_token']:.0f}", runtime.get("kv_policy") or "full"]
         cells += [_fmt(row["scores"][t]) for t in tasks]
         cells += [_fmt(row["retention"][t]) for t in tasks]
         cells += [f"{_fmt(row['worst_retention'])} ({row['worst_task']})"]
+        cells.append(f"{runtime.get('runtime', '?')} {runtime.get('device', '?')} "
+                     f"{runtime.get('dtype', '?')}")  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Stored bytes: the artifact's payload on disk (weights and other model files; config "
+        f"and tokenizer files excluded). Size is against the reference stored with every float "
+        f"tensor in bfloat16 ({_bytes(report['reference_bf16_bytes'])}).",
+    ]
+    return lines
+
+
+def _stage_lines(report: dict[str, Any]) -> list[str]:
+    head = "# | kind | format | device | seconds | peak RSS | bytes before | bytes after | resumed"
+    lines = ["", "## Stages", "", f"| {head} |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in report["stages"]:
+        lines.append(
+            f"| {s['index'] + 1} | {s['kind']} | {s.get('format', 'hf')} | "
+            f"{s.get('device', 'cpu')} | {s['seconds']:.1f} | "
+            f"{_bytes(s['peak_rss_bytes'])} | {_bytes(s['bytes_before'])} | "
+            f"{_bytes(s['bytes_after'])} | {'yes' if s['resumed'] else 'no'} |"
+        )
+    for s in report["stages"]:
+        if s.get("details"):
+            lines += ["", f"Stage {s['index'] + 1} ({s['kind']}) details:", ""]
+            lines += [f"- {key}: {_detail(value)}" for key, value in s["details"].items()]
+    return lines
+
+
+def _detail(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _gate_lines(gate: dict[str, Any]) -> list[str]:
+    verdict = "PASSED" if gate["passed"] else "FAILED"
+    lines = ["", f"## Gate: {verdict} (min retention {gate['min_retention']})", ""]
+    for f in gate["failures"]:
+        lines.append(
+            f"- `{f['task']}`: retention {_fmt(f['retention'])} < {f['floor']} ({f['reason']})"
+        )
+    if gate.get("skipped"):
+        lines.append(f"- not gated (reference near chance): {', '.join(gate['skipped'])}")
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    tasks = list(report["tasks"])
+    inputs = report["inputs"]
+    lines = ["# knowpress report", ""]
+    lines += [f"- {name}: `{inputs[name]}`" for name in ("model", "reference", "teacher")]
+    lines += [f"- world: `{inputs['world']['key']}`", ""]
+    lines += ["## Knowledge retained vs bytes stored", ""]
+    lines += _results_table(report)
     near = [t for t in tasks if report["tasks"][t].get("near_chance")]
     if near:
         lines += [
             "",
-            "Near chance (teacher < 2x chance, retention not meaningful): "
+            "Near chance (reference < 2x chance, retention not meaningful): "
             + ", ".join(f"`{t}` (chance {_fmt(report['tasks'][t]['chance'])})" for t in near),
         ]
     if report["stages"]:
-        lines += [
-            "",
-            "## Stages",
-            "",
-            "| # | kind | seconds | peak RSS | bytes before | bytes after | resumed |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for s in report["stages"]:
-            lines.append(
-                f"| {s['index'] + 1} | {s['kind']} | {s['seconds']:.1f} | "
-                f"{_bytes(s['peak_rss_bytes'])} | {_bytes(s['bytes_before'])} | "
-                f"{_bytes(s['bytes_after'])} | {'yes' if s['resumed'] else 'no'} |"
-            )
-    gate = report.get("gate")
-    if gate is not None:
-        verdict = "PASSED" if gate["passed"] else "FAILED"
-        lines += ["", f"## Gate: {verdict} (min retention {gate['min_retention']})", ""]
-        for f in gate["failures"]:
-            lines.append(
-                f"- `{f['task']}`: retention {_fmt(f['retention'])} < {f['floor']} ({f['reason']})"
-            )
-        if gate.get("skipped"):
-            lines.append(f"- not gated (teacher near chance): {', '.join(gate['skipped'])}")
+        lines += _stage_lines(report)
+    if report.get("gate") is not None:
+        lines += _gate_lines(report["gate"])
     final = report["rows"][-1]
     examples = [(t, d["examples"]) for t, d in final["details"].items() if d["examples"]]
     if examples:
@@ -243,8 +279,8 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
     gate = report.get("gate")
     if gate and gate.get("min_retention") is not None:
         ax.axhline(gate["min_retention"], color="r", ls="--", lw=1, label="gate")
-    ax.set_xlabel("stored weights (MiB)")
-    ax.set_ylabel("retention vs teacher")
+    ax.set_xlabel("stored bytes (MiB)")
+    ax.set_ylabel("retention vs reference")
     ax.set_title("knowledge retained vs bytes stored")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -279,9 +315,9 @@ def load_report(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in data] if isinstance(data, dict) else ["all"]
     if missing or data.get("schema") != "knowpress.report":
         raise KnowpressError(f"{path}: not a knowpress report (missing {missing})")
-    if data["schema_version"] != SCHEMA_VERSION:
+    if data["schema_version"] not in READABLE_VERSIONS:
         raise KnowpressError(
             f"{path}: report schema_version {data['schema_version']} is not supported "
-            f"(this knowpress reads {SCHEMA_VERSION}); re-run the recipe"
+            f"(this knowpress reads {', '.join(map(str, READABLE_VERSIONS))}); re-run the recipe"
         )
     return data

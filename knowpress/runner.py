@@ -3,14 +3,18 @@
 Layout of an output folder::
 
     OUT/recipe.yaml                 resolved recipe (what actually ran)
-    OUT/teacher/eval.json           teacher scores, keyed by teacher identity + eval settings
-    OUT/stages/01-quantize/         HF dir (safetensors) + knowpress_stage.json + eval.json
+    OUT/reference/eval.json         reference scores and sizes, keyed by its identity + eval
+    OUT/stages/01-quantize/         artifact (HF dir, safetensors) + knowpress_artifact.json
+                                    + knowpress_stage.json (the record) + eval.json
     OUT/report.json | report.md | retention_vs_size.png
 
-Every write is atomic (temp + rename), so a crash or Ctrl-C leaves each finished stage
-usable. ``resume=True`` skips stages whose hash (config chained onto the input's hash)
-matches the record on disk; a stage whose checkpoint exists but whose evaluation does not is
-only re-evaluated.
+A stage runs inside its output folder's temporary sibling (``ctx.stage_dir``): the model is
+saved there in the deploy dtype, the manifest is written last, and the folder is renamed
+into place only when all of it succeeded. Every model is scored through ``load_runtime`` on
+what was written to disk. ``resume=True`` skips stages whose hash (config chained onto the
+input's hash and the run key: teacher, ``data``, knowpress version, deploy dtype) matches
+the record and whose payload files are as the manifest recorded; a stage whose checkpoint
+exists but whose evaluation does not is only re-evaluated.
 """
 
 from __future__ import annotations
@@ -27,15 +31,18 @@ from typing import Any
 import yaml
 
 from knowpress.context import Context, StageRecord
+from knowpress.device import resolve_device
 from knowpress.errors import KnowpressError
-from knowpress.evaluate.evaluator import TaskScore, evaluate_runtime
+from knowpress.evaluate.evaluator import Measurement, evaluate_runtime, measure
 from knowpress.evaluate.lm_eval_bridge import run_lm_eval
-from knowpress.evaluate.runtime import TorchRuntime
+from knowpress.evaluate.loader import kv_policy_of, load_runtime
+from knowpress.evaluate.runtime import Runtime, TorchRuntime
 from knowpress.measure import PeakMemory, stable_hash
-from knowpress.models.io import atomic_dir, atomic_write_text, load_model, save_model, stored_bytes
+from knowpress.models.artifact import build_manifest, changed_files, read_manifest, write_manifest
+from knowpress.models.io import atomic_dir, atomic_write_text, load_model, save_model
 from knowpress.progress import Progress
 from knowpress.recipe import Recipe
-from knowpress.report import build_report, write_report
+from knowpress.report import build_report, knowpress_version, write_report
 from knowpress.sources import WORLD_FILE, Source, resolve_source
 
 STAGE_FILE = "knowpress_stage.json"
@@ -76,15 +83,15 @@ def _prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _load_world(recipe: Recipe, model: Source, teacher: Source) -> Any:
+def _load_world(recipe: Recipe, sources: list[Source]) -> Any:
     from knowpress.world import load_world
 
     if recipe.evaluate.world is not None:
         return load_world(recipe.evaluate.world)
-    for spec in (recipe.model, recipe.teacher):
+    for spec in (recipe.model, recipe.reference, recipe.teacher):
         if spec is not None and spec.world is not None:
             return load_world(spec.world)
-    for src in (model, teacher):
+    for src in sources:
         if src.local_dir is not None and (src.local_dir / WORLD_FILE).is_file():
             return load_world(src.local_dir)
     raise KnowpressError(
@@ -100,121 +107,154 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _scores_json(scores: dict[str, TaskScore]) -> dict[str, Any]:
-    return {name: s.to_json() for name, s in scores.items()}
-
-
-def _scores_from(data: dict[str, Any]) -> dict[str, TaskScore]:
-    return {name: TaskScore.from_json(v) for name, v in data.items()}
-
-
 class Runner:
     def __init__(
         self, recipe: Recipe, out_dir: Path, *, resume: bool, force: bool, progress: Progress
     ) -> None:
         self.recipe, self.out_dir, self.progress = recipe, Path(out_dir), progress
         self.resume, self.force = resume, force
-        self.eval_key = stable_hash(recipe.evaluate.model_dump(mode="json"))
-        self.teacher_src: Source | None = None  # resolved once in run()
+        self.device = resolve_device(recipe.device)  # before anything is written
+        self.deploy_dtype = recipe.model.dtype
+        self.teacher_src: Source | None = None  # resolved in run()
+        self._teacher: Any = None  # loaded once, for the stages that need it
 
-    def _evaluate(self, model: Any, tokenizer: Any, world: Any, label: str) -> dict[str, TaskScore]:
+    def _runtime(self, location: str) -> Runtime:
+        spec = self.recipe.model
+        return load_runtime(
+            location,
+            device=str(self.device),
+            dtype=spec.compute_dtype,
+            batch_size=self.recipe.evaluate.batch_size,
+            trust_remote_code=spec.trust_remote_code,
+        )
+
+    def _measure(self, runtime: Runtime, world: Any, label: str, stored: int) -> Measurement:
         spec = self.recipe.evaluate
         self.progress.log(f"[dim]evaluating {label} on {', '.join(spec.task_names())}[/dim]")
-        runtime = TorchRuntime(model, tokenizer, batch_size=spec.batch_size)
         scores = evaluate_runtime(runtime, world, spec.tasks, spec.max_items, self.progress)
         if spec.lm_eval is not None:
-            scores.update(run_lm_eval(model, tokenizer, spec.lm_eval))
-        return scores
+            scores.update(run_lm_eval(runtime, spec.lm_eval))
+        return measure(runtime, scores, stored)
 
-    def _teacher_scores(self, teacher: Source, world: Any) -> tuple[dict[str, TaskScore], int]:
-        path = self.out_dir / "teacher" / EVAL_FILE
-        key = stable_hash([teacher.key, self.eval_key])
+    def _reference(self, source: Source, world: Any) -> tuple[Measurement, int]:
+        """The reference's measurement and its bytes in bf16 (cached in OUT/reference)."""
+        path = self.out_dir / "reference" / EVAL_FILE
         cached = _read_json(path) if self.resume else None
-        if cached and cached.get("key") == key:
-            return _scores_from(cached["scores"]), int(cached["stored_bytes"])
-        model, tokenizer = teacher.load()
-        scores = self._evaluate(model, tokenizer, world, "teacher")
-        size = teacher.stored_bytes()
+        if cached and cached.get("key") == self.eval_key:
+            return Measurement.from_json(cached["measurement"]), int(cached["bf16_bytes"])
+        runtime = self._runtime(source.location)
+        measurement = self._measure(runtime, world, "reference", source.stored_bytes())
+        bf16 = source.bf16_bytes()
         payload = {
-            "key": key,
-            "source": teacher.location,
-            "stored_bytes": size,
-            "scores": _scores_json(scores),
+            "key": self.eval_key,
+            "source": source.location,
+            "bf16_bytes": bf16,
+            "measurement": measurement.to_json(),
         }
         atomic_write_text(path, json.dumps(payload, indent=1))
-        del model
+        del runtime
         gc.collect()
-        return scores, size
+        return measurement, bf16
 
     def run(self) -> RunResult:
         recipe = self.recipe
         _prepare_out_dir(self.out_dir, self.resume, self.force)
         show = self.progress.enabled
         model_src = resolve_source(recipe.model, progress=show)
-        teacher_src = (
-            model_src if recipe.teacher is None else resolve_source(recipe.teacher, progress=show)
-        )
-        self.teacher_src = teacher_src  # resolved once; stages that need the teacher load it
-        world = _load_world(recipe, model_src, teacher_src)
+        reference_src = model_src
+        if recipe.reference is not None:
+            reference_src = resolve_source(recipe.reference, progress=show)
+        self.teacher_src = reference_src
+        if recipe.teacher is not None:
+            self.teacher_src = resolve_source(recipe.teacher, progress=show)
+        world = _load_world(recipe, [model_src, reference_src, self.teacher_src])
         atomic_write_text(
             self.out_dir / "recipe.yaml", yaml.safe_dump(recipe.dump(), sort_keys=False)
         )
-        teacher_scores, teacher_bytes = self._teacher_scores(teacher_src, world)
+        version = knowpress_version()
+        self.eval_key = stable_hash(
+            [recipe.evaluate.model_dump(mode="json"), reference_src.key, version]
+        )
+        run_key = stable_hash(
+            [self.teacher_src.key, recipe.data.model_dump(mode="json"), version, self.deploy_dtype]
+        )
+        reference, reference_bf16 = self._reference(reference_src, world)
 
-        records: list[StageRecord] = []
-        evals: list[dict[str, TaskScore]] = []
+        stages: list[tuple[StageRecord, Measurement]] = []
+        history: list[StageRecord] = []
         input_hash, input_dir = model_src.key, model_src.location
         input_bytes = model_src.stored_bytes()
-        ctx: Context | None = None
+        loaded: Runtime | None = None  # the runtime of input_dir, when it was just scored
         dirty = False  # True once a stage is re-run: every later checkpoint is stale
         for index, config in enumerate(recipe.stages):
-            digest = recipe.stage_hash(index, input_hash)
+            digest = recipe.stage_hash(index, input_hash, run_key)
             target = stage_dir(self.out_dir, index, config.kind)
             record = self._finished(target, digest) if (self.resume and not dirty) else None
             if record is None:
                 dirty = True
-                if ctx is None:
-                    ctx = self._context(input_dir, world)
+                ctx = self._context(input_dir, world, history, loaded)
                 record = self._run_stage(ctx, index, digest, target, input_dir, input_bytes)
-                ctx = self._context(str(target), world, previous=ctx)
+                del ctx
             else:
-                ctx = None  # resumed: load lazily from this checkpoint if a later stage runs
                 self.progress.log(f"[green]✓[/green] stage {index + 1} ({config.kind}) resumed")
-            scores = self._stage_scores(target, ctx, world, index, config.kind)
-            records.append(record)
-            evals.append(scores)
+            loaded = None
+            gc.collect()
+            measurement, loaded = self._stage_measurement(target, world, index, config.kind)
+            history.append(record)
+            stages.append((record, measurement))
             input_hash, input_dir, input_bytes = digest, str(target), record.bytes_after
 
         report = build_report(
             recipe=recipe,
-            model_source=model_src.location,
-            teacher_source=teacher_src.location,
+            inputs={
+                "model": model_src.location,
+                "reference": reference_src.location,
+                "teacher": self.teacher_src.location,
+            },
             world=world,
-            teacher_scores=teacher_scores,
-            teacher_bytes=teacher_bytes,
-            records=records,
-            stage_scores=evals,
+            reference=reference,
+            reference_bf16_bytes=reference_bf16,
+            stages=stages,
         )
         write_report(report, self.out_dir)
         return RunResult(self.out_dir, report)
 
-    def _context(self, location: str, world: Any, previous: Context | None = None) -> Context:
+    def _context(
+        self, location: str, world: Any, history: list[StageRecord], loaded: Runtime | None
+    ) -> Context:
+        """The context a stage starts from: the model stored at ``location`` (reusing the
+        runtime that just scored it), with the policies and structure its manifest records."""
         spec = self.recipe.model
-        model, tokenizer = load_model(
-            location, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code
+        if isinstance(loaded, TorchRuntime):
+            model, tokenizer = loaded.model, loaded.tokenizer
+        else:
+            model, tokenizer = load_model(
+                location,
+                dtype=spec.compute_dtype,
+                trust_remote_code=spec.trust_remote_code,
+                device=self.device,
+            )
+        manifest = read_manifest(Path(location)) if Path(location).is_dir() else None
+        return Context(
+            recipe=self.recipe,
+            model=model,
+            tokenizer=tokenizer,
+            out_dir=self.out_dir,
+            world=world,
+            device=self.device,
+            kv_policy=kv_policy_of(manifest, location),
+            structure=dict(manifest.structure) if manifest else {},
+            history=list(history),
         )
-        ctx = Context(
-            recipe=self.recipe, model=model, tokenizer=tokenizer, out_dir=self.out_dir, world=world
-        )
-        if previous is not None:
-            ctx.kv_policy, ctx.teacher = previous.kv_policy, previous.teacher
-            ctx.artifacts, ctx.metrics = previous.artifacts, previous.metrics
-            ctx.history = previous.history
-        return ctx
 
     def _finished(self, target: Path, digest: str) -> StageRecord | None:
         data = _read_json(target / STAGE_FILE)
         if not data or data.get("hash") != digest:
+            return None
+        manifest = read_manifest(target)
+        problems = ["no manifest"] if manifest is None else changed_files(target, manifest)
+        if problems:
+            self.progress.log(f"[yellow]{target.name}: {problems[0]}; re-running it[/yellow]")
             return None
         data["resumed"] = True
         return StageRecord(**data)
@@ -230,21 +270,33 @@ class Runner:
     ) -> StageRecord:
         config = self.recipe.stages[index]
         self.progress.log(f"[bold]stage {index + 1}/{len(self.recipe.stages)}: {config.kind}")
-        if type(config).needs_teacher and ctx.teacher is None:
-            assert self.teacher_src is not None  # run() resolves it before any stage
-            ctx.teacher, _ = self.teacher_src.load()
-        start = time.perf_counter()
-        with PeakMemory() as memory:
-            try:
-                ctx = config.build().run(ctx, self.progress)
-            except KnowpressError as exc:
-                raise KnowpressError(f"stages.{index} ({config.kind}): {exc}") from None
-        seconds = time.perf_counter() - start
+        if type(config).needs_teacher:
+            if self._teacher is None:
+                assert self.teacher_src is not None  # run() resolves it before any stage
+                self._teacher, _ = self.teacher_src.load(self.device)
+            ctx.teacher = self._teacher
         with atomic_dir(target) as tmp:
-            save_model(ctx.model, ctx.tokenizer, tmp)
+            ctx.begin_stage(tmp)
+            start = time.perf_counter()
+            with PeakMemory() as memory:
+                try:
+                    ctx = config.build().run(ctx, self.progress)
+                except KnowpressError as exc:
+                    raise KnowpressError(f"stages.{index} ({config.kind}): {exc}") from None
+            seconds = time.perf_counter() - start
+            fmt = save_model(ctx.model, ctx.tokenizer, tmp, dtype=_torch_dtype(self.deploy_dtype))
             world_file = Path(input_dir) / WORLD_FILE
             if world_file.is_file():  # lets `compress eval --model` find the world later
                 shutil.copyfile(world_file, tmp / WORLD_FILE)
+            manifest = build_manifest(
+                tmp,
+                format=fmt,
+                dtype=self.deploy_dtype,
+                artifacts=ctx.artifacts,
+                runtime=_runtime_policies(ctx),
+                structure=ctx.structure,
+            )
+            write_manifest(tmp, manifest)
             record = StageRecord(
                 index=index,
                 kind=config.kind,
@@ -253,26 +305,43 @@ class Runner:
                 seconds=round(seconds, 3),
                 peak_rss_bytes=memory.peak,
                 bytes_before=input_bytes,
-                bytes_after=stored_bytes(tmp),
+                bytes_after=manifest.stored_bytes,
                 checkpoint=str(target.relative_to(self.out_dir)),
                 details=dict(ctx.metrics),
+                device=str(self.device),
+                format=fmt,
             )
             atomic_write_text(tmp / STAGE_FILE, json.dumps(dataclasses.asdict(record), indent=1))
-        ctx.history.append(record)
         return record
 
-    def _stage_scores(
-        self, target: Path, ctx: Context | None, world: Any, index: int, kind: str
-    ) -> dict[str, TaskScore]:
+    def _stage_measurement(
+        self, target: Path, world: Any, index: int, kind: str
+    ) -> tuple[Measurement, Runtime | None]:
+        """The stage's cached measurement, or a fresh one (and the runtime that made it)."""
         cached = _read_json(target / EVAL_FILE)
         if cached and cached.get("key") == self.eval_key:
-            return _scores_from(cached["scores"])
-        if ctx is None:
-            ctx = self._context(str(target), world)
-        scores = self._evaluate(ctx.model, ctx.tokenizer, world, f"stage {index + 1} ({kind})")
-        payload = {"key": self.eval_key, "scores": _scores_json(scores)}
+            return Measurement.from_json(cached["measurement"]), None
+        manifest = read_manifest(target)
+        assert manifest is not None  # _finished / _run_stage guarantee it
+        runtime = self._runtime(str(target))
+        label = f"stage {index + 1} ({kind})"
+        measurement = self._measure(runtime, world, label, manifest.stored_bytes)
+        payload = {"key": self.eval_key, "measurement": measurement.to_json()}
         atomic_write_text(target / EVAL_FILE, json.dumps(payload, indent=1))
-        return scores
+        return measurement, runtime
+
+
+def _runtime_policies(ctx: Context) -> dict[str, dict[str, Any]]:
+    """The manifest's ``runtime`` section: the policies attached so far, by slot."""
+    if ctx.kv_policy is None:
+        return {}
+    return {"kv_policy": ctx.kv_policy.model_dump(mode="json")}
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
 
 
 def apply(

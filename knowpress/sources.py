@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 from knowpress.errors import KnowpressError
 from knowpress.measure import directory_fingerprint, stable_hash
-from knowpress.models.io import load_model, stored_bytes
+from knowpress.models.artifact import stored_bytes
+from knowpress.models.io import load_model
+from knowpress.models.sizes import bf16_bytes
 from knowpress.recipe import ModelSpec
 from knowpress.world.teacher import WORLD_FILE
 
@@ -31,22 +33,33 @@ class Source:
         path = Path(self.location)
         return path if path.is_dir() else None
 
-    def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """The model and tokenizer, with the spec's dtype and remote-code setting."""
+    def load(self, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The model and tokenizer, in the spec's compute dtype, on ``device``."""
         return load_model(
-            self.location, dtype=self.spec.dtype, trust_remote_code=self.spec.trust_remote_code
+            self.location,
+            dtype=self.spec.compute_dtype,
+            trust_remote_code=self.spec.trust_remote_code,
+            device=device,
         )
 
-    def stored_bytes(self) -> int:
-        """Bytes of the weight files behind this source (local dir or the hub cache)."""
+    def folder(self) -> Path:
+        """The local folder behind this source (a directory, or the hub cache's snapshot)."""
         if self.local_dir is not None:
-            return stored_bytes(self.local_dir)
+            return self.local_dir
         from transformers.utils import cached_file
 
         config = cached_file(self.location, "config.json", local_files_only=True)
         if config is None:
             raise KnowpressError(f"model {self.location!r}: not in the local hub cache")
-        return stored_bytes(Path(config).parent)
+        return Path(config).parent
+
+    def stored_bytes(self) -> int:
+        """Bytes of the payload behind this source (see ``models.artifact.stored_bytes``)."""
+        return stored_bytes(self.folder())
+
+    def bf16_bytes(self) -> int:
+        """Bytes its safetensors would take with every float tensor in bfloat16."""
+        return bf16_bytes(self.folder())
 
 
 def resolve_source(spec: ModelSpec, build: bool = True, progress: bool = False) -> Source:
@@ -58,12 +71,14 @@ def resolve_source(spec: ModelSpec, build: bool = True, progress: bool = False) 
         location = (
             str(build_teacher(preset, progress=progress)) if build else f"<world:{spec.world}>"
         )
-        return Source(location, stable_hash(["world", spec.world, preset.key(), spec.dtype]), spec)
+        key = stable_hash(["world", spec.world, preset.key(), spec.compute_dtype])
+        return Source(location, key, spec)
     assert spec.path is not None
     path = Path(spec.path).expanduser()
     if path.is_dir():
-        key = stable_hash(["path", str(path.resolve()), directory_fingerprint(path), spec.dtype])
+        fingerprint = directory_fingerprint(path)
+        key = stable_hash(["path", str(path.resolve()), fingerprint, spec.compute_dtype])
         return Source(str(path), key, spec)
     if spec.path.startswith((".", "/", "~")):
         raise KnowpressError(f"model.path: {spec.path} does not exist (give an HF model dir)")
-    return Source(spec.path, stable_hash(["hub", spec.path, spec.dtype]), spec)
+    return Source(spec.path, stable_hash(["hub", spec.path, spec.compute_dtype]), spec)

@@ -99,19 +99,26 @@ def test_missing_model_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_eval_on_stage_checkpoint(run_dir: Path, tmp_path: Path) -> None:
+def test_eval_on_stage_checkpoint(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     scores = tmp_path / "scores.json"
     checkpoint = run_dir / "stages" / "01-quantize"
     assert main(["eval", "--model", str(checkpoint), "--json", str(scores), "-q"]) == 0
     data = json.loads(scores.read_text())
     report = json.loads((run_dir / "report.json").read_text())
-    assert data["recall"]["score"] == report["rows"][1]["scores"]["recall"]
+    row = report["rows"][1]
+    assert data["scores"]["recall"]["score"] == row["scores"]["recall"]
+    assert (data["stored_bytes"], data["parameters"]) == (row["stored_bytes"], row["parameters"])
+    line = " ".join(capsys.readouterr().out.split())
+    assert f"stored {row['stored_bytes']:,} bytes" in line
+    assert f"{row['bits_per_parameter']:.2f} bits/param" in line and "on cpu in float32" in line
 
 
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("quantize", "rtn", "recall", "perplexity", "bios-dense-tiny"):
+    for name in ("quantize", "rtn", "full", "recall", "perplexity", "bios-dense-tiny"):
         assert name in out
 
 
@@ -132,6 +139,23 @@ def test_world_build_on_missing_gpu_is_one_line(capsys: pytest.CaptureFixture[st
     assert main(["world", "build", "--preset", "test-tiny", "--device", "cuda", "-q"]) == EXIT_USER
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--device" in err[0] and "use --device cpu" in err[0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_apply_and_eval_on_missing_gpu_are_one_line(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    capsys.readouterr()
+    assert main(["apply", str(recipe), "-o", str(tmp_path / "o"), "--device", "cuda"]) == EXIT_USER
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "device: 'cuda' asked for, but this torch sees no CUDA GPU" in err[0]
+    assert not (tmp_path / "o").exists()
+    model = str(run_dir / "stages" / "01-quantize")
+    assert main(["eval", "--model", model, "--device", "cuda:1", "-q"]) == EXIT_USER
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device: 'cuda:1' asked for" in err[0]
 
 
 def test_sigterm_during_a_build_removes_its_temporary_directory(tmp_path: Path) -> None:

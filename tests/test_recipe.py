@@ -110,6 +110,21 @@ MALFORMED: list[tuple[str, Any, str]] = [
         "teacher: expected 'same' or a mapping like {world: NAME} or {path: DIR}",
     ),
     (
+        "reference string",
+        base(reference="bigger"),
+        "reference: expected 'same' or a mapping like {world: NAME} or {path: DIR}",
+    ),
+    (
+        "device",
+        base(device="gpu"),
+        "device: 'gpu' is not a device; use auto, cpu, cuda or cuda:N",
+    ),
+    (
+        "compute dtype",
+        base(model={"path": "x", "compute_dtype": "int8"}),
+        "model.compute_dtype: Input should be 'float32', 'bfloat16' or 'float16' (got 'int8')",
+    ),
+    (
         "dtype",
         base(model={"path": "x", "dtype": "float8"}),
         "model.dtype: Input should be 'float32', 'bfloat16' or 'float16' (got 'float8')",
@@ -192,9 +207,10 @@ def test_bad_overrides(override: str, expected: str) -> None:
         apply_overrides(base(), [override])
 
 
-def test_stage_hash_depends_on_config_and_input() -> None:
+def test_stage_hash_depends_on_config_input_and_run_key() -> None:
     a = validate_recipe(base())
     b = validate_recipe(base(stages=stage(bits=8, group_size=32)))
-    assert a.stage_hash(0, "x") != b.stage_hash(0, "x")
-    assert a.stage_hash(0, "x") != a.stage_hash(0, "y")
-    assert a.stage_hash(0, "x") == validate_recipe(base()).stage_hash(0, "x")
+    assert a.stage_hash(0, "x", "k") != b.stage_hash(0, "x", "k")
+    assert a.stage_hash(0, "x", "k") != a.stage_hash(0, "y", "k")
+    assert a.stage_hash(0, "x", "k") != a.stage_hash(0, "x", "other teacher")
+    assert a.stage_hash(0, "x", "k") == validate_recipe(base()).stage_hash(0, "x", "k")

@@ -40,6 +40,44 @@ class TaskScore:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """One scored artifact: task scores and what it costs, as the report shows them.
+
+    ``stored_bytes`` is the artifact's payload on disk; ``parameters`` the logical count
+    (packed weights count unpacked); ``kv_bytes_per_token`` measured on the cache of the
+    attached policy (the full cache without one); ``runtime`` the runtime's ``describe()``
+    (runtime, device, dtype, kv_policy) at the time of the measurement.
+    """
+
+    scores: dict[str, TaskScore]
+    stored_bytes: int
+    parameters: int
+    kv_bytes_per_token: float
+    runtime: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["scores"] = {name: s.to_json() for name, s in self.scores.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Measurement:
+        scores = {name: TaskScore.from_json(v) for name, v in data["scores"].items()}
+        return cls(**{**data, "scores": scores})
+
+
+def measure(runtime: Runtime, scores: dict[str, TaskScore], stored_bytes: int) -> Measurement:
+    """A :class:`Measurement` of ``runtime`` with its task ``scores``."""
+    return Measurement(
+        scores=scores,
+        stored_bytes=stored_bytes,
+        parameters=runtime.parameter_count(),
+        kv_bytes_per_token=runtime.kv_bytes_per_token(),
+        runtime=runtime.describe(),
+    )
+
+
 def evaluate_runtime(
     runtime: Runtime,
     world: World,

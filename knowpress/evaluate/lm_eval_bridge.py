@@ -5,8 +5,8 @@ becomes a report task ``lm_eval/<task>`` whose headline score is the harness's f
 reported metric among ``HEADLINE_METRICS`` (``acc_norm`` before ``acc`` ...), all its
 metrics kept in ``extra``. Retention is compressed / teacher like every other task.
 
-The model is handed to the harness in memory (``HFLM(pretrained=model)``), so packed
-knowpress checkpoints are scored exactly as they are stored. Runs are offline by default
+The runtime's model is handed to the harness in memory (``HFLM(pretrained=model)``), so
+packed knowpress checkpoints are scored exactly as they are stored. Runs are offline by default
 (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` set for the call): point ``include_path`` at
 task YAMLs whose ``dataset_path``/``dataset_kwargs`` name local files, or at datasets
 already in the Hugging Face cache. ``write_fact_task`` writes such a task (multiple choice
@@ -120,11 +120,28 @@ def headline(metrics: dict[str, Any]) -> tuple[str, float, bool]:
     return name, plain[name], name not in _LOWER_IS_BETTER
 
 
-def run_lm_eval(model: Any, tokenizer: Any, spec: LmEvalSpec) -> dict[str, TaskScore]:
-    """Score ``model`` on ``spec.tasks``; report names ``lm_eval/<task>``."""
+def run_lm_eval(runtime: Any, spec: LmEvalSpec) -> dict[str, TaskScore]:
+    """Score ``runtime``'s model on ``spec.tasks``; report names ``lm_eval/<task>``.
+
+    The harness drives a transformers model itself, so this needs a torch runtime (an
+    artifact of format ``hf`` or ``hf-packed``); its KV policy, if any, is not applied by the
+    harness, which is said in one line instead of scoring something else.
+    """
     from knowpress.evaluate.evaluator import TaskScore
+    from knowpress.evaluate.runtime import TorchRuntime
 
     lm_eval, hflm, task_manager_cls = _import_harness()
+    if not isinstance(runtime, TorchRuntime):
+        raise KnowpressError(
+            f"evaluate.lm_eval: harness tasks need a PyTorch model; this artifact runs on "
+            f"{runtime.name} (score it with world tasks, or drop evaluate.lm_eval)"
+        )
+    if runtime.kv_policy is not None:
+        raise KnowpressError(
+            f"evaluate.lm_eval: the harness cannot apply the attached KV policy "
+            f"{runtime.kv_policy.name!r}; drop evaluate.lm_eval for this recipe"
+        )
+    model, tokenizer = runtime.model, runtime.tokenizer
     if spec.include_path is not None and not Path(spec.include_path).is_dir():
         raise KnowpressError(
             f"evaluate.lm_eval.include_path: {spec.include_path} is not a directory of task YAMLs"

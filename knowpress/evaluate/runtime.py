@@ -1,9 +1,12 @@
 """Runtimes: what evaluation talks to, so the same tasks score every artifact.
 
-A runtime answers two questions: the greedy continuation of a batch of prompts, and the
-per-sequence summed negative log-likelihood of texts. ``TorchRuntime`` wraps a transformers
-causal LM; later runtimes (PyTorch + KV policy, ONNX Runtime session) implement the same
-protocol.
+A runtime answers the questions tasks ask: the greedy continuation of a batch of prompts,
+the per-sequence summed negative log-likelihood of texts, the context length
+(``max_positions``), the logical parameter count and the KV-cache bytes per token at the
+attached policy. Tasks ask only these, never the model behind them. ``TorchRuntime`` wraps a
+transformers causal LM, optionally with a KV policy (``compress/kv``) whose cache is used in
+prefill and in every decoding step; ``evaluate/loader.load_runtime`` builds the runtime an
+artifact folder asks for (an ONNX Runtime session implements the same protocol).
 """
 
 from __future__ import annotations
@@ -11,10 +14,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from knowpress.compress.kv.base import KVPolicy
+
+_MAX_SANE_POSITIONS = 10**7  # tokenizers without a limit report ~1e30
+KV_PROBE_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,17 @@ class Runtime(Protocol):
 
     def nll(self, texts: Sequence[str]) -> list[NLL]: ...
 
+    @property
+    def max_positions(self) -> int: ...
+
+    def parameter_count(self) -> int: ...
+
+    def kv_bytes_per_token(self) -> float: ...
+
+    def describe(self) -> dict[str, Any]:
+        """``runtime``, ``device``, ``dtype`` and ``kv_policy`` (name or None), for reports."""
+        ...
+
 
 def _device(model: torch.nn.Module) -> torch.device:
     try:
@@ -42,7 +62,11 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 class TorchRuntime:
-    """Greedy decoding and scoring with a transformers model (KV cache on, batched)."""
+    """Greedy decoding and scoring with a transformers model (KV cache on, batched).
+
+    With ``kv_policy``, every generate call and every scoring forward gets a fresh cache
+    from ``kv_policy.make_cache(model)``, so the policy acts in prefill and in decoding.
+    """
 
     name = "torch"
 
@@ -51,12 +75,60 @@ class TorchRuntime:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         batch_size: int = 64,
+        kv_policy: KVPolicy | None = None,
     ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token; set tokenizer.pad_token first")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.kv_policy = kv_policy
+        self._kv_bytes: float | None = None
+
+    def _cache(self) -> dict[str, Any]:
+        if self.kv_policy is None:
+            return {}
+        return {"past_key_values": self.kv_policy.make_cache(self.model), "use_cache": True}
+
+    @property
+    def max_positions(self) -> int:
+        """``max_position_embeddings`` of the (text) config, else the tokenizer's limit."""
+        config = self.model.config.get_text_config(decoder=True)
+        value = getattr(config, "max_position_embeddings", None)
+        if value is None:
+            value = getattr(self.tokenizer, "model_max_length", None)
+        if not isinstance(value, int) or value <= 0 or value > _MAX_SANE_POSITIONS:
+            raise ValueError("the model's config has no max_position_embeddings")
+        return value
+
+    def parameter_count(self) -> int:
+        from knowpress.models.sizes import parameter_count
+
+        return parameter_count(self.model)
+
+    @torch.inference_mode()
+    def kv_bytes_per_token(self) -> float:
+        """Bytes the cache holds after a prefill of ``KV_PROBE_TOKENS`` tokens, per token:
+        measured on the cache the attached policy (or the default full cache) builds."""
+        if self._kv_bytes is None:
+            from knowpress.compress.kv.full import FullCache
+
+            policy = self.kv_policy or FullCache(name="full")
+            n = min(KV_PROBE_TOKENS, self.max_positions)
+            vocab = self.model.config.get_text_config(decoder=True).vocab_size
+            ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0))
+            cache = policy.make_cache(self.model)
+            self.model(input_ids=ids.to(_device(self.model)), past_key_values=cache, use_cache=True)
+            self._kv_bytes = policy.cache_bytes(cache) / n
+        return self._kv_bytes
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "runtime": self.name,
+            "device": str(_device(self.model)),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "kv_policy": None if self.kv_policy is None else self.kv_policy.name,
+        }
 
     def _batches(self, texts: Sequence[str], side: str) -> Iterator[BatchEncoding]:
         """Tokenized batches padded on ``side`` (left for generation, right for scoring)."""
@@ -86,7 +158,7 @@ class TorchRuntime:
                 num_beams=1,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
-                use_cache=True,
+                **({"use_cache": True} | self._cache()),
             )
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             out.extend(tok.batch_decode(new_tokens, skip_special_tokens=True))
@@ -97,7 +169,7 @@ class TorchRuntime:
         """Summed next-token NLL per text (the first token is context, not scored)."""
         out = []
         for batch in self._batches(texts, "right"):
-            logits = self.model(**batch).logits[:, :-1].float()
+            logits = self.model(**batch, **self._cache()).logits[:, :-1].float()
             targets = batch["input_ids"][:, 1:]
             mask = batch["attention_mask"][:, 1:].bool()
             logp = torch.log_softmax(logits, dim=-1)

@@ -1,8 +1,10 @@
 """Load and save causal LMs as HF directories, safetensors only.
 
-A directory written by knowpress is an ordinary ``save_pretrained`` directory. When weights
-are stored packed (low-bit quantization), ``knowpress_quant.json`` beside ``config.json``
-lists every packed module and its format; :func:`load_model` rebuilds those modules before
+A directory written by knowpress without packed layers is an ordinary ``save_pretrained``
+directory (float tensors in the deploy dtype). When weights are stored packed (low-bit
+quantization), ``knowpress_quant.json`` beside ``config.json`` lists every packed module and
+its format, and the config is marked so that stock transformers refuses the folder instead
+of loading random weights (``packed.py``); :func:`load_model` rebuilds those modules before
 loading the tensors, so what is measured is exactly what is stored.
 """
 
@@ -18,9 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -30,6 +30,7 @@ from transformers import (
 from knowpress.errors import KnowpressError
 
 QUANT_FILE = "knowpress_quant.json"
+PACKED_VERSION = 2  # 2: zero points packed at the code width
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,81 +84,98 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def stored_bytes(directory: Path) -> int:
-    """Bytes of the weight files actually on disk (``*.safetensors``)."""
-    files = list(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise KnowpressError(f"{directory}: no *.safetensors weight files")
-    return sum(f.stat().st_size for f in files)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    """Logical parameter count: packed modules count their unpacked weight elements."""
-    total = 0
-    seen: set[int] = set()
-    for module in model.modules():
-        logical = getattr(module, "logical_parameters", None)
-        if callable(logical):
-            total += logical()
-            seen.update(id(p) for p in module.parameters(recurse=False))
-    for param in model.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel()
-    return total
+def deploy_dtype_of(key: str, tensor: torch.Tensor, packed: set[str], dtype: torch.dtype | None
+                    ) -> torch.dtype:  # fmt: skip
+    """The dtype ``key`` is stored in: packed tensors (codes, scales, zero points) keep their
+    own; other float tensors take the deploy ``dtype`` (None: as they are)."""
+    module, _, attr = key.rpartition(".")
+    if dtype is None or not tensor.is_floating_point() or (module in packed and attr != "bias"):
+        return tensor.dtype
+    return dtype
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
-    """``save_pretrained`` (safetensors) for model and tokenizer, plus the packing plan.
+def packed_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if callable(getattr(module, "packing_spec", None))
+    }
 
-    transformers' shard-writing tqdm bar is hidden meanwhile (it would interleave with
-    knowpress's own progress) and restored afterwards.
+
+def _deploy_state(model: PreTrainedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict with float tensors cast to ``dtype``; tensors shared before (tied
+    weights) stay shared, so ``save_pretrained`` still stores them once."""
+    packed = set(packed_modules(model))
+    cast: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        target = deploy_dtype_of(key, tensor, packed, dtype)
+        ident = (tensor.data_ptr(), tuple(tensor.shape))
+        if ident not in cast:
+            cast[ident] = tensor.to(target)
+        state[key] = cast[ident]
+    return state
+
+
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: Path,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """``save_pretrained`` (safetensors) for model and tokenizer, plus the packing plan;
+    returns the format (``hf``, or ``hf-packed`` when layers are stored packed).
+
+    ``dtype`` is the deploy dtype of every float tensor no stage compressed (None: keep the
+    model's); packed codes, scales and zero points keep their own. The in-memory model is
+    not changed. transformers' shard-writing tqdm bar is hidden meanwhile.
     """
     from transformers.utils import logging as hf_logging
 
+    from knowpress.models.packed import mark_packed
+
     directory = Path(directory)
+    state = _deploy_state(model, dtype) if dtype is not None else None
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state)
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(directory)
-    plan = {
-        name: module.packing_spec()
-        for name, module in model.named_modules()
-        if callable(getattr(module, "packing_spec", None))
-    }
+    config = json.loads((directory / "config.json").read_text())
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+    plan = {name: module.packing_spec() for name, module in packed_modules(model).items()}
     if plan:
-        payload = {"format": "knowpress-packed", "version": 1, "modules": plan}
+        payload = {"format": "knowpress-packed", "version": PACKED_VERSION, "modules": plan}
         atomic_write_text(directory / QUANT_FILE, json.dumps(payload, indent=1, sort_keys=True))
+        config = mark_packed(config)
+    if dtype is not None or plan:
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        atomic_write_text(directory / "config.json", text)
+    return "hf-packed" if plan else "hf"
 
 
-def _load_packed(directory: Path, dtype: torch.dtype) -> PreTrainedModel:
-    from knowpress.compress.quant.qlinear import QuantLinear
-
-    plan = json.loads((directory / QUANT_FILE).read_text())
-    config = AutoConfig.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, spec in plan["modules"].items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        setattr(parent, child, QuantLinear.empty_like(linear, spec, dtype=dtype))
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(file))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [k for k in missing if k not in tied and not k.startswith("lm_head.")]
-    if missing or unexpected:
+def _check_local(path: Path, source: str | Path) -> None:
+    if not path.is_dir():
+        raise KnowpressError(f"model path {source}: no such directory (give an HF model dir)")
+    if not (path / "config.json").is_file():
+        raise KnowpressError(f"model path {path}: no config.json (not an HF model directory)")
+    if not list(path.glob("*.safetensors")):
         raise KnowpressError(
-            f"{directory}: packed checkpoint does not match its config "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-run the stage with --force"
+            f"model path {path}: no *.safetensors weights (knowpress never loads pickle "
+            f"*.bin files; convert them with safetensors first)"
         )
-    model.tie_weights()
-    return model.eval()
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise KnowpressError(
+            f"model path {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); save "
+            f"the model's tokenizer into it with tokenizer.save_pretrained('{path}')"
+        )
 
 
 def load_model(
@@ -165,12 +183,16 @@ def load_model(
     *,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a local directory or a hub id.
+    """Load a causal LM and its tokenizer from a local directory or a hub id, in ``dtype``
+    on ``device``.
 
     Only safetensors weights are accepted. A missing local path, or a hub id that cannot be
     fetched (offline machine), is a :class:`KnowpressError` naming the path and the fix.
     """
+    from knowpress.models.packed import load_packed
+
     torch_dtype = _DTYPES[dtype]
     path = Path(source)
     looks_local = (
@@ -178,19 +200,11 @@ def load_model(
     )
     if looks_local:
         path = path.expanduser()
-        if not path.is_dir():
-            raise KnowpressError(f"model path {source}: no such directory (give an HF model dir)")
-        if not (path / "config.json").is_file():
-            raise KnowpressError(f"model path {path}: no config.json (not an HF model directory)")
-        if not list(path.glob("*.safetensors")):
-            raise KnowpressError(
-                f"model path {path}: no *.safetensors weights (knowpress never loads pickle "
-                f"*.bin files; convert them with safetensors first)"
-            )
+        _check_local(path, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         if looks_local and (path / QUANT_FILE).is_file():
-            model = _load_packed(path, torch_dtype)
+            model = load_packed(path, torch_dtype, trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 source,
@@ -207,4 +221,4 @@ def load_model(
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer

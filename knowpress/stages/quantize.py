@@ -1,13 +1,24 @@
-"""``kind: quantize`` — weight-only quantization of the model's linear layers.
+"""``kind: quantize`` — weight-only quantization of the tensors the recipe targets.
 
-Targets every ``nn.Linear`` whose qualified name matches none of the ``ignore`` globs (the
-output head by default: tied to the embedding in small models, and the most
-quantization-sensitive layer). The method (``rtn`` ...) comes from ``QUANT_METHODS``.
+``targets`` (module or tensor names, globs or ``re:`` regexes; default: every linear layer
+and every fused MoE expert tensor) minus ``ignore`` (the output head by default: tied to the
+embedding in small models, and the most quantization-sensitive layer) are handed to the
+method from ``QUANT_METHODS``; see ``compress/quant/targets.py`` for the matching rules.
+Before any work, every target must be one the method can quantize; after it, none may be
+left float. The stage predicts the bytes of the saved folder from the plan (packed codes,
+scales and zero points of every target, every other tensor in the deploy dtype, the
+safetensors header) as ``details.predicted_bytes``, next to what the runner measures.
+
+```yaml
+- kind: quantize
+  method: {name: rtn, bits: 4, group_size: 32}
+  targets: ["re:.*\\.mlp\\..*"]     # optional; default: every linear + fused expert tensor
+  ignore: [lm_head]
+```
 """
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Annotated, Literal, Union
 
 import torch
@@ -15,9 +26,12 @@ from pydantic import Field
 from torch import nn
 
 from knowpress.compress.quant import QUANT_METHODS
-from knowpress.compress.quant.qlinear import QuantLinear
+from knowpress.compress.quant.base import QuantMethod
+from knowpress.compress.quant.targets import Target, select, still_float
 from knowpress.context import Context
 from knowpress.errors import KnowpressError
+from knowpress.models.io import deploy_dtype_of, packed_modules
+from knowpress.models.sizes import Entry, dtype_tag, safetensors_bytes
 from knowpress.progress import Progress
 from knowpress.stage import STAGES, StageConfig
 
@@ -29,42 +43,17 @@ QuantMethodSpec = Annotated[
 
 @STAGES.register("quantize")
 class QuantizeConfig(StageConfig):
-    summary = "weight-only quantization of linear layers, stored packed"
+    summary = "weight-only quantization of targeted tensors, stored packed"
 
     kind: Literal["quantize"]
     method: QuantMethodSpec  # type: ignore[valid-type]
+    targets: list[str] | None = Field(
+        None, description="module/tensor name globs or re: regexes; null = every linear + experts"
+    )
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="name globs")
 
     def build(self) -> Quantize:
         return Quantize(self)
-
-
-def _as_linear(module: QuantLinear) -> nn.Linear:
-    """A float ``nn.Linear`` holding a packed layer's dequantized weight (for re-quantizing)."""
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    linear = linear.to(device=module.weight_packed.device, dtype=module.compute_dtype)
-    with torch.no_grad():
-        linear.weight.copy_(module.dequantized_weight())
-        if module.bias is not None:
-            linear.bias.copy_(module.bias)
-    return linear
-
-
-def select_targets(model: nn.Module, ignore: list[str]) -> dict[str, nn.Linear]:
-    """Linear layers not matched by any ignore glob.
-
-    Layers already packed by an earlier stage are re-quantized from their dequantized
-    weights (int8 -> int4 chains), never from the original float weights, which are gone.
-    """
-    targets: dict[str, nn.Linear] = {}
-    for name, module in model.named_modules():
-        if any(fnmatch.fnmatch(name, pattern) for pattern in ignore):
-            continue
-        if isinstance(module, QuantLinear):
-            targets[name] = _as_linear(module)
-        elif isinstance(module, nn.Linear):
-            targets[name] = module
-    return targets
 
 
 class Quantize:
@@ -72,31 +61,63 @@ class Quantize:
         self.config = config
 
     def run(self, ctx: Context, progress: Progress) -> Context:
-        targets = select_targets(ctx.model, self.config.ignore)
+        method: QuantMethod = self.config.method
+        targets = select(ctx.model, self.config.targets, self.config.ignore)
         if not targets:
             raise KnowpressError(
-                "quantize.ignore: every linear layer is ignored; nothing to quantize "
+                "quantize: targets minus ignore leave no tensor to quantize "
                 "(narrow the ignore globs or remove the stage)"
             )
-        method = self.config.method
-        for name, linear in targets.items():
-            problem = method.check_module(name, linear)
-            if problem:
-                raise KnowpressError(f"quantize.method: {problem}")
+        problems = [p for p in map(method.check_target, targets) if p]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise KnowpressError(f"quantize.method: {problems[0]}{more}")
+        deploy = getattr(torch, ctx.recipe.model.dtype)
+        predicted = predicted_bytes(ctx.model, targets, method, deploy)
+        before = {t.module: id(ctx.model.get_submodule(t.module)) for t in targets}
         method.apply(ctx.model, targets, ctx, progress)
-        ctx.metrics["quantized_modules"] = float(len(targets))
-        fused = fused_expert_parameters(ctx.model)
-        ctx.metrics["float_fused_expert_parameters"] = float(fused)
-        if fused:
-            # transformers 5 stores MoE experts as 3-D tensors, not nn.Linear: say so rather
-            # than let the size column suggest the experts were quantized.
-            progress.log(
-                f"[yellow]quantize: {fused:,} parameters in fused 3-D MoE expert tensors are "
-                f"left in float (this stage quantizes nn.Linear layers only)[/yellow]"
+        left = still_float(ctx.model, targets, before)
+        if left:
+            raise KnowpressError(
+                f"quantize: {len(left)} targeted tensor(s) still float after {method.name} "
+                f"(first: {left[0]}); this is a bug in the method, please report it"
             )
+        ctx.metrics.update(
+            quantized_tensors=len(targets),
+            predicted_bytes=predicted,
+            float_weights_left=untargeted_float_weights(ctx.model),
+        )
         return ctx
 
 
-def fused_expert_parameters(model: nn.Module) -> int:
-    """Elements of 3-D parameters (fused experts, e.g. ``gate_up_proj [E, 2I, H]``)."""
-    return sum(p.numel() for p in model.parameters() if p.dim() == 3)
+def predicted_bytes(
+    model: nn.Module, targets: list[Target], method: QuantMethod, deploy: torch.dtype
+) -> int:
+    """Bytes the saved safetensors will take: the method's stored tensors for every target,
+    every other tensor of the model in its storage dtype (tied tensors once), the header."""
+    targeted = {t.name for t in targets}
+    packed = set(packed_modules(model))
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    entries: list[Entry] = [e for t in targets for e in method.stored_entries(t)]
+    for key, tensor in model.state_dict().items():
+        module = key.rpartition(".")[0]
+        owned_by_target = key in targeted or (
+            module in packed and f"{module}.weight" in targeted and not key.endswith(".bias")
+        )
+        if owned_by_target or key in tied:
+            continue
+        tag = dtype_tag(deploy_dtype_of(key, tensor, packed, deploy))
+        entries.append((key, tag, tuple(tensor.shape)))
+    return safetensors_bytes(entries)
+
+
+def untargeted_float_weights(model: nn.Module) -> int:
+    """Elements of float tensors with two or more dimensions left (embeddings, ignored
+    layers, fused experts not targeted): the report shows what stayed in the deploy dtype."""
+    seen: set[int] = set()
+    total = 0
+    for param in model.parameters():
+        if param.dim() >= 2 and param.is_floating_point() and id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total

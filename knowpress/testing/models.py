@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
 def tiny_llama(
@@ -34,3 +34,18 @@ def tiny_llama(
             if param.dim() > 1:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``<pad> <s> </s> <unk> w0 w1 ...`` (ids match tiny_llama's
+    special tokens: pad 0, bos 1, eos 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {f"w{i}": i + 4 for i in range(vocab_size - 4)}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | words
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+    )  # fmt: skip

@@ -32,6 +32,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from knowpress.device import resolve_device
 from knowpress.evaluate.runtime import TorchRuntime
 from knowpress.world.generator import Passage, QAItem, World
 from knowpress.world.presets import ARCHITECTURES, Preset, TrainConfig
@@ -279,22 +280,9 @@ def train_teacher(
     float results do (kernels differ), so a GPU-built teacher is close to, not bit-equal
     to, a CPU-built one.
     """
-    target = resolve_device(device)
+    target = resolve_device(device, "--device")
     with _torch_threads(training_threads()):
         return _train(preset, world, tokenizer, progress, checkpoint, target)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``torch.device(device)``, or a ValueError naming the fix when it is not usable here."""
-    try:
-        target = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1)") from exc
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: this torch has no usable CUDA GPU; use --device cpu")
-    if target.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: teachers train on cpu or cuda")
-    return target
 
 
 def _train(

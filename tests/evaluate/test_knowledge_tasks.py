@@ -36,9 +36,18 @@ class FakeRuntime:
 
     def __init__(self, world: World, oracle: bool, value_loss: float = 0.0) -> None:
         self.tokenizer = build_tokenizer(world)
-        self.model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))
+        self.max_positions = 256
         self.oracle, self.value_loss, self.world = oracle, value_loss, world
         self.prompts: list[str] = []
+
+    def parameter_count(self) -> int:
+        return 1000
+
+    def kv_bytes_per_token(self) -> float:
+        return 0.0
+
+    def describe(self) -> dict[str, object]:
+        return {"runtime": self.name, "device": "cpu", "dtype": "none", "kv_policy": None}
 
     @cached_property
     def _answers(self) -> dict[str, str]:
@@ -110,7 +119,7 @@ def test_long_context_lengths_fit_the_model() -> None:
     names = {p.name for p in WORLD.people}
     assert not any(name in p for p in runtime.prompts for name in names)  # fictional people only
     # Between 2 and 4 bios, the largest haystack that fits is scored too.
-    runtime.model.config.max_position_embeddings = int(result.extra["tokens/bios=4"]) - 1
+    runtime.max_positions = int(result.extra["tokens/bios=4"]) - 1
     runtime.prompts.clear()
     cut = TASKS.get("long_context")().run(runtime, WORLD, 8)
     assert sorted(k for k in cut.extra if k.startswith("em/bios=")) == [
@@ -120,7 +129,7 @@ def test_long_context_lengths_fit_the_model() -> None:
     ]
     assert cut.score == 1.0 and cut.n == 8 * 3
     assert len(runtime.prompts) == 8 * 3
-    runtime.model.config.max_position_embeddings = 8
+    runtime.max_positions = 8
     with pytest.raises(ValueError, match="does not fit"):
         TASKS.get("long_context")().run(runtime, WORLD, 2)
 
@@ -154,6 +163,7 @@ def test_bits_formula_golden() -> None:
     one_bit = TASKS.get("bits")().run(FakeRuntime(WORLD, True, math.log(2)), WORLD, None)
     assert one_bit.score == pytest.approx(capacity - len(items))
     assert one_bit.extra["bits/pronoun"] == pytest.approx(0.0)  # 1 bit lost of 1 bit
+    assert certain.extra["bits_per_parameter"] == pytest.approx(capacity / 1000)
 
 
 def test_chance_values() -> None:
@@ -209,4 +219,4 @@ def test_report_marks_near_chance_and_bits_per_byte(tiny_teacher_dir: Path, tmp_
         assert per_byte == pytest.approx(row["scores"]["bits"] / row["stored_bytes"])
     assert "Near chance" not in render_markdown(report)
     report["tasks"]["recall"]["near_chance"] = True
-    assert "Near chance (teacher < 2x chance" in render_markdown(report)
+    assert "Near chance (reference < 2x chance" in render_markdown(report)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from knowpress.compress.kv.full import FullCache
 from knowpress.errors import KnowpressError
 from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, headline, run_lm_eval, write_fact_task
-from knowpress.models.io import load_model
+from knowpress.evaluate.loader import load_runtime
+from knowpress.evaluate.runtime import TorchRuntime
 from knowpress.recipe import validate_recipe
 from knowpress.runner import apply
 from knowpress.world import load_world
@@ -46,27 +49,36 @@ def test_fact_task_file_is_a_valid_multiple_choice_set(fact_task: Path) -> None:
 def test_teacher_knows_its_facts_through_the_harness(
     tiny_teacher_dir: Path, fact_task: Path
 ) -> None:
-    model, tokenizer = load_model(tiny_teacher_dir)
+    runtime = load_runtime(tiny_teacher_dir)
     spec = LmEvalSpec(tasks=["knowpress_facts"], include_path=str(fact_task))
-    scores = run_lm_eval(model, tokenizer, spec)
+    scores = run_lm_eval(runtime, spec)
     score = scores["lm_eval/knowpress_facts"]
     assert score.metric == "acc" and score.n == 48 and score.higher_is_better
     assert score.score >= 0.9  # 4-way choice: chance is 0.25
     # the same architecture untrained: the harness really scores the model it is given
     from transformers import AutoModelForCausalLM
 
-    blank = AutoModelForCausalLM.from_config(model.config)
-    assert run_lm_eval(blank, tokenizer, spec)["lm_eval/knowpress_facts"].score < 0.6
+    blank = AutoModelForCausalLM.from_config(runtime.model.config)
+    blank_runtime = TorchRuntime(blank, runtime.tokenizer)
+    assert run_lm_eval(blank_runtime, spec)["lm_eval/knowpress_facts"].score < 0.6
+
+
+def test_harness_refuses_what_it_cannot_score(tiny_teacher_dir: Path, fact_task: Path) -> None:
+    runtime = load_runtime(tiny_teacher_dir)
+    spec = LmEvalSpec(tasks=["knowpress_facts"], include_path=str(fact_task))
+    runtime.kv_policy = FullCache(name="full")
+    with pytest.raises(KnowpressError, match="cannot apply the attached KV policy 'full'"):
+        run_lm_eval(runtime, spec)
+    with pytest.raises(KnowpressError, match="need a PyTorch model; this artifact runs on onnx"):
+        run_lm_eval(SimpleNamespace(name="onnx"), spec)
 
 
 def test_unknown_task_and_missing_folder(tiny_teacher_dir: Path, fact_task: Path) -> None:
-    model, tokenizer = load_model(tiny_teacher_dir)
+    runtime = load_runtime(tiny_teacher_dir)
     with pytest.raises(KnowpressError, match=r"evaluate\.lm_eval\.tasks: no_such_task not found"):
-        run_lm_eval(
-            model, tokenizer, LmEvalSpec(tasks=["no_such_task"], include_path=str(fact_task))
-        )
+        run_lm_eval(runtime, LmEvalSpec(tasks=["no_such_task"], include_path=str(fact_task)))
     with pytest.raises(KnowpressError, match=r"include_path: .* is not a directory"):
-        run_lm_eval(model, tokenizer, LmEvalSpec(tasks=["x"], include_path=str(fact_task / "no")))
+        run_lm_eval(runtime, LmEvalSpec(tasks=["x"], include_path=str(fact_task / "no")))
 
 
 def test_missing_harness_is_a_clear_error(
@@ -74,7 +86,7 @@ def test_missing_harness_is_a_clear_error(
 ) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     with pytest.raises(KnowpressError, match=r"pip install 'knowpress\[eval\]'"):
-        run_lm_eval(None, None, LmEvalSpec(tasks=["knowpress_facts"]))
+        run_lm_eval(None, LmEvalSpec(tasks=["knowpress_facts"]))
 
 
 def test_recipe_reports_harness_tasks_with_retention(
@@ -123,7 +135,7 @@ def test_cli_eval_runs_harness_tasks_alone(
     argv = ["eval", "--model", str(tiny_teacher_dir), "--tasks", "", "-q", "--json", str(out)]
     harness = ["--lm-eval", "knowpress_facts", "--lm-eval-include", str(fact_task)]
     assert main([*argv, *harness, "--lm-eval-limit", "12"]) == 0
-    scores = json.loads(out.read_text())
+    scores = json.loads(out.read_text())["scores"]
     assert (
         list(scores) == ["lm_eval/knowpress_facts"] and scores["lm_eval/knowpress_facts"]["n"] == 12
     )

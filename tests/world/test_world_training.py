@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from knowpress.device import resolve_device
+from knowpress.errors import KnowpressError
 from knowpress.world import Preset, WorldConfig, build_teacher, training
 from knowpress.world.teacher import make_world, resume_file, teacher_dir
 from knowpress.world.tokenizer import build_tokenizer
@@ -91,14 +93,15 @@ def test_copy_examples_repeat_a_span_with_loss_on_the_copy() -> None:
 def test_copy_span_and_device_are_validated() -> None:
     with pytest.raises(ValueError, match="copy_span"):
         MICRO.train.model_validate({"steps": 1, "copy_span": (5, 2)})
-    assert training.resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(ValueError, match="not a torch device"):
-        training.resolve_device("gpu0")
-    with pytest.raises(ValueError, match="cpu or cuda"):
-        training.resolve_device("meta")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(KnowpressError, match="'gpu0' is not a device"):
+        resolve_device("gpu0")
+    with pytest.raises(KnowpressError, match="'meta' is not supported"):
+        resolve_device("meta")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="use --device cpu"):
-            training.resolve_device("cuda")
+        with pytest.raises(KnowpressError, match=r"--device: 'cuda' asked for.*use --device cpu"):
+            resolve_device("cuda", "--device")
 
 
 def test_interrupted_build_resumes_to_the_same_weights(

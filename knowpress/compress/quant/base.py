@@ -1,15 +1,19 @@
 """The quantization-method family: a registry of method configs.
 
 A method's config is a frozen pydantic model discriminated by ``name``; its hyperparameters
-are its fields. ``quantize_linear`` turns one ``nn.Linear`` into a packed ``QuantLinear``;
-methods that need calibration data (GPTQ) override ``apply`` instead.
+are its fields. ``check_target`` says why a target cannot be quantized (before any work),
+``stored_entries`` what the method will store for it (the byte prediction the stage checks
+the saved folder against), and ``apply`` quantizes every target. The base ``apply`` turns
+each linear target into a packed ``QuantLinear`` with ``quantize_linear``; methods that
+need calibration data (GPTQ) override ``apply``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from knowpress.config import FrozenConfig
@@ -17,16 +21,44 @@ from knowpress.registry import Registry
 
 if TYPE_CHECKING:
     from knowpress.compress.quant.qlinear import QuantLinear
+    from knowpress.compress.quant.targets import Target
     from knowpress.context import Context
+    from knowpress.models.sizes import Entry
     from knowpress.progress import Progress
 
 
 class QuantMethod(FrozenConfig):
     name: str
 
-    def check_module(self, name: str, linear: nn.Linear) -> str | None:
-        """A reason this method cannot quantize ``linear`` (shape constraints), or None."""
+    def check_target(self, target: Target) -> str | None:
+        """A reason this method cannot quantize ``target``, or None (2-D linear weights)."""
+        shape = list(target.shape)
+        if target.kind == "fused_experts":
+            return (
+                f"{target.name} is a fused 3-D expert tensor {shape}; {self.name} quantizes "
+                f"2-D linear weights only: add '{target.module}' (or '*.experts') to "
+                f"quantize.ignore to keep the experts in the stored dtype"
+            )
+        if target.kind != "linear":
+            return (
+                f"{target.name} is an {target.kind} tensor {shape}; {self.name} quantizes "
+                f"linear layers only: remove it from quantize.targets"
+            )
+        if target.tied:
+            return (
+                f"{target.name} is tied to another module's weight; quantizing it would store "
+                f"a second copy: add '{target.module}' to quantize.ignore"
+            )
+        out_features, in_features = target.shape
+        return self.check_linear(target.name, out_features, in_features)
+
+    def check_linear(self, name: str, out_features: int, in_features: int) -> str | None:
+        """Shape constraints of the method on one ``[out, in]`` weight."""
         return None
+
+    def stored_entries(self, target: Target) -> list[Entry]:
+        """(name, dtype tag, shape) of every tensor the method stores for ``target``."""
+        raise NotImplementedError
 
     def quantize_linear(self, linear: nn.Linear) -> QuantLinear:
         raise NotImplementedError
@@ -34,15 +66,32 @@ class QuantMethod(FrozenConfig):
     def apply(
         self,
         model: nn.Module,
-        targets: Mapping[str, nn.Linear],
+        targets: Sequence[Target],
         ctx: Context,
         progress: Progress,
     ) -> None:
-        """Replace each target module in ``model`` by its quantized version."""
-        for name in progress.track(list(targets), f"{self.name}: quantizing"):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, self.quantize_linear(targets[name]))
+        """Replace each target's module in ``model`` by its quantized version."""
+        for target in progress.track(list(targets), f"{self.name}: quantizing"):
+            linear = as_linear(model.get_submodule(target.module))
+            model.set_submodule(target.module, self.quantize_linear(linear))
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` itself, or for a layer packed by an earlier stage a float ``nn.Linear``
+    holding its dequantized weight: a chain re-quantizes what is stored (int8 -> int4),
+    never the original float weights, which are gone."""
+    dequantize = getattr(module, "dequantized_weight", None)
+    if not callable(dequantize):
+        return module  # type: ignore[return-value]
+    weight = dequantize()
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear = linear.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
 
 
 QUANT_METHODS: Registry[type[QuantMethod]] = Registry("quant method")

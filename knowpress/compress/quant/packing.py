@@ -8,8 +8,10 @@ split into ``in / g`` groups. Per group, with ``b`` bits:
 - symmetric: ``s = max|W| / (2^(b-1) - 1)``, ``q = clamp(round(W / s), -2^(b-1), 2^(b-1) - 1)``
   stored with the offset ``2^(b-1)``, so ``Ŵ = (q_stored - 2^(b-1)) · s``.
 
-Scales are stored as float16 ``[out, in / g]``; zero points as uint8 ``[out, in / g]``.
-4-bit codes are packed two per byte (low nibble = even column), 8-bit codes one per byte.
+Scales are stored as float16 ``[out, in / g]``. Codes and zero points are packed at the code
+width: 8-bit one per byte, 4-bit two per byte (low nibble = even column; an odd count is padded
+with one zero nibble), so 4-bit zero points cost ``[out, ceil(in / g / 2)]`` bytes, as in
+GPTQ's packed ``qzeros``. Bytes per weight at 4 bits, group 32: 0.5 + 2/32 + 0.5/32.
 """
 
 from __future__ import annotations
@@ -81,24 +83,31 @@ def dequantize_groups(
     return w.reshape(out_features, in_features).to(dtype)
 
 
+def packed_width(length: int, bits: int) -> int:
+    """Bytes per row of ``length`` codes packed at ``bits``."""
+    if bits not in (4, 8):
+        raise ValueError(f"packing supports 4 or 8 bits, not {bits}")
+    return length if bits == 8 else (length + 1) // 2
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes ``[out, in]`` into bytes: ``[out, in]`` (8-bit) or ``[out, in/2]``."""
+    """Pack uint8 codes ``[..., n]`` into ``[..., packed_width(n, bits)]`` bytes."""
+    packed_width(codes.shape[-1], bits)  # validates bits
     if bits == 8:
         return codes.contiguous()
-    if bits != 4:
-        raise ValueError(f"packing supports 4 or 8 bits, not {bits}")
     if codes.shape[-1] % 2:
-        raise ValueError("4-bit packing needs an even number of input features")
+        codes = torch.nn.functional.pad(codes, (0, 1))
     low, high = codes[..., 0::2], codes[..., 1::2]
     return (low | (high << 4)).contiguous()
 
 
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack`."""
+def unpack(packed: torch.Tensor, bits: int, length: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack`; ``length`` drops the padding nibble of an odd count."""
     if bits == 8:
         return packed
     low, high = packed & 0x0F, packed >> 4
-    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    codes = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return codes if length is None else codes[..., :length]
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -1,9 +1,9 @@
 """``QuantLinear``: a linear layer whose weight is stored packed (see ``packing.py``).
 
-Buffers (what lands in safetensors): ``weight_packed`` uint8 ``[out, in·b/8]``,
-``weight_scale`` float16 ``[out, in/g]``, ``weight_zero_point`` uint8 ``[out, in/g]``
-(asymmetric only), and an optional ``bias``. The forward pass dequantizes on the fly, so
-memory holds only the packed form.
+Buffers (what lands in safetensors): ``weight_packed`` uint8 ``[out, ⌈in·b/8⌉]``,
+``weight_scale`` float16 ``[out, in/g]``, ``weight_zero_point`` uint8 ``[out, ⌈(in/g)·b/8⌉]``
+(asymmetric only; packed at the code width like the codes), and an optional ``bias``. The
+forward pass dequantizes on the fly, so memory holds only the packed form.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from knowpress.compress.quant.packing import Quantized, dequantize_groups, pack, unpack
+from knowpress.compress.quant.packing import (
+    Quantized,
+    dequantize_groups,
+    pack,
+    packed_width,
+    unpack,
+)
 
 
 class QuantLinear(nn.Module):
@@ -39,14 +45,16 @@ class QuantLinear(nn.Module):
         )
         groups = in_features // group_size
         self.register_buffer(
-            "weight_packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8)
+            "weight_packed",
+            torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8),
         )
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float16))
         if symmetric:
             self.weight_zero_point: torch.Tensor | None = None
         else:
             self.register_buffer(
-                "weight_zero_point", torch.zeros(out_features, groups, dtype=torch.uint8)
+                "weight_zero_point",
+                torch.zeros(out_features, packed_width(groups, bits), dtype=torch.uint8),
             )
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self.compute_dtype = dtype
@@ -68,7 +76,7 @@ class QuantLinear(nn.Module):
         module.weight_packed = pack(q.codes, bits)
         module.weight_scale = q.scales.contiguous()
         if q.zeros is not None:
-            module.weight_zero_point = q.zeros.contiguous()
+            module.weight_zero_point = pack(q.zeros, bits)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return module.to(linear.weight.device)
@@ -89,6 +97,22 @@ class QuantLinear(nn.Module):
             dtype=dtype,
         )
 
+    @staticmethod
+    def entries(
+        prefix: str, out_features: int, in_features: int, bits: int, group_size: int,
+        symmetric: bool,
+    ) -> list[tuple[str, str, tuple[int, ...]]]:  # fmt: skip
+        """(name, dtype tag, shape) of the packed tensors this layer stores (bias apart)."""
+        groups = in_features // group_size
+        entries = [
+            (f"{prefix}.weight_packed", "U8", (out_features, packed_width(in_features, bits))),
+            (f"{prefix}.weight_scale", "F16", (out_features, groups)),
+        ]
+        if not symmetric:
+            zeros = (out_features, packed_width(groups, bits))
+            entries.append((f"{prefix}.weight_zero_point", "U8", zeros))
+        return entries
+
     def packing_spec(self) -> dict[str, Any]:
         return {
             "in_features": self.in_features,
@@ -106,11 +130,14 @@ class QuantLinear(nn.Module):
         )
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        codes = unpack(self.weight_packed, self.bits)
+        codes = unpack(self.weight_packed, self.bits, self.in_features)
+        zeros = self.weight_zero_point
+        if zeros is not None:
+            zeros = unpack(zeros, self.bits, self.in_features // self.group_size)
         return dequantize_groups(
             codes,
             self.weight_scale,
-            self.weight_zero_point,
+            zeros,
             self.bits,
             self.group_size,
             dtype or self.compute_dtype,

@@ -13,7 +13,7 @@ Dettmers & Zettlemoyer, "The case for 4-bit precision" (2023) for RTN at scale.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from torch import nn
@@ -21,6 +21,10 @@ from torch import nn
 from knowpress.compress.quant.base import QUANT_METHODS, QuantMethod
 from knowpress.compress.quant.packing import quantize_groups
 from knowpress.compress.quant.qlinear import QuantLinear
+
+if TYPE_CHECKING:
+    from knowpress.compress.quant.targets import Target
+    from knowpress.models.sizes import Entry
 
 
 @QUANT_METHODS.register("rtn")
@@ -35,22 +39,27 @@ class RTN(QuantMethod):
     )
     symmetric: bool = False
 
-    def _group(self, linear: nn.Linear) -> int:
-        return self.group_size or linear.in_features
+    def _group(self, in_features: int) -> int:
+        return self.group_size or in_features
 
-    def check_module(self, name: str, linear: nn.Linear) -> str | None:
-        g = self._group(linear)
-        if linear.in_features % g:
-            divisors = [d for d in (32, 64, 128, 256) if linear.in_features % d == 0]
+    def check_linear(self, name: str, out_features: int, in_features: int) -> str | None:
+        g = self._group(in_features)
+        if in_features % g:
+            divisors = [d for d in (32, 64, 128, 256) if in_features % d == 0]
             return (
-                f"group_size {g} does not divide in_features {linear.in_features} of {name}; "
-                f"use one of {divisors or [linear.in_features]} or null (per row)"
+                f"group_size {g} does not divide in_features {in_features} of {name}; "
+                f"use one of {divisors or [in_features]} or null (per row)"
             )
-        if self.bits == 4 and linear.in_features % 2:
-            return f"int4 packing needs an even in_features; {name} has {linear.in_features}"
         return None
 
+    def stored_entries(self, target: Target) -> list[Entry]:
+        out_features, in_features = target.shape
+        group = self._group(in_features)
+        return QuantLinear.entries(
+            target.module, out_features, in_features, self.bits, group, self.symmetric
+        )
+
     def quantize_linear(self, linear: nn.Linear) -> QuantLinear:
-        g = self._group(linear)
+        g = self._group(linear.in_features)
         q = quantize_groups(linear.weight, self.bits, g, self.symmetric)
         return QuantLinear.from_quantized(linear, q, self.bits, g, method=self.name)

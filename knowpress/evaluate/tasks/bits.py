@@ -15,8 +15,9 @@ headquarters facts themselves count as attribute ``company_hq``.
 ``L_a`` is the NLL of ``prompt + " " + value`` minus that of ``prompt``: the value's tokens
 given the prompt (exact when the prompt's tokens are a prefix of the joined text's, as with
 the world tokenizer). With ``max_items`` the losses are estimated on an evenly spaced subset
-of each attribute's facts and ``N_a`` stays the world's count. ``bits_per_parameter`` needs
-``runtime.model``; bits per stored byte is added by the report, which knows the stored size.
+of each attribute's facts and ``N_a`` stays the world's count. ``bits_per_parameter`` uses
+the runtime's logical parameter count; bits per stored byte is added by the report, which
+knows the stored size.
 """
 
 from __future__ import annotations
@@ -89,11 +90,7 @@ class Bits(Task):
             extra[f"bits/{attribute}"] = bits
             extra[f"loss_nats/{attribute}"] = mean
             extra[f"capacity_bits/{attribute}"] = counts[attribute] * math.log2(pools[attribute])
-        model = getattr(runtime, "model", None)
-        if callable(getattr(model, "modules", None)):  # a torch module (not e.g. an ONNX session)
-            from knowpress.models.io import parameter_count  # torch only when a model is here
-
-            params = parameter_count(model)
-            extra["parameters"] = float(params)
-            extra["bits_per_parameter"] = total / params
+        params = runtime.parameter_count()
+        extra["parameters"] = float(params)
+        extra["bits_per_parameter"] = total / params
         return TaskResult(total, len(sample), extra)

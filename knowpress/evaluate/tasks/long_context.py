@@ -35,17 +35,6 @@ DEFAULT_ITEMS = 32  # per context length; ``max_items`` overrides
 _EXAMPLE_CHARS = 160  # long prompts are cut to their tail in the report's examples
 
 
-def max_positions(runtime: Runtime) -> int:
-    """The model's context length (``config.max_position_embeddings``), else the tokenizer's."""
-    config = getattr(getattr(runtime, "model", None), "config", None)
-    value = getattr(config, "max_position_embeddings", None)
-    if value is None:
-        value = getattr(runtime.tokenizer, "model_max_length", None)
-    if not isinstance(value, int) or value <= 0 or value > 10**7:
-        raise ValueError("long_context: the runtime's model has no max_position_embeddings")
-    return value
-
-
 def trained_bios(world: World) -> int | None:
     """Most bios in one of the world's training passages, or None when it trains none."""
     config = getattr(world, "config", None)
@@ -63,7 +52,7 @@ class LongContext(Task):
 
     def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
         haystack = world_method(world, "haystack_items", self.name)
-        limit, n_items = max_positions(runtime), max_items or DEFAULT_ITEMS
+        limit, n_items = runtime.max_positions, max_items or DEFAULT_ITEMS
 
         def fitting(n_bios: int) -> tuple[list[QAItem], int] | None:
             items = haystack(n_bios=n_bios, n_items=n_items)  # type: ignore[operator]

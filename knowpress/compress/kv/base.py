@@ -1,0 +1,55 @@
+"""The KV-cache policy family: a registry of policy configs that build transformers caches.
+
+A policy is a frozen config (discriminated by ``name``) whose ``make_cache(model)`` returns
+the ``transformers.Cache`` a runtime passes as ``past_key_values`` to prefill and to every
+decoding step, so the policy acts in both. ``cache_bytes(cache)`` counts what the cache
+really holds (packed codes, scales, kept tokens); runtimes divide it by the tokens seen to
+report KV bytes per token. A stage attaches a policy with ``ctx.kv_policy = policy``; the
+runner saves it in the artifact manifest (``runtime.kv_policy``) and ``load_runtime``
+applies it when it scores the artifact.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from knowpress.config import FrozenConfig
+from knowpress.errors import KnowpressError
+from knowpress.registry import Registry
+
+if TYPE_CHECKING:
+    from transformers import Cache, PreTrainedModel
+
+
+class KVPolicy(FrozenConfig):
+    name: str
+
+    def make_cache(self, model: PreTrainedModel) -> Cache:
+        raise NotImplementedError
+
+    def cache_bytes(self, cache: Cache) -> int:
+        """Bytes held by ``cache``: every key and value tensor of every layer."""
+        total = 0
+        for layer in cache.layers:
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if tensor is not None:
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+
+KV_POLICIES: Registry[type[KVPolicy]] = Registry("KV-cache policy")
+
+
+def policy_from_json(data: dict[str, Any], where: str) -> KVPolicy:
+    """Rebuild a saved policy (``{"name": ..., fields}``); unknown names are one clear line."""
+    from pydantic import ValidationError
+
+    name = data.get("name")
+    if not isinstance(name, str):
+        raise KnowpressError(f"{where}: a KV policy needs a 'name'")
+    try:
+        return KV_POLICIES.get(name).model_validate(data)
+    except KnowpressError as exc:
+        raise KnowpressError(f"{where}: {exc}") from None
+    except ValidationError as exc:
+        raise KnowpressError(f"{where}: invalid {name} policy ({exc.errors()[0]['msg']})") from None

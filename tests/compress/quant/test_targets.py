@@ -1,0 +1,129 @@
+"""Quantization targets: module or tensor names, globs and regexes, fused MoE experts, and the
+errors that keep a targeted tensor from staying float."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from knowpress.compress.quant.rtn import RTN
+from knowpress.compress.quant.targets import Target, candidates, select, still_float
+from knowpress.context import Context
+from knowpress.errors import KnowpressError
+from knowpress.progress import Progress
+from knowpress.recipe import validate_recipe
+from knowpress.stages.quantize import Quantize, QuantizeConfig
+from knowpress.testing.models import tiny_llama
+
+RTN4 = RTN(name="rtn", bits=4, group_size=32)
+
+
+def tiny_mixtral() -> MixtralForCausalLM:
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2,
+    )  # fmt: skip
+    return MixtralForCausalLM(config).eval()
+
+
+def names(targets: Sequence[Target]) -> list[str]:
+    return [t.name for t in targets]
+
+
+def test_default_targets_are_linear_layers_and_fused_experts() -> None:
+    llama = select(tiny_llama(layers=1), None, ["lm_head"])
+    assert names(llama) == [
+        f"model.layers.0.{m}.weight"
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    ]  # fmt: skip
+    moe = {t.name: t for t in select(tiny_mixtral(), None, ["lm_head"])}
+    gate_up = moe["model.layers.0.mlp.experts.gate_up_proj"]
+    assert gate_up.kind == "fused_experts" and gate_up.shape == (4, 128, 32)  # [E, 2I, H]
+    assert moe["model.layers.0.mlp.experts.down_proj"].shape == (4, 32, 64)  # [E, H, I]
+    # the router (a 2-D weight of its own module, not nn.Linear) and embeddings stay float
+    assert "model.layers.0.mlp.gate.weight" not in moe and "model.embed_tokens.weight" not in moe
+
+
+def test_patterns_match_module_or_tensor_names() -> None:
+    model = tiny_llama(layers=2)
+    by_module = select(model, ["model.layers.1.mlp.*"], [])
+    by_tensor = select(model, ["re:.*layers\\.1\\.mlp\\..*\\.weight"], [])
+    assert names(by_module) == names(by_tensor) and len(by_module) == 3
+    only_down = select(model, ["*.down_proj.weight"], ["model.layers.0.*"])
+    assert names(only_down) == ["model.layers.1.mlp.down_proj.weight"]
+    experts = select(tiny_mixtral(), ["*.experts.down_proj"], [])
+    assert names(experts) == ["model.layers.0.mlp.experts.down_proj"]
+
+
+def test_unmatched_and_invalid_patterns_are_errors() -> None:
+    with pytest.raises(KnowpressError, match=r"'\*\.dwn_proj' matches no weight tensor .* e\.g\."):
+        select(tiny_llama(), ["*.dwn_proj"], [])
+    with pytest.raises(KnowpressError, match=r"'re:\(' is not a valid regex"):
+        select(tiny_llama(), None, ["re:("])
+
+
+def test_tied_head_and_embedding_are_seen_as_tied() -> None:
+    pool = {t.name: t for t in candidates(tiny_llama())}
+    assert pool["lm_head.weight"].tied and pool["model.embed_tokens.weight"].tied
+    assert pool["lm_head.weight"].kind == "linear"
+    assert pool["model.embed_tokens.weight"].kind == "embedding"
+    assert not pool["model.layers.0.mlp.up_proj.weight"].tied
+
+
+def _run(model: torch.nn.Module, **stage: Any) -> Context:
+    data = {"version": 1, "model": {"path": "./unused"},
+            "stages": [{"kind": "quantize", **stage}]}  # fmt: skip
+    recipe = validate_recipe(data)
+    config = recipe.stages[0]
+    assert isinstance(config, QuantizeConfig)
+    ctx = Context(recipe=recipe, model=model, tokenizer=None, out_dir=None)  # type: ignore[arg-type]
+    return Quantize(config).run(ctx, Progress(enabled=False))
+
+
+def test_fused_experts_targeted_by_default_are_an_error_not_a_warning() -> None:
+    method = {"name": "rtn", "bits": 4, "group_size": 32}
+    with pytest.raises(KnowpressError, match=r"experts\.gate_up_proj is a fused 3-D expert "
+                       r"tensor \[4, 128, 32\]; rtn quantizes 2-D linear weights only: add "
+                       r"'model\.layers\.0\.mlp\.experts'"):  # fmt: skip
+        _run(tiny_mixtral(), method=method)
+    ctx = _run(tiny_mixtral(), method=method, ignore=["lm_head", "*.experts"])
+    fused = 4 * (128 * 32 + 32 * 64)
+    embeddings, router = 64 * 32 * 2, 4 * 32  # untied embedding and head; the router
+    assert ctx.metrics["float_weights_left"] == fused + embeddings + router
+
+
+def test_targeting_what_the_method_cannot_quantize_is_an_error() -> None:
+    with pytest.raises(KnowpressError, match=r"embed_tokens\.weight is an embedding tensor"):
+        _run(tiny_llama(), method={"name": "rtn", "bits": 8}, targets=["model.embed_tokens"])
+    with pytest.raises(KnowpressError, match=r"lm_head\.weight is tied to another module"):
+        _run(tiny_llama(), method={"name": "rtn", "bits": 8}, targets=["lm_head"], ignore=[])
+
+
+def test_a_method_that_leaves_a_target_float_fails_the_stage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def lazy(self: RTN, model: Any, targets: Sequence[Target], ctx: Any, progress: Any) -> None:
+        for target in targets[1:]:  # "forgets" the first target
+            model.set_submodule(target.module, self.quantize_linear(
+                model.get_submodule(target.module)))  # fmt: skip
+
+    monkeypatch.setattr(RTN, "apply", lazy)
+    with pytest.raises(KnowpressError, match=r"1 targeted tensor\(s\) still float after rtn "
+                       r"\(first: model\.layers\.0\.self_attn\.q_proj\.weight\)"):  # fmt: skip
+        _run(tiny_llama(), method={"name": "rtn", "bits": 4, "group_size": 32})
+
+
+def test_still_float_sees_a_requantized_layer_that_was_not_replaced() -> None:
+    model = tiny_llama(layers=1)
+    targets = select(model, ["*.q_proj"], [])
+    RTN4.apply(model, targets, None, Progress(enabled=False))  # type: ignore[arg-type]
+    before = {t.module: id(model.get_submodule(t.module)) for t in select(model, ["*.q_proj"], [])}
+    assert still_float(model, targets, before) == ["model.layers.0.self_attn.q_proj.weight"]
+    RTN4.apply(model, targets, None, Progress(enabled=False))  # type: ignore[arg-type]
+    assert still_float(model, targets, before) == []

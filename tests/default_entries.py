@@ -1,0 +1,50 @@
+"""One row per registered entry of every family: the configs the family matrices run.
+
+Adding a method = its file + one import + one row here (kvpress's tests/default_presses.py);
+``test_registries.py`` fails when a registered name has no row or a row names nothing
+registered. World presets need no row: their matrix parametrizes over ``PRESETS`` itself
+(tests/world/test_world_presets.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import knowpress.stages
+import knowpress.testing.stages  # noqa: F401  (registers the test-only stage kind)
+
+#: stage kind -> a stage block that runs on the ``test-tiny`` teacher
+STAGES: dict[str, dict[str, Any]] = {
+    "quantize": {"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 32}},
+    "attach_test_policy": {"kind": "attach_test_policy", "payload_bytes": 1000},
+}
+
+#: quant method -> [(method block, minimum weight SQNR in dB on a random tiny Llama)]
+QUANT_METHODS: dict[str, list[tuple[dict[str, Any], float]]] = {
+    "rtn": [
+        ({"name": "rtn", "bits": 8, "group_size": 32}, 38.0),
+        ({"name": "rtn", "bits": 4, "group_size": 32}, 15.0),
+        ({"name": "rtn", "bits": 4, "group_size": None, "symmetric": True}, 11.0),
+    ],
+}
+
+#: eval task -> its options (none yet); every task runs on a protocol-only runtime
+TASKS: dict[str, dict[str, Any]] = {
+    "recall": {},
+    "paraphrase": {},
+    "two_hop": {},
+    "long_context": {},
+    "bits": {},
+    "perplexity": {},
+}
+
+#: KV policy -> (policy block, exact: same logits and tokens as the full cache)
+KV_POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
+    "full": ({"name": "full"}, True),
+}
+
+#: artifact format -> how a test folder of that format is written ("plain" | "packed")
+RUNTIME_FORMATS: dict[str, str] = {
+    "hf": "plain",
+    "hf-packed": "packed",
+}

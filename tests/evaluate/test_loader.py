@@ -1,0 +1,91 @@
+"""load_runtime: the runtime an artifact asks for, its policies, and the runtime contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import default_entries as rows
+import pytest
+import torch
+
+from knowpress.compress.kv.full import FullCache
+from knowpress.compress.quant.rtn import RTN
+from knowpress.compress.quant.targets import select
+from knowpress.errors import KnowpressError
+from knowpress.evaluate.loader import load_runtime
+from knowpress.evaluate.runtime import TorchRuntime
+from knowpress.models.artifact import MANIFEST_FILE, build_manifest, write_manifest
+from knowpress.models.io import save_model
+from knowpress.progress import Progress
+from knowpress.testing.models import tiny_llama, tiny_tokenizer
+
+PROMPTS = ["w1 w2 w3", "w7 w9"]
+
+
+def _folder(kind: str, path: Path) -> tuple[Path, torch.nn.Module]:
+    model = tiny_llama()
+    if kind == "packed":
+        targets = select(model, None, ["lm_head"])
+        RTN(name="rtn", bits=4, group_size=32).apply(model, targets, None, Progress(False))  # type: ignore[arg-type]
+    fmt = save_model(model, tiny_tokenizer(), path)
+    write_manifest(path, build_manifest(path, format=fmt, dtype="float32"))
+    return path, model
+
+
+@pytest.mark.parametrize("fmt", sorted(rows.RUNTIME_FORMATS))
+def test_each_format_loads_the_runtime_that_scores_it_as_stored(fmt: str, tmp_path: Path) -> None:
+    folder, model = _folder(rows.RUNTIME_FORMATS[fmt], tmp_path / fmt)
+    runtime = load_runtime(folder)
+    assert isinstance(runtime, TorchRuntime) and runtime.kv_policy is None
+    expected = TorchRuntime(model, tiny_tokenizer()).greedy(PROMPTS, max_new_tokens=4)
+    assert runtime.greedy(PROMPTS, max_new_tokens=4) == expected
+    assert runtime.parameter_count() == TorchRuntime(model, tiny_tokenizer()).parameter_count()
+
+
+def test_runtime_answers_what_tasks_ask(tmp_path: Path) -> None:
+    runtime = TorchRuntime(tiny_llama(layers=2), tiny_tokenizer())
+    assert runtime.max_positions == 128
+    # q, o [64, 64]; k, v [32, 64] (2 KV heads); MLP 3 x [128, 64]; two norms
+    per_layer = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64 + 2 * 64
+    # embedding (the tied head counted once) + 2 layers + final norm
+    assert runtime.parameter_count() == 128 * 64 + 2 * per_layer + 64
+    # full cache, fp32: K and V x 2 layers x 2 KV heads x head_dim 16 x 4 bytes
+    assert runtime.kv_bytes_per_token() == 2 * 2 * 2 * 16 * 4
+    assert runtime.describe() == {
+        "runtime": "torch", "device": "cpu", "dtype": "float32", "kv_policy": None,
+    }  # fmt: skip
+
+
+def _with_runtime(folder: Path, runtime: dict[str, object]) -> None:
+    data = json.loads((folder / MANIFEST_FILE).read_text())
+    data["runtime"] = runtime
+    (folder / MANIFEST_FILE).write_text(json.dumps(data))
+
+
+def test_manifest_policies_are_applied_and_unknown_ones_refused(tmp_path: Path) -> None:
+    folder, _ = _folder("plain", tmp_path / "m")
+    _with_runtime(folder, {"kv_policy": {"name": "full"}})
+    runtime = load_runtime(folder)
+    assert isinstance(runtime, TorchRuntime) and runtime.kv_policy == FullCache(name="full")
+    assert runtime.describe()["kv_policy"] == "full"
+    _with_runtime(folder, {"kv_policy": {"name": "snapkv"}})
+    with pytest.raises(KnowpressError, match=r"runtime\.kv_policy: unknown KV-cache policy"):
+        load_runtime(folder)
+    _with_runtime(folder, {"expert_skipping": {"beta": 0.5}})
+    with pytest.raises(KnowpressError, match="'expert_skipping' is unknown to this knowpress"):
+        load_runtime(folder)
+
+
+def test_unknown_format_and_structure_are_refused(tmp_path: Path) -> None:
+    folder, _ = _folder("plain", tmp_path / "m")
+    data = json.loads((folder / MANIFEST_FILE).read_text())
+    (folder / MANIFEST_FILE).write_text(json.dumps({**data, "format": "gguf"}))
+    with pytest.raises(KnowpressError, match="unknown artifact format 'gguf'"):
+        load_runtime(folder)
+    (folder / MANIFEST_FILE).write_text(json.dumps({**data, "structure": {"experts": [3, 2]}}))
+    with pytest.raises(KnowpressError, match=r"structure \['experts'\] needs a loader"):
+        load_runtime(folder)
+    (folder / MANIFEST_FILE).write_text("{}")
+    with pytest.raises(KnowpressError, match="not a valid artifact manifest"):
+        load_runtime(folder)
