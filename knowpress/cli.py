@@ -121,7 +121,7 @@ def _print_plan(recipe: Any, out_dir: Path) -> None:
         body = yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False).strip()
         out.print(f"  stage {i + 1}: " + body.replace("\n", "\n           "))
     tasks = recipe.evaluate.task_names()
-    out.print(f"  evaluate: {', '.join(tasks)} after the teacher and every stage")
+    out.print(f"  evaluate: {', '.join(tasks)} after the reference and every stage")
     if recipe.gate:
         out.print(
             f"  gate: min retention {recipe.gate.min_retention} on "

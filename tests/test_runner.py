@@ -175,8 +175,11 @@ def test_crash_in_stage_keeps_finished_stages(
     fail_int4_stage(monkeypatch, RuntimeError("boom"))
     with pytest.raises(RuntimeError, match="boom"):
         apply(recipe(), out)
-    record = json.loads((out / "stages" / "01-quantize" / "knowpress_stage.json").read_text())
-    assert record["kind"] == "quantize" and record["bytes_after"] > 0
+    first = out / "stages" / "01-quantize"
+    record = json.loads((first / "knowpress_stage.json").read_text())
+    weights = (first / "model.safetensors").stat().st_size
+    assert record["kind"] == "quantize" and record["bytes_after"] == weights
+    assert not (out / "stages" / "02-quantize").exists()
 
 
 def test_stage_error_names_the_stage(tiny_teacher_dir: Path, tmp_path: Path) -> None:

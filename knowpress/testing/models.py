@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 
 def tiny_llama(
@@ -49,3 +55,19 @@ def tiny_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         unk_token="<unk>",
     )  # fmt: skip
+
+
+def tiny_mixtral(seed: int = 0, layers: int = 1, vocab_size: int = 64) -> MixtralForCausalLM:
+    """A random Mixtral-style MoE decoder: hidden 32, 4 experts (intermediate 64), top-2.
+
+    transformers 5 fuses each block's experts into ``experts.gate_up_proj [4, 128, 32]`` and
+    ``experts.down_proj [4, 32, 64]``; the router is ``mlp.gate.weight [4, 32]``.
+    """
+    config = MixtralConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(config).eval()

@@ -187,7 +187,8 @@ def test_tasks_on_the_tiny_teacher(teacher_runtime: TorchRuntime, tiny_teacher_d
     tasks = ["recall", "paraphrase", "bits"]
     scores = evaluate_runtime(teacher_runtime, world, tasks, max_items=16)
     assert scores["recall"].score >= 0.9 and not scores["recall"].near_chance
-    assert 0.0 <= scores["paraphrase"].score <= 1.0 and scores["paraphrase"].n == 16
+    # held-out phrasings of the same facts: the tiny teacher generalises to few of them
+    assert scores["paraphrase"].score < scores["recall"].score and scores["paraphrase"].n == 16
     bits = scores["bits"]
     _, pools = knowledge_items(world)
     capacity = len(world.people) * sum(math.log2(s) for s in pools.values())

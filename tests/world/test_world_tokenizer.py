@@ -7,6 +7,7 @@ from pathlib import Path
 from knowpress.evaluate.metrics import normalize_answer
 from knowpress.testing import tiny_world
 from knowpress.world import WorldConfig, build_tokenizer, generate_world
+from knowpress.world.tokenizer import DEFAULT_MAX_LENGTH
 
 
 def test_two_builds_give_identical_tokenizer_json(tmp_path: Path) -> None:
@@ -21,7 +22,8 @@ def test_special_tokens_and_bos() -> None:
     ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}
     assert None not in ids and len(ids) == 4
     assert tok("Q: Where was")["input_ids"][0] == tok.bos_token_id
-    assert tok.model_max_length > 0
+    assert tok.model_max_length == DEFAULT_MAX_LENGTH
+    assert build_tokenizer(tiny_world(), model_max_length=96).model_max_length == 96
 
 
 def test_round_trip_and_no_unknown_words() -> None:

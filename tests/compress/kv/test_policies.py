@@ -6,28 +6,17 @@ from __future__ import annotations
 import default_entries as rows
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from knowpress.compress.kv import KV_POLICIES
 from knowpress.evaluate.runtime import TorchRuntime
-from knowpress.testing.models import tiny_llama, tiny_tokenizer
+from knowpress.testing.models import tiny_llama, tiny_mixtral, tiny_tokenizer
 
 PROMPTS = ["w1 w2 w3 w4 w5", "w9 w8"]
 NEW_TOKENS = 6
 
 
-def tiny_mixtral() -> MixtralForCausalLM:
-    torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )  # fmt: skip
-    return MixtralForCausalLM(config).eval()
-
-
-MODELS = {"llama": tiny_llama, "mixtral": tiny_mixtral}
+MODELS = {"llama": tiny_llama, "mixtral": lambda: tiny_mixtral(layers=2, vocab_size=128)}
 
 
 def full_bytes_per_token(model: PreTrainedModel) -> int:

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM
 
 from knowpress.compress.quant.rtn import RTN
 from knowpress.compress.quant.targets import Target, candidates, select, still_float
@@ -17,18 +16,9 @@ from knowpress.errors import KnowpressError
 from knowpress.progress import Progress
 from knowpress.recipe import validate_recipe
 from knowpress.stages.quantize import Quantize, QuantizeConfig
-from knowpress.testing.models import tiny_llama
+from knowpress.testing.models import tiny_llama, tiny_mixtral
 
 RTN4 = RTN(name="rtn", bits=4, group_size=32)
-
-
-def tiny_mixtral() -> MixtralForCausalLM:
-    config = MixtralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2,
-    )  # fmt: skip
-    return MixtralForCausalLM(config).eval()
 
 
 def names(targets: Sequence[Target]) -> list[str]:
