@@ -24,13 +24,16 @@ def test_merge_keeps_current_rows_of_other_presets_only() -> None:
     previous = [
         {"preset": "bios-moe-small", "teacher": f"/c/teachers/bios-moe-small-{moe}", "v": 0},
         {"preset": "bios-dense-small", "preset_key": "0123456789ab", "teacher": "x", "v": 0},
-        {"preset": "lre-dense-tiny", "preset_key": PRESETS.get("lre-dense-tiny").key(), "v": 0},
+        {"preset": "bios-dense-tiny", "preset_key": PRESETS.get("bios-dense-tiny").key(), "v": 0},
         {"preset": "removed-preset", "preset_key": "0123456789ab", "v": 0},
     ]
     fresh = [{"preset": "bios-moe-small", "preset_key": moe, "v": 1}]
     merged = merge(previous, fresh)
     # the fresh Mixtral row replaces the old one; the stale dense row and the unknown preset go
-    assert [(r["preset"], r["v"]) for r in merged] == [("bios-moe-small", 1), ("lre-dense-tiny", 0)]
+    assert [(r["preset"], r["v"]) for r in merged] == [
+        ("bios-dense-tiny", 0),
+        ("bios-moe-small", 1),
+    ]
     fresh.append({"preset": "bios-dense-small", "preset_key": dense, "v": 1})
     assert [r["preset"] for r in merge([], fresh)] == ["bios-dense-small", "bios-moe-small"]
 
