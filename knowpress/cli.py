@@ -1,29 +1,33 @@
 """``compress`` (alias ``knowpress``): apply | check | eval | world | list.
 
-Exit codes: 0 success, 1 gate failed, 2 user error (bad recipe, missing files, ...),
-130 interrupted (Ctrl-C, or SIGTERM from ``kill``, a cancelled CI job or a scheduler's timeout).
+Exit codes: 0 success, 1 gate failed, 2 user error (bad recipe, missing or corrupt files,
+disk full, ...: one line each), 3 internal error (a bug: one line, the traceback with
+``--debug``), 130 interrupted (Ctrl-C, or SIGTERM from ``kill``, a cancelled CI job or a
+scheduler's timeout).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
 
-from knowpress.errors import KnowpressError
+from knowpress.errors import KnowpressError, short
 
-EXIT_GATE, EXIT_USER, EXIT_INTERRUPT = 1, 2, 130
+EXIT_GATE, EXIT_USER, EXIT_BUG, EXIT_INTERRUPT = 1, 2, 3, 130
 out = Console()
 err = Console(stderr=True)
 
@@ -103,7 +107,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _print_plan(recipe: Any, out_dir: Path) -> None:
+    """The dry run: everything that can fail without weights is checked before printing."""
     import yaml
+
+    from knowpress.preflight import dry_run
+
+    world, facts = dry_run(recipe)
 
     def named(spec: Any, default: str) -> str:
         return default if spec is None else (spec.world or spec.path)
@@ -120,8 +129,16 @@ def _print_plan(recipe: Any, out_dir: Path) -> None:
     for i, stage in enumerate(recipe.stages):
         body = yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False).strip()
         out.print(f"  stage {i + 1}: " + body.replace("\n", "\n           "))
+        if facts and facts[i]:
+            shown = ", ".join(f"{key} {value:,}" for key, value in facts[i].items())
+            out.print(f"           resolves: {shown}")
+    if facts is None:
+        out.print("  stages: not checked against the model's shapes (its config is not local)")
     tasks = recipe.evaluate.task_names()
-    out.print(f"  evaluate: {', '.join(tasks)} after the reference and every stage")
+    out.print(
+        f"  evaluate: {', '.join(tasks)} on world {world.config.key()}, after the reference "
+        f"and every stage"
+    )
     if recipe.gate:
         out.print(
             f"  gate: min retention {recipe.gate.min_retention} on "
@@ -142,8 +159,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise KnowpressError(
             "check: nothing to check against; pass --min-retention X and/or --baseline OLD"
         )
-    tasks = args.tasks.split(",") if args.tasks else None
-    result = check(report, floor, tasks, baseline, args.baseline, args.tolerance).to_json()
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    flags = ("--min-retention", "--tolerance")
+    result = check(report, floor, tasks, baseline, args.baseline, args.tolerance, flags).to_json()
     if not result["passed"]:
         out.print(_gate_table(result))
         return EXIT_GATE
@@ -184,7 +202,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             flags = {"limit": "--lm-eval-limit", "num_fewshot": "--lm-eval-fewshot"}
             flag = flags.get(str(first["loc"][0]), "--lm-eval")
             raise KnowpressError(f"{flag}: {first['msg']}") from None
-    source = resolve_source(ModelSpec(path=args.model, trust_remote_code=args.trust_remote_code))
+    spec = ModelSpec(path=args.model, trust_remote_code=args.trust_remote_code)
+    source = resolve_source(spec, field="--model")
     world = load_world(args.world or Path(args.model)) if tasks else None
     runtime = load_runtime(
         source.location,
@@ -265,11 +284,38 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compress", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2) like every other error."""
 
-    p = sub.add_parser("apply", help="run a recipe")
+    def error(self, message: str) -> NoReturn:
+        err.print(
+            f"[red]error:[/red] {self.prog}: {short(message, 300)} (see {self.prog} --help)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise SystemExit(EXIT_USER)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{short(text, 40)!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive (give 1 or more)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="compress", description=__doc__.splitlines()[0])
+    debug = "print the traceback of an internal error"
+    parser.add_argument("--debug", action="store_true", help=debug)
+    # --debug after the command too; SUPPRESS keeps a subcommand from resetting it to False
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("apply", parents=[common], help="run a recipe")
     p.add_argument("recipe")
     p.add_argument("-o", "--output", help="output folder (default: runs/RECIPE_NAME)")
     p.add_argument(
@@ -286,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("check", help="gate a report: exit 1 when knowledge regressed")
+    help_check = "gate a report: exit 1 when knowledge regressed"
+    p = sub.add_parser("check", parents=[common], help=help_check)
     p.add_argument("report", help="OUT/report.json (or OUT)")
     p.add_argument("--baseline", help="an older report.json to compare against")
     p.add_argument("--min-retention", type=float)
@@ -299,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("eval", help="score a model directory on a fact world")
+    p = sub.add_parser("eval", parents=[common], help="score a model directory on a fact world")
     p.add_argument("--model", required=True)
     p.add_argument("--world", help="preset or teacher dir (default: the model's own world)")
     p.add_argument("--tasks", default="recall,perplexity", help="world tasks ('' for none)")
@@ -307,25 +354,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-eval-include", help="folder of local harness task YAMLs")
     p.add_argument("--lm-eval-limit", type=int, help="documents per harness task")
     p.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples per harness task")
-    p.add_argument("--max-items", type=int)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-items", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--json", help="also write the scores and sizes here")
     p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("world", help="build or list fact-world teachers")
-    wsub = p.add_subparsers(dest="world_cmd", required=True)
-    b = wsub.add_parser("build", help="train (or fetch from cache) a preset's teacher")
+    p = sub.add_parser("world", parents=[common], help="build or list fact-world teachers")
+    wsub = p.add_subparsers(dest="world_cmd", required=True, parser_class=_Parser)
+    help_build = "train (or fetch from cache) a preset's teacher"
+    b = wsub.add_parser("build", parents=[common], help=help_build)
     b.add_argument("--preset", default="bios-dense-tiny")
     b.add_argument("--force", action="store_true", help="retrain even if cached")
     b.add_argument("--device", default="cpu", help="train on cpu (default), cuda[:N] or auto")
     b.add_argument("-q", "--quiet", action="store_true")
-    wsub.add_parser("list", help="list presets")
+    wsub.add_parser("list", parents=[common], help="list presets")
     p.set_defaults(func=cmd_world)
 
-    p = sub.add_parser("list", help="registered stages, methods, tasks and presets")
+    help_list = "registered stages, methods, tasks and presets"
+    p = sub.add_parser("list", parents=[common], help=help_list)
     p.set_defaults(func=cmd_list)
     return parser
 
@@ -337,13 +386,15 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 @contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def _terminate_as_interrupt(program: bool) -> Iterator[None]:
     """While a command runs, SIGTERM unwinds like Ctrl-C.
 
     Python's default SIGTERM action kills the process without unwinding, which would leave
     ``atomic_dir``'s temporary output directories behind; raised as ``KeyboardInterrupt`` it
-    runs their cleanup. Left alone: other threads (handlers are the main thread's), a SIGTERM
-    the caller chose to ignore, and a handler installed from C (it could not be restored).
+    runs their cleanup. Once one arrived, further ones stay ignored until a ``program`` (the
+    console script) exits, so a supervisor repeating itself cannot turn exit 130 into -15;
+    an in-process caller gets its handler back. Left alone: other threads (handlers are the
+    main thread's), a SIGTERM the caller chose to ignore, and a handler installed from C.
     """
     previous = signal.getsignal(signal.SIGTERM)
     if (
@@ -354,10 +405,15 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
         return
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupted = False
     try:
         yield
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not (program and interrupted):
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupted_hint(args: argparse.Namespace) -> str:
@@ -370,18 +426,43 @@ def _interrupted_hint(args: argparse.Namespace) -> str:
     return "nothing was written"
 
 
+def _error(line: str) -> None:
+    err.print(f"[red]error:[/red] {short(line, 500)}", highlight=False, soft_wrap=True, markup=True)
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OSError the user can act on (disk full, permissions, missing path)."""
+    where = f": {short(exc.filename, 200)}" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        keep = "--resume keeps what finished"
+        return f"disk full while writing{where}; free some space and run again ({keep})"
+    return f"{exc.strerror or type(exc).__name__}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _terminate_as_interrupt():
+        with _terminate_as_interrupt(program=argv is None):
             return int(args.func(args))
     except KnowpressError as exc:
-        for line in str(exc).splitlines():
-            err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        for line in str(exc).splitlines()[:20]:
+            _error(line)
         return EXIT_USER
     except KeyboardInterrupt:
         err.print(f"interrupted: {_interrupted_hint(args)}")
         return EXIT_INTERRUPT
+    except OSError as exc:
+        _error(_os_error_line(exc))
+        return EXIT_USER
+    except Exception as exc:  # the one place a bug becomes a line
+        if args.debug:
+            traceback.print_exc()
+        what = short(f"{type(exc).__name__}: {exc}".splitlines()[0], 300)
+        _error(
+            f"internal error ({what}); this is a bug in knowpress: please report it with the "
+            f"traceback that --debug prints"
+        )
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -48,18 +48,20 @@ class Progress:
                 self._bars = None
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-        if self._bars is None:
+        bars = self._bars  # the session may end (Ctrl-C) while this generator is suspended
+        if bars is None:
             yield from items
             return
         if total is None and hasattr(items, "__len__"):
             total = len(items)  # type: ignore[arg-type]
-        task = self._bars.add_task(description, total=total)
+        task = bars.add_task(description, total=total)
         try:
             for item in items:
                 yield item
-                self._bars.advance(task)
+                bars.advance(task)
         finally:
-            self._bars.remove_task(task)
+            if self._bars is bars:
+                bars.remove_task(task)
 
     def log(self, message: str) -> None:
         if self.enabled:

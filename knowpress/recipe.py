@@ -29,7 +29,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import (
     Field,
     SerializeAsAny,
@@ -40,10 +39,11 @@ from pydantic import (
 )
 
 from knowpress.config import FrozenConfig
-from knowpress.errors import KnowpressError, RecipeError
+from knowpress.errors import KnowpressError, RecipeError, short
 from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, report_name
 from knowpress.registry import Registry, close_matches
 from knowpress.stage import STAGES, StageConfig
+from knowpress.yaml_text import load_yaml
 
 
 def _lookup(registry: Registry[Any], name: str) -> None:
@@ -128,7 +128,7 @@ class EvaluateSpec(Strict):
 class GateSpec(Strict):
     """Fail the run (exit 1) when any gated task's retention falls below the floor."""
 
-    min_retention: float = Field(gt=0, le=1.5)
+    min_retention: float = Field(gt=0, le=1, allow_inf_nan=False)
     tasks: list[str] | None = Field(None, description="default: every evaluated task")
 
 
@@ -161,6 +161,11 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _gate_tasks_evaluated(self) -> Recipe:
+        if self.gate and not self.stages:
+            raise ValueError(
+                "gate: the recipe has no stages, so the gate would compare the reference with "
+                "itself; add a stage or remove the gate"
+            )
         if self.gate and self.gate.tasks:
             evaluated = self.evaluate.task_names()
             missing = [t for t in self.gate.tasks if t not in evaluated]
@@ -180,6 +185,9 @@ class Recipe(Strict):
         config = self.stages[index].model_dump(mode="json")
         blob = json.dumps([input_hash, run_key, config], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+MAX_ERROR_LINES = 10
 
 
 @functools.cache
@@ -206,7 +214,7 @@ def _dotted(loc: tuple[Any, ...], data: Any) -> str:
             continue
         else:
             data = None
-        parts.append(str(key))
+        parts.append(short(str(key), 60))
     return ".".join(parts) or "<recipe>"
 
 
@@ -216,7 +224,7 @@ def _error_line(err: Any, data: Any) -> str:
     if kind == "union_tag_invalid":
         field = ctx.get("discriminator", "").strip("'")
         expected = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")]
-        tag = str(ctx.get("tag"))
+        tag = short(ctx.get("tag"), 60)
         hint = close_matches(tag, expected)
         did = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
         what = "stage kind" if field == "kind" else "method"
@@ -233,8 +241,8 @@ def _error_line(err: Any, data: Any) -> str:
         message = message.removeprefix(prefix)
     if kind.startswith("literal_error"):
         got = err.get("input")
-        return f"{path}: {message} (got {got!r})"
-    return f"{path}: {message}"
+        return f"{path}: {short(message)} (got {short(repr(got))})"
+    return f"{path}: {short(message)}"
 
 
 def validate_recipe(data: Any, source: str | None = None) -> Recipe:
@@ -245,7 +253,10 @@ def validate_recipe(data: Any, source: str | None = None) -> Recipe:
     try:
         return _validator(tuple(STAGES.names())).model_validate(data)
     except ValidationError as exc:
-        lines = list(dict.fromkeys(_error_line(e, data) for e in exc.errors()))
+        errors = exc.errors()
+        lines = list(dict.fromkeys(_error_line(e, data) for e in errors[:MAX_ERROR_LINES]))
+        if len(errors) > MAX_ERROR_LINES:
+            lines.append(f"... and {len(errors) - MAX_ERROR_LINES} more problems")
         raise RecipeError(lines, source) from None
 
 
@@ -256,7 +267,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise RecipeError([f"--set {item!r}: expected KEY=VALUE, e.g. stages.0.method.bits=4"])
-        value = yaml.safe_load(raw) if raw else None
+        value = load_yaml(raw, f"--set {short(key, 60)}") if raw else None
         parts = key.split(".")
         node: Any = data
         for depth, part in enumerate(parts):
@@ -281,19 +292,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+MAX_RECIPE_BYTES = 1_000_000
+
+
+def _recipe_text(path: Path) -> str:
+    if not path.exists():
+        raise RecipeError([f"recipe file not found: {path} (give the path of a .yaml recipe)"])
+    if not path.is_file():
+        raise RecipeError([f"{path}: not a regular file (give the path of a .yaml recipe)"])
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError([f"{path}: {path.stat().st_size:,} bytes is not a recipe (over 1 MB)"])
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            [f"<recipe>: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"],
+            str(path),
+        ) from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read YAML safely, apply ``--set`` overrides, validate."""
+    """Read YAML safely (``yaml_text``), apply ``--set`` overrides, validate."""
     path = Path(path)
     source = str(path)
-    if not path.is_file():
-        raise RecipeError([f"recipe file not found: {path} (give the path of a .yaml recipe)"])
+    text = _recipe_text(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError([f"<yaml>: not valid YAML at {where}: {problem}"], source) from None
+        data = load_yaml(text)
+    except RecipeError as exc:
+        raise RecipeError(exc.lines, source) from None
     if data is None:
         raise RecipeError(["<recipe>: the file is empty; start with 'version: 1'"], source)
     if isinstance(data, dict) and overrides:

@@ -10,7 +10,7 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from knowpress.errors import KnowpressError
+from knowpress.errors import KnowpressError, short
 
 T = TypeVar("T")
 
@@ -24,10 +24,10 @@ def close_matches(word: str, choices: list[str], n: int = 3) -> list[str]:
 
 def unknown_name_message(family: str, name: str, choices: list[str]) -> str:
     """``unknown quant method 'rtm'; did you mean 'rtn'? (valid: gptq, rtn)``."""
-    hint = close_matches(name, choices)
+    hint = close_matches(name[:100], choices)
     did_you_mean = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
     valid = ", ".join(sorted(choices)) or "none registered"
-    return f"unknown {family} {name!r}{did_you_mean} (valid: {valid})"
+    return f"unknown {family} {short(name, 60)!r}{did_you_mean} (valid: {valid})"
 
 
 class Registry(Generic[T]):

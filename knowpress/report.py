@@ -34,7 +34,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from knowpress.context import StageRecord
+from knowpress.errors import short
 from knowpress.evaluate.evaluator import Measurement, TaskScore, retention_table, worst
 from knowpress.evaluate.gate import check
 from knowpress.models.io import atomic_file, atomic_write_text
@@ -299,25 +302,73 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     render_plot(report, out_dir / "retention_vs_size.png")
 
 
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Row(_Loose):
+    name: str
+    retention: dict[str, float | None]
+
+
+class _Task(_Loose):
+    metric: str
+    near_chance: bool = False
+
+
+class _World(_Loose):
+    key: str
+
+
+class _Inputs(_Loose):
+    world: _World
+
+
+class _Gate(_Loose):
+    min_retention: float | None = None
+
+
+class _Schema(_Loose):
+    """The fields the gate reads; a report missing or mangling one is refused in one line."""
+
+    inputs: _Inputs
+    gate: _Gate | None
+    tasks: dict[str, _Task]
+    rows: list[_Row] = Field(min_length=1)
+
+
 def load_report(path: str | Path) -> dict[str, Any]:
-    """Read and validate a report.json (the schema keys and version)."""
+    """Read and validate a report.json (schema keys, version and the fields the gate reads)."""
     from knowpress.errors import KnowpressError
 
     path = Path(path)
     if path.is_dir():
         path = path / "report.json"
+    if not path.exists():
+        raise KnowpressError(f"{path}: no such report (give OUT/report.json)")
+    if not path.is_file():
+        raise KnowpressError(f"{path}: not a regular file (give OUT/report.json)")
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KnowpressError(f"{path}: no such report (give OUT/report.json)") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise KnowpressError(f"{path}: not a text file (give OUT/report.json)") from None
     except json.JSONDecodeError as exc:
         raise KnowpressError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    except RecursionError:
+        raise KnowpressError(f"{path}: nested too deeply to be a report") from None
     missing = [k for k in REQUIRED_KEYS if k not in data] if isinstance(data, dict) else ["all"]
     if missing or data.get("schema") != "knowpress.report":
-        raise KnowpressError(f"{path}: not a knowpress report (missing {missing})")
+        raise KnowpressError(f"{path}: not a knowpress report (missing {short(missing)})")
     if data["schema_version"] not in READABLE_VERSIONS:
         raise KnowpressError(
-            f"{path}: report schema_version {data['schema_version']} is not supported "
-            f"(this knowpress reads {', '.join(map(str, READABLE_VERSIONS))}); re-run the recipe"
+            f"{path}: report schema_version {short(data['schema_version'], 40)} is not "
+            f"supported (this knowpress reads {', '.join(map(str, READABLE_VERSIONS))}); "
+            f"re-run the recipe"
         )
+    try:
+        _Schema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise KnowpressError(f"{path}: {short(where, 80)}: {first['msg']}") from None
     return data

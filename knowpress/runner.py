@@ -40,6 +40,14 @@ from knowpress.evaluate.runtime import Runtime, TorchRuntime
 from knowpress.measure import PeakMemory, stable_hash
 from knowpress.models.artifact import build_manifest, changed_files, read_manifest, write_manifest
 from knowpress.models.io import atomic_dir, atomic_write_text, load_model, save_model
+from knowpress.outdir import OutputFolder
+from knowpress.preflight import (
+    check_sources,
+    check_stages,
+    check_tasks,
+    run_world,
+    structure_model,
+)
 from knowpress.progress import Progress
 from knowpress.recipe import Recipe
 from knowpress.report import build_report, knowpress_version, write_report
@@ -62,42 +70,6 @@ class RunResult:
 
 def stage_dir(out_dir: Path, index: int, kind: str) -> Path:
     return out_dir / "stages" / f"{index + 1:02d}-{kind}"
-
-
-def _prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise KnowpressError(f"output {out_dir} is a file; choose a folder with -o")
-    has_content = out_dir.is_dir() and any(out_dir.iterdir())
-    if has_content and resume:
-        if not (out_dir / "recipe.yaml").is_file():
-            raise KnowpressError(f"--resume: {out_dir} is not a knowpress run (no recipe.yaml)")
-    elif has_content and force:
-        shutil.rmtree(out_dir)
-    elif has_content:
-        raise KnowpressError(
-            f"output folder {out_dir} already exists; pass --resume to continue it or --force "
-            f"to overwrite it (or choose another with -o)"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (out_dir / "stages").glob(".tmp-*") if (out_dir / "stages").is_dir() else []:
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _load_world(recipe: Recipe, sources: list[Source]) -> Any:
-    from knowpress.world import load_world
-
-    if recipe.evaluate.world is not None:
-        return load_world(recipe.evaluate.world)
-    for spec in (recipe.model, recipe.reference, recipe.teacher):
-        if spec is not None and spec.world is not None:
-            return load_world(spec.world)
-    for src in sources:
-        if src.local_dir is not None and (src.local_dir / WORLD_FILE).is_file():
-            return load_world(src.local_dir)
-    raise KnowpressError(
-        "evaluate.world: the model is not a knowpress fact-world teacher, so name the world "
-        "to measure knowledge on (e.g. evaluate.world: bios-dense-tiny)"
-    )
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -157,20 +129,34 @@ class Runner:
         return measurement, bf16
 
     def run(self) -> RunResult:
-        recipe = self.recipe
-        _prepare_out_dir(self.out_dir, self.resume, self.force)
-        show = self.progress.enabled
+        with OutputFolder(self.out_dir, resume=self.resume, force=self.force) as folder:
+            sources, world = self._prepare()
+            folder.first_write(knowpress_version())  # a forced run replaces the old one here
+            text = yaml.safe_dump(self.recipe.dump(), sort_keys=False)
+            atomic_write_text(self.out_dir / "recipe.yaml", text)
+            return self._execute(sources, world)
+
+    def _prepare(self) -> tuple[dict[str, Source], Any]:
+        """Resolve the sources and the world and check all that can fail before any write."""
+        recipe, show = self.recipe, self.progress.enabled
         model_src = resolve_source(recipe.model, progress=show)
         reference_src = model_src
         if recipe.reference is not None:
-            reference_src = resolve_source(recipe.reference, progress=show)
+            reference_src = resolve_source(recipe.reference, progress=show, field="reference.path")
         self.teacher_src = reference_src
         if recipe.teacher is not None:
-            self.teacher_src = resolve_source(recipe.teacher, progress=show)
-        world = _load_world(recipe, [model_src, reference_src, self.teacher_src])
-        atomic_write_text(
-            self.out_dir / "recipe.yaml", yaml.safe_dump(recipe.dump(), sort_keys=False)
-        )
+            self.teacher_src = resolve_source(recipe.teacher, progress=show, field="teacher.path")
+        sources = {"model": model_src, "reference": reference_src, "teacher": self.teacher_src}
+        world = run_world(recipe, [source.local_dir for source in sources.values()])
+        check_tasks(world, recipe.evaluate.tasks)
+        check_sources({"model": model_src, "reference": reference_src}, world)
+        check_stages(recipe, structure_model(recipe.model, model_src.location))
+        return sources, world
+
+    def _execute(self, sources: dict[str, Source], world: Any) -> RunResult:
+        recipe = self.recipe
+        model_src, reference_src = sources["model"], sources["reference"]
+        assert self.teacher_src is not None
         version = knowpress_version()
         self.eval_key = stable_hash(
             [recipe.evaluate.model_dump(mode="json"), reference_src.key, version]
@@ -206,11 +192,7 @@ class Runner:
 
         report = build_report(
             recipe=recipe,
-            inputs={
-                "model": model_src.location,
-                "reference": reference_src.location,
-                "teacher": self.teacher_src.location,
-            },
+            inputs={name: source.location for name, source in sources.items()},
             world=world,
             reference=reference,
             reference_bf16_bytes=reference_bf16,

@@ -62,7 +62,9 @@ class Source:
         return bf16_bytes(self.folder())
 
 
-def resolve_source(spec: ModelSpec, build: bool = True, progress: bool = False) -> Source:
+def resolve_source(
+    spec: ModelSpec, build: bool = True, progress: bool = False, field: str = "model.path"
+) -> Source:
     """A world preset resolves to its cached (built on demand) teacher directory."""
     if spec.world is not None:
         from knowpress.world import PRESETS, build_teacher
@@ -80,5 +82,38 @@ def resolve_source(spec: ModelSpec, build: bool = True, progress: bool = False) 
         key = stable_hash(["path", str(path.resolve()), fingerprint, spec.compute_dtype])
         return Source(str(path), key, spec)
     if spec.path.startswith((".", "/", "~")):
-        raise KnowpressError(f"model.path: {spec.path} does not exist (give an HF model dir)")
+        raise KnowpressError(f"{field}: {spec.path} does not exist (give an HF model dir)")
+    if build:
+        _check_hub(spec.path, field)
     return Source(spec.path, stable_hash(["hub", spec.path, spec.compute_dtype]), spec)
+
+
+def _check_hub(repo: str, field: str) -> None:
+    """A hub id must be in the local cache or the hub reachable: fail in one line at once
+    instead of transformers' minute of retries on an offline machine."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from transformers.utils import cached_file
+
+    try:
+        cached = cached_file(repo, "config.json", local_files_only=True,
+                             _raise_exceptions_for_missing_entries=False)  # fmt: skip
+    except (OSError, ValueError):
+        cached = None
+    if cached is not None:
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not offline:
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            return
+        except OSError:
+            pass
+    raise KnowpressError(
+        f"{field}: {repo!r} is not a local folder nor in the Hugging Face cache, and {host} "
+        f"cannot be reached from here; download it where there is network, then give its folder"
+    )

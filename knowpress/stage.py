@@ -9,7 +9,7 @@ produce an artifact; the runner checkpoints all of these the same way.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from knowpress.config import FrozenConfig
 from knowpress.registry import Registry
@@ -28,6 +28,12 @@ class StageConfig(FrozenConfig):
 
     def build(self) -> Stage:
         raise NotImplementedError(f"stage kind {self.kind!r} does not implement build()")
+
+    def check(self, model: Any, deploy_dtype: str) -> dict[str, Any]:
+        """Resolve what can fail against the model's structure alone (``model`` may live on
+        the meta device: shapes, no weights) before any work; raise ``KnowpressError`` with
+        the fix, or return facts for the dry-run plan. The default checks nothing."""
+        return {}
 
 
 class Stage(Protocol):

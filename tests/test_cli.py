@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,10 +39,15 @@ def test_check_exit_codes(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> 
     report = str(run_dir / "report.json")
     assert main(["check", report, "--min-retention", "0.5"]) == 0
     assert main(["check", str(run_dir)]) == 0  # floor from the recipe's gate
-    assert main(["check", report, "--min-retention", "1.5"]) == EXIT_GATE
+    data = json.loads((run_dir / "report.json").read_text())
+    data["rows"][-1]["retention"]["recall"] = 0.8  # as if the stage had lost a fifth
+    worse = run_dir.parent / "worse.json"
+    worse.write_text(json.dumps(data))
+    assert main(["check", str(worse), "--min-retention", "0.9"]) == EXIT_GATE
     out = capsys.readouterr().out
     assert "gate FAILED" in out and "recall" in out and "below min_retention" in out
-    assert main(["check", report, "--min-retention", "1.5", "--tasks", "perplexity"]) == EXIT_GATE
+    assert main(["check", str(worse), "--min-retention", "0.9", "--tasks", "perplexity"]) == 0
+    assert main(["check", str(worse), "--min-retention", "0.85", "--tasks", "recall"]) == EXIT_GATE
 
 
 def test_check_against_baseline(run_dir: Path, tmp_path: Path) -> None:
@@ -65,14 +71,23 @@ def test_check_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_apply_gate_failure_exits_1_and_keeps_report(
     tiny_teacher_dir: Path, tmp_path: Path
 ) -> None:
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(RECIPE))
-    code = main(
-        ["apply", str(recipe), "-o", str(tmp_path / "out"), "-q", "--set", "gate.min_retention=1.5"]
+    """An untrained model with the teacher's tokenizer and world, gated against the teacher:
+    a stage output that knows nothing fails the gate."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    blank = tmp_path / "blank"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_teacher_dir)).save_pretrained(
+        blank
     )
-    assert code == EXIT_GATE
+    AutoTokenizer.from_pretrained(tiny_teacher_dir).save_pretrained(blank)
+    shutil.copy(tiny_teacher_dir / "knowpress_world.json", blank)
+    recipe = tmp_path / "r.yaml"
+    gated = {**RECIPE, "model": {"path": str(blank)}, "reference": {"world": "test-tiny"}}
+    recipe.write_text(yaml.safe_dump(gated))
+    assert main(["apply", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == EXIT_GATE
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["gate"]["passed"] is False
+    assert report["rows"][-1]["retention"]["recall"] < 0.5
 
 
 def test_dry_run_touches_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

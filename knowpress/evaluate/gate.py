@@ -3,8 +3,12 @@
 Checks the report's final row (the output of the last stage). A task fails when its
 retention is below ``min_retention``, or, with a baseline report, when it dropped more than
 ``tolerance`` below the baseline's retention for the same task. An undefined retention (NaN:
-teacher scored 0) fails: it cannot show that knowledge held. Tasks whose teacher score is
+reference scored 0) fails: it cannot show that knowledge held. Tasks whose reference score is
 near chance are skipped unless named in ``tasks``: their retention means nothing.
+
+A gate never passes by default: thresholds must be finite (``0 < min_retention <= 1``,
+``tolerance >= 0``), a report without a stage row has nothing to gate, a gate left with no
+task to check fails, and a baseline must come from the same world and score the gated tasks.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from knowpress.errors import KnowpressError, short
+
+FIELDS = ("min_retention", "tolerance")
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,39 @@ class GateResult:
         return asdict(self)
 
 
+def check_thresholds(
+    min_retention: float | None, tolerance: float, fields: tuple[str, str] = FIELDS
+) -> None:
+    """One line per threshold a gate cannot mean (NaN passes every comparison's negation)."""
+    if min_retention is not None and not (math.isfinite(min_retention) and 0 < min_retention <= 1):
+        raise KnowpressError(
+            f"{fields[0]}: {min_retention} is not a retention floor; give a number in (0, 1]"
+        )
+    if not (math.isfinite(tolerance) and 0 <= tolerance < 1):
+        raise KnowpressError(
+            f"{fields[1]}: {tolerance} is not a drop allowance; give a number in [0, 1)"
+        )
+
+
+def check_baseline(report: dict[str, Any], baseline: dict[str, Any], names: list[str]) -> None:
+    """A baseline must measure the same world and the gated tasks with the same metrics."""
+    world, base_world = report["inputs"]["world"]["key"], baseline["inputs"]["world"]["key"]
+    if world != base_world:
+        raise KnowpressError(
+            f"--baseline: it measured world {base_world}, this report world {world}; compare "
+            f"runs on the same world"
+        )
+    missing = [t for t in names if t not in baseline["tasks"]]
+    if missing:
+        raise KnowpressError(
+            f"--baseline: it has no {', '.join(missing)} (it scored "
+            f"{', '.join(baseline['tasks'])}); gate the tasks both reports share with --tasks"
+        )
+    other = [t for t in names if baseline["tasks"][t]["metric"] != report["tasks"][t]["metric"]]
+    if other:
+        raise KnowpressError(f"--baseline: {other[0]} is scored with another metric there")
+
+
 def check(
     report: dict[str, Any],
     min_retention: float | None,
@@ -43,36 +84,60 @@ def check(
     baseline: dict[str, Any] | None = None,
     baseline_name: str | None = None,
     tolerance: float = 0.01,
+    fields: tuple[str, str] = FIELDS,
 ) -> GateResult:
-    """Gate the final row of ``report`` (see module docstring)."""
+    """Gate the final row of ``report`` (see module docstring); ``fields`` name the
+    thresholds in error lines (``--min-retention`` on the command line)."""
     if min_retention is None and baseline is None:
-        raise ValueError("the gate needs min_retention, a baseline report, or both")
+        raise KnowpressError("the gate needs min_retention, a baseline report, or both")
+    check_thresholds(min_retention, tolerance, fields)
+    if len(report["rows"]) < 2:
+        raise KnowpressError("the report has no stage rows (stages: []): there is nothing to gate")
     row = report["rows"][-1]
     if tasks:
         names, skipped = list(tasks), []
+        unknown = [t for t in names if t not in row["retention"]]
+        if unknown:
+            raise KnowpressError(
+                f"tasks: {short(unknown[0], 60)!r} is not in the report (it scored "
+                f"{', '.join(row['retention'])})"
+            )
     else:
         near = {t for t, info in report["tasks"].items() if info.get("near_chance")}
         names = [t for t in row["retention"] if t not in near]
         skipped = [t for t in row["retention"] if t in near]
+    if baseline is not None:
+        check_baseline(report, baseline, [t for t in names if t in row["retention"]])
+    floor = min_retention or 0.0
     failures: list[Failure] = []
+    if not names:
+        why = f"every task's reference score is near chance ({', '.join(skipped)})"
+        failures.append(Failure("(none)", math.nan, floor, f"nothing gated: {why}"))
     base_row = baseline["rows"][-1] if baseline is not None else None
     for name in names:
-        if name not in row["retention"]:
-            failures.append(Failure(name, math.nan, min_retention or 0.0, "task not in report"))
-            continue
-        value = row["retention"][name]
-        if value is None or math.isnan(value):
-            failures.append(Failure(name, math.nan, min_retention or 0.0, "retention undefined"))
-            continue
-        if min_retention is not None and value < min_retention:
-            failures.append(Failure(name, value, min_retention, "below min_retention"))
-        if base_row is not None:
-            before = base_row["retention"].get(name)
-            if before is None:
-                continue
-            floor = before - tolerance
-            if value < floor:
-                failures.append(
-                    Failure(name, value, floor, f"regressed from baseline {before:.4f}")
-                )
+        failures += _task_failures(name, row, base_row, min_retention, tolerance)
     return GateResult(not failures, row["name"], min_retention, baseline_name, failures, skipped)
+
+
+def _task_failures(
+    name: str,
+    row: dict[str, Any],
+    base_row: dict[str, Any] | None,
+    min_retention: float | None,
+    tolerance: float,
+) -> list[Failure]:
+    floor = min_retention or 0.0
+    if name not in row["retention"]:
+        return [Failure(name, math.nan, floor, "task not in report")]
+    value = row["retention"][name]
+    if value is None or math.isnan(value):
+        return [Failure(name, math.nan, floor, "retention undefined")]
+    failures = []
+    if min_retention is not None and value < min_retention:
+        failures.append(Failure(name, value, min_retention, "below min_retention"))
+    before = None if base_row is None else base_row["retention"].get(name)
+    if before is not None and value < before - tolerance:
+        failures.append(
+            Failure(name, value, before - tolerance, f"regressed from baseline {before:.4f}")
+        )
+    return failures

@@ -7,6 +7,7 @@ the folder (the runner's ``atomic_dir``) and read back on resume and by ``load_r
      "format": "hf" | "hf-packed" | "onnx" ...,   # which runtime loader scores it
      "dtype": "bfloat16",                         # tensors no stage compressed are stored in it
      "files": {"model.safetensors": 525312},      # the payload: every byte counted as stored
+     "sha256": {"model.safetensors": "9f2c..."},  # of each payload file, checked on resume
      "metadata": {"config.json": 714, ...},       # config, tokenizer, records: listed, not counted
      "artifacts": {"policy_table": "table.bin"},  # payload files a stage named (among `files`)
      "runtime": {"kv_policy": {"name": "full"}},  # policies the runtime applies, by slot
@@ -21,6 +22,7 @@ row of a report, so they are listed but not counted.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,7 @@ class Manifest(FrozenConfig):
     format: str
     dtype: str
     files: dict[str, int]
+    sha256: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, int] = Field(default_factory=dict)
     artifacts: dict[str, str] = Field(default_factory=dict)
     runtime: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -90,6 +93,7 @@ def build_manifest(
         format=format,
         dtype=dtype,
         files=files,
+        sha256={name: file_sha256(Path(directory) / name) for name in files},
         metadata={n: s for n, s in listing.items() if n not in files},
         artifacts=dict(artifacts or {}),
         runtime=dict(runtime or {}),
@@ -119,8 +123,17 @@ def read_manifest(directory: Path) -> Manifest | None:
         ) from None
 
 
-def changed_files(directory: Path, manifest: Manifest) -> list[str]:
-    """Payload files missing or of another size than when the manifest was written."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def changed_files(directory: Path, manifest: Manifest, content: bool = True) -> list[str]:
+    """Payload files missing, of another size, or (``content``) of another sha256 than when
+    the manifest was written."""
     problems = []
     for name, size in manifest.files.items():
         path = Path(directory) / name
@@ -128,6 +141,8 @@ def changed_files(directory: Path, manifest: Manifest) -> list[str]:
             problems.append(f"{name} is missing")
         elif path.stat().st_size != size:
             problems.append(f"{name} has {path.stat().st_size} bytes, {size} were written")
+        elif content and name in manifest.sha256 and file_sha256(path) != manifest.sha256[name]:
+            problems.append(f"{name} changed since it was written (sha256 differs)")
     return problems
 
 
@@ -140,7 +155,7 @@ def stored_bytes(directory: Path) -> int:
     manifest = read_manifest(directory)
     if manifest is None:
         return sum(f.stat().st_size for f in safetensors_files(directory))
-    problems = changed_files(directory, manifest)
+    problems = changed_files(directory, manifest, content=False)
     if problems:
         raise KnowpressError(
             f"{directory}: {problems[0]} (changed since it was written); re-run its stage"

@@ -10,6 +10,7 @@ loading the tensors, so what is measured is exactly what is stored.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -61,17 +63,33 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` (same suffix) to write; rename it to ``path`` only
-    on success and remove it on any failure, so ``path`` is complete or untouched."""
+    """Yield a temporary sibling of ``path`` (``.tmp-NAME.*``, same suffix) to write; rename it
+    to ``path`` only on success and remove it on any failure, so ``path`` is complete or
+    untouched. The file gets the mode a plain ``open`` would (0666 minus the umask), not
+    ``mkstemp``'s 0600: reports are CI artifacts other users read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.", suffix=path.suffix)
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -120,6 +138,13 @@ def _deploy_state(model: PreTrainedModel, dtype: torch.dtype) -> dict[str, torch
     return state
 
 
+def _disk_full(exc: BaseException) -> bool:
+    text = str(exc)
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or any(
+        mark in text for mark in ("No space left", "StorageFull", "code: 28")
+    )
+
+
 def save_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -143,6 +168,10 @@ def save_model(
     hf_logging.disable_progress_bar()
     try:
         model.save_pretrained(directory, safe_serialization=True, state_dict=state)
+    except Exception as exc:
+        if _disk_full(exc):  # safetensors reports ENOSPC as its own error type
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory)) from None
+        raise
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
@@ -162,15 +191,27 @@ def save_model(
 
 
 def _check_local(path: Path, source: str | Path) -> None:
+    """The folder holds what a load needs, each file readable: one line for what is not."""
+    from knowpress.models.sizes import read_header
+
     if not path.is_dir():
         raise KnowpressError(f"model path {source}: no such directory (give an HF model dir)")
     if not (path / "config.json").is_file():
         raise KnowpressError(f"model path {path}: no config.json (not an HF model directory)")
-    if not list(path.glob("*.safetensors")):
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        config = None
+    if not isinstance(config, dict):
+        raise KnowpressError(f"{path / 'config.json'}: not a JSON object (a model config)")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         raise KnowpressError(
             f"model path {path}: no *.safetensors weights (knowpress never loads pickle "
             f"*.bin files; convert them with safetensors first)"
         )
+    for file in weights:
+        read_header(file)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise KnowpressError(
             f"model path {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); save "
@@ -214,7 +255,7 @@ def load_model(
             )
     except KnowpressError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KnowpressError(
             f"could not load model {source!r}: {first} (no network here? give a local directory)"

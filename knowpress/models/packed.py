@@ -46,7 +46,7 @@ def packed_config(directory: Path, trust_remote_code: bool) -> PretrainedConfig:
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     data = json.loads((directory / "config.json").read_text())
-    if REAL_TYPE_KEY not in data:
+    if not isinstance(data, dict) or REAL_TYPE_KEY not in data:
         raise KnowpressError(
             f"{directory}: packed weights but config.json has no {REAL_TYPE_KEY} (written by an "
             f"older knowpress); re-run the stage that wrote it"
@@ -74,23 +74,36 @@ def packed_config(directory: Path, trust_remote_code: bool) -> PretrainedConfig:
     return config
 
 
-def load_packed(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+def packed_skeleton(
+    directory: Path, dtype: torch.dtype, trust_remote_code: bool
+) -> PreTrainedModel:
+    """The folder's model with a ``QuantLinear`` for every packed module, weights unset (on
+    the current default device: the meta device gives shapes without memory)."""
     from knowpress.compress.quant.qlinear import QuantLinear
     from knowpress.models.io import PACKED_VERSION, QUANT_FILE
 
-    plan = json.loads((directory / QUANT_FILE).read_text())
-    if plan.get("version") != PACKED_VERSION:
+    try:
+        plan = json.loads((directory / QUANT_FILE).read_text())
+        modules = plan["modules"] if plan.get("version") == PACKED_VERSION else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        modules = None
+    if not isinstance(modules, dict):
         raise KnowpressError(
-            f"{directory}: packed format version {plan.get('version')} (this knowpress reads "
+            f"{directory}: {QUANT_FILE} is not a packing plan this knowpress reads (version "
             f"{PACKED_VERSION}); re-run the stage that wrote it"
         )
     config = packed_config(directory, trust_remote_code)
     model = AutoModelForCausalLM.from_config(
         config, dtype=dtype, trust_remote_code=trust_remote_code
     )
-    for name, spec in plan["modules"].items():
+    for name, spec in modules.items():
         linear = model.get_submodule(name)
         model.set_submodule(name, QuantLinear.empty_like(linear, spec, dtype=dtype))
+    return model
+
+
+def load_packed(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    model = packed_skeleton(directory, dtype, trust_remote_code)
     state: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
         state.update(load_file(file))

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from knowpress.errors import KnowpressError
+from knowpress.errors import KnowpressError, short
 
 if TYPE_CHECKING:
     import torch
@@ -40,16 +40,27 @@ def dtype_tag(dtype: torch.dtype) -> str:
 
 
 def read_header(file: Path) -> dict[str, dict]:
-    """The JSON header of a safetensors file (tensor name -> dtype/shape/offsets)."""
+    """The JSON header of a safetensors file (tensor name -> dtype/shape/offsets), checked
+    against the file's size: an empty, truncated or corrupt file is one clear line."""
     try:
+        size = file.stat().st_size
         with open(file, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100_000_000:
-                raise ValueError("header length is implausible")
+            if length > min(size, 100_000_000):
+                raise ValueError("its header length is past the end of the file")
             header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error) as exc:
-        raise KnowpressError(f"{file}: not a readable safetensors file ({exc})") from None
-    header.pop("__metadata__", None)
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        header.pop("__metadata__", None)
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, struct.error) as exc:
+        reason = "it is empty" if file.exists() and file.stat().st_size == 0 else short(exc)
+        raise KnowpressError(f"{file}: not a valid safetensors file ({reason})") from None
+    if 8 + length + end != size:
+        raise KnowpressError(
+            f"{file}: truncated or corrupt safetensors ({size:,} bytes, its header describes "
+            f"{8 + length + end:,}); write it again (a stage: rerun with --resume)"
+        )
     return header
 
 

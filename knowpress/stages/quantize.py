@@ -19,7 +19,7 @@ safetensors header) as ``details.predicted_bytes``, next to what the runner meas
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import torch
 from pydantic import Field
@@ -55,6 +55,28 @@ class QuantizeConfig(StageConfig):
     def build(self) -> Quantize:
         return Quantize(self)
 
+    def resolve(self, model: nn.Module) -> list[Target]:
+        """The targets, after every check that needs no weights (see the module doc)."""
+        targets = select(model, self.targets, self.ignore)
+        if not targets:
+            raise KnowpressError(
+                "quantize: targets minus ignore leave no tensor to quantize "
+                "(narrow the ignore globs or remove the stage)"
+            )
+        problems = [p for p in map(self.method.check_target, targets) if p]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise KnowpressError(f"quantize.method: {problems[0]}{more}")
+        return targets
+
+    def check(self, model: Any, deploy_dtype: str) -> dict[str, Any]:
+        targets = self.resolve(model)
+        deploy = getattr(torch, deploy_dtype)
+        return {
+            "targets": len(targets),
+            "predicted_bytes": predicted_bytes(model, targets, self.method, deploy),
+        }
+
 
 class Quantize:
     def __init__(self, config: QuantizeConfig) -> None:
@@ -62,16 +84,7 @@ class Quantize:
 
     def run(self, ctx: Context, progress: Progress) -> Context:
         method: QuantMethod = self.config.method
-        targets = select(ctx.model, self.config.targets, self.config.ignore)
-        if not targets:
-            raise KnowpressError(
-                "quantize: targets minus ignore leave no tensor to quantize "
-                "(narrow the ignore globs or remove the stage)"
-            )
-        problems = [p for p in map(method.check_target, targets) if p]
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise KnowpressError(f"quantize.method: {problems[0]}{more}")
+        targets = self.config.resolve(ctx.model)
         deploy = getattr(torch, ctx.recipe.model.dtype)
         predicted = predicted_bytes(ctx.model, targets, method, deploy)
         before = {t.module: id(ctx.model.get_submodule(t.module)) for t in targets}

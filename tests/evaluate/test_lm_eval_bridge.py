@@ -120,6 +120,7 @@ def test_gate_on_a_harness_task_must_be_evaluated() -> None:
             {
                 "version": 1,
                 "model": {"world": "test-tiny"},
+                "stages": [{"kind": "quantize", "method": {"name": "rtn"}}],
                 "evaluate": {"tasks": ["recall"], "lm_eval": {"tasks": ["knowpress_facts"]}},
                 "gate": {"min_retention": 0.5, "tasks": ["lm_eval/other"]},
             }

@@ -38,6 +38,11 @@ class Task:
     def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
         raise NotImplementedError
 
+    def unsupported(self, world: World) -> str | None:
+        """Why this task cannot score ``world`` (checked before a run writes anything), or
+        None. The default asks nothing of the world."""
+        return None
+
     def chance(self, world: World) -> float | None:
         """Score of an uninformed guesser on ``world`` (``None``: no meaningful baseline).
 

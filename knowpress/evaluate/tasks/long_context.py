@@ -90,6 +90,11 @@ class LongContext(Task):
             extra["em/trained_lengths"] = sum(within) / len(within)
         return TaskResult(sum(ems) / len(ems), total, extra, examples)
 
+    def unsupported(self, world: World) -> str | None:
+        if not callable(getattr(world, "haystack_items", None)):
+            return f"it needs a synthetic bioS world; this one is {type(world).__name__}"
+        return None
+
     def chance(self, world: World) -> float | None:
         """1/|S_a| averaged over the asked attributes (a guess that ignores the context)."""
         haystack = world_method(world, "haystack_items", self.name)

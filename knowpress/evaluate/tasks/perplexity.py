@@ -23,6 +23,9 @@ class Perplexity(Task):
     summary = "perplexity on held-out biographies (lower is better)"
     paper = "Jaiswal et al. 2023 (LLM-KICK), arXiv:2310.01382"
 
+    def unsupported(self, world: World) -> str | None:
+        return None if world.heldout_texts() else "this world has no held-out text"
+
     def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
         texts = pick(world.heldout_texts(), max_items)
         if not texts:

@@ -32,6 +32,9 @@ class Recall(Task):
             raise ValueError(f"world has no {self.split} questions")
         return score_qa(runtime, items)
 
+    def unsupported(self, world: World) -> str | None:
+        return None if world.questions(self.split) else f"this world has no {self.split} questions"
+
     def chance(self, world: World) -> float | None:
         """1/|S_a| averaged over the attributes asked (a uniform guess from the pool)."""
         return uniform_guess_chance(world, world.questions(self.split))

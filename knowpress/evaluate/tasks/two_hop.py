@@ -33,6 +33,14 @@ class TwoHop(Task):
             raise ValueError("world has no 2-hop questions (needs employer and company_facts)")
         return score_qa(runtime, items)
 
+    def unsupported(self, world: World) -> str | None:
+        questions = getattr(world, "two_hop_questions", None)
+        if not callable(questions):
+            return f"this world ({type(world).__name__}) has no 2-hop questions"
+        if not questions():
+            return "this world has no 2-hop questions (it needs employer and company_facts)"
+        return None
+
     def chance(self, world: World) -> float | None:
         """1/|cities companies can be in|: a uniform guess of the headquarters city."""
         pools = getattr(world.config, "pools", None)
