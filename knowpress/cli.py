@@ -179,6 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, run_lm_eval
     from knowpress.evaluate.loader import load_runtime
     from knowpress.models.io import atomic_write_text
+    from knowpress.preflight import check_tasks
     from knowpress.progress import Progress
     from knowpress.recipe import ModelSpec
     from knowpress.sources import resolve_source
@@ -202,9 +203,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             flags = {"limit": "--lm-eval-limit", "num_fewshot": "--lm-eval-fewshot"}
             flag = flags.get(str(first["loc"][0]), "--lm-eval")
             raise KnowpressError(f"{flag}: {first['msg']}") from None
+    if args.json and Path(args.json).is_dir():
+        raise KnowpressError(f"--json: {args.json} is a folder; give the path of a file to write")
     spec = ModelSpec(path=args.model, trust_remote_code=args.trust_remote_code)
     source = resolve_source(spec, field="--model")
     world = load_world(args.world or Path(args.model)) if tasks else None
+    if world is not None:
+        check_tasks(world, tasks)
     runtime = load_runtime(
         source.location,
         device=str(resolve_device(args.device, "--device")),

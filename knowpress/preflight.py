@@ -61,6 +61,20 @@ def world_key_of(source: Source) -> str | None:
     return teacher_info(folder).get("world_key")
 
 
+def check_folders(named: dict[str, Source]) -> None:
+    """Every local source folder holds a loadable model (config, intact safetensors,
+    tokenizer), so a broken one is found before the run writes anything."""
+    from knowpress.models.io import check_local
+
+    for field, source in named.items():
+        folder = source.local_dir
+        if folder is not None:
+            try:
+                check_local(folder, source.location)
+            except KnowpressError as exc:
+                raise KnowpressError(f"{field}: {exc}") from None
+
+
 def check_sources(named: dict[str, Source], world: Any) -> None:
     """Every fact-world source measures ``world``; the reference shares the model's vocabulary."""
     key = world.config.key()

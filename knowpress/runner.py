@@ -42,6 +42,7 @@ from knowpress.models.artifact import build_manifest, changed_files, read_manife
 from knowpress.models.io import atomic_dir, atomic_write_text, load_model, save_model
 from knowpress.outdir import OutputFolder
 from knowpress.preflight import (
+    check_folders,
     check_sources,
     check_stages,
     check_tasks,
@@ -147,6 +148,7 @@ class Runner:
         if recipe.teacher is not None:
             self.teacher_src = resolve_source(recipe.teacher, progress=show, field="teacher.path")
         sources = {"model": model_src, "reference": reference_src, "teacher": self.teacher_src}
+        check_folders(sources)
         world = run_world(recipe, [source.local_dir for source in sources.values()])
         check_tasks(world, recipe.evaluate.tasks)
         check_sources({"model": model_src, "reference": reference_src}, world)

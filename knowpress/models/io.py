@@ -190,7 +190,7 @@ def save_model(
     return "hf-packed" if plan else "hf"
 
 
-def _check_local(path: Path, source: str | Path) -> None:
+def check_local(path: Path, source: str | Path) -> None:
     """The folder holds what a load needs, each file readable: one line for what is not."""
     from knowpress.models.sizes import read_header
 
@@ -241,7 +241,7 @@ def load_model(
     )
     if looks_local:
         path = path.expanduser()
-        _check_local(path, source)
+        check_local(path, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         if looks_local and (path / QUANT_FILE).is_file():

@@ -1,0 +1,421 @@
+"""Malformed input, as a new user or a careless CI script writes it: every case is one error
+line (exit 2, or 1 for a real gate failure), never a traceback, and nothing half-written.
+
+Classes (issue "Hardening"): false-green gates, duplicate YAML keys, output folders, bounded
+messages and alias bombs, corrupt model files, tasks a world cannot serve, shapes a stage
+cannot take (found before any work), reports that are not reports, eval arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from knowpress.cli import EXIT_GATE, EXIT_USER, main
+
+GOOD: dict[str, Any] = {
+    "version": 1,
+    "model": {"world": "test-tiny"},
+    "stages": [{"kind": "quantize", "method": {"name": "rtn", "bits": 8, "group_size": 32}}],
+    "evaluate": {"tasks": ["recall", "perplexity"], "max_items": 8},
+    "gate": {"min_retention": 0.5},
+}
+Text = str | bytes
+
+
+def recipe(**changes: Any) -> str:
+    return yaml.safe_dump({**GOOD, **changes}, sort_keys=False)
+
+
+def stage(**fields: Any) -> list[dict[str, Any]]:
+    return [{**GOOD["stages"][0], **fields}]
+
+
+def method(**fields: Any) -> list[dict[str, Any]]:
+    return stage(method={**GOOD["stages"][0]["method"], **fields})
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)
+DEEP = "version: 1\nmodel: " + "[" * 200 + "]" * 200 + "\n"
+
+# (id, recipe text, the substring the one error line must hold)
+RECIPES: list[tuple[str, Text, str]] = [
+    ("empty", "", "the file is empty"),
+    ("not utf-8", b"version: 1\nmodel: {world: \xff\xfe}\n", "not UTF-8 text (byte 0xff"),
+    ("binary", b"\x00\x01\x02version", "not a text file"),
+    ("a list", "- 1\n- 2\n", "expected a mapping, got list"),
+    ("bad yaml", "version: 1\nmodel: {world: [\n", "not valid YAML at line"),
+    ("duplicate gate", recipe() + "gate: {min_retention: 0.1}\n", "key 'gate' is given twice"),
+    ("duplicate stages", recipe() + "stages: []\n", "key 'stages' is given twice (lines"),
+    (
+        "duplicate nested",
+        "version: 1\nmodel: {world: test-tiny, world: bios-dense-tiny}\n",
+        "key 'world' is given twice (lines 2 and 2)",
+    ),
+    ("billion laughs", "version: 1\n" + LAUGHS, "expands to more than 100,000 values"),
+    ("deep nesting", DEEP, "nested deeper than"),
+    ("python tag", "version: 1\nmodel: !!python/object:os.system {}\n", "not valid YAML"),
+    ("no version", yaml.safe_dump({"model": GOOD["model"]}), "version: required field"),
+    ("version 2", recipe(version=2), "version: Input should be 1"),
+    ("unknown field", recipe(stagez=[]), "stagez: unknown field"),
+    ("unknown kind", recipe(stages=[{"kind": "quantise"}]), "unknown stage kind 'quantise'"),
+    ("unknown method", recipe(stages=method(name="rtm")), "unknown method 'rtm'"),
+    ("bits 3", recipe(stages=method(bits=3)), "bits: Input should be 4 or 8"),
+    ("group 0", recipe(stages=method(group_size=0)), "group_size: Input should be greater"),
+    ("floor 0", recipe(gate={"min_retention": 0}), "min_retention: Input should be greater"),
+    ("floor -1", recipe(gate={"min_retention": -1}), "min_retention: Input should be greater"),
+    ("floor nan", recipe().replace("0.5", ".nan"), "min_retention: Input should be a finite"),
+    ("floor 1.5", recipe(gate={"min_retention": 1.5}), "less than or equal to 1"),
+    ("gate, no stage", recipe(stages=[]), "the recipe has no stages"),
+    (
+        "gate task",
+        recipe(gate={"min_retention": 0.9, "tasks": ["bits"]}),
+        "gate.tasks ['bits'] are not evaluated",
+    ),
+    ("unknown task", recipe(evaluate={"tasks": ["recal"]}), "unknown eval task 'recal'"),
+    ("two_hop", recipe(evaluate={"tasks": ["two_hop"]}), "two_hop cannot be scored on this world"),
+    ("unknown world", recipe(evaluate={"world": "bios-nope"}), "bios-nope"),
+    ("world+path", recipe(model={"world": "test-tiny", "path": "x"}), "give exactly one of"),
+    ("missing path", recipe(model={"path": "./nope"}), "./nope does not exist"),
+    ("device", recipe(device="gpu"), "'gpu' is not a device"),
+    ("dtype", recipe(model={"world": "test-tiny", "dtype": "int4"}), "model.dtype: Input"),
+    ("huge kind", recipe(stages=[{"kind": "q" * 900_000}]), "unknown stage kind 'qqqq"),
+    ("huge key", recipe(**{"k" * 900_000: 1}), "kkkk"),
+    ("group 96", recipe(stages=method(group_size=96)), "group_size 96 does not divide"),
+    ("target typo", recipe(stages=stage(targets=["*.dwn_proj"])), "'*.dwn_proj' matches no"),
+    ("ignore all", recipe(stages=stage(ignore=["*"])), "targets minus ignore leave no tensor"),
+    ("bad regex", recipe(stages=stage(targets=["re:("])), "'re:(' is not a valid regex"),
+    ("teacher str", recipe(teacher="bigger"), "teacher: expected 'same' or a mapping"),
+]
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error:") and len(lines[0]) < 800, lines[0][:300]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Exit code and stderr of ``compress ARGV`` (argparse's own usage errors included)."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = int(exc.code)  # type: ignore[arg-type]
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [c[1:] for c in RECIPES], ids=[c[0] for c in RECIPES]
+)
+def test_bad_recipe_is_one_line_and_writes_nothing(
+    text: Text, expected: str, tiny_teacher_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    for extra in ([], ["--dry-run"]):
+        code, err = run(["apply", str(path), "-o", str(tmp_path / "out"), "-q", *extra], capsys)
+        assert code == EXIT_USER
+        assert expected in _one_error_line(err)
+        assert not (tmp_path / "out").exists()
+
+
+def _teacher_copy(tiny_teacher_dir: Path, tmp_path: Path, name: str) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(tiny_teacher_dir, folder)
+    return folder
+
+
+def _truncated(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+def _empty(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(b"")
+
+
+def _garbage(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+
+
+def _config_list(folder: Path) -> None:
+    (folder / "config.json").write_text("[1, 2]")
+
+
+def _no_tokenizer(folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+
+
+def _no_config(folder: Path) -> None:
+    (folder / "config.json").unlink()
+
+
+def _other_world(folder: Path) -> None:
+    record = json.loads((folder / "knowpress_world.json").read_text())
+    (folder / "knowpress_world.json").write_text(json.dumps({**record, "world_key": "0ther"}))
+
+
+def _other_tokenizer(folder: Path) -> None:
+    from knowpress.testing.models import tiny_tokenizer
+
+    _no_tokenizer(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    (folder / "knowpress_world.json").unlink()
+
+
+# (id, how the copy of the teacher is spoiled, where it goes, the error's substring)
+FOLDERS: list[tuple[str, Callable[[Path], None], str, str]] = [
+    ("truncated weights", _truncated, "model", "truncated or corrupt safetensors"),
+    ("empty weights", _empty, "model", "not a valid safetensors file (it is empty)"),
+    ("garbage weights", _garbage, "model", "not a valid safetensors file"),
+    ("config list", _config_list, "model", "config.json: not a JSON object"),
+    ("no tokenizer", _no_tokenizer, "model", "no tokenizer files"),
+    ("no config", _no_config, "model", "no config.json"),
+    ("truncated reference", _truncated, "reference", "truncated or corrupt safetensors"),
+    ("reference of another world", _other_world, "reference", "knows world 0ther"),
+    ("reference of another vocabulary", _other_tokenizer, "reference", "tokenizer is not the"),
+]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "where", "expected"), [c[1:] for c in FOLDERS], ids=[c[0] for c in FOLDERS]
+)
+def test_bad_model_folder_is_one_line(
+    spoil: Callable[[Path], None], where: str, expected: str, tiny_teacher_dir: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    folder = _teacher_copy(tiny_teacher_dir, tmp_path, "m")
+    spoil(folder)
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe(**{where: {"path": str(folder)}}))
+    code, err = run(["apply", str(path), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert code == EXIT_USER and expected in _one_error_line(err)
+    assert not (tmp_path / "out").exists()
+    if where == "model":
+        code, err = run(["eval", "--model", str(folder), "-q"], capsys)
+        assert code == EXIT_USER and expected in _one_error_line(err)
+
+
+SETS = [
+    ("no =", ["--set", "stages.0.method.bits"], "expected KEY=VALUE"),
+    ("bad yaml", ["--set", "stages.0.method.bits=["], "--set stages.0.method.bits: not valid"),
+    ("python tag", ["--set", "gate=!!python/object/apply:os.system [ls]"], "not valid YAML"),
+    ("duplicate key", ["--set", "gate={min_retention: 0.9, min_retention: 0.1}"], "twice"),
+    ("index", ["--set", "stages.5.method.bits=4"], "is not an index of a 1-item list"),
+    ("into a scalar", ["--set", "version.x=1"], "goes inside a value that is not a map"),
+    ("device", ["--device", "tpu"], "'tpu' is not a device"),
+    ("both", ["--resume", "--force"], "contradict each other"),
+    ("usage", ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [c[1:] for c in SETS], ids=[c[0] for c in SETS])
+def test_bad_apply_arguments_are_one_line(
+    extra: list[str], expected: str, tiny_teacher_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe())
+    code, err = run(["apply", str(path), "-o", str(tmp_path / "out"), "-q", *extra], capsys)
+    assert code == EXIT_USER and expected in _one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_rules_are_one_line(
+    tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe())
+    (tmp_path / "file").write_text("x")
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    cases = [
+        (["-o", str(tmp_path / "file")], "is a file; choose a folder"),
+        (["-o", str(user)], "already exists; pass --resume"),
+        (["-o", str(user), "--resume"], "is not a knowpress run"),
+        (["-o", str(user), "--force"], "--force: " + str(user) + " is not a knowpress run"),
+    ]
+    for extra, expected in cases:
+        code, err = run(["apply", str(path), "-q", *extra], capsys)
+        assert code == EXIT_USER and expected in _one_error_line(err)
+    assert (user / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in user.iterdir()) == [".knowpress.lock", "thesis.tex"]
+    for bad, expected in [(tmp_path, "not a regular file"), (tmp_path / "no.yaml", "not found")]:
+        code, err = run(["apply", str(bad), "-q"], capsys)
+        assert code == EXIT_USER and expected in _one_error_line(err)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    code, err = run(["apply", str(fifo), "-q"], capsys)  # would block forever if read
+    assert code == EXIT_USER and "not a regular file" in _one_error_line(err)
+    big = tmp_path / "big.yaml"
+    big.write_text("version: 1\n#" + "x" * 2_000_000)
+    code, err = run(["apply", str(big), "-q"], capsys)
+    assert code == EXIT_USER and "is not a recipe (over 1 MB)" in _one_error_line(err)
+
+
+@pytest.fixture(scope="module")
+def report_path(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fuzz-report")
+    (root / "r.yaml").write_text(recipe())
+    assert main(["apply", str(root / "r.yaml"), "-o", str(root / "out"), "-q"]) == 0
+    return root / "out" / "report.json"
+
+
+def _edited(report_path: Path, tmp: Path, edit: Callable[[dict[str, Any]], Any]) -> str:
+    data = json.loads(report_path.read_text())
+    result = edit(data)
+    path = tmp / "edited.json"
+    path.write_text(result if isinstance(result, str) else json.dumps(data))
+    return str(path)
+
+
+def _rows_empty(d: dict[str, Any]) -> None:
+    d["rows"] = []
+
+
+def _row_no_name(d: dict[str, Any]) -> None:
+    del d["rows"][-1]["name"]
+
+
+def _retention_text(d: dict[str, Any]) -> None:
+    d["rows"][-1]["retention"]["recall"] = "high"
+
+
+def _only_reference(d: dict[str, Any]) -> None:
+    d["rows"] = d["rows"][:1]
+
+
+def _schema_99(d: dict[str, Any]) -> None:
+    d["schema_version"] = 99
+
+
+def _tasks_list(d: dict[str, Any]) -> None:
+    d["tasks"] = ["recall"]
+
+
+def _gate_text(d: dict[str, Any]) -> None:
+    d["gate"] = "passed"
+
+
+def _truncate(d: dict[str, Any]) -> str:
+    return json.dumps(d)[:500]
+
+
+def _not_report(d: dict[str, Any]) -> str:
+    return '{"schema": "other"}'
+
+
+REPORTS: list[tuple[str, Callable[[dict[str, Any]], Any], list[str], str]] = [
+    ("rows empty", _rows_empty, [], "rows: List should have at least 1 item"),
+    ("row without name", _row_no_name, [], "rows.1.name: Field required"),
+    ("retention text", _retention_text, [], "rows.1.retention.recall: Input should be a valid"),
+    ("only the reference", _only_reference, ["--min-retention", "0.9"], "nothing to gate"),
+    ("schema 99", _schema_99, [], "schema_version 99 is not supported"),
+    ("tasks list", _tasks_list, [], "tasks: Input should be a valid dictionary"),
+    ("gate text", _gate_text, [], "gate: Input should be a valid dictionary"),
+    ("truncated", _truncate, [], "not valid JSON"),
+    ("not a report", _not_report, [], "not a knowpress report"),
+    ("floor 0", lambda d: None, ["--min-retention", "0"], "--min-retention: 0.0 is not a"),
+    ("floor -1", lambda d: None, ["--min-retention", "-1"], "--min-retention: -1.0 is not"),
+    ("floor nan", lambda d: None, ["--min-retention", "nan"], "--min-retention: nan is not"),
+    ("floor inf", lambda d: None, ["--min-retention", "inf"], "--min-retention: inf is not"),
+    ("tolerance nan", lambda d: None, ["--tolerance", "nan"], "--tolerance: nan is not"),
+    ("unknown task", lambda d: None, ["--tasks", "recal"], "'recal' is not in the report"),
+    ("floor word", lambda d: None, ["--min-retention", "high"], "invalid float value: 'high'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "extra", "expected"), [c[1:] for c in REPORTS], ids=[c[0] for c in REPORTS]
+)
+def test_bad_report_or_threshold_is_one_line(
+    edit: Callable[[dict[str, Any]], Any], extra: list[str], expected: str, report_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    path = _edited(report_path, tmp_path, edit)
+    code, err = run(["check", path, *extra], capsys)
+    assert code == EXIT_USER and expected in _one_error_line(err)
+
+
+def test_baselines_must_match_and_a_gate_that_gates_nothing_fails(
+    report_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def other_world(d: dict[str, Any]) -> None:
+        d["inputs"]["world"]["key"] = "0ther"
+
+    def fewer_tasks(d: dict[str, Any]) -> None:
+        del d["tasks"]["perplexity"]
+
+    for edit, expected in [(other_world, "it measured world 0ther"), (fewer_tasks, "no perplex")]:
+        baseline = _edited(report_path, tmp_path, edit)
+        code, err = run(["check", str(report_path), "--baseline", baseline], capsys)
+        assert code == EXIT_USER and expected in _one_error_line(err)
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    code, err = run(["check", str(fifo), "--min-retention", "0.9"], capsys)
+    assert code == EXIT_USER and "not a regular file" in _one_error_line(err)
+
+    def all_near_chance(d: dict[str, Any]) -> None:
+        for info in d["tasks"].values():
+            info["near_chance"] = True
+
+    path = _edited(report_path, tmp_path, all_near_chance)
+    capsys.readouterr()
+    assert main(["check", path, "--min-retention", "0.5"]) == EXIT_GATE  # gated nothing: fails
+    captured = capsys.readouterr()
+    assert "nothing gated" in captured.out and "Traceback" not in captured.err
+
+
+EVALS = [
+    ("max items 0", ["--max-items", "0"], "argument --max-items: 0 is not positive"),
+    ("batch size 0", ["--batch-size", "0"], "argument --batch-size: 0 is not positive"),
+    ("batch size word", ["--batch-size", "lots"], "'lots' is not a whole number"),
+    ("unknown task", ["--tasks", "recal"], "unknown eval task 'recal'"),
+    ("two_hop", ["--tasks", "two_hop"], "two_hop cannot be scored on this world"),
+    ("unknown world", ["--world", "bios-nope"], "bios-nope"),
+    ("device", ["--device", "tpu"], "'tpu' is not a device"),
+]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [c[1:] for c in EVALS], ids=[c[0] for c in EVALS])
+def test_bad_eval_arguments_are_one_line(
+    extra: list[str], expected: str, tiny_teacher_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = run(["eval", "--model", str(tiny_teacher_dir), "-q", *extra], capsys)
+    assert code == EXIT_USER and expected in _one_error_line(err)
+
+
+def test_eval_paths_are_one_line(
+    tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = [
+        (["--model", str(tmp_path / "nope")], "nope does not exist"),
+        (["--model", "someorg/not-cached"], "cannot be reached from here"),
+        (["--model", str(tiny_teacher_dir), "--json", str(tmp_path)], "--json: "),
+    ]
+    env = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # no probe of the network: fail fast, one line
+    try:
+        for extra, expected in cases:
+            code, err = run(["eval", "-q", *extra], capsys)
+            assert code == EXIT_USER and expected in _one_error_line(err)
+    finally:
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE")
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env
