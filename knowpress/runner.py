@@ -1,7 +1,9 @@
 """The one loop: for each stage -> run, checkpoint, evaluate, record; then report and gate.
 
-Layout of an output folder::
+Layout of an output folder (taken, locked and cleared by ``outdir.OutputFolder``)::
 
+    OUT/knowpress_run.json          marks a knowpress run (what --force may replace)
+    OUT/.knowpress.lock             flock held while a run writes
     OUT/recipe.yaml                 resolved recipe (what actually ran)
     OUT/reference/eval.json         reference scores and sizes, keyed by its identity + eval
     OUT/stages/01-quantize/         artifact (HF dir, safetensors) + knowpress_artifact.json
@@ -11,7 +13,8 @@ Layout of an output folder::
 A stage runs inside its output folder's temporary sibling (``ctx.stage_dir``): the model is
 saved there in the deploy dtype, the manifest is written last, and the folder is renamed
 into place only when all of it succeeded. Every model is scored through ``load_runtime`` on
-what was written to disk. ``resume=True`` skips stages whose hash (config chained onto the
+what was written to disk. Nothing is written before ``_prepare`` has checked what can fail
+without weights (``preflight``). ``resume=True`` skips stages whose hash (config chained onto the
 input's hash and the run key: teacher, ``data``, knowpress version, deploy dtype) matches
 the record and whose payload files are as the manifest recorded; a stage whose checkpoint
 exists but whose evaluation does not is only re-evaluated.

@@ -419,3 +419,46 @@ def test_eval_paths_are_one_line(
             os.environ.pop("HF_HUB_OFFLINE")
         else:
             os.environ["HF_HUB_OFFLINE"] = env
+
+
+def test_disk_full_while_saving_is_one_line_and_leaves_no_stage(
+    tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import transformers.modeling_utils as modeling_utils
+    from safetensors import SafetensorError
+
+    def full(*args: Any, **kwargs: Any) -> None:  # what safetensors raises on ENOSPC
+        raise SafetensorError(
+            "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+            '"No space left on device" })'
+        )
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full)
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe())
+    code, err = run(["apply", str(path), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert code == EXIT_USER and "disk full while writing" in _one_error_line(err)
+    stages = tmp_path / "out" / "stages"
+    assert not stages.exists() or not list(stages.iterdir())  # no stage, no temporary
+
+
+def test_an_internal_error_is_exit_3_with_the_traceback_behind_debug(
+    tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from knowpress.cli import EXIT_BUG
+    from knowpress.stages.quantize import Quantize
+
+    def bug(self: Any, ctx: Any, progress: Any) -> Any:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(Quantize, "run", bug)
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe())
+    code, err = run(["apply", str(path), "-o", str(tmp_path / "a"), "-q"], capsys)
+    line = _one_error_line(err)
+    assert code == EXIT_BUG and "internal error (ZeroDivisionError: division by zero)" in line
+    assert "--debug" in line
+    code, err = run(["apply", str(path), "-o", str(tmp_path / "b"), "-q", "--debug"], capsys)
+    assert code == EXIT_BUG and "Traceback" in err and "ZeroDivisionError" in err
