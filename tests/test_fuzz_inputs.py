@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -405,20 +406,30 @@ def test_eval_paths_are_one_line(
 ) -> None:
     cases = [
         (["--model", str(tmp_path / "nope")], "nope does not exist"),
-        (["--model", "someorg/not-cached"], "cannot be reached from here"),
         (["--model", str(tiny_teacher_dir), "--json", str(tmp_path)], "--json: "),
     ]
-    env = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # no probe of the network: fail fast, one line
-    try:
-        for extra, expected in cases:
-            code, err = run(["eval", "-q", *extra], capsys)
-            assert code == EXIT_USER and expected in _one_error_line(err)
-    finally:
-        if env is None:
-            os.environ.pop("HF_HUB_OFFLINE")
-        else:
-            os.environ["HF_HUB_OFFLINE"] = env
+    for extra, expected in cases:
+        code, err = run(["eval", "-q", *extra], capsys)
+        assert code == EXIT_USER and expected in _one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "https://127.0.0.1:9"}],
+    ids=["offline", "down"],
+)
+def test_an_unreachable_hub_id_fails_at_once_in_one_line(
+    env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe(model={"path": "someorg/not-cached"}, evaluate={"world": "test-tiny"}))
+    start = time.monotonic()
+    code, err = run(["apply", str(path), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert code == EXIT_USER and "cannot be reached from here" in _one_error_line(err)
+    assert time.monotonic() - start < 10 and not (tmp_path / "out").exists()
 
 
 def test_disk_full_while_saving_is_one_line_and_leaves_no_stage(
