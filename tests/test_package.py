@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,13 +31,34 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "pytest" in test_line
 
 
-def test_every_recipe_validates_and_dry_runs(tmp_path: Path) -> None:
-    from knowpress.cli import main
+def _world_data_missing(preset: str | None) -> str | None:
+    """Why a preset's world cannot be made on this machine (real-fact data absent), or None."""
+    from knowpress.errors import KnowpressError
+    from knowpress.world import PRESETS
+    from knowpress.world.teacher import make_world
+
+    if preset is None:
+        return None
+    try:
+        make_world(PRESETS.get(preset).world)
+    except KnowpressError as exc:
+        return str(exc)
+    return None
+
+
+def test_every_recipe_validates_and_dry_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from knowpress.cli import EXIT_USER, main
     from knowpress.recipe import load_recipe
 
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     assert recipes
     for path in recipes:
-        load_recipe(path)
-        assert main(["apply", str(path), "-o", str(tmp_path / path.stem), "--dry-run"]) == 0
+        missing = _world_data_missing(load_recipe(path).model.world)
+        code = main(["apply", str(path), "-o", str(tmp_path / path.stem), "--dry-run"])
+        if missing:  # the dry run checks the world too: one line saying the data is absent
+            assert code == EXIT_USER and "no LRE data" in capsys.readouterr().err
+        else:
+            assert code == 0
         assert not (tmp_path / path.stem).exists()
