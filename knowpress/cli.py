@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from knowpress.errors import KnowpressError, short
+from knowpress.evaluate.gate import describe_bounds
 
 EXIT_GATE, EXIT_USER, EXIT_BUG, EXIT_INTERRUPT = 1, 2, 3, 130
 out = Console()
@@ -46,7 +47,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def _summary(report: dict[str, Any]) -> Table:
-    """Retention per task (scores are in report.md), sized to fit a terminal."""
+    """Retention per task (scores are in report.md; ``kl`` shows its nats/token, being a
+    comparison already), sized to fit a terminal."""
     tasks = list(report["tasks"])
     table = Table(title="knowledge retained vs bytes stored (retention vs reference)")
     for col in ["model", "MiB", "vs bf16 ref", "bits/param", *tasks, "worst"]:
@@ -58,7 +60,10 @@ def _summary(report: dict[str, Any]) -> Table:
         size = row.get("size_vs_bf16_reference", row.get("size_ratio"))
         bits = row.get("bits_per_parameter")
         cells = [row["name"], f"{row['stored_bytes'] / 2**20:.2f}", _fmt(size, 3), _fmt(bits, 2)]
-        cells += [_fmt(row["retention"][t], 3) for t in tasks]
+        cells += [
+            _fmt(row["retention"][t], 3) if t in row["retention"] else _fmt(row["scores"][t], 4)
+            for t in tasks
+        ]
         worst = row["worst_retention"]
         color = "green" if worst is not None and worst >= 0.95 else "yellow"
         cells.append(f"[{color}]{_fmt(worst, 3)}[/{color}]")
@@ -96,13 +101,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
         progress=Progress(console=err, enabled=not args.quiet),
     )
     out.print(_summary(result.report))
+    for warning in result.report.get("warnings", []):
+        out.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     out.print(f"report: {out_dir / 'report.md'}  plot: {out_dir / 'retention_vs_size.png'}")
     gate = result.report.get("gate")
     if gate is not None and not gate["passed"]:
         out.print(_gate_table(gate))
         return EXIT_GATE
     if gate is not None:
-        out.print(f"[green]gate passed[/green] (min retention {gate['min_retention']})")
+        out.print(f"[green]gate passed[/green] ({describe_bounds(gate)})")
     return 0
 
 
@@ -140,10 +147,8 @@ def _print_plan(recipe: Any, out_dir: Path) -> None:
         f"and every stage"
     )
     if recipe.gate:
-        out.print(
-            f"  gate: min retention {recipe.gate.min_retention} on "
-            f"{', '.join(recipe.gate.tasks or tasks)}"
-        )
+        bounds = describe_bounds(recipe.gate.model_dump())
+        out.print(f"  gate: {bounds} on {', '.join(recipe.gate.tasks or tasks)}")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -152,16 +157,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     report = load_report(args.report)
     baseline = load_report(args.baseline) if args.baseline else None
-    floor = args.min_retention
-    if floor is None and report.get("gate"):
-        floor = report["gate"]["min_retention"]
-    if floor is None and baseline is None:
+    given = {
+        "min_retention": args.min_retention, "max_kl": args.max_kl, "min_top1": args.min_top1
+    }  # fmt: skip
+    if all(v is None for v in given.values()) and report.get("gate"):
+        given = {key: report["gate"].get(key) for key in given}  # the recipe's own gate
+    if all(v is None for v in given.values()) and baseline is None:
         raise KnowpressError(
-            "check: nothing to check against; pass --min-retention X and/or --baseline OLD"
+            "check: nothing to check against; pass --min-retention X, --max-kl X, --min-top1 X "
+            "and/or --baseline OLD"
         )
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     flags = ("--min-retention", "--tolerance")
-    result = check(report, floor, tasks, baseline, args.baseline, args.tolerance, flags).to_json()
+    result = check(
+        report, given["min_retention"], tasks, baseline, args.baseline, args.tolerance, flags,
+        max_kl=given["max_kl"], min_top1=given["min_top1"],
+    ).to_json()  # fmt: skip
     if not result["passed"]:
         out.print(_gate_table(result))
         return EXIT_GATE
@@ -179,11 +190,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, run_lm_eval
     from knowpress.evaluate.loader import load_runtime
     from knowpress.models.io import atomic_write_text
-    from knowpress.preflight import check_tasks
     from knowpress.progress import Progress
     from knowpress.recipe import ModelSpec
     from knowpress.sources import resolve_source
-    from knowpress.world import load_world
 
     _quiet_libraries()
     tasks = [t for t in args.tasks.split(",") if t]
@@ -207,18 +216,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise KnowpressError(f"--json: {args.json} is a folder; give the path of a file to write")
     spec = ModelSpec(path=args.model, trust_remote_code=args.trust_remote_code)
     source = resolve_source(spec, field="--model")
-    world = load_world(args.world or Path(args.model)) if tasks else None
-    if world is not None:
-        check_tasks(world, tasks)
-    runtime = load_runtime(
-        source.location,
-        device=str(resolve_device(args.device, "--device")),
-        batch_size=args.batch_size,
-        trust_remote_code=args.trust_remote_code,
-    )
+    world = _eval_world(args, tasks) if tasks else None
+    device = str(resolve_device(args.device, "--device"))
+    options = {"device": device, "batch_size": args.batch_size,
+               "trust_remote_code": args.trust_remote_code}  # fmt: skip
     progress = Progress(console=err, enabled=not args.quiet)
     with progress.session():
-        scores = evaluate_runtime(runtime, world, tasks, args.max_items, progress)
+        states = _reference_states(args, world, tasks, options, progress)
+        runtime = load_runtime(source.location, **options)
+        scores = evaluate_runtime(runtime, world, tasks, args.max_items, progress, states)
     if harness is not None:
         scores.update(run_lm_eval(runtime, harness))
     measurement = measure(runtime, scores, source.stored_bytes())
@@ -232,6 +238,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(measurement.to_json(), indent=1))
     return 0
+
+
+def _eval_world(args: argparse.Namespace, tasks: list[str]) -> Any:
+    """The world ``compress eval`` scores on: --world or the model's own, with --text as its
+    held-out text (or alone, for text-only tasks)."""
+    from knowpress.evaluate.tasks import TASKS
+    from knowpress.evaluate.text import TextSpec, TextWorld, WithText, load_texts
+    from knowpress.preflight import check_tasks
+    from knowpress.world import load_world
+    from knowpress.world.teacher import WORLD_FILE
+
+    text = TextWorld(*load_texts(TextSpec(path=args.text))) if args.text else None
+    has_world = args.world or (Path(args.model) / WORLD_FILE).is_file()
+    needs_facts = any(TASKS.get(t).needs_facts for t in tasks)
+    if text is not None and not (has_world and needs_facts):
+        world = text
+    else:
+        world = load_world(args.world or Path(args.model))
+        world = world if text is None else WithText(world, text)
+    check_tasks(world, tasks)
+    return world
+
+
+def _reference_states(
+    args: argparse.Namespace, world: Any, tasks: list[str], options: dict[str, Any],
+    progress: Any,
+) -> dict[str, Any] | None:  # fmt: skip
+    """With --reference, what the model is compared against (kl, flips); kl needs it."""
+    from knowpress.evaluate.evaluator import evaluate_reference
+    from knowpress.evaluate.loader import load_runtime
+    from knowpress.evaluate.tasks import TASKS
+
+    if args.reference is None:
+        absolute = [t for t in tasks if not TASKS.get(t).relative]
+        if absolute:
+            raise KnowpressError(
+                f"--tasks: {absolute[0]} compares with a reference model; pass --reference DIR"
+            )
+        return None
+    reference = load_runtime(args.reference, **options)
+    _, states = evaluate_reference(reference, world, tasks, args.max_items, progress)
+    del reference
+    return states
 
 
 def _size_line(m: Any, bf16: int) -> str:
@@ -342,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("report", help="OUT/report.json (or OUT)")
     p.add_argument("--baseline", help="an older report.json to compare against")
     p.add_argument("--min-retention", type=float)
+    p.add_argument("--max-kl", type=float, help="most mean KL (nats/token) the kl task may show")
+    p.add_argument("--min-top1", type=float, help="least top-1 agreement of the kl task")
     p.add_argument("--tasks", help="comma-separated tasks to gate (default: all)")
     p.add_argument(
         "--tolerance",
@@ -354,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", parents=[common], help="score a model directory on a fact world")
     p.add_argument("--model", required=True)
     p.add_argument("--world", help="preset or teacher dir (default: the model's own world)")
+    p.add_argument("--text", help="held-out text (.txt paragraphs or .jsonl) for kl/perplexity")
+    p.add_argument("--reference", help="the model kl and flips compare with (a folder)")
     p.add_argument("--tasks", default="recall,perplexity", help="world tasks ('' for none)")
     p.add_argument("--lm-eval", help="comma-separated lm-evaluation-harness tasks (extra 'eval')")
     p.add_argument("--lm-eval-include", help="folder of local harness task YAMLs")

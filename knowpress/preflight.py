@@ -20,7 +20,33 @@ if TYPE_CHECKING:
 
 def run_world(recipe: Recipe, folders: list[Path | None]) -> Any:
     """The world a run measures: ``evaluate.world``, else a spec's preset, else the world
-    file of a source folder (a knowpress teacher or stage folder)."""
+    file of a source folder (a knowpress teacher or stage folder); with ``evaluate.text``
+    that world's held-out text is the user's, and without a fact world the text alone is the
+    world when no task asks for facts (``evaluate/text.py``)."""
+    from knowpress.evaluate.tasks import TASKS
+    from knowpress.evaluate.text import TextWorld, WithText, load_texts
+
+    text = TextWorld(*load_texts(recipe.evaluate.text)) if recipe.evaluate.text else None
+    world = _fact_world(recipe, folders)
+    if world is not None:
+        return world if text is None else WithText(world, text)
+    facts = [t for t in recipe.evaluate.tasks if TASKS.get(t).needs_facts]
+    if text is not None and not facts:
+        return text
+    if facts:
+        raise KnowpressError(
+            f"evaluate.world: {facts[0]} asks a fact world's questions and the model is not a "
+            f"knowpress fact-world teacher; name the world (e.g. evaluate.world: "
+            f"bios-dense-tiny) or score your own text: evaluate: {{tasks: [kl], text: "
+            f"{{path: notes.txt}}}}"
+        )
+    raise KnowpressError(
+        "evaluate.text: the model is not a fact-world teacher, so give the held-out text to "
+        "score it on (evaluate.text: {path: notes.txt}) or a world (evaluate.world)"
+    )
+
+
+def _fact_world(recipe: Recipe, folders: list[Path | None]) -> Any:
     from knowpress.world import load_world
     from knowpress.world.teacher import WORLD_FILE
 
@@ -32,18 +58,22 @@ def run_world(recipe: Recipe, folders: list[Path | None]) -> Any:
     for folder in folders:
         if folder is not None and (folder / WORLD_FILE).is_file():
             return load_world(folder)
-    raise KnowpressError(
-        "evaluate.world: the model is not a knowpress fact-world teacher, so name the world "
-        "to measure knowledge on (e.g. evaluate.world: bios-dense-tiny)"
-    )
+    return None
 
 
 def check_tasks(world: Any, tasks: list[str]) -> None:
     """Every task can score ``world`` (e.g. ``two_hop`` needs company facts)."""
     from knowpress.evaluate.tasks import TASKS
+    from knowpress.evaluate.text import has_facts
 
     for name in tasks:
-        problem = TASKS.get(name)().unsupported(world)
+        task = TASKS.get(name)()
+        if task.needs_facts and not has_facts(world):
+            raise KnowpressError(
+                f"evaluate.tasks: {name} asks a fact world's questions, but this run measures "
+                f"only evaluate.text; add evaluate.world or keep to kl and perplexity"
+            )
+        problem = task.unsupported(world)
         if problem:
             raise KnowpressError(
                 f"evaluate.tasks: {name} cannot be scored on this world: {problem}; remove it "
@@ -77,8 +107,12 @@ def check_folders(named: dict[str, Source]) -> None:
 
 def check_sources(named: dict[str, Source], world: Any) -> None:
     """Every fact-world source measures ``world``; the reference shares the model's vocabulary."""
+    from knowpress.evaluate.text import has_facts
+
     key = world.config.key()
     for field, source in named.items():
+        if not has_facts(world):
+            break
         trained = world_key_of(source)
         if trained is not None and trained != key:
             raise KnowpressError(

@@ -41,6 +41,7 @@ from pydantic import (
 from knowpress.config import FrozenConfig
 from knowpress.errors import KnowpressError, RecipeError, short
 from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, report_name
+from knowpress.evaluate.text import TextSpec
 from knowpress.registry import Registry, close_matches
 from knowpress.stage import STAGES, StageConfig
 from knowpress.yaml_text import load_yaml
@@ -107,6 +108,7 @@ class EvaluateSpec(Strict):
     max_items: int | None = Field(None, gt=0, description="cap items per task (speed)")
     batch_size: int = Field(64, gt=0)
     lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks too")
+    text: TextSpec | None = Field(None, description="held-out text for kl / perplexity")
 
     def task_names(self) -> list[str]:
         """Every report task: the world tasks, then ``lm_eval/<task>`` for harness tasks."""
@@ -126,10 +128,19 @@ class EvaluateSpec(Strict):
 
 
 class GateSpec(Strict):
-    """Fail the run (exit 1) when any gated task's retention falls below the floor."""
+    """Fail the run (exit 1) when any gated task's retention falls below the floor, or the
+    ``kl`` task's mean KL exceeds ``max_kl`` or its top-1 agreement is under ``min_top1``."""
 
-    min_retention: float = Field(gt=0, le=1, allow_inf_nan=False)
+    min_retention: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    max_kl: float | None = Field(None, gt=0, allow_inf_nan=False, description="nats/token")
+    min_top1: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     tasks: list[str] | None = Field(None, description="default: every evaluated task")
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> GateSpec:
+        if self.min_retention is None and self.max_kl is None and self.min_top1 is None:
+            raise ValueError("give min_retention, max_kl or min_top1 (a gate must bound something)")
+        return self
 
 
 class Recipe(Strict):
@@ -165,6 +176,11 @@ class Recipe(Strict):
             raise ValueError(
                 "gate: the recipe has no stages, so the gate would compare the reference with "
                 "itself; add a stage or remove the gate"
+            )
+        kl_bounds = self.gate and (self.gate.max_kl is not None or self.gate.min_top1 is not None)
+        if kl_bounds and "kl" not in self.evaluate.tasks:
+            raise ValueError(
+                "gate.max_kl / gate.min_top1 bound the kl task: add kl to evaluate.tasks"
             )
         if self.gate and self.gate.tasks:
             evaluated = self.evaluate.task_names()

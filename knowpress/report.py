@@ -39,7 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from knowpress.context import StageRecord
 from knowpress.errors import short
 from knowpress.evaluate.evaluator import Measurement, TaskScore, retention_table, worst
-from knowpress.evaluate.gate import check
+from knowpress.evaluate.gate import check, describe_bounds
+from knowpress.evaluate.text import world_record
 from knowpress.models.io import atomic_file, atomic_write_text
 from knowpress.models.sizes import bits_per_parameter
 from knowpress.recipe import Recipe
@@ -124,16 +125,14 @@ def build_report(
         "schema_version": SCHEMA_VERSION,
         "knowpress_version": knowpress_version(),
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "inputs": {
-            **inputs,
-            "world": {"key": world.config.key(), "config": world.config.model_dump(mode="json")},
-        },
+        "inputs": {**inputs, "world": world_record(world)},
         "recipe": recipe.dump(),
         "reference_bf16_bytes": reference_bf16_bytes,
         "tasks": {
             t: {
                 "metric": s.metric,
                 "higher_is_better": s.higher_is_better,
+                "relative": s.relative,
                 "chance": s.chance,
                 "near_chance": s.near_chance,
             }
@@ -143,10 +142,38 @@ def build_report(
         "stages": [dataclasses.asdict(r) for r, _ in stages],
         "gate": None,
     }
-    if recipe.gate is not None:
-        result = check(report, recipe.gate.min_retention, recipe.gate.tasks)
+    report["warnings"] = warnings(report)
+    gate = recipe.gate
+    if gate is not None:
+        result = check(report, gate.min_retention, gate.tasks, max_kl=gate.max_kl,
+                       min_top1=gate.min_top1)  # fmt: skip
         report["gate"] = result.to_json()
     return _clean(report)
+
+
+UNKNOWN_SHARE_WARNING = 0.10
+
+
+def warnings(report: dict[str, Any]) -> list[str]:
+    """What makes the figures mean less than they seem, said once at the top of the report."""
+    out = []
+    tasks = report["tasks"]
+    world_tasks = [t for t, info in tasks.items() if info.get("chance") is not None]
+    if world_tasks and all(tasks[t]["near_chance"] for t in world_tasks):
+        out.append(
+            f"the reference is near chance on every world task ({', '.join(world_tasks)}): this "
+            f"world measures nothing it knows; score it on your own text instead: "
+            f"evaluate: {{tasks: [kl], text: {{path: notes.txt}}}}"
+        )
+    perplexity = report["rows"][0]["details"].get("perplexity")
+    share = (perplexity or {}).get("extra", {}).get("unknown_share", 0.0)
+    if share > UNKNOWN_SHARE_WARNING:
+        out.append(
+            f"{share:.0%} of the held-out text's tokens are unknown to the tokenizer (<unk>): "
+            f"perplexity leaves them out, and the text hardly fits this model; use kl on text "
+            f"in its language"
+        )
+    return out
 
 
 def _bytes(n: int) -> str:
@@ -165,13 +192,19 @@ def _has_policy(report: dict[str, Any]) -> bool:
     return any((row.get("runtime") or {}).get("kv_policy") for row in report["rows"])
 
 
+def _relative(report: dict[str, Any]) -> list[str]:
+    """Tasks compared as retention (``kl`` is not: it already compares with the reference)."""
+    return [t for t, info in report["tasks"].items() if info.get("relative", True)]
+
+
 def _results_table(report: dict[str, Any]) -> list[str]:
-    tasks = list(report["tasks"])
+    tasks, relative = list(report["tasks"]), _relative(report)
     kv = _has_policy(report)
     head = ["model", "stored", "size vs bf16 reference", "bits/param"]
     head += ["KV bytes/token", "KV policy"] if kv else []
     head += [f"{t} ({report['tasks'][t]['metric']})" for t in tasks]
-    head += [f"{t} retention" for t in tasks] + ["worst retention", "measured on"]
+    head += ["kl top-1"] if "kl" in tasks else []
+    head += [f"{t} retention" for t in relative] + ["worst retention", "measured on"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
         runtime = row.get("runtime") or {}
@@ -180,7 +213,9 @@ def _results_table(report: dict[str, Any]) -> list[str]:
         if kv:
             cells += [f"{row['kv_bytes_per_token']:.0f}", runtime.get("kv_policy") or "full"]
         cells += [_fmt(row["scores"][t]) for t in tasks]
-        cells += [_fmt(row["retention"][t]) for t in tasks]
+        if "kl" in tasks:
+            cells.append(_fmt(row["details"]["kl"]["extra"].get("top1")))
+        cells += [_fmt(row["retention"][t]) for t in relative]
         cells += [f"{_fmt(row['worst_retention'])} ({row['worst_task']})"]
         cells.append(f"{runtime.get('runtime', '?')} {runtime.get('device', '?')} "
                      f"{runtime.get('dtype', '?')}")  # fmt: skip
@@ -219,7 +254,7 @@ def _detail(value: Any) -> str:
 
 def _gate_lines(gate: dict[str, Any]) -> list[str]:
     verdict = "PASSED" if gate["passed"] else "FAILED"
-    lines = ["", f"## Gate: {verdict} (min retention {gate['min_retention']})", ""]
+    lines = ["", f"## Gate: {verdict} ({describe_bounds(gate)})", ""]
     for f in gate["failures"]:
         lines.append(
             f"- `{f['task']}`: retention {_fmt(f['retention'])} < {f['floor']} ({f['reason']})"
@@ -235,6 +270,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# knowpress report", ""]
     lines += [f"- {name}: `{inputs[name]}`" for name in ("model", "reference", "teacher")]
     lines += [f"- world: `{inputs['world']['key']}`", ""]
+    lines += [f"> **warning:** {w}" for w in report.get("warnings", [])]
+    lines += [""] if report.get("warnings") else []
     lines += ["## Knowledge retained vs bytes stored", ""]
     lines += _results_table(report)
     near = [t for t in tasks if report["tasks"][t].get("near_chance")]
@@ -267,7 +304,7 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    tasks = list(report["tasks"])
+    tasks = _relative(report)
     xs = [row["stored_bytes"] / 2**20 for row in report["rows"]]
     for task in tasks:
         ys = [row["retention"][task] for row in report["rows"]]
@@ -326,6 +363,8 @@ class _Inputs(_Loose):
 
 class _Gate(_Loose):
     min_retention: float | None = None
+    max_kl: float | None = None
+    min_top1: float | None = None
 
 
 class _Schema(_Loose):

@@ -36,13 +36,18 @@ import yaml
 from knowpress.context import Context, StageRecord
 from knowpress.device import resolve_device
 from knowpress.errors import KnowpressError
-from knowpress.evaluate.evaluator import Measurement, evaluate_runtime, measure
+from knowpress.evaluate.evaluator import (
+    Measurement,
+    evaluate_reference,
+    evaluate_runtime,
+    measure,
+)
 from knowpress.evaluate.lm_eval_bridge import run_lm_eval
 from knowpress.evaluate.loader import kv_policy_of, load_runtime
 from knowpress.evaluate.runtime import Runtime, TorchRuntime
 from knowpress.measure import PeakMemory, stable_hash
 from knowpress.models.artifact import build_manifest, changed_files, read_manifest, write_manifest
-from knowpress.models.io import atomic_dir, atomic_write_text, load_model, save_model
+from knowpress.models.io import atomic_dir, atomic_file, atomic_write_text, load_model, save_model
 from knowpress.outdir import OutputFolder
 from knowpress.preflight import (
     check_folders,
@@ -59,6 +64,36 @@ from knowpress.sources import WORLD_FILE, Source, resolve_source
 
 STAGE_FILE = "knowpress_stage.json"
 EVAL_FILE = "eval.json"
+STATES_FILE = "states.safetensors"
+
+
+def write_states(path: Path, states: dict[str, Any]) -> None:
+    """Task states (task -> name -> tensor) as one safetensors file, ``task/name`` keys."""
+    from safetensors.torch import save_file
+
+    flat = {
+        f"{task}/{key}": t.contiguous()
+        for task, state in states.items()
+        for key, t in state.items()
+    }
+    with atomic_file(path) as tmp:
+        save_file(flat, str(tmp), metadata={"format": "pt", "tasks": ",".join(sorted(states))})
+
+
+def read_states(path: Path) -> dict[str, Any] | None:
+    """Inverse of :func:`write_states`; None when the file is absent or unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        flat = load_file(str(path))
+    except (OSError, SafetensorError):
+        return None
+    states: dict[str, Any] = {}
+    for key, tensor in flat.items():
+        task, _, name = key.partition("/")
+        states.setdefault(task, {})[name] = tensor
+    return states
 
 
 @dataclass
@@ -92,6 +127,7 @@ class Runner:
         self.device = resolve_device(recipe.device)  # before anything is written
         self.deploy_dtype = recipe.model.dtype
         self.teacher_src: Source | None = None  # resolved in run()
+        self.states: dict[str, Any] = {}  # task -> the reference's state (see evaluate/tasks)
         self._teacher: Any = None  # loaded once, for the stages that need it
 
     def _runtime(self, location: str) -> Runtime:
@@ -107,19 +143,32 @@ class Runner:
     def _measure(self, runtime: Runtime, world: Any, label: str, stored: int) -> Measurement:
         spec = self.recipe.evaluate
         self.progress.log(f"[dim]evaluating {label} on {', '.join(spec.task_names())}[/dim]")
-        scores = evaluate_runtime(runtime, world, spec.tasks, spec.max_items, self.progress)
+        scores = evaluate_runtime(
+            runtime, world, spec.tasks, spec.max_items, self.progress, self.states
+        )
         if spec.lm_eval is not None:
             scores.update(run_lm_eval(runtime, spec.lm_eval))
         return measure(runtime, scores, stored)
 
     def _reference(self, source: Source, world: Any) -> tuple[Measurement, int]:
-        """The reference's measurement and its bytes in bf16 (cached in OUT/reference)."""
+        """The reference's measurement, its bytes in bf16 and the states later rows compare
+        against (``self.states``), cached in OUT/reference."""
         path = self.out_dir / "reference" / EVAL_FILE
         cached = _read_json(path) if self.resume else None
-        if cached and cached.get("key") == self.eval_key:
+        states = read_states(self.out_dir / "reference" / STATES_FILE)
+        if cached and cached.get("key") == self.eval_key and states is not None:
+            self.states = states
             return Measurement.from_json(cached["measurement"]), int(cached["bf16_bytes"])
         runtime = self._runtime(source.location)
-        measurement = self._measure(runtime, world, "reference", source.stored_bytes())
+        spec = self.recipe.evaluate
+        self.progress.log(f"[dim]evaluating reference on {', '.join(spec.task_names())}[/dim]")
+        scores, self.states = evaluate_reference(
+            runtime, world, spec.tasks, spec.max_items, self.progress
+        )
+        if spec.lm_eval is not None:
+            scores.update(run_lm_eval(runtime, spec.lm_eval))
+        measurement = measure(runtime, scores, source.stored_bytes())
+        write_states(self.out_dir / "reference" / STATES_FILE, self.states)
         bf16 = source.bf16_bytes()
         payload = {
             "key": self.eval_key,

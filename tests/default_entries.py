@@ -22,9 +22,11 @@ STAGES: dict[str, dict[str, Any]] = {
 #: quant method -> [(method block, minimum weight SQNR in dB on a random tiny Llama)]
 QUANT_METHODS: dict[str, list[tuple[dict[str, Any], float]]] = {
     "rtn": [
-        ({"name": "rtn", "bits": 8, "group_size": 32}, 38.0),
-        ({"name": "rtn", "bits": 4, "group_size": 32}, 15.0),
-        ({"name": "rtn", "bits": 4, "group_size": None, "symmetric": True}, 11.0),
+        ({"name": "rtn", "bits": 8, "group_size": 32}, 44.0),
+        ({"name": "rtn", "bits": 4, "group_size": 32}, 20.0),
+        ({"name": "rtn", "bits": 4, "group_size": None, "symmetric": True}, 16.5),
+        ({"name": "rtn", "bits": 3, "group_size": 32}, 13.5),
+        ({"name": "rtn", "bits": 2, "group_size": 32}, 6.5),
     ],
 }
 
@@ -36,6 +38,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "long_context": {},
     "bits": {},
     "perplexity": {},
+    "kl": {},
 }
 
 #: KV policy -> (policy block, exact: same logits and tokens as the full cache)

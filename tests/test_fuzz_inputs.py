@@ -70,7 +70,7 @@ RECIPES: list[tuple[str, Text, str]] = [
     ("unknown field", recipe(stagez=[]), "stagez: unknown field"),
     ("unknown kind", recipe(stages=[{"kind": "quantise"}]), "unknown stage kind 'quantise'"),
     ("unknown method", recipe(stages=method(name="rtm")), "unknown method 'rtm'"),
-    ("bits 3", recipe(stages=method(bits=3)), "bits: Input should be 4 or 8"),
+    ("bits 5", recipe(stages=method(bits=5)), "bits: Input should be 2, 3, 4 or 8"),
     ("group 0", recipe(stages=method(group_size=0)), "group_size: Input should be greater"),
     ("floor 0", recipe(gate={"min_retention": 0}), "min_retention: Input should be greater"),
     ("floor -1", recipe(gate={"min_retention": -1}), "min_retention: Input should be greater"),

@@ -67,7 +67,11 @@ MALFORMED: list[tuple[str, Any, str]] = [
         base(stages=[{"kind": "quantize", "method": {"name": "rtm"}}]),
         "stages.0.method.name: unknown method 'rtm'; did you mean 'rtn'? (valid: rtn",
     ),
-    ("bits 3", base(stages=stage(bits=3)), "stages.0.method.bits: Input should be 4 or 8 (got 3)"),
+    (
+        "bits 5",
+        base(stages=stage(bits=5)),
+        "stages.0.method.bits: Input should be 2, 3, 4 or 8 (got 5)",
+    ),
     (
         "group_size 0",
         base(stages=stage(group_size=0)),
@@ -190,7 +194,7 @@ def test_overrides(tmp_path: Path) -> None:
     recipe = load_recipe(path, ["stages.0.method.bits=8", "gate.min_retention=0.5"])
     assert recipe.stages[0].method.bits == 8  # type: ignore[attr-defined]
     assert recipe.gate is not None and recipe.gate.min_retention == 0.5
-    with pytest.raises(RecipeError, match=r"stages\.0\.method\.bits: Input should be 4 or 8"):
+    with pytest.raises(RecipeError, match=r"stages\.0\.method\.bits: Input should be 2, 3, 4 or 8"):
         load_recipe(path, ["stages.0.method.bits=5"])
 
 

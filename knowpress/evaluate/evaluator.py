@@ -11,6 +11,7 @@ from knowpress.evaluate.tasks.base import retention
 
 if TYPE_CHECKING:
     from knowpress.evaluate.runtime import Runtime
+    from knowpress.evaluate.tasks.base import State
     from knowpress.progress import Progress
     from knowpress.world import World
 
@@ -26,6 +27,8 @@ class TaskScore:
     examples: list[dict[str, Any]]
     # Uninformed-guess score on this world (None: no baseline); defaulted so old eval.json loads.
     chance: float | None = None
+    #: compared as retention (False: the score already compares with the reference, kl)
+    relative: bool = True
 
     @property
     def near_chance(self) -> bool:
@@ -84,39 +87,68 @@ def evaluate_runtime(
     tasks: list[str],
     max_items: int | None,
     progress: Progress | None = None,
+    reference: dict[str, State] | None = None,
 ) -> dict[str, TaskScore]:
-    """Run each task once, in the order given."""
+    """Run each task once, in the order given; with ``reference`` (task -> the reference's
+    state, from :func:`evaluate_reference`) tasks compare with the reference's outputs."""
+    return _evaluate(runtime, world, tasks, max_items, progress, reference)[0]
+
+
+def evaluate_reference(
+    runtime: Runtime,
+    world: World,
+    tasks: list[str],
+    max_items: int | None,
+    progress: Progress | None = None,
+) -> tuple[dict[str, TaskScore], dict[str, State]]:
+    """Score the reference and keep what later rows compare against (task -> state)."""
+    return _evaluate(runtime, world, tasks, max_items, progress, None)
+
+
+def _evaluate(
+    runtime: Runtime,
+    world: World,
+    tasks: list[str],
+    max_items: int | None,
+    progress: Progress | None,
+    reference: dict[str, State] | None,
+) -> tuple[dict[str, TaskScore], dict[str, State]]:
     out: dict[str, TaskScore] = {}
+    states: dict[str, State] = {}
     names = progress.track(tasks, "evaluating") if progress else tasks
     for name in names:
         task = TASKS.get(name)()
-        result = task.run(runtime, world, max_items)
+        given = None if reference is None else reference.get(name)
+        if reference is not None and given is None and not task.relative:
+            raise ValueError(f"{name}: no reference state to compare with")
+        result = task.run(runtime, world, max_items, given)
+        if result.state:
+            states[name] = result.state
+        chance = result.chance if result.chance is not None else task.chance(world)
         out[name] = TaskScore(
-            name,
-            task.metric,
-            task.higher_is_better,
-            result.score,
-            result.n,
-            result.extra,
-            result.examples,
-            task.chance(world),
-        )
-    return out
+            name, task.metric, task.higher_is_better, result.score, result.n, result.extra,
+            result.examples, chance, task.relative,
+        )  # fmt: skip
+    return out, states
 
 
 def retention_table(
     scores: dict[str, TaskScore], teacher: dict[str, TaskScore]
 ) -> dict[str, float]:
-    """Per-task retention = compressed / teacher (inverted for lower-is-better metrics);
-    the direction is the score's own, so harness tasks (``lm_eval/...``) work too."""
+    """Per-task retention = compressed / reference (inverted for lower-is-better metrics);
+    the direction is the score's own, so harness tasks (``lm_eval/...``) work too. Tasks
+    that are not relative (``kl``) have none: the gate bounds them directly."""
     return {
         name: retention(score.score, teacher[name].score, score.higher_is_better)
         for name, score in scores.items()
+        if score.relative
     }
 
 
-def worst(retention: dict[str, float]) -> tuple[str, float]:
+def worst(retention: dict[str, float]) -> tuple[str | None, float | None]:
     """The task with the lowest retention; NaN (undefined) counts as worst."""
+    if not retention:
+        return None, None
 
     def key(item: tuple[str, float]) -> float:
         return -math.inf if math.isnan(item[1]) else item[1]

@@ -39,6 +39,8 @@ class GateResult:
     failures: list[Failure] = field(default_factory=list)
     #: near-chance tasks left out of a default gate (their retention means nothing)
     skipped: list[str] = field(default_factory=list)
+    max_kl: float | None = None
+    min_top1: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,15 +87,25 @@ def check(
     baseline_name: str | None = None,
     tolerance: float = 0.01,
     fields: tuple[str, str] = FIELDS,
+    max_kl: float | None = None,
+    min_top1: float | None = None,
 ) -> GateResult:
     """Gate the final row of ``report`` (see module docstring); ``fields`` name the
-    thresholds in error lines (``--min-retention`` on the command line)."""
-    if min_retention is None and baseline is None:
-        raise KnowpressError("the gate needs min_retention, a baseline report, or both")
+    thresholds in error lines (``--min-retention`` on the command line). ``max_kl`` and
+    ``min_top1`` bound the ``kl`` task's score and top-1 agreement directly."""
+    bounds_kl = max_kl is not None or min_top1 is not None
+    if min_retention is None and baseline is None and not bounds_kl:
+        raise KnowpressError("the gate needs min_retention, max_kl, min_top1 or a baseline report")
     check_thresholds(min_retention, tolerance, fields)
+    check_kl_bounds(max_kl, min_top1)
     if len(report["rows"]) < 2:
         raise KnowpressError("the report has no stage rows (stages: []): there is nothing to gate")
     row = report["rows"][-1]
+    kl_failures = _kl_failures(row, max_kl, min_top1)
+    if min_retention is None and baseline is None:
+        return GateResult(
+            not kl_failures, row["name"], None, None, kl_failures, [], max_kl, min_top1
+        )
     if tasks:
         names, skipped = list(tasks), []
         unknown = [t for t in names if t not in row["retention"]]
@@ -116,7 +128,42 @@ def check(
     base_row = baseline["rows"][-1] if baseline is not None else None
     for name in names:
         failures += _task_failures(name, row, base_row, min_retention, tolerance)
-    return GateResult(not failures, row["name"], min_retention, baseline_name, failures, skipped)
+    failures += kl_failures
+    return GateResult(
+        not failures, row["name"], min_retention, baseline_name, failures, skipped, max_kl,
+        min_top1,
+    )  # fmt: skip
+
+
+def describe_bounds(gate: dict[str, Any]) -> str:
+    """``min retention 0.9, max kl 0.05`` for the bounds a gate (result or spec) sets."""
+    names = {"min_retention": "min retention", "max_kl": "max kl", "min_top1": "min top-1"}
+    parts = [f"{label} {gate[key]}" for key, label in names.items() if gate.get(key) is not None]
+    return ", ".join(parts) or "baseline only"
+
+
+def check_kl_bounds(max_kl: float | None, min_top1: float | None) -> None:
+    if max_kl is not None and not (math.isfinite(max_kl) and max_kl > 0):
+        raise KnowpressError(f"max_kl: {max_kl} is not a KL bound; give a positive number")
+    if min_top1 is not None and not (math.isfinite(min_top1) and 0 < min_top1 <= 1):
+        raise KnowpressError(f"min_top1: {min_top1} is not an agreement floor; give one in (0, 1]")
+
+
+def _kl_failures(
+    row: dict[str, Any], max_kl: float | None, min_top1: float | None
+) -> list[Failure]:
+    if max_kl is None and min_top1 is None:
+        return []
+    if row["scores"].get("kl") is None:
+        return [Failure("kl", math.nan, max_kl or min_top1 or 0.0, "task not in report")]
+    failures = []
+    value = row["scores"]["kl"]
+    if max_kl is not None and not value <= max_kl:
+        failures.append(Failure("kl", value, max_kl, "above max_kl"))
+    top1 = row["details"]["kl"]["extra"].get("top1", math.nan)
+    if min_top1 is not None and not top1 >= min_top1:
+        failures.append(Failure("kl/top1", top1, min_top1, "below min_top1"))
+    return failures
 
 
 def _task_failures(

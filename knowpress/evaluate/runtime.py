@@ -40,7 +40,20 @@ class Runtime(Protocol):
 
     def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]: ...
 
-    def nll(self, texts: Sequence[str]) -> list[NLL]: ...
+    def nll(self, texts: Sequence[str], exclude_token_ids: Sequence[int] = ()) -> list[NLL]: ...
+
+    def next_token_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """For each token-id sequence (at most ``max_positions`` long), the log-softmax of
+        the next-token distribution at every position but the last: ``[len - 1, vocab]``
+        float32 on the CPU (row ``t`` predicts token ``t + 1``)."""
+        ...
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, seed: int
+    ) -> list[list[int]]:
+        """Each prompt followed by exactly ``max_new_tokens`` tokens sampled at temperature 1
+        (end-of-sequence suppressed), reproducibly for ``seed``."""
+        ...
 
     @property
     def max_positions(self) -> int: ...
@@ -130,11 +143,15 @@ class TorchRuntime:
             "kv_policy": None if self.kv_policy is None else self.kv_policy.name,
         }
 
-    def _batches(self, texts: Sequence[str], side: str) -> Iterator[BatchEncoding]:
-        """Tokenized batches padded on ``side`` (left for generation, right for scoring)."""
+    def _batches(
+        self, texts: Sequence[str], side: str, truncate: bool = False
+    ) -> Iterator[BatchEncoding]:
+        """Tokenized batches padded on ``side`` (left for generation, right for scoring);
+        ``truncate`` cuts texts to ``max_positions`` tokens (scoring only)."""
         tok = self.tokenizer
         previous, tok.padding_side = tok.padding_side, side
         self.model.eval()
+        limit = {"truncation": True, "max_length": self.max_positions} if truncate else {}
         try:
             for start in range(0, len(texts), self.batch_size):
                 yield tok(
@@ -142,9 +159,22 @@ class TorchRuntime:
                     return_tensors="pt",
                     padding=True,
                     add_special_tokens=True,
+                    **limit,
                 ).to(_device(self.model))
         finally:
             tok.padding_side = previous
+
+    def _padded(self, sequences: Sequence[Sequence[int]], side: str) -> tuple[torch.Tensor, ...]:
+        """Token-id lists as ``(input_ids, attention_mask)``, padded on ``side``."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+            ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
+            mask[row, span] = 1
+        device = _device(self.model)
+        return ids.to(device), mask.to(device)
 
     @torch.inference_mode()
     def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
@@ -165,18 +195,53 @@ class TorchRuntime:
         return [text.strip() for text in out]
 
     @torch.inference_mode()
-    def nll(self, texts: Sequence[str]) -> list[NLL]:
-        """Summed next-token NLL per text (the first token is context, not scored)."""
+    def nll(self, texts: Sequence[str], exclude_token_ids: Sequence[int] = ()) -> list[NLL]:
+        """Summed next-token NLL per text (the first token is context, not scored; nor are
+        targets in ``exclude_token_ids``); texts are cut to ``max_positions`` tokens."""
         out = []
-        for batch in self._batches(texts, "right"):
+        for batch in self._batches(texts, "right", truncate=True):
             logits = self.model(**batch, **self._cache()).logits[:, :-1].float()
             targets = batch["input_ids"][:, 1:]
             mask = batch["attention_mask"][:, 1:].bool()
+            for token in exclude_token_ids:
+                mask &= targets != token
             logp = torch.log_softmax(logits, dim=-1)
             token_nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             token_nll = token_nll.masked_fill(~mask, 0.0)
             for row, row_mask in zip(token_nll, mask, strict=True):
                 out.append(NLL(float(row.sum()), int(row_mask.sum())))
+        return out
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        out = []
+        for start in range(0, len(sequences), self.batch_size):
+            chunk = sequences[start : start + self.batch_size]
+            ids, mask = self._padded(chunk, "right")
+            logits = self.model(input_ids=ids, attention_mask=mask, **self._cache()).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+            out.extend(logp[row, : len(seq) - 1] for row, seq in enumerate(chunk))
+        return out
+
+    @torch.inference_mode()
+    def sample(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, seed: int
+    ) -> list[list[int]]:
+        out: list[list[int]] = []
+        devices = [_device(self.model)] if _device(self.model).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the caller's RNG state is left alone
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), self.batch_size):
+                chunk = prompts[start : start + self.batch_size]
+                ids, mask = self._padded(chunk, "left")
+                generated = self.model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                    top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                    min_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                    **self._cache(),
+                )  # fmt: skip
+                new = generated[:, ids.shape[1] :].cpu().tolist()
+                out.extend([*map(int, p), *n] for p, n in zip(chunk, new, strict=True))
         return out
 
 

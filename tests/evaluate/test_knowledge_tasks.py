@@ -115,7 +115,8 @@ def test_long_context_lengths_fit_the_model() -> None:
     assert lengths == [1, 2, 4]  # 8 bios of 5 sentences do not fit 256 positions
     assert all(result.extra[f"tokens/bios={n}"] <= 256 for n in lengths)
     assert result.extra["tokens/bios=4"] > 128  # the longest length uses over half the context
-    assert result.n == 8 * len(lengths)
+    assert result.n == (8 // len(lengths)) * len(lengths)  # max_items caps the whole task
+    assert result.chance == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)  # 1/k: a random person's
     names = {p.name for p in WORLD.people}
     assert not any(name in p for p in runtime.prompts for name in names)  # fictional people only
     # Between 2 and 4 bios, the largest haystack that fits is scored too.
@@ -127,8 +128,8 @@ def test_long_context_lengths_fit_the_model() -> None:
         "em/bios=2",
         "em/bios=3",
     ]
-    assert cut.score == 1.0 and cut.n == 8 * 3
-    assert len(runtime.prompts) == 8 * 3
+    assert cut.score == 1.0 and cut.n == (8 // 3) * 3
+    assert len(runtime.prompts) == (8 // 3) * 3
     runtime.max_positions = 8
     with pytest.raises(ValueError, match="does not fit"):
         TASKS.get("long_context")().run(runtime, WORLD, 2)
@@ -196,7 +197,8 @@ def test_tasks_on_the_tiny_teacher(teacher_runtime: TorchRuntime, tiny_teacher_d
     assert bits.extra["bits_per_parameter"] == pytest.approx(bits.score / bits.extra["parameters"])
     long = evaluate_runtime(teacher_runtime, world, ["long_context"], max_items=4)
     assert long["long_context"].extra["max_positions"] == 256
-    assert long["long_context"].n == 4 * 4  # 1, 2, 4 and 8 three-sentence bios fit
+    sizes = [k for k in long["long_context"].extra if k.startswith("em/bios=")]
+    assert len(sizes) == 4 and long["long_context"].n == 4  # 1, 2, 4 and 8 bios fit: 1 each
     again = evaluate_runtime(teacher_runtime, world, tasks, max_items=16)
     assert {t: s.score for t, s in again.items()} == {t: s.score for t, s in scores.items()}
 

@@ -70,14 +70,3 @@ def test_pick_by_attribute_covers_every_attribute() -> None:
     chosen = pick_by_attribute(items, 7)
     assert len(chosen) == 7 and {it.attribute for it in chosen} == {f"a{a}" for a in range(5)}
     assert pick_by_attribute(items, 7) == chosen and pick_by_attribute(items, None) == items
-
-
-def test_task_matrix_covers_every_task() -> None:
-    assert set(TASKS.names()) == {
-        "recall",
-        "perplexity",
-        "paraphrase",
-        "two_hop",
-        "long_context",
-        "bits",
-    }

@@ -20,8 +20,8 @@ WORLD = generate_world(
     WorldConfig(seed=2, n_people=6, attributes=("birth_city", "major", "employer"),
                 bios_per_person=1, in_context_examples=2)
 )  # fmt: skip
-PROTOCOL = {"name", "tokenizer", "greedy", "nll", "max_positions", "parameter_count",
-            "kv_bytes_per_token", "describe"}  # fmt: skip
+PROTOCOL = {"name", "tokenizer", "greedy", "nll", "next_token_logprobs", "sample",
+            "max_positions", "parameter_count", "kv_bytes_per_token", "describe"}  # fmt: skip
 
 
 class ProtocolOnly:
@@ -50,6 +50,13 @@ def runtime() -> TorchRuntime:
 def test_task_runs_on_the_runtime_protocol_alone(task: str, runtime: TorchRuntime) -> None:
     wrapped = ProtocolOnly(runtime)
     result = TASKS.get(task)(**rows.TASKS[task]).run(wrapped, WORLD, 4)  # type: ignore[arg-type]
-    assert result.n > 0 and wrapped.asked & {"greedy", "nll"}
+    assert result.n > 0 and wrapped.asked & {"greedy", "nll", "next_token_logprobs"}
     again = TASKS.get(task)(**rows.TASKS[task]).run(ProtocolOnly(runtime), WORLD, 4)  # type: ignore[arg-type]
     assert (again.score, again.n, again.extra) == (result.score, result.n, result.extra)
+    # compared with its own reference state, a runtime agrees with itself exactly
+    itself = TASKS.get(task)().run(ProtocolOnly(runtime), WORLD, 4, result.state)  # type: ignore[arg-type]
+    if not TASKS.get(task).relative:
+        assert itself.score == pytest.approx(0.0, abs=1e-6) and itself.extra["top1"] == 1.0
+    elif "correct" in result.state:
+        assert itself.extra["flips/lost"] == itself.extra["flips/gained"] == 0.0
+        assert itself.score == result.score

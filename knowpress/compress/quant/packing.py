@@ -8,10 +8,11 @@ split into ``in / g`` groups. Per group, with ``b`` bits:
 - symmetric: ``s = max|W| / (2^(b-1) - 1)``, ``q = clamp(round(W / s), -2^(b-1), 2^(b-1) - 1)``
   stored with the offset ``2^(b-1)``, so ``Ŵ = (q_stored - 2^(b-1)) · s``.
 
-Scales are stored as float16 ``[out, in / g]``. Codes and zero points are packed at the code
-width: 8-bit one per byte, 4-bit two per byte (low nibble = even column; an odd count is padded
-with one zero nibble), so 4-bit zero points cost ``[out, ceil(in / g / 2)]`` bytes, as in
-GPTQ's packed ``qzeros``. Bytes per weight at 4 bits, group 32: 0.5 + 2/32 + 0.5/32.
+Scales are stored as float16 ``[out, in / g]``. Codes and zero points are packed densely at
+the code width (``pack``): 8-bit one per byte, 4-bit two per byte (low nibble = even column),
+3-bit eight per 3 bytes, 2-bit four per byte, the last group zero-padded; so 4-bit zero points
+cost ``[out, ceil(in / g / 2)]`` bytes, as in GPTQ's packed ``qzeros``. Bytes per weight at
+group 32: 4-bit 0.5 + 2/32 + 0.5/32, 3-bit 0.375 + 2/32 + 0.375/32, 2-bit 0.25 + 2/32 + 0.25/32.
 """
 
 from __future__ import annotations
@@ -83,30 +84,49 @@ def dequantize_groups(
     return w.reshape(out_features, in_features).to(dtype)
 
 
+PACKED_BITS = (2, 3, 4, 8)
+# bits -> (codes, bytes) of one packing group: 4 two-bit codes in a byte, 8 three-bit codes
+# in 3 bytes, 2 nibbles in a byte, 1 code per byte; no bit is wasted inside a group.
+_GROUPS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}
+
+
 def packed_width(length: int, bits: int) -> int:
-    """Bytes per row of ``length`` codes packed at ``bits``."""
-    if bits not in (4, 8):
-        raise ValueError(f"packing supports 4 or 8 bits, not {bits}")
-    return length if bits == 8 else (length + 1) // 2
+    """Bytes per row of ``length`` codes packed at ``bits`` (the last group zero-padded)."""
+    if bits not in _GROUPS:
+        raise ValueError(f"packing supports {', '.join(map(str, PACKED_BITS))} bits, not {bits}")
+    codes, nbytes = _GROUPS[bits]
+    return -(-length // codes) * nbytes
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes ``[..., n]`` into ``[..., packed_width(n, bits)]`` bytes."""
+    """Pack uint8 codes ``[..., n]`` into ``[..., packed_width(n, bits)]`` bytes, little-endian
+    within a group: code ``j`` of a group occupies bits ``j·b .. j·b+b-1``."""
     packed_width(codes.shape[-1], bits)  # validates bits
     if bits == 8:
         return codes.contiguous()
-    if codes.shape[-1] % 2:
-        codes = torch.nn.functional.pad(codes, (0, 1))
-    low, high = codes[..., 0::2], codes[..., 1::2]
-    return (low | (high << 4)).contiguous()
+    per, nbytes = _GROUPS[bits]
+    pad = -codes.shape[-1] % per
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    groups = codes.reshape(*codes.shape[:-1], -1, per).to(torch.int32)
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
+    word = (groups << shifts).sum(dim=-1)  # at most 24 bits: fits int32
+    byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=codes.device) * 8
+    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
+    return out.reshape(*codes.shape[:-1], -1).to(torch.uint8).contiguous()
 
 
 def unpack(packed: torch.Tensor, bits: int, length: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack`; ``length`` drops the padding nibble of an odd count."""
+    """Inverse of :func:`pack`; ``length`` drops the padding of the last group."""
     if bits == 8:
-        return packed
-    low, high = packed & 0x0F, packed >> 4
-    codes = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+        return packed if length is None else packed[..., :length]
+    per, nbytes = _GROUPS[bits]
+    chunks = packed.reshape(*packed.shape[:-1], -1, nbytes).to(torch.int32)
+    byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=packed.device) * 8
+    word = (chunks << byte_shifts).sum(dim=-1, keepdim=True)
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
+    codes = ((word >> shifts) & (2**bits - 1)).to(torch.uint8)
+    codes = codes.reshape(*packed.shape[:-1], -1)
     return codes if length is None else codes[..., :length]
 
 

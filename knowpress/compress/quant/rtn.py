@@ -29,11 +29,11 @@ if TYPE_CHECKING:
 
 @QUANT_METHODS.register("rtn")
 class RTN(QuantMethod):
-    summary = "round-to-nearest, group-wise, weight-only; packed int4/int8 storage"
+    summary = "round-to-nearest, group-wise, weight-only; packed 2/3/4/8-bit storage"
     paper = "Dettmers & Zettlemoyer 2023, arXiv:2212.09720"
 
     name: Literal["rtn"]
-    bits: Literal[4, 8] = 8
+    bits: Literal[2, 3, 4, 8] = 8
     group_size: int | None = Field(
         128, gt=0, description="weights per scale; null = one scale per output row"
     )

@@ -1,4 +1,11 @@
-"""The task interface: score one runtime on one fact world, deterministically."""
+"""The task interface: score one runtime on one world, deterministically.
+
+A run on the reference (``reference=None``) returns, beside its score, a ``state``: tensors
+later rows are compared against (the reference's per-item correctness for flips, its
+next-token distributions for ``kl``). The runner stores it with the reference's scores
+(safetensors) and hands it to ``run(..., reference=state)`` for every stage, so all rows are
+compared with the same reference outputs.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from knowpress.registry import Registry
 
 if TYPE_CHECKING:
+    import torch
+
     from knowpress.evaluate.runtime import Runtime
     from knowpress.world import World
+
+#: tensors a reference run leaves for later rows (name -> tensor), saved as safetensors
+State = dict[str, "torch.Tensor"]
 
 T = TypeVar("T")
 
@@ -24,18 +36,32 @@ class TaskResult:
     n: int
     extra: dict[str, float] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
+    #: what later rows compare against (kept from the reference's run only)
+    state: State = field(default_factory=dict)
+    #: this run's own chance score when it depends on what was scored (else ``Task.chance``)
+    chance: float | None = None
 
 
 class Task:
-    """Subclasses set the class attributes and implement ``run``."""
+    """Subclasses set the class attributes and implement ``run``.
+
+    ``relative``: the score is compared as retention (score / reference score); False for
+    a score that already compares with the reference (``kl``: 0 is "same as the reference"),
+    which the gate bounds directly instead. ``needs_facts``: the task asks a fact world's
+    questions (False: it only reads held-out text, so a user's text file serves).
+    """
 
     name: ClassVar[str]
     metric: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
+    relative: ClassVar[bool] = True
+    needs_facts: ClassVar[bool] = True
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
 
-    def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
+    def run(
+        self, runtime: Runtime, world: World, max_items: int | None, reference: State | None = None
+    ) -> TaskResult:
         raise NotImplementedError
 
     def unsupported(self, world: World) -> str | None:

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from knowpress.evaluate.tasks.base import TASKS, Task, TaskResult, pick_by_attribute
+from knowpress.evaluate.tasks.base import TASKS, State, Task, TaskResult, pick_by_attribute
 from knowpress.world.config import DERIVED_ATTRIBUTES
 from knowpress.world.generator import QAItem
 from knowpress.world.templates import COMPANY_TEMPLATES
@@ -72,7 +72,9 @@ class Bits(Task):
     summary = "knowledge bits sum_a N_a*max(0, log2|S_a| - L_a/ln2) from value losses"
     paper = "Allen-Zhu & Li 2024, arXiv:2404.05405"
 
-    def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
+    def run(
+        self, runtime: Runtime, world: World, max_items: int | None, reference: State | None = None
+    ) -> TaskResult:
         items, pools = knowledge_items(world)
         if not items:
             raise ValueError("world has no facts to measure bits on")

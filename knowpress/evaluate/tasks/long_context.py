@@ -4,6 +4,9 @@ by a trained-format question about one of them. Scored at doubling haystack size
 ... bios) while the prompt plus the answer fits the model's ``max_position_embeddings``, then
 at the largest size that still fits, so the longest prompt reaches the model's maximum;
 score = mean exact match over those lengths, per-length EM and token counts in ``extra``.
+``max_items`` caps the items of the whole task (spread evenly over the sizes, at least one
+each; default 32 per size). Chance is the mean of 1/k over the sizes k scored: the
+documented failure, the asked attribute read from a random person of the haystack.
 When the world trains in-context passages (``in_context_examples``), ``extra`` also holds
 ``trained_bios`` (its ``in_context_bios``, the most bios a training passage holds) and
 ``em/trained_lengths``, the mean EM over the haystacks no longer than that: reading at the
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from knowpress.evaluate.tasks.base import TASKS, Task, TaskResult
+from knowpress.evaluate.tasks.base import TASKS, State, Task, TaskResult
 from knowpress.evaluate.tasks.qa import (
     answer_budget,
+    correct_state,
+    flips,
     score_qa,
     uniform_guess_chance,
     world_method,
@@ -31,7 +36,7 @@ if TYPE_CHECKING:
     from knowpress.world import World
     from knowpress.world.items import QAItem
 
-DEFAULT_ITEMS = 32  # per context length; ``max_items`` overrides
+DEFAULT_ITEMS = 32  # per context length without ``max_items``
 _EXAMPLE_CHARS = 160  # long prompts are cut to their tail in the report's examples
 
 
@@ -50,9 +55,39 @@ class LongContext(Task):
     summary = "question about one of several in-context biographies, EM averaged over lengths"
     paper = "Hsieh et al. 2024 (RULER), arXiv:2404.06654"
 
-    def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
+    def run(
+        self, runtime: Runtime, world: World, max_items: int | None, reference: State | None = None
+    ) -> TaskResult:
+        sizes = self._sizes(runtime, world, max_items or DEFAULT_ITEMS)
+        per_size = DEFAULT_ITEMS if max_items is None else max(1, max_items // len(sizes))
+        extra: dict[str, float] = {"max_positions": float(runtime.max_positions)}
+        ems, examples, correct = [], [], []
+        for n, items, longest in sizes:
+            result = score_qa(runtime, items[:per_size], n_examples=2)
+            ems.append(result.score)
+            correct += [bool(x) for x in result.state["correct"].tolist()]
+            extra[f"em/bios={n}"] = result.score
+            extra[f"tokens/bios={n}"] = float(longest)
+            examples = [
+                {**ex, "prompt": "..." + ex["prompt"][-_EXAMPLE_CHARS:]} for ex in result.examples
+            ] or examples
+        trained = trained_bios(world)
+        within = [em for (n, _, _), em in zip(sizes, ems, strict=True) if trained and n <= trained]
+        if within:
+            extra["trained_bios"] = float(trained or 0)
+            extra["em/trained_lengths"] = sum(within) / len(within)
+        extra.update(flips(correct, reference))
+        # A model that reads the asked attribute of a random person of the haystack scores 1/k.
+        chance = sum(1 / n for n, _, _ in sizes) / len(sizes)
+        score = sum(ems) / len(ems)
+        return TaskResult(score, len(correct), extra, examples, correct_state(correct), chance)
+
+    def _sizes(
+        self, runtime: Runtime, world: World, n_items: int
+    ) -> list[tuple[int, list[QAItem], int]]:
+        """(bios, items, longest prompt) for each haystack size scored (see the module doc)."""
         haystack = world_method(world, "haystack_items", self.name)
-        limit, n_items = runtime.max_positions, max_items or DEFAULT_ITEMS
+        limit = runtime.max_positions
 
         def fitting(n_bios: int) -> tuple[list[QAItem], int] | None:
             items = haystack(n_bios=n_bios, n_items=n_items)  # type: ignore[operator]
@@ -72,23 +107,7 @@ class LongContext(Task):
             if (fit := fitting(n)) is not None:
                 sizes.append((n, *fit))
                 break
-        extra: dict[str, float] = {"max_positions": float(limit)}
-        ems, examples, total = [], [], 0
-        for n, items, longest in sizes:
-            result = score_qa(runtime, items, n_examples=2)
-            ems.append(result.score)
-            extra[f"em/bios={n}"] = result.score
-            extra[f"tokens/bios={n}"] = float(longest)
-            examples = [
-                {**ex, "prompt": "..." + ex["prompt"][-_EXAMPLE_CHARS:]} for ex in result.examples
-            ] or examples
-            total += result.n
-        trained = trained_bios(world)
-        within = [em for (n, _, _), em in zip(sizes, ems, strict=True) if trained and n <= trained]
-        if within:
-            extra["trained_bios"] = float(trained or 0)
-            extra["em/trained_lengths"] = sum(within) / len(within)
-        return TaskResult(sum(ems) / len(ems), total, extra, examples)
+        return sizes
 
     def unsupported(self, world: World) -> str | None:
         if not callable(getattr(world, "haystack_items", None)):

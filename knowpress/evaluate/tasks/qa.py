@@ -1,7 +1,12 @@
-"""Shared question-answering scoring: greedy answers, exact match, token F1, per attribute.
+"""Shared question-answering scoring: greedy answers, exact match, token F1, per attribute,
+and flips against the reference.
 
 Used by every QA-style task (``recall``, ``paraphrase``, ``two_hop``, ``long_context``) so
-they differ only in which items they ask, never in how answers are scored.
+they differ only in which items they ask, never in how answers are scored. A run leaves the
+per-item correctness in its state (``correct``, uint8); given the reference's, the extras
+``flips/lost`` (share of items the reference answers right and this model wrong) and
+``flips/gained`` (the reverse) show what equal accuracy hides (Dutta et al. 2024,
+"Accuracy is not all you need", arXiv:2407.09141).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from knowpress.errors import KnowpressError
 from knowpress.evaluate.metrics import exact_match, token_f1
-from knowpress.evaluate.tasks.base import TaskResult
+from knowpress.evaluate.tasks.base import State, TaskResult
 
 if TYPE_CHECKING:
     from knowpress.evaluate.runtime import Runtime
@@ -25,10 +30,34 @@ def answer_budget(runtime: Runtime, items: Sequence[QAItem]) -> int:
     return max(len(tokenize(" " + it.answer)) for it in items) + 1
 
 
-def score_qa(runtime: Runtime, items: Sequence[QAItem], n_examples: int = 5) -> TaskResult:
-    """EM (score) and token F1 / per-attribute EM (extra) of greedy answers to ``items``.
+def flips(correct: Sequence[bool], reference: State | None) -> dict[str, float]:
+    """``flips/lost`` and ``flips/gained`` against the reference's ``correct`` (same items)."""
+    if reference is None or "correct" not in reference:
+        return {}
+    theirs = [bool(x) for x in reference["correct"].tolist()]
+    if len(theirs) != len(correct):
+        counts = f"the reference scored {len(theirs)} items, this run {len(correct)}"
+        raise ValueError(f"flips: {counts}")
+    lost = sum(r and not m for r, m in zip(theirs, correct, strict=True))
+    gained = sum(m and not r for r, m in zip(theirs, correct, strict=True))
+    return {"flips/lost": lost / len(correct), "flips/gained": gained / len(correct)}
 
-    ``examples`` holds the first ``n_examples`` wrong answers (prompt, gold, prediction).
+
+def correct_state(correct: Sequence[bool]) -> State:
+    import torch
+
+    return {"correct": torch.tensor([int(c) for c in correct], dtype=torch.uint8)}
+
+
+def score_qa(
+    runtime: Runtime,
+    items: Sequence[QAItem],
+    n_examples: int = 5,
+    reference: State | None = None,
+) -> TaskResult:
+    """EM (score) and token F1 / per-attribute EM / flips (extra) of greedy answers to
+    ``items``; ``examples`` holds the first ``n_examples`` wrong answers (prompt, gold,
+    prediction), ``state`` the per-item correctness.
     """
     if not items:
         raise ValueError("no items to score")
@@ -47,7 +76,9 @@ def score_qa(runtime: Runtime, items: Sequence[QAItem], n_examples: int = 5) -> 
         per_attr.setdefault(it.attribute, []).append(ok)
     extra = {"token_f1": sum(f1) / len(f1)}
     extra.update({f"em/{a}": sum(v) / len(v) for a, v in sorted(per_attr.items())})
-    return TaskResult(sum(em) / len(em), len(items), extra, wrong[:n_examples])
+    extra.update(flips([bool(x) for x in em], reference))
+    score = sum(em) / len(em)
+    return TaskResult(score, len(items), extra, wrong[:n_examples], correct_state(em))
 
 
 def uniform_guess_chance(world: FactWorld, items: Sequence[QAItem]) -> float | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from knowpress.evaluate.tasks.base import TASKS, Task, TaskResult, pick_by_attribute
+from knowpress.evaluate.tasks.base import TASKS, State, Task, TaskResult, pick_by_attribute
 from knowpress.evaluate.tasks.qa import score_qa, uniform_guess_chance
 
 if TYPE_CHECKING:
@@ -26,11 +26,13 @@ class Recall(Task):
     paper = "Allen-Zhu & Li 2023, arXiv:2309.14316"
     split = "trained"
 
-    def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
+    def run(
+        self, runtime: Runtime, world: World, max_items: int | None, reference: State | None = None
+    ) -> TaskResult:
         items = pick_by_attribute(world.questions(self.split), max_items)
         if not items:
             raise ValueError(f"world has no {self.split} questions")
-        return score_qa(runtime, items)
+        return score_qa(runtime, items, reference=reference)
 
     def unsupported(self, world: World) -> str | None:
         return None if world.questions(self.split) else f"this world has no {self.split} questions"

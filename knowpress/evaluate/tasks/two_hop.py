@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from knowpress.evaluate.tasks.base import TASKS, Task, TaskResult, pick
+from knowpress.evaluate.tasks.base import TASKS, State, Task, TaskResult, pick
 from knowpress.evaluate.tasks.qa import score_qa, world_method
 
 if TYPE_CHECKING:
@@ -27,11 +27,13 @@ class TwoHop(Task):
     summary = "composed person->employer->city questions, greedy answer, exact match"
     paper = "Allen-Zhu & Li 2023, arXiv:2309.14402"
 
-    def run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
+    def run(
+        self, runtime: Runtime, world: World, max_items: int | None, reference: State | None = None
+    ) -> TaskResult:
         items = pick(world_method(world, "two_hop_questions", self.name)(), max_items)  # type: ignore[operator]
         if not items:
             raise ValueError("world has no 2-hop questions (needs employer and company_facts)")
-        return score_qa(runtime, items)
+        return score_qa(runtime, items, reference=reference)
 
     def unsupported(self, world: World) -> str | None:
         questions = getattr(world, "two_hop_questions", None)
