@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from results_io import merge
 
 from knowpress.evaluate.evaluator import evaluate_runtime
 from knowpress.evaluate.loader import load_runtime
@@ -46,6 +47,7 @@ def measure(name: str, max_items: int | None, device: str = "cpu") -> dict[str, 
     start = time.perf_counter()
     scores = evaluate_runtime(runtime, world, tasks, max_items)
     size, params = stored_bytes(path), runtime.parameter_count()
+    embedding = embedding_parameters(runtime.model)
     bits = scores["bits"].score
     return {
         "preset": name,
@@ -61,6 +63,8 @@ def measure(name: str, max_items: int | None, device: str = "cpu") -> dict[str, 
         "stored_bytes": size,
         "bits": bits,
         "bits_per_parameter": bits / params,
+        "embedding_parameters": embedding,
+        "bits_per_nonembedding_parameter": bits / (params - embedding),
         "bits_per_stored_byte": bits / size,
         "tasks": {
             t: {"score": s.score, "chance": s.chance, "near_chance": s.near_chance, "n": s.n,
@@ -68,6 +72,14 @@ def measure(name: str, max_items: int | None, device: str = "cpu") -> dict[str, 
             for t, s in scores.items()
         },
     }  # fmt: skip
+
+
+def embedding_parameters(model: torch.nn.Module) -> int:
+    """Input embedding elements, plus the output head's when it is not tied to them."""
+    inputs = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    untied = head is not None and head.weight is not inputs
+    return inputs.numel() + (head.weight.numel() if untied else 0)
 
 
 def long_context_line(extra: dict[str, float]) -> str:
@@ -82,26 +94,6 @@ def long_context_line(extra: dict[str, float]) -> str:
             f"{extra['em/trained_lengths']:.4f}"
         )
     return line
-
-
-def merge(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``fresh`` plus the ``previous`` rows of other presets still current, in preset order.
-
-    A row is current when its preset still exists and has the key the row was measured
-    with (rows from before ``preset_key`` was recorded: the key ending the teacher path).
-    """
-    names, kept = {row["preset"] for row in fresh}, []
-    for row in previous:
-        if row["preset"] in names or row["preset"] not in PRESETS:
-            continue
-        key = row.get("preset_key") or str(row["teacher"]).rsplit("-", 1)[-1]
-        current = PRESETS.get(row["preset"]).key()
-        if key == current:
-            kept.append(row)
-        else:
-            print(f"dropped the row of {row['preset']}: teacher {key}, the preset builds {current}")
-    order = PRESETS.names()
-    return sorted([*kept, *fresh], key=lambda row: order.index(row["preset"]))
 
 
 def main() -> None:
@@ -129,7 +121,9 @@ def main() -> None:
             if "em/bios=1" in s["extra"]:
                 print("    " + long_context_line(s["extra"]))
         print(
-            f"  bits/param {row['bits_per_parameter']:.5f}  "
+            f"  bits/param {row['bits_per_parameter']:.5f} (without the "
+            f"{row['embedding_parameters']:,} embedding parameters "
+            f"{row['bits_per_nonembedding_parameter']:.5f})  "
             f"bits/stored byte {row['bits_per_stored_byte']:.5f}"
         )
     keep = not args.replace and RESULTS.is_file()

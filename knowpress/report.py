@@ -5,7 +5,9 @@
     {"schema": "knowpress.report", "schema_version": 2, "knowpress_version": str,
      "created_utc": str, "inputs": {"model", "reference", "teacher", "world"},
      "recipe": {...}, "reference_bf16_bytes": int,
-     "tasks": {name: {"metric", "higher_is_better", "chance": float|null, "near_chance": bool}},
+     "tasks": {name: {"metric", "higher_is_better", "relative", "chance": float|null,
+                      "near_chance": bool}},
+     "warnings": [str],
      "rows": [{"name", "stage_index", "kind", "stored_bytes", "size_vs_bf16_reference",
                "parameters", "bits_per_parameter", "kv_bytes_per_token",
                "runtime": {"runtime", "device", "dtype", "kv_policy"},
@@ -18,7 +20,10 @@ is the artifact's payload on disk (``models/artifact.py``); ``size_vs_bf16_refer
 it by the reference's safetensors with every float tensor in bfloat16 (what is deployed,
 ``reference_bf16_bytes``); ``bits_per_parameter`` = 8 · stored bytes / logical parameters;
 ``kv_bytes_per_token`` is measured on the runtime's cache (its KV policy, or the full cache);
-``runtime`` says on which device and in which dtype the row was measured. ``near_chance``:
+``runtime`` says on which device and in which dtype the row was measured. Tasks that are not
+``relative`` (``kl``) have no retention; ``warnings`` say what makes the figures mean less
+than they seem (a reference near chance on every world task, text the tokenizer hardly
+knows). ``near_chance``:
 the reference scored below 2x the task's chance score, so its retention measures little. A
 row with a ``bits`` score gets ``details.bits.extra.bits_per_stored_byte``. Schema 1 (before
 the artifact manifest) differs in sizes only; ``load_report`` reads both for gating.

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
 from knowpress.world import PRESETS
 
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
-def _instrument() -> ModuleType:
-    path = Path(__file__).parents[1] / "benchmarks" / "knowledge_instrument.py"
-    spec = importlib.util.spec_from_file_location("knowledge_instrument", path)
+
+def _instrument(name: str = "knowledge_instrument") -> ModuleType:
+    if str(BENCHMARKS) not in sys.path:  # the scripts import their shared results_io
+        sys.path.insert(0, str(BENCHMARKS))
+    path = BENCHMARKS / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,0 +1,31 @@
+"""Shared by the benchmark scripts: results files whose rows are kept per preset.
+
+A rerun measuring some presets keeps the earlier rows of the others while their preset still
+builds the same teacher (same ``preset_key``); stale rows are dropped with a message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from knowpress.world import PRESETS
+
+
+def merge(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``fresh`` plus the ``previous`` rows of other presets still current, in preset order.
+
+    A row is current when its preset still exists and has the key the row was measured
+    with (rows from before ``preset_key`` was recorded: the key ending the teacher path).
+    """
+    names, kept = {row["preset"] for row in fresh}, []
+    for row in previous:
+        if row["preset"] in names or row["preset"] not in PRESETS:
+            continue
+        key = row.get("preset_key") or str(row["teacher"]).rsplit("-", 1)[-1]
+        current = PRESETS.get(row["preset"]).key()
+        if key == current:
+            kept.append(row)
+        else:
+            print(f"dropped the row of {row['preset']}: teacher {key}, the preset builds {current}")
+    order = PRESETS.names()
+    return sorted([*kept, *fresh], key=lambda row: order.index(row["preset"]))
