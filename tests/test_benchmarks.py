@@ -49,3 +49,21 @@ def test_long_context_line_shows_the_trained_lengths_when_known() -> None:
     assert line(extra) == "1 bios 1.00 (81 tok), 2 bios 0.50 (143 tok)"
     extra |= {"trained_bios": 1.0, "em/trained_lengths": 1.0}
     assert line(extra).endswith("; trained lengths (<= 1 bios) 1.0000")
+
+
+def test_sensitivity_rounds_linear_layers_and_fused_experts_per_expert() -> None:
+    import torch
+
+    from knowpress.compress.quant.packing import dequantize_groups, quantize_groups
+    from knowpress.testing.models import tiny_mixtral
+
+    fake_quantize = _instrument("sensitivity").fake_quantize
+    model = tiny_mixtral()
+    experts = model.model.layers[0].mlp.experts.down_proj  # [E, H, I]
+    before = experts.detach().clone()
+    router = model.model.layers[0].mlp.gate.weight.detach().clone()
+    assert fake_quantize(model, 2, 32) == 4 + 2  # q, k, v, o + gate_up_proj, down_proj
+    one = quantize_groups(before[1], 2, 32, symmetric=False)  # expert 1 alone, its own scales
+    expected = dequantize_groups(one.codes, one.scales, one.zeros, 2, 32)
+    assert torch.equal(experts[1], expected)
+    assert torch.equal(model.model.layers[0].mlp.gate.weight, router)  # the router stays float

@@ -323,6 +323,61 @@ _register(
     )
 )  # fmt: skip
 
+# Capacity presets: more facts than the model can hold, ~100 exposures each (one bio and one
+# question per attribute per epoch, 56000 steps of 64 = ~100 epochs), so the teacher stores a
+# bit or so per parameter, as pretrained models do, and compression that loses capacity shows:
+# headline tasks are bits and recall (recall below 1 is expected). 6000 people x 5 attributes
+# offer ~280 kbit to a 2-layer, hidden-64 model of ~185k parameters.
+_CAPACITY_WORLD = WorldConfig(
+    seed=0,
+    n_people=6000,
+    attributes=("birth_date", "birth_city", "university", "major", "employer"),
+    bios_per_person=1,
+    permute_sentences=True,
+    full_name_instead_of_pronoun=True,
+    company_facts=False,
+)
+_CAPACITY_MODEL: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+}
+_CAPACITY_TRAIN = TrainConfig(
+    steps=56000, batch_size=64, lr=3e-3, warmup=100, qa_repeat=1, seq_len=96
+)
+
+_register(
+    Preset(
+        name="bios-dense-capacity",
+        description=(
+            "Capacity-loaded: 6000 people x 5 attributes, 2-layer Llama (hidden 64, 185k "
+            "params), ~100 exposures; bits and recall are the headline tasks."
+        ),
+        world=_CAPACITY_WORLD,
+        model=_CAPACITY_MODEL,
+        train=_CAPACITY_TRAIN,
+    )
+)
+
+_register(
+    Preset(
+        name="bios-moe-capacity",
+        description=(
+            "bios-dense-capacity's world and schedule, 2-layer Mixtral (8 experts of "
+            "intermediate 32, top-2; 187k params)."
+        ),
+        world=_CAPACITY_WORLD,
+        architecture="mixtral",
+        model={**_CAPACITY_MODEL, "intermediate_size": 32, "num_local_experts": 8,
+               "num_experts_per_tok": 2},
+        train=_CAPACITY_TRAIN,
+    )
+)  # fmt: skip
+
 _register(
     Preset(
         name="test-tiny",

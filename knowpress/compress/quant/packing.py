@@ -31,30 +31,52 @@ class Quantized:
     zeros: torch.Tensor | None
 
 
+def group_params(
+    groups: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (float16) and zero points (float, None when symmetric) of weight groups
+    ``[..., g]`` -> ``[...]`` (see the module docstring)."""
+    w = groups.detach().float()
+    if symmetric:
+        return _safe_fp16(w.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)), None
+    qmax = 2**bits - 1
+    lo = w.amin(dim=-1).clamp(max=0.0)
+    hi = w.amax(dim=-1).clamp(min=0.0)  # keep 0 representable: exact zeros stay zero
+    scale = _safe_fp16((hi - lo) / qmax)
+    return scale, torch.clamp(torch.round(-lo / scale.float()), 0, qmax)
+
+
+def quantize_with(
+    weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """Codes (uint8, stored form) of ``weight`` under per-element ``scale`` / ``zero``
+    (broadcastable to ``weight``); ``zero`` None means symmetric."""
+    w, s = weight.detach().float(), scale.float()
+    if zero is None:
+        offset = 2 ** (bits - 1)
+        return (torch.clamp(torch.round(w / s), -offset, offset - 1) + offset).to(torch.uint8)
+    return torch.clamp(torch.round(w / s) + zero, 0, 2**bits - 1).to(torch.uint8)
+
+
+def dequantize_with(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_with` (float32)."""
+    offset = 2.0 ** (bits - 1) if zero is None else zero.float()
+    return (codes.float() - offset) * scale.float()
+
+
 def quantize_groups(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> Quantized:
     """Round-to-nearest group-wise quantization of a 2-D weight (see module docstring)."""
     out_features, in_features = weight.shape
     if in_features % group_size:
         raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
     w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
-    qmax = 2**bits - 1
-    if symmetric:
-        offset = 2 ** (bits - 1)
-        scale = w.abs().amax(dim=-1) / (offset - 1)
-        scale = _safe_fp16(scale)
-        codes = torch.clamp(torch.round(w / scale.float().unsqueeze(-1)), -offset, offset - 1)
-        codes = (codes + offset).to(torch.uint8)
-        zeros = None
-    else:
-        lo = w.amin(dim=-1).clamp(max=0.0)
-        hi = w.amax(dim=-1).clamp(min=0.0)  # keep 0 representable: exact zeros stay zero
-        scale = _safe_fp16((hi - lo) / qmax)
-        zero = torch.clamp(torch.round(-lo / scale.float()), 0, qmax)
-        codes = torch.clamp(
-            torch.round(w / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1), 0, qmax
-        )
-        codes = codes.to(torch.uint8)
-        zeros = zero.to(torch.uint8)
+    scale, zero = group_params(w, bits, symmetric)
+    codes = quantize_with(
+        w, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), bits
+    )
+    zeros = None if zero is None else zero.to(torch.uint8)
     return Quantized(codes.reshape(out_features, in_features), scale, zeros)
 
 
@@ -74,13 +96,9 @@ def dequantize_groups(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_groups` (codes unpacked), returning ``[out, in]``."""
     out_features, in_features = codes.shape
-    q = codes.reshape(out_features, in_features // group_size, group_size).to(torch.float32)
-    zero = (
-        torch.full_like(scales, 2 ** (bits - 1), dtype=torch.float32)
-        if zeros is None
-        else zeros.to(torch.float32)
-    )
-    w = (q - zero.unsqueeze(-1)) * scales.to(torch.float32).unsqueeze(-1)
+    q = codes.reshape(out_features, in_features // group_size, group_size)
+    zero = None if zeros is None else zeros.unsqueeze(-1)
+    w = dequantize_with(q, scales.unsqueeze(-1), zero, bits)
     return w.reshape(out_features, in_features).to(dtype)
 
 
