@@ -92,8 +92,26 @@ class ModelSpec(Strict):
 
 
 class CalibrationSpec(Strict):
+    """The text data-aware stages (GPTQ, expert statistics) run the model on: the world's
+    training text (``train``: bios and questions) or held-out text, a local file (``path``:
+    .txt paragraphs, .jsonl / .json records), or a dataset in the local Hugging Face cache
+    (``dataset: name`` or ``name:config``). Packed into ``samples`` sequences of ``seq_len``
+    tokens (see ``data/calibration.py``)."""
+
     world: Literal["train", "heldout"] = "train"
+    path: str | None = Field(None, description="a local .txt / .jsonl / .json file")
+    field: str = Field("text", description="string field of JSON records (path, dataset)")
+    dataset: str | None = Field(None, description="HF dataset in the local cache")
+    split: str = "train"
     samples: int = Field(128, gt=0)
+    seq_len: int = Field(256, ge=8)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_file_source(self) -> CalibrationSpec:
+        if self.path is not None and self.dataset is not None:
+            raise ValueError("give at most one of 'path' and 'dataset' (else the world's text)")
+        return self
 
 
 class DataSpec(Strict):

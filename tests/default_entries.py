@@ -19,7 +19,8 @@ STAGES: dict[str, dict[str, Any]] = {
     "attach_test_policy": {"kind": "attach_test_policy", "payload_bytes": 1000},
 }
 
-#: quant method -> [(method block, minimum weight SQNR in dB on a random tiny Llama)]
+#: quant method -> [(method block, minimum weight SQNR in dB on a random tiny Llama); methods
+#: that use calibration data get the matrix's text file]
 QUANT_METHODS: dict[str, list[tuple[dict[str, Any], float]]] = {
     "rtn": [
         ({"name": "rtn", "bits": 8, "group_size": 32}, 44.0),
@@ -27,6 +28,13 @@ QUANT_METHODS: dict[str, list[tuple[dict[str, Any], float]]] = {
         ({"name": "rtn", "bits": 4, "group_size": None, "symmetric": True}, 16.5),
         ({"name": "rtn", "bits": 3, "group_size": 32}, 13.5),
         ({"name": "rtn", "bits": 2, "group_size": 32}, 6.5),
+    ],
+    "gptq": [
+        ({"name": "gptq", "bits": 8, "group_size": 32}, 40.0),
+        ({"name": "gptq", "bits": 4, "group_size": 32}, 16.0),
+        ({"name": "gptq", "bits": 4, "group_size": 64, "act_order": True}, 14.0),
+        ({"name": "gptq", "bits": 3, "group_size": 32, "symmetric": True}, 8.0),
+        ({"name": "gptq", "bits": 2, "group_size": 32}, 3.0),
     ],
 }
 

@@ -109,10 +109,21 @@ def deploy_dtype_of(key: str, tensor: torch.Tensor, packed: set[str], dtype: tor
                     ) -> torch.dtype:  # fmt: skip
     """The dtype ``key`` is stored in: packed tensors (codes, scales, zero points) keep their
     own; other float tensors take the deploy ``dtype`` (None: as they are)."""
-    module, _, attr = key.rpartition(".")
-    if dtype is None or not tensor.is_floating_point() or (module in packed and attr != "bias"):
+    if dtype is None or not tensor.is_floating_point() or packed_tensor_of(key, packed):
         return tensor.dtype
     return dtype
+
+
+def packed_tensor_of(key: str, packed: set[str]) -> str | None:
+    """For a packed buffer (``...q_proj.weight_scale``, ``...experts.down_proj_packed``) of a
+    packed module, the name of the tensor it stores (``...q_proj.weight``); else None."""
+    module, _, attr = key.rpartition(".")
+    if module not in packed:
+        return None
+    for suffix in ("_packed", "_scale", "_zero_point"):
+        if attr.endswith(suffix):
+            return f"{module}.{attr[: -len(suffix)]}"
+    return None
 
 
 def packed_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -164,10 +175,15 @@ def save_model(
 
     directory = Path(directory)
     state = _deploy_state(model, dtype) if dtype is not None else None
+    packed = bool(packed_modules(model))
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(directory, safe_serialization=True, state_dict=state)
+        # A packed folder keeps the in-memory tensor names (knowpress loads it as it is); a
+        # plain one is written in the architecture's original layout for stock transformers.
+        model.save_pretrained(
+            directory, safe_serialization=True, state_dict=state, save_original_format=not packed
+        )
     except Exception as exc:
         if _disk_full(exc):  # safetensors reports ENOSPC as its own error type
             raise OSError(errno.ENOSPC, "No space left on device", str(directory)) from None
@@ -232,7 +248,7 @@ def load_model(
     Only safetensors weights are accepted. A missing local path, or a hub id that cannot be
     fetched (offline machine), is a :class:`KnowpressError` naming the path and the fix.
     """
-    from knowpress.models.packed import load_packed
+    from knowpress.models.packed import load_packed, packed_config
 
     torch_dtype = _DTYPES[dtype]
     path = Path(source)
@@ -243,10 +259,14 @@ def load_model(
         path = path.expanduser()
         check_local(path, source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         if looks_local and (path / QUANT_FILE).is_file():
+            config = packed_config(path, trust_remote_code)  # the marked config.json is not it
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, config=config, trust_remote_code=trust_remote_code
+            )
             model = load_packed(path, torch_dtype, trust_remote_code)
         else:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
                 source,
                 dtype=torch_dtype,

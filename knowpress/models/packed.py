@@ -79,6 +79,7 @@ def packed_skeleton(
 ) -> PreTrainedModel:
     """The folder's model with a ``QuantLinear`` for every packed module, weights unset (on
     the current default device: the meta device gives shapes without memory)."""
+    from knowpress.compress.quant.qexperts import install
     from knowpress.compress.quant.qlinear import QuantLinear
     from knowpress.models.io import PACKED_VERSION, QUANT_FILE
 
@@ -97,8 +98,12 @@ def packed_skeleton(
         config, dtype=dtype, trust_remote_code=trust_remote_code
     )
     for name, spec in modules.items():
-        linear = model.get_submodule(name)
-        model.set_submodule(name, QuantLinear.empty_like(linear, spec, dtype=dtype))
+        module = model.get_submodule(name)
+        if spec.get("kind") == "fused_experts":
+            for tensor, tensor_spec in spec["tensors"].items():
+                install(module, tensor, tensor_spec, None)
+        else:
+            model.set_submodule(name, QuantLinear.empty_like(module, spec, dtype=dtype))
     return model
 
 

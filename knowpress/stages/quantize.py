@@ -27,10 +27,10 @@ from torch import nn
 
 from knowpress.compress.quant import QUANT_METHODS
 from knowpress.compress.quant.base import QuantMethod
-from knowpress.compress.quant.targets import Target, select, still_float
+from knowpress.compress.quant.targets import Target, identity, select, still_float
 from knowpress.context import Context
 from knowpress.errors import KnowpressError
-from knowpress.models.io import deploy_dtype_of, packed_modules
+from knowpress.models.io import deploy_dtype_of, packed_modules, packed_tensor_of
 from knowpress.models.sizes import Entry, dtype_tag, safetensors_bytes
 from knowpress.progress import Progress
 from knowpress.stage import STAGES, StageConfig
@@ -87,7 +87,7 @@ class Quantize:
         targets = self.config.resolve(ctx.model)
         deploy = getattr(torch, ctx.recipe.model.dtype)
         predicted = predicted_bytes(ctx.model, targets, method, deploy)
-        before = {t.module: id(ctx.model.get_submodule(t.module)) for t in targets}
+        before = {t.name: identity(ctx.model, t) for t in targets}
         method.apply(ctx.model, targets, ctx, progress)
         left = still_float(ctx.model, targets, before)
         if left:
@@ -113,12 +113,8 @@ def predicted_bytes(
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     entries: list[Entry] = [e for t in targets for e in method.stored_entries(t)]
     for key, tensor in model.state_dict().items():
-        module = key.rpartition(".")[0]
-        owned_by_target = key in targeted or (
-            module in packed and f"{module}.weight" in targeted and not key.endswith(".bias")
-        )
-        if owned_by_target or key in tied:
-            continue
+        if key in targeted or packed_tensor_of(key, packed) in targeted or key in tied:
+            continue  # replaced by the method's entries, or stored once under its tie
         tag = dtype_tag(deploy_dtype_of(key, tensor, packed, deploy))
         entries.append((key, tag, tuple(tensor.shape)))
     return safetensors_bytes(entries)

@@ -11,9 +11,10 @@ need calibration data (GPTQ) override ``apply``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from knowpress.config import FrozenConfig
@@ -92,6 +93,69 @@ def as_linear(module: nn.Module) -> nn.Linear:
         if bias is not None:
             linear.bias.copy_(bias)
     return linear
+
+
+class GroupWise(QuantMethod):
+    """Methods that store a ``QuantLinear``: ``bits``-bit codes in groups of ``group_size``
+    inputs (None: one group per row), asymmetric unless ``symmetric``."""
+
+    bits: Literal[2, 3, 4, 8] = 8
+    group_size: int | None = Field(
+        128, gt=0, description="weights per scale; null = one scale per output row"
+    )
+    symmetric: bool = False
+
+    def group(self, in_features: int) -> int:
+        return self.group_size or in_features
+
+    def check_target(self, target: Target) -> str | None:
+        if target.kind == "fused_experts":  # [E, out, in]: each expert's matrix, own scales
+            return self.check_linear(target.name, target.shape[1], target.shape[2])
+        return super().check_target(target)
+
+    def check_linear(self, name: str, out_features: int, in_features: int) -> str | None:
+        g = self.group(in_features)
+        if in_features % g:
+            divisors = [d for d in (32, 64, 128, 256) if in_features % d == 0]
+            return (
+                f"group_size {g} does not divide in_features {in_features} of {name}; "
+                f"use one of {divisors or [in_features]} or null (per row)"
+            )
+        return None
+
+    def stored_entries(self, target: Target) -> list[Entry]:
+        from knowpress.compress.quant.qexperts import entries
+        from knowpress.compress.quant.qlinear import QuantLinear
+
+        if target.kind == "fused_experts":
+            return entries(target.name, target.shape, self.bits, self.group(target.shape[2]),
+                           self.symmetric)  # fmt: skip
+        out_features, in_features = target.shape
+        return QuantLinear.entries(target.module, out_features, in_features, self.bits,
+                                   self.group(in_features), self.symmetric)  # fmt: skip
+
+    def apply(
+        self,
+        model: nn.Module,
+        targets: Sequence[Target],
+        ctx: Context,
+        progress: Progress,
+    ) -> None:
+        """Linear targets through ``quantize_linear``; fused expert tensors expert by expert
+        with the same group-wise rounding (``quantize_groups`` on ``[E·out, in]``)."""
+        from knowpress.compress.quant.packing import quantize_groups
+        from knowpress.compress.quant.qexperts import current_weight, install, spec_for
+
+        for target in progress.track(list(targets), f"{self.name}: quantizing"):
+            module = model.get_submodule(target.module)
+            if target.kind != "fused_experts":
+                model.set_submodule(target.module, self.quantize_linear(as_linear(module)))
+                continue
+            weight = current_weight(module, target.attribute)
+            g = self.group(weight.shape[2])
+            q = quantize_groups(weight.reshape(-1, weight.shape[2]), self.bits, g, self.symmetric)
+            spec = spec_for(weight, self.bits, g, self.symmetric, self.name)
+            install(module, target.attribute, spec, q)
 
 
 QUANT_METHODS: Registry[type[QuantMethod]] = Registry("quant method")

@@ -26,6 +26,7 @@ from typing import Literal
 
 from torch import nn
 
+from knowpress.compress.quant.qexperts import packed_names
 from knowpress.errors import KnowpressError
 
 Kind = Literal["linear", "fused_experts", "embedding", "other"]
@@ -74,7 +75,11 @@ def candidates(model: nn.Module) -> list[Target]:
     uses = Counter(id(param) for *_, param in direct)
     out: list[Target] = []
     for module_name, module in model.named_modules():
-        if callable(getattr(module, "packing_spec", None)):  # packed by an earlier stage
+        fused = packed_names(module)  # fused experts packed by an earlier stage
+        for attr, spec in fused.items():
+            shape = (spec["experts"], spec["out_features"], spec["in_features"])
+            out.append(Target(_join(module_name, attr), module_name, "fused_experts", shape))
+        if callable(getattr(module, "packing_spec", None)) and not fused:  # a packed linear
             shape = (module.out_features, module.in_features)  # type: ignore[attr-defined]
             out.append(Target(_join(module_name, "weight"), module_name, "linear", shape))
             continue
@@ -116,13 +121,26 @@ def select(model: nn.Module, targets: Sequence[str] | None, ignore: Sequence[str
     return [t for t in chosen if not any(matches(p, t) for p in ignore)]
 
 
-def still_float(model: nn.Module, targets: Sequence[Target], before: dict[str, int]) -> list[str]:
-    """Targets the method left as they were: a float tensor, or the same module object."""
+def identity(model: nn.Module, target: Target) -> object:
+    """What changes when a method quantizes ``target``: the module object of a linear layer
+    (a new ``QuantLinear``), the packing generation of a fused expert tensor."""
+    module = model.get_submodule(target.module)
+    if target.kind == "fused_experts":
+        return packed_names(module).get(target.attribute, {}).get("generation")
+    return id(module)
+
+
+def still_float(
+    model: nn.Module, targets: Sequence[Target], before: dict[str, object]
+) -> list[str]:
+    """Targets the method left as they were (``before``: ``identity`` of each target name),
+    or that are still a float parameter."""
     left = []
     for target in targets:
         module = model.get_submodule(target.module)
-        tensor = getattr(module, target.attribute, None)
-        unchanged = before.get(target.module) == id(module) and target.kind == "linear"
-        if unchanged or (tensor is not None and tensor.is_floating_point()):
+        param = module._parameters.get(target.attribute)
+        packed = target.kind != "fused_experts" or target.attribute in packed_names(module)
+        unchanged = before.get(target.name) == identity(model, target)
+        if unchanged or not packed or (param is not None and param.is_floating_point()):
             left.append(target.name)
     return left

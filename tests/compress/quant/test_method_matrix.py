@@ -3,6 +3,7 @@ layer, exact reload of what was stored, stored bytes within 1% of the plan's pre
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from knowpress.compress.quant import QUANT_METHODS, QuantLinear
 from knowpress.compress.quant.packing import sqnr_db
 from knowpress.compress.quant.targets import select
+from knowpress.context import Context
 from knowpress.models.io import load_model, save_model
 from knowpress.progress import Progress
 from knowpress.stages.quantize import predicted_bytes
@@ -22,18 +24,21 @@ CASES = [(name, block, floor) for name, entries in rows.QUANT_METHODS.items()
          for block, floor in entries]  # fmt: skip
 
 
-IDS = [f"{n}-{b['bits']}bit-g{b.get('group_size')}" for n, b, _ in CASES]
+IDS = [f"{n}-{b['bits']}bit-g{b.get('group_size')}-{i}" for i, (n, b, _) in enumerate(CASES)]
 
 
 @pytest.mark.parametrize(("name", "block", "floor"), CASES, ids=IDS)
-def test_method_row(name: str, block: dict[str, Any], floor: float, tmp_path: Path) -> None:
+def test_method_row(
+    name: str, block: dict[str, Any], floor: float, tmp_path: Path,
+    calibrated: Callable[[torch.nn.Module], Context],
+) -> None:  # fmt: skip
     method = QUANT_METHODS.get(name).model_validate(block)
     model = tiny_llama(hidden_size=128, intermediate_size=256)
     targets = select(model, None, ["lm_head"])
     assert not [p for p in map(method.check_target, targets) if p]
     originals = {t.module: model.get_submodule(t.module).weight.detach().clone() for t in targets}
     predicted = predicted_bytes(model, targets, method, torch.float32)
-    method.apply(model, targets, None, Progress(False))  # type: ignore[arg-type]
+    method.apply(model, targets, calibrated(model), Progress(False))
     for module, weight in originals.items():
         packed = model.get_submodule(module)
         assert isinstance(packed, QuantLinear) and packed.bits == block["bits"]

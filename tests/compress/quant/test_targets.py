@@ -4,19 +4,23 @@ errors that keep a targeted tensor from staying float."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from knowpress.compress.quant.base import QuantMethod
+from knowpress.compress.quant.packing import dequantize_groups, quantize_groups
 from knowpress.compress.quant.rtn import RTN
-from knowpress.compress.quant.targets import Target, candidates, select, still_float
+from knowpress.compress.quant.targets import Target, candidates, identity, select, still_float
 from knowpress.context import Context
 from knowpress.errors import KnowpressError
+from knowpress.models.io import load_model, save_model
 from knowpress.progress import Progress
 from knowpress.recipe import validate_recipe
 from knowpress.stages.quantize import Quantize, QuantizeConfig
-from knowpress.testing.models import tiny_llama, tiny_mixtral
+from knowpress.testing.models import tiny_llama, tiny_mixtral, tiny_tokenizer
 
 RTN4 = RTN(name="rtn", bits=4, group_size=32)
 
@@ -76,16 +80,33 @@ def _run(model: torch.nn.Module, **stage: Any) -> Context:
     return Quantize(config).run(ctx, Progress(enabled=False))
 
 
-def test_fused_experts_targeted_by_default_are_an_error_not_a_warning() -> None:
-    method = {"name": "rtn", "bits": 4, "group_size": 32}
-    with pytest.raises(KnowpressError, match=r"experts\.gate_up_proj is a fused 3-D expert "
-                       r"tensor \[4, 128, 32\]; rtn quantizes 2-D linear weights only: add "
-                       r"'model\.layers\.0\.mlp\.experts'"):  # fmt: skip
-        _run(tiny_mixtral(), method=method)
-    ctx = _run(tiny_mixtral(), method=method, ignore=["lm_head", "*.experts"])
-    fused = 4 * (128 * 32 + 32 * 64)
-    embeddings, router = 64 * 32 * 2, 4 * 32  # untied embedding and head; the router
-    assert ctx.metrics["float_weights_left"] == fused + embeddings + router
+def test_fused_experts_are_quantized_expert_by_expert(tmp_path: Path) -> None:
+    model = tiny_mixtral(vocab_size=128)
+    before = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    router = model.model.layers[0].mlp.gate.weight.detach().clone()
+    ctx = _run(model, method={"name": "rtn", "bits": 4, "group_size": 32})
+    experts = model.model.layers[0].mlp.experts
+    assert ctx.metrics["quantized_tensors"] == 4 + 2  # q, k, v, o + the two fused tensors
+    assert "gate_up_proj" not in dict(experts.named_parameters(recurse=False))
+    for e in range(4):  # each expert alone, with its own scales and zero points
+        q = quantize_groups(before[e], 4, 32, symmetric=False)
+        expected = dequantize_groups(q.codes, q.scales, q.zeros, 4, 32)
+        assert torch.equal(experts.gate_up_proj[e], expected)
+    assert torch.equal(model.model.layers[0].mlp.gate.weight, router)  # the router stays float
+    embeddings, router_size = 128 * 32 * 2, 4 * 32  # untied embedding and head; the router
+    assert ctx.metrics["float_weights_left"] == embeddings + router_size
+    save_model(model, tiny_tokenizer(), tmp_path)
+    reloaded, _ = load_model(tmp_path)
+    ids = torch.tensor([[1, 5, 9, 30, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+def test_a_method_without_fused_support_refuses_fused_experts() -> None:
+    fused = next(t for t in candidates(tiny_mixtral()) if t.kind == "fused_experts")
+    problem = QuantMethod.check_target(RTN4, fused)  # the family's default: 2-D weights only
+    assert problem is not None and "is a fused 3-D expert tensor [4, 128, 32]" in problem
+    assert "add 'model.layers.0.mlp.experts'" in problem
 
 
 def test_targeting_what_the_method_cannot_quantize_is_an_error() -> None:
@@ -113,7 +134,7 @@ def test_still_float_sees_a_requantized_layer_that_was_not_replaced() -> None:
     model = tiny_llama(layers=1)
     targets = select(model, ["*.q_proj"], [])
     RTN4.apply(model, targets, None, Progress(enabled=False))  # type: ignore[arg-type]
-    before = {t.module: id(model.get_submodule(t.module)) for t in select(model, ["*.q_proj"], [])}
+    before = {t.name: identity(model, t) for t in select(model, ["*.q_proj"], [])}
     assert still_float(model, targets, before) == ["model.layers.0.self_attn.q_proj.weight"]
     RTN4.apply(model, targets, None, Progress(enabled=False))  # type: ignore[arg-type]
     assert still_float(model, targets, before) == []

@@ -1,0 +1,1 @@
+"""Data for data-aware stages: calibration text (``calibration.py``)."""
