@@ -136,9 +136,8 @@ def _print_plan(recipe: Any, out_dir: Path) -> None:
     for i, stage in enumerate(recipe.stages):
         body = yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False).strip()
         out.print(f"  stage {i + 1}: " + body.replace("\n", "\n           "))
-        if facts and facts[i]:
-            shown = ", ".join(f"{key} {value:,}" for key, value in facts[i].items())
-            out.print(f"           resolves: {shown}")
+        for line in facts[i] if facts else []:
+            out.print(f"           {line}", highlight=False)
     if facts is None:
         out.print("  stages: not checked against the model's shapes (its config is not local)")
     tasks = recipe.evaluate.task_names()

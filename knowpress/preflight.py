@@ -178,7 +178,7 @@ def _preset_model(name: str) -> PreTrainedModel:
     return make_model(preset, tokenizer)
 
 
-def dry_run(recipe: Recipe) -> tuple[Any, list[dict[str, Any]] | None]:
+def dry_run(recipe: Recipe) -> tuple[Any, list[list[str]] | None]:
     """What ``--dry-run`` resolves without weights or training: the world, the tasks on it,
     and each stage against the model's structure (None when the structure is not at hand)."""
     from knowpress.sources import resolve_source
@@ -200,10 +200,10 @@ def dry_run(recipe: Recipe) -> tuple[Any, list[dict[str, Any]] | None]:
     return world, None if model is None else check_stages(recipe, model)
 
 
-def check_stages(recipe: Recipe, model: PreTrainedModel | None) -> list[dict[str, Any]]:
-    """Each stage's ``check`` against the model's structure; per-stage plan facts."""
+def check_stages(recipe: Recipe, model: PreTrainedModel | None) -> list[list[str]]:
+    """Each stage's ``check`` against the model's structure; per-stage plan lines."""
     if model is None:
-        return [{} for _ in recipe.stages]
+        return [[] for _ in recipe.stages]
     facts = []
     for index, config in enumerate(recipe.stages):
         try:

@@ -29,11 +29,11 @@ class StageConfig(FrozenConfig):
     def build(self) -> Stage:
         raise NotImplementedError(f"stage kind {self.kind!r} does not implement build()")
 
-    def check(self, model: Any, deploy_dtype: str) -> dict[str, Any]:
+    def check(self, model: Any, deploy_dtype: str) -> list[str]:
         """Resolve what can fail against the model's structure alone (``model`` may live on
         the meta device: shapes, no weights) before any work; raise ``KnowpressError`` with
-        the fix, or return facts for the dry-run plan. The default checks nothing."""
-        return {}
+        the fix, or return lines for the dry-run plan. The default checks nothing."""
+        return []
 
 
 class Stage(Protocol):

@@ -91,7 +91,16 @@ RECIPES: list[tuple[str, Text, str]] = [
     ("dtype", recipe(model={"world": "test-tiny", "dtype": "int4"}), "model.dtype: Input"),
     ("huge kind", recipe(stages=[{"kind": "q" * 900_000}]), "unknown stage kind 'qqqq"),
     ("huge key", recipe(**{"k" * 900_000: 1}), "kkkk"),
-    ("group 96", recipe(stages=method(group_size=96)), "group_size 96 does not divide"),
+    (
+        "plan rule typo",
+        recipe(stages=stage(plan={"rules": [{"match": "*.dwn_proj", "bits": 8}]})),
+        "quantize.plan.rules.0: '*.dwn_proj' matches no targeted tensor",
+    ),
+    (
+        "plan bits 5",
+        recipe(stages=stage(plan={"rules": [{"match": "*", "bits": 5}]})),
+        "plan.rules.0.bits: Input should be 2, 3, 4 or 8",
+    ),
     ("target typo", recipe(stages=stage(targets=["*.dwn_proj"])), "'*.dwn_proj' matches no"),
     ("ignore all", recipe(stages=stage(ignore=["*"])), "targets minus ignore leave no tensor"),
     ("bad regex", recipe(stages=stage(targets=["re:("])), "'re:(' is not a valid regex"),

@@ -183,16 +183,27 @@ def test_crash_in_stage_keeps_finished_stages(
 
 
 def test_stage_error_names_the_stage(tiny_teacher_dir: Path, tmp_path: Path) -> None:
-    bad = recipe(
-        stages=[{"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 96}}]
-    )
+    bad = recipe(stages=[{**recipe().dump()["stages"][0], "targets": ["*.dwn_proj"]}])
     with pytest.raises(
         KnowpressError,
-        match=r"stages\.0 \(quantize\): quantize\.method: "
-        r"group_size 96 does not divide",
+        match=r"stages\.0 \(quantize\): quantize\.targets: '\*\.dwn_proj' matches no",
     ):
         apply(bad, tmp_path / "out")
-    assert not (tmp_path / "out" / "stages" / "01-quantize").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_group_size_that_does_not_divide_falls_back_and_says_so(
+    tiny_teacher_dir: Path, tmp_path: Path
+) -> None:
+    plan = {"rules": [{"match": "*.down_proj", "group_size": 48}]}  # in_features 512 there
+    stages = [{"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 96},
+               "plan": plan}]  # fmt: skip
+    report = apply(recipe(stages=stages), tmp_path / "out").report
+    fallbacks = report["stages"][0]["details"]["group_fallbacks"]
+    assert fallbacks["model.layers.0.self_attn.q_proj.weight"] == (
+        "group_size 96 does not divide 128: group 64"
+    )
+    assert fallbacks["model.layers.0.mlp.down_proj.weight"].endswith("group 32")
 
 
 def test_resume_and_force_conflict(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ safetensors header) as ``details.predicted_bytes``, next to what the runner meas
   method: {name: rtn, bits: 4, group_size: 32}
   targets: ["re:.*\\.mlp\\..*"]     # optional; default: every linear + fused expert tensor
   ignore: [lm_head]
+  plan: {rules: [{match: "*.down_proj", bits: 8}]}   # optional per-tensor settings (plan.py)
 ```
 """
 
@@ -27,7 +28,8 @@ from torch import nn
 
 from knowpress.compress.quant import QUANT_METHODS
 from knowpress.compress.quant.base import QuantMethod
-from knowpress.compress.quant.targets import Target, identity, select, still_float
+from knowpress.compress.quant.plan import Assignment, PlanSpec, resolve
+from knowpress.compress.quant.targets import identity, select, still_float
 from knowpress.context import Context
 from knowpress.errors import KnowpressError
 from knowpress.models.io import deploy_dtype_of, packed_modules, packed_tensor_of
@@ -51,31 +53,55 @@ class QuantizeConfig(StageConfig):
         None, description="module/tensor name globs or re: regexes; null = every linear + experts"
     )
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="name globs")
+    plan: PlanSpec | None = Field(None, description="per-tensor bits / group size rules")
 
     def build(self) -> Quantize:
         return Quantize(self)
 
-    def resolve(self, model: nn.Module) -> list[Target]:
-        """The targets, after every check that needs no weights (see the module doc)."""
+    def resolve(self, model: nn.Module) -> list[Assignment]:
+        """Each target with its settings, after every check that needs no weights."""
         targets = select(model, self.targets, self.ignore)
         if not targets:
             raise KnowpressError(
                 "quantize: targets minus ignore leave no tensor to quantize "
                 "(narrow the ignore globs or remove the stage)"
             )
-        problems = [p for p in map(self.method.check_target, targets) if p]
+        assignments = resolve(self.method, self.plan, targets)
+        problems = [p for a in assignments if (p := a.method.check_target(a.target))]
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise KnowpressError(f"quantize.method: {problems[0]}{more}")
-        return targets
+        return assignments
 
-    def check(self, model: Any, deploy_dtype: str) -> dict[str, Any]:
-        targets = self.resolve(model)
-        deploy = getattr(torch, deploy_dtype)
-        return {
-            "targets": len(targets),
-            "predicted_bytes": predicted_bytes(model, targets, self.method, deploy),
-        }
+    def check(self, model: Any, deploy_dtype: str) -> list[str]:
+        assignments = self.resolve(model)
+        return plan_lines(self, assignments, predicted_bytes(model, assignments, deploy_dtype))
+
+
+def plan_lines(config: QuantizeConfig, assignments: list[Assignment], predicted: int) -> list[str]:
+    """What ``--dry-run`` prints of a quantize stage: each rule's tensors and settings, the
+    group-size fallbacks, the predicted bytes."""
+    lines = []
+    for index in [None, *range(len(config.plan.rules if config.plan else []))]:
+        chosen = [a for a in assignments if a.rule == index]
+        if not chosen:
+            continue
+        rules = config.plan.rules if config.plan else []
+        label = "method" if index is None else f"rule {index} {rules[index].match!r}"
+        settings = sorted({_settings(a.method) for a in chosen})
+        names = [a.target.name for a in chosen]
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        lines.append(f"{label}: {len(chosen)} tensors at {' / '.join(settings)}: {shown}")
+    lines += [f"fallback: {a.target.name}: {a.fallback}" for a in assignments if a.fallback]
+    lines.append(f"predicted bytes: {predicted:,}")
+    return lines
+
+
+def _settings(method: QuantMethod) -> str:
+    group = getattr(method, "group_size", None)
+    kind = "sym" if getattr(method, "symmetric", False) else "asym"
+    grouping = "per-row" if group is None else f"g{group}"
+    return f"{method.name} int{getattr(method, 'bits', '?')} {grouping} {kind}"
 
 
 class Quantize:
@@ -84,11 +110,12 @@ class Quantize:
 
     def run(self, ctx: Context, progress: Progress) -> Context:
         method: QuantMethod = self.config.method
-        targets = self.config.resolve(ctx.model)
-        deploy = getattr(torch, ctx.recipe.model.dtype)
-        predicted = predicted_bytes(ctx.model, targets, method, deploy)
+        assignments = self.config.resolve(ctx.model)
+        targets = [a.target for a in assignments]
+        predicted = predicted_bytes(ctx.model, assignments, ctx.recipe.model.dtype)
         before = {t.name: identity(ctx.model, t) for t in targets}
-        method.apply(ctx.model, targets, ctx, progress)
+        plan = {a.target.name: a.method for a in assignments}
+        method.apply(ctx.model, targets, ctx, progress, plan)
         left = still_float(ctx.model, targets, before)
         if left:
             raise KnowpressError(
@@ -100,18 +127,21 @@ class Quantize:
             predicted_bytes=predicted,
             float_weights_left=untargeted_float_weights(ctx.model),
         )
+        fallbacks = {a.target.name: a.fallback for a in assignments if a.fallback}
+        if fallbacks:
+            ctx.metrics["group_fallbacks"] = fallbacks
         return ctx
 
 
-def predicted_bytes(
-    model: nn.Module, targets: list[Target], method: QuantMethod, deploy: torch.dtype
-) -> int:
-    """Bytes the saved safetensors will take: the method's stored tensors for every target,
-    every other tensor of the model in its storage dtype (tied tensors once), the header."""
-    targeted = {t.name for t in targets}
+def predicted_bytes(model: nn.Module, assignments: list[Assignment], deploy_dtype: str) -> int:
+    """Bytes the saved safetensors will take: each target's stored tensors at its assigned
+    settings, every other tensor of the model in its storage dtype (tied tensors once), the
+    safetensors header."""
+    deploy = getattr(torch, deploy_dtype)
+    targeted = {a.target.name for a in assignments}
     packed = set(packed_modules(model))
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    entries: list[Entry] = [e for t in targets for e in method.stored_entries(t)]
+    entries: list[Entry] = [e for a in assignments for e in a.method.stored_entries(a.target)]
     for key, tensor in model.state_dict().items():
         if key in targeted or packed_tensor_of(key, packed) in targeted or key in tied:
             continue  # replaced by the method's entries, or stored once under its tie

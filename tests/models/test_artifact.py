@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from knowpress.compress.quant.plan import resolve
 from knowpress.compress.quant.rtn import RTN
 from knowpress.compress.quant.targets import select
 from knowpress.errors import KnowpressError
@@ -67,7 +68,7 @@ def test_deploy_dtype_save_keeps_ties_packing_and_the_model_in_memory(tmp_path: 
 def test_stored_bytes_match_the_plan_within_1_percent(method: RTN, tmp_path: Path) -> None:
     model = tiny_llama(hidden_size=128, intermediate_size=256)
     targets = select(model, None, ["lm_head"])
-    predicted = predicted_bytes(model, targets, method, torch.bfloat16)
+    predicted = predicted_bytes(model, resolve(method, None, targets), "bfloat16")
     method.apply(model, targets, None, Progress(False))  # type: ignore[arg-type]
     save_model(model, tiny_tokenizer(), tmp_path, dtype=torch.bfloat16)
     stored = (tmp_path / "model.safetensors").stat().st_size

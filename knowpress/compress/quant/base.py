@@ -10,7 +10,7 @@ need calibration data (GPTQ) override ``apply``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -70,11 +70,11 @@ class QuantMethod(FrozenConfig):
         targets: Sequence[Target],
         ctx: Context,
         progress: Progress,
+        plan: Mapping[str, QuantMethod] | None = None,
     ) -> None:
-        """Replace each target's module in ``model`` by its quantized version."""
-        for target in progress.track(list(targets), f"{self.name}: quantizing"):
-            linear = as_linear(model.get_submodule(target.module))
-            model.set_submodule(target.module, self.quantize_linear(linear))
+        """Quantize every target in ``model``; ``plan`` maps a target name to the settings it
+        takes instead of this method's (``plan.py``)."""
+        raise NotImplementedError
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
@@ -140,6 +140,7 @@ class GroupWise(QuantMethod):
         targets: Sequence[Target],
         ctx: Context,
         progress: Progress,
+        plan: Mapping[str, QuantMethod] | None = None,
     ) -> None:
         """Linear targets through ``quantize_linear``; fused expert tensors expert by expert
         with the same group-wise rounding (``quantize_groups`` on ``[E·out, in]``)."""
@@ -147,15 +148,16 @@ class GroupWise(QuantMethod):
         from knowpress.compress.quant.qexperts import current_weight, install, spec_for
 
         for target in progress.track(list(targets), f"{self.name}: quantizing"):
+            method = (plan or {}).get(target.name, self)
+            assert isinstance(method, GroupWise)
             module = model.get_submodule(target.module)
             if target.kind != "fused_experts":
-                model.set_submodule(target.module, self.quantize_linear(as_linear(module)))
+                model.set_submodule(target.module, method.quantize_linear(as_linear(module)))
                 continue
             weight = current_weight(module, target.attribute)
-            g = self.group(weight.shape[2])
-            q = quantize_groups(weight.reshape(-1, weight.shape[2]), self.bits, g, self.symmetric)
-            spec = spec_for(weight, self.bits, g, self.symmetric, self.name)
-            install(module, target.attribute, spec, q)
+            bits, g, sym = method.bits, method.group(weight.shape[2]), method.symmetric
+            q = quantize_groups(weight.reshape(-1, weight.shape[2]), bits, g, sym)
+            install(module, target.attribute, spec_for(weight, bits, g, sym, method.name), q)
 
 
 QUANT_METHODS: Registry[type[QuantMethod]] = Registry("quant method")

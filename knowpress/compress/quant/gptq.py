@@ -19,14 +19,14 @@ relative MSE ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` and the matching SQNR in dB.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from knowpress.compress.quant.base import QUANT_METHODS, GroupWise, as_linear
+from knowpress.compress.quant.base import QUANT_METHODS, GroupWise, QuantMethod, as_linear
 from knowpress.compress.quant.gptq_solver import gptq_quantize
 from knowpress.compress.quant.packing import Quantized, dequantize_groups, quantize_groups
 from knowpress.compress.quant.qexperts import current_weight, install, spec_for
@@ -121,7 +121,12 @@ class GPTQ(GroupWise):
     block: int = Field(128, gt=0, description="columns per lazy error update")
 
     def apply(
-        self, model: nn.Module, targets: Sequence[Target], ctx: Context, progress: Progress
+        self,
+        model: nn.Module,
+        targets: Sequence[Target],
+        ctx: Context,
+        progress: Progress,
+        plan: Mapping[str, QuantMethod] | None = None,
     ) -> None:
         from knowpress.data.calibration import calibration_ids
 
@@ -142,28 +147,31 @@ class GPTQ(GroupWise):
             if chosen:
                 collectors = _collectors(model, chosen)
                 run_layer(layers[index], inputs)
-                self._solve_all(model, chosen, collectors, errors, fallback)
+                self._solve_all(model, chosen, collectors, plan, errors, fallback)
             inputs = run_layer(layers[index], inputs)
         if outside:
             collectors = _collectors(model, outside)
             with torch.inference_mode():
                 for ids in batches:
                     model(input_ids=ids.to(ctx.device), use_cache=False)
-            self._solve_all(model, outside, collectors, errors, fallback)
+            self._solve_all(model, outside, collectors, plan, errors, fallback)
         ctx.metrics["modules"] = errors
         if fallback:
             ctx.metrics["rtn_fallback_experts"] = fallback
 
     def _solve_all(
         self, model: nn.Module, targets: Sequence[Target], collectors: dict[str, Any],
-        errors: dict[str, dict[str, float]], fallback: list[str],
+        plan: Mapping[str, QuantMethod] | None, errors: dict[str, dict[str, float]],
+        fallback: list[str],
     ) -> None:  # fmt: skip
         for target in targets:
+            method = (plan or {}).get(target.name, self)  # a copy of self with the plan's bits
+            assert isinstance(method, GPTQ)
             if target.kind == "fused_experts":
                 collector = collectors[target.module]
-                errors[target.name] = self._solve_experts(model, target, collector, fallback)
+                errors[target.name] = method._solve_experts(model, target, collector, fallback)
             else:
-                errors[target.module] = self._solve(model, target, collectors[target.name])
+                errors[target.module] = method._solve(model, target, collectors[target.name])
 
     def _solve(self, model: nn.Module, target: Target, collector: _Collector) -> dict[str, float]:
         linear = as_linear(model.get_submodule(target.module))

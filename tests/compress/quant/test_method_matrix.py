@@ -13,6 +13,7 @@ import torch
 
 from knowpress.compress.quant import QUANT_METHODS, QuantLinear
 from knowpress.compress.quant.packing import sqnr_db
+from knowpress.compress.quant.plan import resolve
 from knowpress.compress.quant.targets import select
 from knowpress.context import Context
 from knowpress.models.io import load_model, save_model
@@ -37,7 +38,7 @@ def test_method_row(
     targets = select(model, None, ["lm_head"])
     assert not [p for p in map(method.check_target, targets) if p]
     originals = {t.module: model.get_submodule(t.module).weight.detach().clone() for t in targets}
-    predicted = predicted_bytes(model, targets, method, torch.float32)
+    predicted = predicted_bytes(model, resolve(method, None, targets), "float32")
     method.apply(model, targets, calibrated(model), Progress(False))
     for module, weight in originals.items():
         packed = model.get_submodule(module)

@@ -119,7 +119,9 @@ def test_targeting_what_the_method_cannot_quantize_is_an_error() -> None:
 def test_a_method_that_leaves_a_target_float_fails_the_stage(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def lazy(self: RTN, model: Any, targets: Sequence[Target], ctx: Any, progress: Any) -> None:
+    def lazy(
+        self: RTN, model: Any, targets: Sequence[Target], ctx: Any, progress: Any, plan: Any
+    ) -> None:
         for target in targets[1:]:  # "forgets" the first target
             model.set_submodule(target.module, self.quantize_linear(
                 model.get_submodule(target.module)))  # fmt: skip
