@@ -314,13 +314,20 @@ class Runner:
         with atomic_dir(target) as tmp:
             ctx.begin_stage(tmp)
             start = time.perf_counter()
+            stage = config.build()
             with PeakMemory() as memory:
                 try:
-                    ctx = config.build().run(ctx, self.progress)
+                    ctx = stage.run(ctx, self.progress)
                 except KnowpressError as exc:
                     raise KnowpressError(f"stages.{index} ({config.kind}): {exc}") from None
             seconds = time.perf_counter() - start
             fmt = save_model(ctx.model, ctx.tokenizer, tmp, dtype=_torch_dtype(self.deploy_dtype))
+            verify = getattr(stage, "verify", None)
+            if callable(verify):  # the stage checks what was written, before it is installed
+                try:
+                    verify(ctx, tmp)
+                except KnowpressError as exc:
+                    raise KnowpressError(f"stages.{index} ({config.kind}): {exc}") from None
             world_file = Path(input_dir) / WORLD_FILE
             if world_file.is_file():  # lets `compress eval --model` find the world later
                 shutil.copyfile(world_file, tmp / WORLD_FILE)

@@ -37,6 +37,10 @@ class StageConfig(FrozenConfig):
 
 
 class Stage(Protocol):
+    """``run`` transforms the context. A stage may also define ``verify(ctx, folder)``: the
+    runner calls it on the saved folder before installing it, and a ``KnowpressError`` there
+    fails the stage with nothing installed (the quantize stage's integrity check)."""
+
     config: StageConfig
 
     def run(self, ctx: Context, progress: Progress) -> Context: ...

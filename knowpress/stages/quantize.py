@@ -20,6 +20,7 @@ safetensors header) as ``details.predicted_bytes``, next to what the runner meas
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 
 from knowpress.compress.quant import QUANT_METHODS
 from knowpress.compress.quant.base import QuantMethod
+from knowpress.compress.quant.integrity import check_bits, check_folder, check_round_trip
 from knowpress.compress.quant.plan import Assignment, PlanSpec, resolve
 from knowpress.compress.quant.targets import identity, select, still_float
 from knowpress.context import Context
@@ -107,12 +109,15 @@ def _settings(method: QuantMethod) -> str:
 class Quantize:
     def __init__(self, config: QuantizeConfig) -> None:
         self.config = config
+        self.assignments: list[Assignment] = []
+        self.predicted = 0
 
     def run(self, ctx: Context, progress: Progress) -> Context:
         method: QuantMethod = self.config.method
         assignments = self.config.resolve(ctx.model)
         targets = [a.target for a in assignments]
         predicted = predicted_bytes(ctx.model, assignments, ctx.recipe.model.dtype)
+        self.assignments, self.predicted = assignments, predicted
         before = {t.name: identity(ctx.model, t) for t in targets}
         plan = {a.target.name: a.method for a in assignments}
         method.apply(ctx.model, targets, ctx, progress, plan)
@@ -131,6 +136,12 @@ class Quantize:
         if fallbacks:
             ctx.metrics["group_fallbacks"] = fallbacks
         return ctx
+
+    def verify(self, ctx: Context, folder: Path) -> None:
+        """The integrity check (``compress/quant/integrity.py``) on the saved folder."""
+        check_bits(ctx, self.assignments)
+        check_folder(self.assignments, folder, self.predicted)
+        check_round_trip(ctx, folder)
 
 
 def predicted_bytes(model: nn.Module, assignments: list[Assignment], deploy_dtype: str) -> int:

@@ -17,7 +17,8 @@ from knowpress.evaluate.runtime import NLL, TorchRuntime
 from knowpress.evaluate.tasks import TASKS, pick
 from knowpress.evaluate.tasks.bits import bits_of, knowledge_items
 from knowpress.recipe import validate_recipe
-from knowpress.report import load_report, render_markdown
+from knowpress.render import render_markdown
+from knowpress.report import load_report
 from knowpress.runner import apply
 from knowpress.testing import tiny_world
 from knowpress.world import WorldConfig, build_tokenizer, generate_world, load_world
