@@ -79,6 +79,7 @@ def packed_skeleton(
 ) -> PreTrainedModel:
     """The folder's model with a ``QuantLinear`` for every packed module, weights unset (on
     the current default device: the meta device gives shapes without memory)."""
+    from knowpress.compress.quant.qembed import QuantEmbedding, TiedQuantHead
     from knowpress.compress.quant.qexperts import install
     from knowpress.compress.quant.qlinear import QuantLinear
     from knowpress.models.io import PACKED_VERSION, QUANT_FILE
@@ -97,13 +98,20 @@ def packed_skeleton(
     model = AutoModelForCausalLM.from_config(
         config, dtype=dtype, trust_remote_code=trust_remote_code
     )
+    heads = {name: spec for name, spec in modules.items() if spec.get("kind") == "tied_head"}
     for name, spec in modules.items():
         module = model.get_submodule(name)
-        if spec.get("kind") == "fused_experts":
+        kind = spec.get("kind", "linear")
+        if kind == "fused_experts":
             for tensor, tensor_spec in spec["tensors"].items():
                 install(module, tensor, tensor_spec, None)
-        else:
+        elif kind == "embedding":
+            model.set_submodule(name, QuantEmbedding.empty_like(module, spec, dtype))
+        elif kind == "linear":
             model.set_submodule(name, QuantLinear.empty_like(module, spec, dtype=dtype))
+    for name, spec in heads.items():  # after the embeddings they read
+        model.set_submodule(name, TiedQuantHead(model.get_submodule(spec["embedding"]),
+                                                spec["embedding"]))  # fmt: skip
     return model
 
 
@@ -120,5 +128,6 @@ def load_packed(directory: Path, dtype: torch.dtype, trust_remote_code: bool) ->
             f"{directory}: packed checkpoint does not match its config "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-run the stage with --force"
         )
-    model.tie_weights()
+    if not any(getattr(m, "kind", None) == "tied_head" for m in model.modules()):
+        model.tie_weights()  # a TiedQuantHead already reads its packed table
     return model.eval()

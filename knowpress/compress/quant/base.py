@@ -111,6 +111,13 @@ class GroupWise(QuantMethod):
     def check_target(self, target: Target) -> str | None:
         if target.kind == "fused_experts":  # [E, out, in]: each expert's matrix, own scales
             return self.check_linear(target.name, target.shape[1], target.shape[2])
+        if target.kind == "embedding":  # [V, H]: one row per token
+            return self.check_linear(target.name, target.shape[0], target.shape[1])
+        if target.kind == "linear" and target.tied:
+            return (
+                f"{target.name} is tied to the input embedding: target the embedding "
+                f"(model.embed_tokens) instead, and the head follows it with one stored copy"
+            )
         return super().check_target(target)
 
     def check_linear(self, name: str, out_features: int, in_features: int) -> str | None:
@@ -130,6 +137,10 @@ class GroupWise(QuantMethod):
         if target.kind == "fused_experts":
             return entries(target.name, target.shape, self.bits, self.group(target.shape[2]),
                            self.symmetric)  # fmt: skip
+        if target.kind == "embedding":
+            rows, cols = target.shape
+            return QuantLinear.entries(target.module, rows, cols, self.bits, self.group(cols),
+                                       self.symmetric)  # fmt: skip
         out_features, in_features = target.shape
         return QuantLinear.entries(target.module, out_features, in_features, self.bits,
                                    self.group(in_features), self.symmetric)  # fmt: skip
@@ -142,22 +153,34 @@ class GroupWise(QuantMethod):
         progress: Progress,
         plan: Mapping[str, QuantMethod] | None = None,
     ) -> None:
-        """Linear targets through ``quantize_linear``; fused expert tensors expert by expert
-        with the same group-wise rounding (``quantize_groups`` on ``[E·out, in]``)."""
-        from knowpress.compress.quant.packing import quantize_groups
-        from knowpress.compress.quant.qexperts import current_weight, install, spec_for
+        """Linear targets through ``quantize_linear``; fused expert tensors and embedding
+        tables with the same group-wise rounding (``round_target``)."""
 
         for target in progress.track(list(targets), f"{self.name}: quantizing"):
             method = (plan or {}).get(target.name, self)
             assert isinstance(method, GroupWise)
-            module = model.get_submodule(target.module)
-            if target.kind != "fused_experts":
+            if target.kind == "linear":
+                module = model.get_submodule(target.module)
                 model.set_submodule(target.module, method.quantize_linear(as_linear(module)))
-                continue
-            weight = current_weight(module, target.attribute)
-            bits, g, sym = method.bits, method.group(weight.shape[2]), method.symmetric
-            q = quantize_groups(weight.reshape(-1, weight.shape[2]), bits, g, sym)
-            install(module, target.attribute, spec_for(weight, bits, g, sym, method.name), q)
+            else:
+                method.round_target(model, target)
+
+    def round_target(self, model: nn.Module, target: Target) -> None:
+        """Round a fused expert tensor (expert by expert) or an embedding table (row by row)
+        to this method's grid, and install its packed form."""
+        from knowpress.compress.quant.packing import quantize_groups
+        from knowpress.compress.quant.qembed import install_embedding
+        from knowpress.compress.quant.qexperts import current_weight, install, spec_for
+
+        module = model.get_submodule(target.module)
+        if target.kind == "embedding":
+            install_embedding(model, target.module, self.bits, self.group(target.shape[1]),
+                              self.symmetric, self.name)  # fmt: skip
+            return
+        weight = current_weight(module, target.attribute)
+        bits, g, sym = self.bits, self.group(weight.shape[2]), self.symmetric
+        q = quantize_groups(weight.reshape(-1, weight.shape[2]), bits, g, sym)
+        install(module, target.attribute, spec_for(weight, bits, g, sym, self.name), q)
 
 
 QUANT_METHODS: Registry[type[QuantMethod]] = Registry("quant method")

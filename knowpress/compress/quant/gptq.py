@@ -3,8 +3,9 @@
 Frantar et al. 2023 (arXiv:2210.17323); the solver is ``gptq_solver.py``. Blocks are processed
 in order (sequential GPTQ): block ``i``'s Hessians ``H = 2 XᵀX / n`` come from its inputs as
 the blocks before it compute them *after* their own quantization, so later layers correct for
-earlier errors. Targets outside the decoder blocks (an output head named in ``targets``) are
-solved last on the fully quantized trunk. Calibration: ``data.calibration`` (the world's
+earlier errors. Targets outside the decoder blocks (an untied output head named in
+``targets``) are solved last on the fully quantized trunk; an embedding table, which has no
+input Hessian, is rounded group-wise first, so the blocks' Hessians see the table as stored. Calibration: ``data.calibration`` (the world's
 training text by default; ``data/calibration.py``). The stored format is RTN's
 (``QuantLinear``: codes, fp16 scales, zero points), so GPTQ and RTN differ only in which codes
 they choose, and ``details.modules`` reports each layer's output error on the calibration data:
@@ -136,7 +137,11 @@ class GPTQ(GroupWise):
         prefix, layers = decoder_layers(model)
         by_layer: dict[int, list[Target]] = {}
         outside: list[Target] = []
-        for target in targets:
+        for table in [t for t in targets if t.kind == "embedding"]:
+            method = (plan or {}).get(table.name, self)
+            assert isinstance(method, GroupWise)
+            method.round_target(model, table)  # a lookup table has no input Hessian: rounded
+        for target in [t for t in targets if t.kind != "embedding"]:
             index = _layer_index(target.module, prefix)
             (outside if index is None else by_layer.setdefault(index, [])).append(target)
         errors: dict[str, dict[str, float]] = {}

@@ -79,9 +79,11 @@ def candidates(model: nn.Module) -> list[Target]:
         for attr, spec in fused.items():
             shape = (spec["experts"], spec["out_features"], spec["in_features"])
             out.append(Target(_join(module_name, attr), module_name, "fused_experts", shape))
-        if callable(getattr(module, "packing_spec", None)) and not fused:  # a packed linear
-            shape = (module.out_features, module.in_features)  # type: ignore[attr-defined]
-            out.append(Target(_join(module_name, "weight"), module_name, "linear", shape))
+        if callable(getattr(module, "packing_spec", None)) and not fused:
+            kind = getattr(module, "kind", "linear")  # a packed linear layer or embedding
+            if kind != "tied_head":  # a tied head's tensor is its embedding's
+                rows, cols = module.dequantized_weight().shape  # type: ignore[operator]
+                out.append(Target(_join(module_name, "weight"), module_name, kind, (rows, cols)))
             continue
         for attr, param in module.named_parameters(recurse=False):
             if param.dim() >= 2:
