@@ -5,8 +5,9 @@ in order (sequential GPTQ): block ``i``'s Hessians ``H = 2 XᵀX / n`` come from
 the blocks before it compute them *after* their own quantization, so later layers correct for
 earlier errors. Targets outside the decoder blocks (an untied output head named in
 ``targets``) are solved last on the fully quantized trunk; an embedding table, which has no
-input Hessian, is rounded group-wise first, so the blocks' Hessians see the table as stored. Calibration: ``data.calibration`` (the world's
-training text by default; ``data/calibration.py``). The stored format is RTN's
+input Hessian, is rounded group-wise first, so the blocks' Hessians see the table as stored.
+Calibration: ``data.calibration`` (the world's training text by default;
+``data/calibration.py``). The stored format is RTN's
 (``QuantLinear``: codes, fp16 scales, zero points), so GPTQ and RTN differ only in which codes
 they choose, and ``details.modules`` reports each layer's output error on the calibration data:
 relative MSE ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` and the matching SQNR in dB.
