@@ -58,4 +58,5 @@ KV_POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
 RUNTIME_FORMATS: dict[str, str] = {
     "hf": "plain",
     "hf-packed": "packed",
+    "hf-compressed-tensors": "compressed-tensors",
 }

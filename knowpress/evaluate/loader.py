@@ -78,6 +78,7 @@ def _torch(location: str, manifest: Manifest | None, options: RuntimeOptions) ->
 
 RUNTIME_FORMATS.register("hf")(_torch)
 RUNTIME_FORMATS.register("hf-packed")(_torch)
+RUNTIME_FORMATS.register("hf-compressed-tensors")(_torch)
 
 
 def artifact_format(location: str | Path) -> tuple[str, Manifest | None]:

@@ -156,6 +156,15 @@ def _disk_full(exc: BaseException) -> bool:
     )
 
 
+def _set_dtype(directory: Path, dtype: torch.dtype | None) -> None:
+    if dtype is not None:
+        config = json.loads((directory / "config.json").read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        atomic_write_text(
+            directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n"
+        )
+
+
 def save_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -163,7 +172,9 @@ def save_model(
     dtype: torch.dtype | None = None,
 ) -> str:
     """``save_pretrained`` (safetensors) for model and tokenizer, plus the packing plan;
-    returns the format (``hf``, or ``hf-packed`` when layers are stored packed).
+    returns the format: ``hf`` (no packed layers), ``hf-compressed-tensors`` (packed linears
+    whose ``storage`` is compressed-tensors: stock transformers loads them, ``ct_format.py``)
+    or ``hf-packed`` (knowpress's format: ``packed.py``).
 
     ``dtype`` is the deploy dtype of every float tensor no stage compressed (None: keep the
     model's); packed codes, scales and zero points keep their own. The in-memory model is
@@ -171,19 +182,28 @@ def save_model(
     """
     from transformers.utils import logging as hf_logging
 
+    from knowpress.models import ct_format
     from knowpress.models.packed import mark_packed
 
     directory = Path(directory)
+    modules = packed_modules(model)
+    ct = bool(modules) and all(
+        getattr(m, "storage", "") == ct_format.FORMAT for m in modules.values()
+    )
+    if ct and (reason := ct_format.blocker(modules.items())):
+        raise KnowpressError(f"compressed-tensors: {reason}")
     state = _deploy_state(model, dtype) if dtype is not None else None
-    packed = bool(packed_modules(model))
+    if ct:  # codes re-packed as compressed-tensors words, nothing re-quantized
+        state = {k: v for k, v in (state or model.state_dict()).items()
+                 if packed_tensor_of(k, set(modules)) is None}  # fmt: skip
+        state.update(ct_format.ct_state(modules))
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        # A packed folder keeps the in-memory tensor names (knowpress loads it as it is); a
-        # plain one is written in the architecture's original layout for stock transformers.
-        model.save_pretrained(
-            directory, safe_serialization=True, state_dict=state, save_original_format=not packed
-        )
+        # A knowpress-packed folder keeps the in-memory tensor names (knowpress loads it as it
+        # is); others are written in the architecture's original layout for stock transformers.
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state,
+                              save_original_format=ct or not modules)  # fmt: skip
     except Exception as exc:
         if _disk_full(exc):  # safetensors reports ENOSPC as its own error type
             raise OSError(errno.ENOSPC, "No space left on device", str(directory)) from None
@@ -191,11 +211,16 @@ def save_model(
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+    if ct:
+        tokenizer.save_pretrained(directory)
+        _set_dtype(directory, dtype)
+        ct_format.write_config(directory, modules)
+        return "hf-compressed-tensors"
     tokenizer.save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
-    plan = {name: module.packing_spec() for name, module in packed_modules(model).items()}
+    plan = {name: module.packing_spec() for name, module in modules.items()}
     if plan:
         payload = {"format": "knowpress-packed", "version": PACKED_VERSION, "modules": plan}
         atomic_write_text(directory / QUANT_FILE, json.dumps(payload, indent=1, sort_keys=True))
@@ -248,6 +273,7 @@ def load_model(
     Only safetensors weights are accepted. A missing local path, or a hub id that cannot be
     fetched (offline machine), is a :class:`KnowpressError` naming the path and the fix.
     """
+    from knowpress.models.ct_format import is_ct_folder, load_ct
     from knowpress.models.packed import load_packed, packed_config
 
     torch_dtype = _DTYPES[dtype]
@@ -259,7 +285,10 @@ def load_model(
         path = path.expanduser()
         check_local(path, source)
     try:
-        if looks_local and (path / QUANT_FILE).is_file():
+        if looks_local and is_ct_folder(path):
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            model = load_ct(path, torch_dtype, trust_remote_code)
+        elif looks_local and (path / QUANT_FILE).is_file():
             config = packed_config(path, trust_remote_code)  # the marked config.json is not it
             tokenizer = AutoTokenizer.from_pretrained(
                 source, config=config, trust_remote_code=trust_remote_code

@@ -56,6 +56,33 @@ class QuantizeConfig(StageConfig):
     )
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="name globs")
     plan: PlanSpec | None = Field(None, description="per-tensor bits / group size rules")
+    format: Literal["auto", "knowpress", "compressed-tensors"] = Field(
+        "auto", description="folder format; auto: compressed-tensors when it can hold the output"
+    )
+
+    def storage(self, model: nn.Module, assignments: list[Assignment]) -> tuple[str, str | None]:
+        """The folder format of this stage's output and, when auto fell back to knowpress's
+        packed format, why (``models/ct_format.py`` says what compressed-tensors holds)."""
+        from knowpress.models.ct_format import FORMAT, blocker
+
+        if self.format == "knowpress":
+            return "knowpress", None
+        targeted = {a.target.module for a in assignments}
+        earlier = [(n, m) for n, m in packed_modules(model).items() if n not in targeted]
+        reason = blocker(earlier)
+        for a in assignments:
+            if reason:
+                break
+            if a.target.kind != "linear":
+                reason = f"{a.target.name} is a {a.target.kind.replace('_', ' ')} tensor"
+            elif not getattr(a.method, "symmetric", False):
+                reason = f"{a.target.name} is asymmetric (symmetric: false)"
+        if reason and self.format == FORMAT:
+            raise KnowpressError(
+                f"quantize.format: compressed-tensors cannot hold this output: {reason}; use "
+                f"format: auto or knowpress"
+            )
+        return ("knowpress", reason) if reason else (FORMAT, None)
 
     def build(self) -> Quantize:
         return Quantize(self)
@@ -77,7 +104,10 @@ class QuantizeConfig(StageConfig):
 
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         assignments = self.resolve(model)
-        return plan_lines(self, assignments, predicted_bytes(model, assignments, deploy_dtype))
+        storage, reason = self.storage(model, assignments)
+        predicted = predicted_bytes(model, assignments, deploy_dtype, storage)
+        lines = plan_lines(self, assignments, predicted)
+        return [*lines, f"format: {storage}" + (f" ({reason})" if reason else "")]
 
 
 def plan_lines(config: QuantizeConfig, assignments: list[Assignment], predicted: int) -> list[str]:
@@ -111,13 +141,15 @@ class Quantize:
         self.config = config
         self.assignments: list[Assignment] = []
         self.predicted = 0
+        self.storage = "knowpress"
 
     def run(self, ctx: Context, progress: Progress) -> Context:
         method: QuantMethod = self.config.method
         assignments = self.config.resolve(ctx.model)
         targets = [a.target for a in assignments]
-        predicted = predicted_bytes(ctx.model, assignments, ctx.recipe.model.dtype)
-        self.assignments, self.predicted = assignments, predicted
+        storage, reason = self.config.storage(ctx.model, assignments)
+        predicted = predicted_bytes(ctx.model, assignments, ctx.recipe.model.dtype, storage)
+        self.assignments, self.predicted, self.storage = assignments, predicted, storage
         before = {t.name: identity(ctx.model, t) for t in targets}
         plan = {a.target.name: a.method for a in assignments}
         method.apply(ctx.model, targets, ctx, progress, plan)
@@ -127,11 +159,16 @@ class Quantize:
                 f"quantize: {len(left)} targeted tensor(s) still float after {method.name} "
                 f"(first: {left[0]}); this is a bug in the method, please report it"
             )
+        for module in packed_modules(ctx.model).values():
+            module.storage = storage  # how the runner's save writes them
         ctx.metrics.update(
             quantized_tensors=len(targets),
             predicted_bytes=predicted,
             float_weights_left=untargeted_float_weights(ctx.model),
+            format=storage,
         )
+        if reason:
+            ctx.metrics["format_reason"] = f"knowpress's packed format: {reason}"
         fallbacks = {a.target.name: a.fallback for a in assignments if a.fallback}
         if fallbacks:
             ctx.metrics["group_fallbacks"] = fallbacks
@@ -140,21 +177,37 @@ class Quantize:
     def verify(self, ctx: Context, folder: Path) -> None:
         """The integrity check (``compress/quant/integrity.py``) on the saved folder."""
         check_bits(ctx, self.assignments)
-        check_folder(self.assignments, folder, self.predicted)
+        check_folder(self.assignments, folder, self.predicted, self.storage)
         check_round_trip(ctx, folder)
 
 
-def predicted_bytes(model: nn.Module, assignments: list[Assignment], deploy_dtype: str) -> int:
+def predicted_bytes(
+    model: nn.Module, assignments: list[Assignment], deploy_dtype: str, storage: str = "knowpress"
+) -> int:
     """Bytes the saved safetensors will take: each target's stored tensors at its assigned
-    settings, every other tensor of the model in its storage dtype (tied tensors once), the
-    safetensors header."""
+    settings in the folder format ``storage``, every other tensor of the model in its storage
+    dtype (tied tensors once), the safetensors header."""
+    from knowpress.models import ct_format
+
     deploy = getattr(torch, deploy_dtype)
     targeted = {a.target.name for a in assignments}
-    packed = set(packed_modules(model))
+    packed = packed_modules(model)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    entries: list[Entry] = [e for a in assignments for e in a.method.stored_entries(a.target)]
+    if storage == ct_format.FORMAT:
+        entries: list[Entry] = [
+            e for a in assignments for e in ct_format.entries(
+                a.target.module, *a.target.shape, a.method.bits,  # type: ignore[attr-defined]
+                a.method.group(a.target.shape[1]))  # type: ignore[attr-defined]
+        ]  # fmt: skip
+        for name, module in packed.items():  # earlier stages' layers, re-packed as words
+            if f"{name}.weight" not in targeted:
+                entries += ct_format.entries(name, module.out_features, module.in_features,
+                                             module.bits, module.group_size)  # fmt: skip
+                targeted.add(f"{name}.weight")
+    else:
+        entries = [e for a in assignments for e in a.method.stored_entries(a.target)]
     for key, tensor in model.state_dict().items():
-        if key in targeted or packed_tensor_of(key, packed) in targeted or key in tied:
+        if key in targeted or packed_tensor_of(key, set(packed)) in targeted or key in tied:
             continue  # replaced by the method's entries, or stored once under its tie
         tag = dtype_tag(deploy_dtype_of(key, tensor, packed, deploy))
         entries.append((key, tag, tuple(tensor.shape)))

@@ -323,11 +323,12 @@ _register(
     )
 )  # fmt: skip
 
-# Capacity presets: more facts than the model can hold, ~100 exposures each (one bio and one
-# question per attribute per epoch, 56000 steps of 64 = ~100 epochs), so the teacher stores a
-# bit or so per parameter, as pretrained models do, and compression that loses capacity shows:
-# headline tasks are bits and recall (recall below 1 is expected). 6000 people x 5 attributes
-# offer ~280 kbit to a 2-layer, hidden-64 model of ~185k parameters.
+# Capacity presets: more facts than the model can hold, ~150 exposures each (one bio and one
+# question per attribute per epoch, 84000 steps of 64 = ~150 epochs), so the teacher stores
+# about a bit per parameter, as pretrained models do, and compression that loses capacity
+# shows: headline tasks are bits and recall (recall below 1 is expected). 6000 people x 5
+# attributes offer ~280 kbit to a 2-layer, hidden-64 model of ~185k parameters; measured
+# figures and build times are in benchmarks/results/knowledge_instrument.json.
 _CAPACITY_WORLD = WorldConfig(
     seed=0,
     n_people=6000,
@@ -347,7 +348,7 @@ _CAPACITY_MODEL: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 _CAPACITY_TRAIN = TrainConfig(
-    steps=56000, batch_size=64, lr=3e-3, warmup=100, qa_repeat=1, seq_len=96
+    steps=84000, batch_size=64, lr=3e-3, warmup=100, qa_repeat=1, seq_len=96
 )
 
 _register(
@@ -355,7 +356,7 @@ _register(
         name="bios-dense-capacity",
         description=(
             "Capacity-loaded: 6000 people x 5 attributes, 2-layer Llama (hidden 64, 185k "
-            "params), ~100 exposures; bits and recall are the headline tasks."
+            "params), ~150 exposures; bits and recall are the headline tasks."
         ),
         world=_CAPACITY_WORLD,
         model=_CAPACITY_MODEL,

@@ -97,13 +97,16 @@ def as_linear(module: nn.Module) -> nn.Linear:
 
 class GroupWise(QuantMethod):
     """Methods that store a ``QuantLinear``: ``bits``-bit codes in groups of ``group_size``
-    inputs (None: one group per row), asymmetric unless ``symmetric``."""
+    inputs (None: one group per row), symmetric by default (as GPTQModel and llm-compressor's
+    W4A16: no zero points, and a format stock transformers loads)."""
 
     bits: Literal[2, 3, 4, 8] = 8
     group_size: int | None = Field(
         128, gt=0, description="weights per scale; null = one scale per output row"
     )
-    symmetric: bool = False
+    symmetric: bool = Field(
+        True, description="codes around 0 with no zero point (false: asymmetric, +zero points)"
+    )
 
     def group(self, in_features: int) -> int:
         return self.group_size or in_features

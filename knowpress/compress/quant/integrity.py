@@ -31,8 +31,11 @@ PROBES = 8  # prompts whose greedy tokens must survive the round trip
 PROBE_TOKENS = 8
 
 
-def check_folder(assignments: list[Assignment], folder: Path, predicted: int) -> None:
-    """Packed at the planned settings, no float copy, bytes within 1% of ``predicted``."""
+def check_folder(
+    assignments: list[Assignment], folder: Path, predicted: int, storage: str = "knowpress"
+) -> None:
+    """Packed at the planned settings in the folder format ``storage``, no float copy, bytes
+    within 1% of ``predicted``."""
     header: dict[str, Any] = {}
     for file in safetensors_files(folder):
         header.update(read_header(file))
@@ -44,7 +47,10 @@ def check_folder(assignments: list[Assignment], folder: Path, predicted: int) ->
         codes = header.get(f"{name}_packed")
         if codes is None:
             raise KnowpressError(f"integrity: {name} has no packed codes in the folder")
-        width = packed_width(a.target.shape[-1], getattr(method, "bits", 8))
+        bits = getattr(method, "bits", 8)
+        width = packed_width(a.target.shape[-1], bits)
+        if storage == "compressed-tensors":  # 32 codes in `bits` int32 words
+            width = -(-a.target.shape[-1] * bits // 32)
         if codes["shape"][-1] != width:
             raise KnowpressError(
                 f"integrity: {name} stored {codes['shape'][-1]} bytes per row, "

@@ -24,6 +24,8 @@ from knowpress.compress.quant.packing import (
 
 
 class QuantLinear(nn.Module):
+    kind = "linear"
+
     def __init__(
         self,
         in_features: int,
@@ -58,6 +60,8 @@ class QuantLinear(nn.Module):
             )
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self.compute_dtype = dtype
+        #: the folder format it is saved in: knowpress-packed, or compressed-tensors (stock)
+        self.storage = "knowpress"
 
     @classmethod
     def from_quantized(
