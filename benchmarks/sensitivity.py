@@ -65,6 +65,8 @@ def measure(name: str, settings: list[tuple[int, int]], max_items: int | None, d
     model, tokenizer = load_model(path)
     reference = TorchRuntime(model, tokenizer)
     teacher, states = evaluate_reference(reference, world, tasks, max_items)
+    # tasks the teacher is near chance on (or scores 0 on) measure nothing: left out of "worst"
+    gated = [t for t, s in teacher.items() if s.relative and not s.near_chance and s.score > 0]
     rows = []
     for bits, group in settings:
         model, tokenizer = load_model(path)
@@ -74,20 +76,21 @@ def measure(name: str, settings: list[tuple[int, int]], max_items: int | None, d
         retention = retention_table(scores, teacher)
         rows.append({
             "bits": bits, "group": group, "tensors": rounded,
-            "retention": retention, "worst_retention": min(retention.values()),
+            "retention": retention, "worst_retention": min(retention[t] for t in gated),
             "scores": {t: s.score for t, s in scores.items()},
             "kl": scores["kl"].score, "top1": scores["kl"].extra["top1"],
             "kl_p99": scores["kl"].extra["kl_p99"],
             "flips_lost": {t: s.extra["flips/lost"] for t, s in scores.items()
                            if "flips/lost" in s.extra},
         })  # fmt: skip
-        print(f"  int{bits} g{group}: " + ", ".join(f"{t} {v:.3f}" for t, v in retention.items())
+        print(f"  int{bits} g{group}: " + ", ".join(f"{t} {retention[t]:.3f}" for t in gated)
               + f", kl {rows[-1]['kl']:.4f}, top-1 {rows[-1]['top1']:.3f}")  # fmt: skip
     bits = teacher["bits"]
     return {
         "preset": name, "preset_key": PRESETS.get(name).key(), "teacher": str(path),
         "max_items": max_items, "seconds": round(time.perf_counter() - start, 1),
         "teacher_scores": {t: s.score for t, s in teacher.items()},
+        "gated_tasks": gated,
         "teacher_bits_per_parameter": bits.extra.get("bits_per_parameter"),
         "rows": rows,
     }  # fmt: skip

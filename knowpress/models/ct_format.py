@@ -18,6 +18,7 @@ zero points fail to load in transformers 5.23 with a shape mismatch).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -124,21 +125,55 @@ def is_ct_folder(directory: Path) -> bool:
     return isinstance(quant, dict) and quant.get("quant_method") == FORMAT
 
 
+def _matches(targets: list[str], name: str, module: nn.Module) -> bool:
+    """compressed-tensors target matching: a module name, a class name, or ``re:`` regex."""
+    for target in targets:
+        if target.startswith("re:"):
+            if re.fullmatch(target[3:], name):
+                return True
+        elif target in (name, type(module).__name__):
+            return True
+    return False
+
+
+def _quant_linear(linear: nn.Module, raw: dict[str, torch.Tensor], name: str, bits: int,
+                  group_size: int | None, dtype: torch.dtype) -> nn.Module:  # fmt: skip
+    """The ``QuantLinear`` holding the codes and scales stored for ``name``."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from knowpress.compress.quant.packing import pack
+    from knowpress.compress.quant.qlinear import QuantLinear
+
+    out_features, in_features = (int(x) for x in raw[f"{name}.weight_shape"])
+    g = int(group_size or in_features)
+    spec = {"in_features": in_features, "out_features": out_features, "bits": bits,
+            "group_size": g, "symmetric": True, "bias": linear.bias is not None,
+            "method": FORMAT}  # fmt: skip
+    module = QuantLinear.empty_like(linear, spec, dtype=dtype)
+    signed = unpack_from_int32(raw[f"{name}.weight_packed"], bits,
+                               torch.Size([out_features, in_features]))  # fmt: skip
+    codes = (signed.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+    module.weight_packed.copy_(pack(codes, bits))
+    module.weight_scale.copy_(raw[f"{name}.weight_scale"].reshape(out_features, -1))
+    if linear.bias is not None:
+        module.bias.data.copy_(linear.bias.data)
+    module.storage = FORMAT
+    device = next((t.device for t in (*linear.parameters(), *linear.buffers())), None)
+    return module if device is None else module.to(device)
+
+
 def load_ct(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     """A compressed-tensors folder loaded as stock transformers loads it (every conversion of
     the architecture's checkpoint layout applied), its quantized linears then rebuilt as
     ``QuantLinear``s from the stored codes, exactly."""
     try:
-        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+        import compressed_tensors  # noqa: F401
     except ImportError:
         raise KnowpressError(
             f"{directory}: a compressed-tensors checkpoint; pip install compressed-tensors"
         ) from None
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
-
-    from knowpress.compress.quant.packing import pack
-    from knowpress.compress.quant.qlinear import QuantLinear
 
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
@@ -150,26 +185,15 @@ def load_ct(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.
                 if key.endswith((".weight_packed", ".weight_scale", ".weight_shape")):
                     raw[key] = handle.get_tensor(key)
     quant = json.loads((Path(directory) / "config.json").read_text())["quantization_config"]
-    for group in quant["config_groups"].values():
+    groups = list(quant["config_groups"].values())
+    for name in sorted({k.rsplit(".", 1)[0] for k in raw if k.endswith(".weight_packed")}):
+        linear = model.get_submodule(name)
+        group = next((g for g in groups if _matches(g["targets"], name, linear)), None)
+        if group is None:
+            raise KnowpressError(f"{directory}: {name} is packed but no config group targets it")
         weights = group["weights"]
         if weights.get("type") != "int" or not weights.get("symmetric", True):
             raise KnowpressError(f"{directory}: only symmetric int pack-quantized groups load here")
-        bits = int(weights["num_bits"])
-        for name in group["targets"]:
-            linear = model.get_submodule(name)
-            out_features, in_features = (int(x) for x in raw[f"{name}.weight_shape"])
-            g = int(weights.get("group_size") or in_features)
-            spec = {"in_features": in_features, "out_features": out_features, "bits": bits,
-                    "group_size": g, "symmetric": True, "bias": linear.bias is not None,
-                    "method": FORMAT}  # fmt: skip
-            module = QuantLinear.empty_like(linear, spec, dtype=dtype)
-            signed = unpack_from_int32(raw[f"{name}.weight_packed"], bits,
-                                       torch.Size([out_features, in_features]))  # fmt: skip
-            codes = (signed.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
-            module.weight_packed.copy_(pack(codes, bits))
-            module.weight_scale.copy_(raw[f"{name}.weight_scale"].reshape(out_features, -1))
-            if linear.bias is not None:
-                module.bias.data.copy_(linear.bias.data)
-            module.storage = FORMAT
-            model.set_submodule(name, module.to(linear.weight.device))
+        model.set_submodule(name, _quant_linear(linear, raw, name, int(weights["num_bits"]),
+                                                weights.get("group_size"), dtype))  # fmt: skip
     return model.eval()

@@ -1,0 +1,209 @@
+"""Question: how much knowledge do RTN and GPTQ keep at each bit width, against GPTQModel and
+llm-compressor on the same teacher and calibration data, and how fast is each?
+
+For each preset: the teacher is scored (its tasks + ``kl``), the same calibration token ids
+(``data.calibration`` defaults: the world's training text) go to every method, and each
+output is scored against the teacher's states by knowpress's evaluation: per-task retention,
+worst-task retention, KL, top-1, flips lost, stored bytes (float tensors counted at 2 bytes
+everywhere, as knowpress stores them) and the quantize call's wall time.
+
+- ``rtn`` / ``gptq``: knowpress's methods (symmetric, groups of ``--group`` inputs, every
+  linear layer and fused expert tensor but the head), saved as the quantize stage saves them.
+- ``gptqmodel``: GPTQModel's GPTQ called directly in ``--gptqmodel-venv``
+  (``external/gptqmodel_quantize.py``: its dequantized weights are scored).
+- ``llmcompressor-gptq`` / ``-rtn``: llm-compressor 0.14 in ``--llmcompressor-venv``
+  (``external/llmcompressor_quantize.py``; its compressed-tensors folder is loaded by knowpress).
+
+Writes ``benchmarks/results/quantize.json`` (rows kept per preset) and ``quantize.png``.
+
+    python benchmarks/quantize.py [PRESET ...] [--bits 8 4 3 2] [--group 32]
+        [--gptqmodel-venv DIR] [--llmcompressor-venv DIR] [--max-items N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from results_io import merge
+
+from knowpress.compress.quant import QUANT_METHODS
+from knowpress.compress.quant.plan import resolve
+from knowpress.compress.quant.targets import select
+from knowpress.context import Context
+from knowpress.data.calibration import calibration_ids
+from knowpress.evaluate.evaluator import evaluate_reference, evaluate_runtime, retention_table
+from knowpress.evaluate.loader import load_runtime
+from knowpress.models.io import load_model, save_model
+from knowpress.models.sizes import bf16_bytes
+from knowpress.progress import Progress
+from knowpress.recipe import validate_recipe
+from knowpress.world import PRESETS, build_teacher, load_world
+from knowpress.world.training import teacher_tasks, training_threads
+
+RESULTS = Path(__file__).parent / "results" / "quantize.json"
+EXTERNAL = Path(__file__).parent / "external"
+DEFAULT_PRESETS = ["bios-dense-capacity", "bios-moe-capacity", "bios-dense-small"]
+
+
+class Scorer:
+    """The teacher's scores and states, and how to score a quantized model against them."""
+
+    def __init__(self, path: Path, max_items: int | None) -> None:
+        self.path, self.max_items = path, max_items
+        self.world = load_world(path)
+        self.tasks = [*teacher_tasks(self.world), "kl"]
+        self.teacher, self.states = evaluate_reference(
+            load_runtime(path), self.world, self.tasks, max_items
+        )
+        self.gated = [t for t, s in self.teacher.items()
+                      if s.relative and not s.near_chance and s.score > 0]  # fmt: skip
+        self.bf16 = bf16_bytes(path)
+
+    def score(self, folder: Path, stored: int, seconds: float, **fields: Any) -> dict[str, Any]:
+        runtime = load_runtime(folder)
+        scores = evaluate_runtime(runtime, self.world, self.tasks, self.max_items, None,
+                                  self.states)  # fmt: skip
+        retention = retention_table(scores, self.teacher)
+        return {
+            **fields, "seconds": round(seconds, 3), "stored_bytes": stored,
+            "size_vs_bf16_teacher": stored / self.bf16,
+            "retention": retention, "worst_retention": min(retention[t] for t in self.gated),
+            "kl": scores["kl"].score, "top1": scores["kl"].extra["top1"],
+            "flips_lost": {t: s.extra["flips/lost"] for t, s in scores.items()
+                           if "flips/lost" in s.extra},
+        }  # fmt: skip
+
+
+def ours(scorer: Scorer, name: str, bits: int, group: int, out: Path) -> dict[str, Any]:
+    """knowpress's method; calibration: the default spec, which yields the very token ids
+    the external tools get (``calibration_ids`` is deterministic)."""
+    model, tokenizer = load_model(scorer.path)
+    recipe = validate_recipe({"version": 1, "model": {"path": str(scorer.path)}})
+    ctx = Context(recipe=recipe, model=model, tokenizer=tokenizer, out_dir=out, world=scorer.world)
+    method = QUANT_METHODS.get(name).model_validate(
+        {"name": name, "bits": bits, "group_size": group}
+    )
+    targets = select(model, None, ["lm_head"])
+    plan = {a.target.name: a.method for a in resolve(method, None, targets)}
+    start = time.perf_counter()
+    method.apply(model, targets, ctx, Progress(False), plan)
+    seconds = time.perf_counter() - start
+    save_model(model, tokenizer, out, dtype=torch.bfloat16)
+    stored = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return scorer.score(out, stored, seconds, method=name, bits=bits, group=group)
+
+
+def external(scorer: Scorer, venv: Path, tool: str, bits: int, group: int, calib: Path,
+             out: Path, method: str) -> dict[str, Any]:  # fmt: skip
+    script = EXTERNAL / f"{tool}_quantize.py"
+    args = [str(venv / "bin" / "python"), str(script), str(scorer.path), str(out), "--calib",
+            str(calib), "--bits", str(bits), "--group", str(group)]  # fmt: skip
+    args += ["--sym"] if tool == "gptqmodel" else ["--method", method]
+    run = subprocess.run(args, capture_output=True, text=True)
+    if run.returncode != 0:
+        tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
+        return {"method": f"{tool}-{method}", "bits": bits, "group": group, "error": tail}
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    folder = out / "dense" if tool == "gptqmodel" else out
+    stored = bf16_bytes(out / "gptq") if tool == "gptqmodel" else bf16_bytes(out)
+    label = "gptqmodel" if tool == "gptqmodel" else f"llmcompressor-{method}"
+    return scorer.score(folder, stored, result["seconds"], method=label, bits=bits, group=group)
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    path = build_teacher(name, progress=True)
+    scorer = Scorer(path, args.max_items)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = Path(tmp) / "calib.json"
+        spec = validate_recipe({"version": 1, "model": {"path": str(path)}}).data.calibration
+        model, tokenizer = load_model(path)
+        limit = model.config.max_position_embeddings
+        ids = calibration_ids(spec, scorer.world, tokenizer, limit)
+        calib.write_text(json.dumps(ids))
+        for bits in args.bits:
+            for method in ("rtn", "gptq"):
+                out = Path(tmp) / f"{method}-{bits}"
+                rows.append(ours(scorer, method, bits, args.group, out))
+                print(_line(rows[-1]), flush=True)
+            if args.gptqmodel_venv:
+                out = Path(tmp) / f"gptqmodel-{bits}"
+                rows.append(external(scorer, args.gptqmodel_venv, "gptqmodel", bits, args.group,
+                                     calib, out, "gptq"))  # fmt: skip
+                print(_line(rows[-1]), flush=True)
+            for method in ("gptq", "rtn") if args.llmcompressor_venv else ():
+                out = Path(tmp) / f"llmc-{method}-{bits}"
+                rows.append(external(scorer, args.llmcompressor_venv, "llmcompressor", bits,
+                                     args.group, calib, out, method))  # fmt: skip
+                print(_line(rows[-1]), flush=True)
+    return {"preset": name, "preset_key": PRESETS.get(name).key(), "teacher": str(path),
+            "teacher_scores": {t: s.score for t, s in scorer.teacher.items()},
+            "gated_tasks": scorer.gated, "max_items": args.max_items, "rows": rows}  # fmt: skip
+
+
+def _line(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"  {row['method']:20s} int{row['bits']}: failed: {' / '.join(row['error'])}"
+    return (f"  {row['method']:20s} int{row['bits']} g{row['group']}: worst "
+            f"{row['worst_retention']:.3f}, " + ", ".join(f"{t} {v:.3f}" for t, v in
+            row["retention"].items()) + f", kl {row['kl']:.4f}, top-1 {row['top1']:.3f}, "
+            f"{row['stored_bytes']:,} B ({row['size_vs_bf16_teacher']:.3f} of bf16), "
+            f"{row['seconds']:.2f} s")  # fmt: skip
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), dpi=110,
+                             squeeze=False)  # fmt: skip
+    for ax, result in zip(axes[0], results, strict=True):
+        methods = sorted({r["method"] for r in result["rows"] if "error" not in r})
+        for method in methods:
+            rows = sorted((r for r in result["rows"] if r["method"] == method and "error" not in r),
+                          key=lambda r: r["stored_bytes"])  # fmt: skip
+            ax.plot([r["size_vs_bf16_teacher"] for r in rows],
+                    [r["worst_retention"] for r in rows], "o-", label=method)  # fmt: skip
+        ax.set_title(result["preset"])
+        ax.set_xlabel("stored bytes / bf16 teacher")
+        ax.set_ylabel("worst-task retention")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("presets", nargs="*", default=DEFAULT_PRESETS)
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
+    parser.add_argument("--group", type=int, default=32)
+    parser.add_argument("--gptqmodel-venv", type=Path)
+    parser.add_argument("--llmcompressor-venv", type=Path)
+    parser.add_argument("--max-items", type=int)
+    args = parser.parse_args()
+    torch.set_num_threads(training_threads())
+    fresh = []
+    for name in args.presets:
+        print(name)
+        fresh.append(measure(name, args))
+    previous = json.loads(RESULTS.read_text())["presets"] if RESULTS.is_file() else []
+    merged = merge(previous, fresh)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"presets": merged}, indent=1) + "\n")
+    plot(merged, RESULTS.with_suffix(".png"))
+    print(f"wrote {RESULTS} and {RESULTS.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
