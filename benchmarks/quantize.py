@@ -106,7 +106,8 @@ def external(scorer: Scorer, venv: Path, tool: str, bits: int, group: int, calib
     args = [str(venv / "bin" / "python"), str(script), str(scorer.path), str(out), "--calib",
             str(calib), "--bits", str(bits), "--group", str(group)]  # fmt: skip
     args += ["--sym"] if tool == "gptqmodel" else ["--method", method]
-    run = subprocess.run(args, capture_output=True, text=True)
+    # GPTQModel writes logs/ into its working directory; keep them out of the repo.
+    run = subprocess.run(args, capture_output=True, text=True, cwd=out.parent)
     if run.returncode != 0:
         tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
         return {"method": f"{tool}-{method}", "bits": bits, "group": group, "error": tail}

@@ -25,16 +25,19 @@ QUANT_METHODS: dict[str, list[tuple[dict[str, Any], float]]] = {
     "rtn": [
         ({"name": "rtn", "bits": 8, "group_size": 32}, 44.0),
         ({"name": "rtn", "bits": 4, "group_size": 32}, 20.0),
-        ({"name": "rtn", "bits": 4, "group_size": None, "symmetric": True}, 16.5),
+        ({"name": "rtn", "bits": 4, "group_size": None}, 18.0),
+        ({"name": "rtn", "bits": 4, "group_size": 32, "symmetric": False}, 21.3),
         ({"name": "rtn", "bits": 3, "group_size": 32}, 13.5),
-        ({"name": "rtn", "bits": 2, "group_size": 32}, 6.5),
+        ({"name": "rtn", "bits": 2, "group_size": 32}, 6.0),
+        ({"name": "rtn", "bits": 2, "group_size": 32, "symmetric": False}, 7.3),
     ],
     "gptq": [
         ({"name": "gptq", "bits": 8, "group_size": 32}, 40.0),
         ({"name": "gptq", "bits": 4, "group_size": 32}, 16.0),
-        ({"name": "gptq", "bits": 4, "group_size": 64, "act_order": True}, 14.0),
-        ({"name": "gptq", "bits": 3, "group_size": 32, "symmetric": True}, 8.0),
-        ({"name": "gptq", "bits": 2, "group_size": 32}, 3.0),
+        ({"name": "gptq", "bits": 4, "group_size": 64, "act_order": False}, 14.0),
+        ({"name": "gptq", "bits": 4, "group_size": 32, "symmetric": False}, 17.0),
+        ({"name": "gptq", "bits": 3, "group_size": 32}, 9.0),
+        ({"name": "gptq", "bits": 2, "group_size": 32}, 2.2),
     ],
 }
 

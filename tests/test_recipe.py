@@ -65,7 +65,7 @@ MALFORMED: list[tuple[str, Any, str]] = [
     (
         "unknown method",
         base(stages=[{"kind": "quantize", "method": {"name": "rtm"}}]),
-        "stages.0.method.name: unknown method 'rtm'; did you mean 'rtn'? (valid: rtn",
+        "stages.0.method.name: unknown method 'rtm'; did you mean 'rtn'? (valid: gptq, rtn)",
     ),
     (
         "bits 5",

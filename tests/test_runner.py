@@ -72,7 +72,7 @@ def test_layout_and_report_schema(finished_run: Path) -> None:
         assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))
         assert (folder / "knowpress_stage.json").is_file() and (folder / "eval.json").is_file()
         manifest = read_manifest(folder)
-        assert manifest is not None and manifest.format == "hf-packed"
+        assert manifest is not None and manifest.format == "hf-compressed-tensors"
         assert list(manifest.files) == ["model.safetensors"] and manifest.dtype == "bfloat16"
     assert not list((out / "stages").glob(".tmp-*"))
     assert all(row["runtime"] == {"runtime": "torch", "device": "cpu", "dtype": "float32",

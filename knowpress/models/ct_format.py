@@ -68,13 +68,14 @@ def _config(modules: dict[str, nn.Module]) -> dict[str, Any]:
         QuantizationScheme,
     )
 
-    groups: dict[tuple[int, int], list[str]] = {}
+    # A group as wide as the row is the "channel" strategy: a 128-wide group is per-row on
+    # q_proj but grouped on a 512-wide down_proj, so the two go in different config groups.
+    groups: dict[tuple[int, int, bool], list[str]] = {}
     for name, module in modules.items():
-        groups.setdefault((module.bits, module.group_size), []).append(name)  # type: ignore[arg-type]
+        key = (module.bits, module.group_size, module.group_size == module.in_features)
+        groups.setdefault(key, []).append(name)  # type: ignore[arg-type]
     schemes = {}
-    for i, ((bits, group), names) in enumerate(sorted(groups.items())):
-        width = next(m.in_features for n, m in modules.items() if n == names[0])
-        per_row = group == width
+    for i, ((bits, group, per_row), names) in enumerate(sorted(groups.items())):
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=True,
                                 strategy="channel" if per_row else "group",
                                 group_size=None if per_row else group)  # fmt: skip
@@ -196,4 +197,9 @@ def load_ct(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.
             raise KnowpressError(f"{directory}: only symmetric int pack-quantized groups load here")
         model.set_submodule(name, _quant_linear(linear, raw, name, int(weights["num_bits"]),
                                                 weights.get("group_size"), dtype))  # fmt: skip
+    # The modules are knowpress's now: transformers' quantizer would rewrite any later save
+    # from its own (decompressed) view, and save_model writes the config itself.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model.eval()

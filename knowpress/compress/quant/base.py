@@ -42,8 +42,8 @@ class QuantMethod(FrozenConfig):
             )
         if target.kind != "linear":
             return (
-                f"{target.name} is an {target.kind} tensor {shape}; {self.name} quantizes "
-                f"linear layers only: remove it from quantize.targets"
+                f"{target.name} {shape} is not a linear layer's weight ({target.kind}); "
+                f"{self.name} quantizes linear layers only: remove it from quantize.targets"
             )
         if target.tied:
             return (

@@ -15,6 +15,10 @@ relative MSE ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` and the matching SQNR in dB.
 ```yaml
 - kind: quantize
   method: {name: gptq, bits: 4, group_size: 128, act_order: true, damp: 0.01}
+
+``act_order`` is on by default, as in GPTQModel (group-aware reordering) and llm-compressor
+(static activation order): on ``bios-dense-capacity`` at 4 bits, groups of 32, it takes recall
+retention from 0.339 to 0.387 and KL from 0.341 to 0.328 (benchmarks/results/quantize.json).
 ```
 """
 
@@ -118,7 +122,9 @@ class GPTQ(GroupWise):
 
     name: Literal["gptq"]
     bits: Literal[2, 3, 4, 8] = 4
-    act_order: bool = Field(False, description="columns by falling Hessian diagonal")
+    act_order: bool = Field(
+        True, description="columns by falling Hessian diagonal, groups kept static"
+    )
     damp: float = Field(0.01, gt=0, lt=1, description="fraction of mean(diag H) added")
     block: int = Field(128, gt=0, description="columns per lazy error update")
 

@@ -5,8 +5,10 @@ split into ``in / g`` groups. Per group, with ``b`` bits:
 
 - asymmetric: ``s = (max - min) / (2^b - 1)``, ``z = round(-min / s)``,
   ``q = clamp(round(W / s) + z, 0, 2^b - 1)``, ``Ŵ = (q - z) · s``;
-- symmetric: ``s = max|W| / (2^(b-1) - 1)``, ``q = clamp(round(W / s), -2^(b-1), 2^(b-1) - 1)``
-  stored with the offset ``2^(b-1)``, so ``Ŵ = (q_stored - 2^(b-1)) · s``.
+- symmetric: ``s = max|W| / ((2^b - 1) / 2)``, ``q = clamp(round(W / s), -2^(b-1), 2^(b-1) - 1)``
+  stored with the offset ``2^(b-1)``, so ``Ŵ = (q_stored - 2^(b-1)) · s``: every level of the
+  signed range is used (compressed-tensors' and GPTQ's convention), the largest magnitude
+  landing half a step past the last level.
 
 Scales are stored as float16 ``[out, in / g]``. Codes and zero points are packed densely at
 the code width (``pack``): 8-bit one per byte, 4-bit two per byte (low nibble = even column),
@@ -37,8 +39,8 @@ def group_params(
     """Scales (float16) and zero points (float, None when symmetric) of weight groups
     ``[..., g]`` -> ``[...]`` (see the module docstring)."""
     w = groups.detach().float()
-    if symmetric:
-        return _safe_fp16(w.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)), None
+    if symmetric:  # the full range [-2^(b-1), 2^(b-1)-1]: 8 levels at 3 bits, not 7
+        return _safe_fp16(w.abs().amax(dim=-1) / ((2**bits - 1) / 2)), None
     qmax = 2**bits - 1
     lo = w.amin(dim=-1).clamp(max=0.0)
     hi = w.amax(dim=-1).clamp(min=0.0)  # keep 0 representable: exact zeros stay zero

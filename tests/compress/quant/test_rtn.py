@@ -61,11 +61,20 @@ def test_pack_unpack_exact(bits: int, width: int) -> None:
 
 def test_int4_zero_points_are_packed_two_per_byte() -> None:
     linear = torch.nn.Linear(96, 8)  # 3 groups of 32: an odd count of zero points
-    q = RTN(name="rtn", bits=4, group_size=32).quantize_linear(linear)
+    q = RTN(name="rtn", bits=4, group_size=32, symmetric=False).quantize_linear(linear)
     assert q.weight_zero_point is not None and q.weight_zero_point.shape == (8, 2)
     expected = quantize_groups(linear.weight, 4, 32, symmetric=False)
     assert torch.equal(q.dequantized_weight(), dequantize_groups(
         expected.codes, expected.scales, expected.zeros, 4, 32))  # fmt: skip
+
+
+def test_symmetric_uses_the_full_signed_range() -> None:
+    # s = max|W| / ((2^b - 1) / 2) = 1 at 3 bits; ±3.5 round to the end levels -4 and 3.
+    w = torch.tensor([[-3.5, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 3.5]])
+    q = quantize_groups(w, 3, 8, symmetric=True)
+    assert q.zeros is None and torch.equal(q.scales.float(), torch.ones(1, 1))
+    w_hat = dequantize_groups(q.codes, q.scales, q.zeros, 3, 8)
+    assert torch.equal(w_hat, torch.tensor([[-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 3.0]]))
 
 
 def test_exact_values_survive() -> None:

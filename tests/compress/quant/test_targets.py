@@ -84,7 +84,7 @@ def test_fused_experts_are_quantized_expert_by_expert(tmp_path: Path) -> None:
     model = tiny_mixtral(vocab_size=128)
     before = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
     router = model.model.layers[0].mlp.gate.weight.detach().clone()
-    ctx = _run(model, method={"name": "rtn", "bits": 4, "group_size": 32})
+    ctx = _run(model, method={"name": "rtn", "bits": 4, "group_size": 32, "symmetric": False})
     experts = model.model.layers[0].mlp.experts
     assert ctx.metrics["quantized_tensors"] == 4 + 2  # q, k, v, o + the two fused tensors
     assert "gate_up_proj" not in dict(experts.named_parameters(recurse=False))
@@ -110,9 +110,12 @@ def test_a_method_without_fused_support_refuses_fused_experts() -> None:
 
 
 def test_targeting_what_the_method_cannot_quantize_is_an_error() -> None:
-    with pytest.raises(KnowpressError, match=r"embed_tokens\.weight is an embedding tensor"):
-        _run(tiny_llama(), method={"name": "rtn", "bits": 8}, targets=["model.embed_tokens"])
-    with pytest.raises(KnowpressError, match=r"lm_head\.weight is tied to another module"):
+    model = tiny_llama()
+    model.model.extra = torch.nn.Module()  # a 2-D parameter no method knows how to serve
+    model.model.extra.weight = torch.nn.Parameter(torch.randn(8, 64))
+    with pytest.raises(KnowpressError, match=r"extra\.weight \[8, 64\] is not a linear layer"):
+        _run(model, method={"name": "rtn", "bits": 8}, targets=["model.extra"])
+    with pytest.raises(KnowpressError, match=r"lm_head\.weight is tied to the input embedding"):
         _run(tiny_llama(), method={"name": "rtn", "bits": 8}, targets=["lm_head"], ignore=[])
 
 
