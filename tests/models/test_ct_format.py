@@ -46,7 +46,8 @@ def _quantized(method: RTN, storage: str) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize(("bits", "group"), [(4, 32), (8, 64), (3, 32), (4, None)])
+# g128 is per-row on the 128-wide q_proj, grouped on the 256-wide down_proj: two config groups
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (8, 64), (3, 32), (4, None), (4, 128)])
 def test_stock_transformers_loads_it_and_computes_the_same(
     bits: int, group: int | None, tmp_path: Path
 ) -> None:
@@ -69,6 +70,16 @@ def test_stock_transformers_loads_it_and_computes_the_same(
     assert len(packed) == 14 and all(m.storage == "compressed-tensors" for m in packed)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, ours)
+    again = tmp_path / "again"  # a later stage saves the reloaded model: the same tensors
+    assert save_model(reloaded, tiny_tokenizer(), again) == "hf-compressed-tensors"
+    assert _tensors(again) == _tensors(tmp_path)
+
+
+def _tensors(folder: Path) -> dict[str, bytes]:
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    return {k: v.contiguous().view(torch.uint8).numpy().tobytes() for k, v in state.items()}
 
 
 def test_bytes_match_the_prediction_in_the_compressed_tensors_layout(tmp_path: Path) -> None:
