@@ -18,6 +18,9 @@ Writes ``benchmarks/results/quantize.json`` (rows kept per preset) and ``quantiz
 
     python benchmarks/quantize.py [PRESET ...] [--bits 8 4 3 2] [--group 32]
         [--gptqmodel-venv DIR] [--llmcompressor-venv DIR] [--max-items N]
+        [--methods rtn gptq] [--asymmetric]
+
+A rerun of some rows (``--bits 4 --methods gptq --asymmetric``) keeps the preset's other rows.
 """
 
 from __future__ import annotations
@@ -81,14 +84,16 @@ class Scorer:
         }  # fmt: skip
 
 
-def ours(scorer: Scorer, name: str, bits: int, group: int, out: Path) -> dict[str, Any]:
+def ours(scorer: Scorer, name: str, bits: int, group: int, out: Path,
+         symmetric: bool = True) -> dict[str, Any]:  # fmt: skip
     """knowpress's method; calibration: the default spec, which yields the very token ids
-    the external tools get (``calibration_ids`` is deterministic)."""
+    the external tools get (``calibration_ids`` is deterministic). Asymmetric rows are
+    labelled ``NAME-asym`` (knowpress's packed format: zero points)."""
     model, tokenizer = load_model(scorer.path)
     recipe = validate_recipe({"version": 1, "model": {"path": str(scorer.path)}})
     ctx = Context(recipe=recipe, model=model, tokenizer=tokenizer, out_dir=out, world=scorer.world)
     method = QUANT_METHODS.get(name).model_validate(
-        {"name": name, "bits": bits, "group_size": group}
+        {"name": name, "bits": bits, "group_size": group, "symmetric": symmetric}
     )
     targets = select(model, None, ["lm_head"])
     plan = {a.target.name: a.method for a in resolve(method, None, targets)}
@@ -97,7 +102,8 @@ def ours(scorer: Scorer, name: str, bits: int, group: int, out: Path) -> dict[st
     seconds = time.perf_counter() - start
     save_model(model, tokenizer, out, dtype=torch.bfloat16)
     stored = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return scorer.score(out, stored, seconds, method=name, bits=bits, group=group)
+    label = name if symmetric else f"{name}-asym"
+    return scorer.score(out, stored, seconds, method=label, bits=bits, group=group)
 
 
 def external(scorer: Scorer, venv: Path, tool: str, bits: int, group: int, calib: Path,
@@ -130,10 +136,11 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         ids = calibration_ids(spec, scorer.world, tokenizer, limit)
         calib.write_text(json.dumps(ids))
         for bits in args.bits:
-            for method in ("rtn", "gptq"):
-                out = Path(tmp) / f"{method}-{bits}"
-                rows.append(ours(scorer, method, bits, args.group, out))
-                print(_line(rows[-1]), flush=True)
+            for method in args.methods:
+                for symmetric in (True, False) if args.asymmetric else (True,):
+                    out = Path(tmp) / f"{method}-{bits}-{symmetric}"
+                    rows.append(ours(scorer, method, bits, args.group, out, symmetric))
+                    print(_line(rows[-1]), flush=True)
             if args.gptqmodel_venv:
                 out = Path(tmp) / f"gptqmodel-{bits}"
                 rows.append(external(scorer, args.gptqmodel_venv, "gptqmodel", bits, args.group,
@@ -147,6 +154,20 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"preset": name, "preset_key": PRESETS.get(name).key(), "teacher": str(path),
             "teacher_scores": {t: s.score for t, s in scorer.teacher.items()},
             "gated_tasks": scorer.gated, "max_items": args.max_items, "rows": rows}  # fmt: skip
+
+
+def keep_rows(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> None:
+    """A rerun of some rows of a preset (same teacher) keeps its other rows: each fresh
+    result gets the previous rows whose (method, bits, group) it did not measure."""
+    for result in fresh:
+        old = next((p for p in previous if p["preset"] == result["preset"]
+                    and p.get("preset_key") == result["preset_key"]), None)  # fmt: skip
+        if old is None:
+            continue
+        measured = {(r["method"], r["bits"], r["group"]) for r in result["rows"]}
+        result["rows"] = [*result["rows"], *(r for r in old["rows"]
+                          if (r["method"], r["bits"], r["group"]) not in measured)]  # fmt: skip
+        result["rows"].sort(key=lambda r: (-r["bits"], r["group"]))
 
 
 def _line(row: dict[str, Any]) -> str:
@@ -192,6 +213,12 @@ def main() -> None:
     parser.add_argument("--gptqmodel-venv", type=Path)
     parser.add_argument("--llmcompressor-venv", type=Path)
     parser.add_argument("--max-items", type=int)
+    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
+    parser.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="also knowpress's methods with zero points (NAME-asym rows)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(training_threads())
     fresh = []
@@ -199,6 +226,7 @@ def main() -> None:
         print(name)
         fresh.append(measure(name, args))
     previous = json.loads(RESULTS.read_text())["presets"] if RESULTS.is_file() else []
+    keep_rows(previous, fresh)
     merged = merge(previous, fresh)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"presets": merged}, indent=1) + "\n")

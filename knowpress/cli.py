@@ -316,6 +316,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     import knowpress.stages  # noqa: F401
     from knowpress.compress.kv import KV_POLICIES
     from knowpress.compress.quant import QUANT_METHODS
+    from knowpress.distill import DISTILL_LOSSES
     from knowpress.evaluate.tasks import TASKS
     from knowpress.stage import STAGES
     from knowpress.world import PRESETS
@@ -329,6 +330,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_row("quant method", name, cls.summary, cls.paper)
     for name, cls in KV_POLICIES.items():
         table.add_row("KV policy", name, cls.summary, cls.paper)
+    for name, cls in DISTILL_LOSSES.items():
+        table.add_row("distill loss", name, cls.summary, cls.paper)
     for name, cls in TASKS.items():
         table.add_row("eval task", name, cls.summary, cls.paper)
     for name, preset in PRESETS.items():

@@ -63,3 +63,16 @@ RUNTIME_FORMATS: dict[str, str] = {
     "hf-packed": "packed",
     "hf-compressed-tensors": "compressed-tensors",
 }
+
+#: distill loss -> its config (the defaults a recipe gets, the matrix in tests/distill)
+DISTILL_LOSSES: dict[str, dict[str, Any]] = {
+    "forward_kl": {"name": "forward_kl"},
+    "reverse_kl": {"name": "reverse_kl"},
+    "gjsd": {"name": "gjsd", "beta": 0.5},
+    "skew_kl": {"name": "skew_kl", "alpha": 0.1},
+    "skew_reverse_kl": {"name": "skew_reverse_kl", "alpha": 0.1},
+    "tvd": {"name": "tvd"},
+    "akl": {"name": "akl"},
+    "ce": {"name": "ce"},
+    "taid": {"name": "taid"},
+}

@@ -9,6 +9,7 @@ import pytest
 
 from knowpress.compress.kv import KV_POLICIES
 from knowpress.compress.quant import QUANT_METHODS
+from knowpress.distill import DISTILL_LOSSES
 from knowpress.evaluate.loader import RUNTIME_FORMATS
 from knowpress.evaluate.tasks import TASKS
 from knowpress.registry import Registry
@@ -20,6 +21,7 @@ FAMILIES: list[tuple[Registry[Any], dict[str, Any]]] = [
     (TASKS, rows.TASKS),
     (KV_POLICIES, rows.KV_POLICIES),
     (RUNTIME_FORMATS, rows.RUNTIME_FORMATS),
+    (DISTILL_LOSSES, rows.DISTILL_LOSSES),
 ]
 
 
