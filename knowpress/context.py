@@ -46,8 +46,10 @@ class Context:
     policy a stage attached) and ``structure`` (per-layer facts a loader needs, e.g. experts
     kept per layer). Fresh for each stage: ``stage_dir`` (the stage's output folder, being
     written: files a stage writes there are part of its artifact and counted in its bytes),
-    ``artifacts`` (name -> file in ``stage_dir``, recorded in the manifest) and ``metrics``
-    (a stage's own figures, shown under its row in the report).
+    ``artifacts`` (name -> file in ``stage_dir``, recorded in the manifest), ``metrics``
+    (a stage's own figures, shown under its row in the report) and ``resume_dir`` (a folder
+    that outlives an interrupted attempt at this very stage, its hash in the name: mid-stage
+    checkpoints go there; the runner removes it once the stage is installed).
     """
 
     recipe: Recipe
@@ -63,7 +65,9 @@ class Context:
     artifacts: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[StageRecord] = field(default_factory=list)
+    resume_dir: Path | None = None
 
-    def begin_stage(self, stage_dir: Path) -> None:
+    def begin_stage(self, stage_dir: Path, resume_dir: Path | None = None) -> None:
         """Reset the per-stage fields before a stage runs."""
         self.stage_dir, self.artifacts, self.metrics = stage_dir, {}, {}
+        self.resume_dir = resume_dir

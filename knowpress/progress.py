@@ -26,6 +26,7 @@ class Progress:
         self.console = console or Console(stderr=True)
         self.enabled = enabled
         self._bars: RichProgress | None = None
+        self._tracked: tuple[object, str] | None = None
 
     @contextmanager
     def session(self) -> Iterator[Progress]:
@@ -47,14 +48,18 @@ class Progress:
             finally:
                 self._bars = None
 
-    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    def track(
+        self, items: Iterable[T], description: str, total: int | None = None, completed: int = 0
+    ) -> Iterator[T]:
+        """``completed``: steps already done (a resumed loop starts its bar there)."""
         bars = self._bars  # the session may end (Ctrl-C) while this generator is suspended
         if bars is None:
             yield from items
             return
         if total is None and hasattr(items, "__len__"):
             total = len(items)  # type: ignore[arg-type]
-        task = bars.add_task(description, total=total)
+        task = bars.add_task(description, total=total, completed=completed)
+        self._tracked = (task, description)
         try:
             for item in items:
                 yield item
@@ -62,6 +67,13 @@ class Progress:
         finally:
             if self._bars is bars:
                 bars.remove_task(task)
+
+    def note(self, text: str) -> None:
+        """Show ``text`` after the innermost bar's description (loss, schedule values)."""
+        if self._bars is not None and self._tracked is not None:
+            task, description = self._tracked
+            if task in self._bars.task_ids:
+                self._bars.update(task, description=f"{description} {text}")
 
     def log(self, message: str) -> None:
         if self.enabled:

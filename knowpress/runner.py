@@ -311,8 +311,9 @@ class Runner:
                 assert self.teacher_src is not None  # run() resolves it before any stage
                 self._teacher, _ = self.teacher_src.load(self.device)
             ctx.teacher = self._teacher
+        resume = _resume_dir(target, digest)
         with atomic_dir(target) as tmp:
-            ctx.begin_stage(tmp)
+            ctx.begin_stage(tmp, resume)
             start = time.perf_counter()
             stage = config.build()
             with PeakMemory() as memory:
@@ -355,6 +356,7 @@ class Runner:
                 format=fmt,
             )
             atomic_write_text(tmp / STAGE_FILE, json.dumps(dataclasses.asdict(record), indent=1))
+        shutil.rmtree(resume, ignore_errors=True)  # installed: its mid-stage state is spent
         return record
 
     def _stage_measurement(
@@ -372,6 +374,15 @@ class Runner:
         payload = {"key": self.eval_key, "measurement": measurement.to_json()}
         atomic_write_text(target / EVAL_FILE, json.dumps(payload, indent=1))
         return measurement, runtime
+
+
+def _resume_dir(target: Path, digest: str) -> Path:
+    """``stages/.resume-NN-kind-HASH``: where the stage's mid-run checkpoints survive a kill.
+    Those of an earlier config of the same stage (another hash) are removed."""
+    for stale in target.parent.glob(f".resume-{target.name}-*"):
+        if not stale.name.endswith(digest[:12]):
+            shutil.rmtree(stale, ignore_errors=True)
+    return target.parent / f".resume-{target.name}-{digest[:12]}"
 
 
 def _runtime_policies(ctx: Context) -> dict[str, dict[str, Any]]:

@@ -7,7 +7,7 @@ always whole)::
     adam.{name}.step        AdamW's per-parameter state, when it exists
     adam.{name}.exp_avg
     adam.{name}.exp_avg_sq
-    metadata: {"preset_key", "step", "ema", "seconds"}
+    metadata: {"preset_key", "step", "ema", "seconds", "extra" (JSON)}
 
 The batch schedule is a pure function of the step (``training.EpochBatches``) and the
 learning rate of the step (``training.lr_factor``), so a resumed run continues exactly where
@@ -16,7 +16,8 @@ the saved one stopped: its final weights equal an uninterrupted run's (tests che
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ class TrainState:
     step: int = 0
     ema: float | None = None
     seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)  # e.g. a distill loss's schedule
 
 
 def save_state(
@@ -56,6 +58,7 @@ def save_state(
         "step": str(state.step),
         "ema": "" if state.ema is None else repr(state.ema),
         "seconds": repr(state.seconds),
+        "extra": json.dumps(state.extra),
     }
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -90,4 +93,5 @@ def load_state(
         if moments:
             optimizer.state[param] = moments
     ema = meta.get("ema", "")
-    return TrainState(int(meta["step"]), float(ema) if ema else None, float(meta["seconds"]))
+    extra = json.loads(meta.get("extra") or "{}")
+    return TrainState(int(meta["step"]), float(ema) if ema else None, float(meta["seconds"]), extra)

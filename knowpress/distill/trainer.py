@@ -1,0 +1,247 @@
+"""The distill training loop: student against a frozen teacher, resumable, guarded.
+
+One optimizer step: the batch (``data.py``), or with probability ``on_policy.rate`` (seeded
+per step) a batch the student generates from the step's prompts (on-policy GKD, Agarwal et
+al. 2024, arXiv:2306.13649; ``source: teacher`` is sequence-level KD: the teacher generates).
+The batch is split into ``grad_accum`` micro-batches; every micro-batch loss is normalised
+by the token count of the whole batch, so the accumulated gradient equals one big batch's.
+Logits at position ``i`` predict token ``i+1``; the loss counts the positions whose next
+token is labelled (generated tokens for on-policy batches). The step loss is
+``(1 − sft_weight) · KD + sft_weight · CE`` (CE on dataset batches only).
+
+AdamW, linear warmup then cosine to ``min_lr_ratio``, gradient norm clipped. Every
+``checkpoint_every`` steps the student, AdamW's moments, the step and the loss schedule
+(TAID's t) go to ``checkpoint`` (``world/train_state.py``); a stage started again with the
+same hash continues from there. A non-finite loss stops training before the optimizer
+applies it: the error names the step and the last good checkpoint, which is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from transformers import PreTrainedModel
+
+from knowpress.config import FrozenConfig
+from knowpress.distill.data import Batch, DistillData, left_pad
+from knowpress.distill.losses import DistillLoss
+from knowpress.errors import KnowpressError
+from knowpress.progress import Progress
+from knowpress.world.train_state import TrainState, load_state, save_state
+
+
+class OnPolicySpec(FrozenConfig):
+    rate: float = Field(0.5, ge=0, le=1, description="λ: share of steps on generated batches")
+    source: Literal["student", "teacher"] = Field("student", description="teacher: seq-KD")
+    max_new_tokens: int = Field(24, ge=1)
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+
+
+class TrainSpec(FrozenConfig):
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    warmup: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seq_len: int = Field(128, ge=8)
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1, description="steps between resumable saves")
+
+
+@dataclass
+class Outcome:
+    steps: int
+    resumed_from: int
+    loss: float
+    on_policy_steps: int
+    train_seconds: float
+    generate_seconds: float
+    schedule: dict[str, float]
+
+
+def lr_at(step: int, spec: TrainSpec) -> float:
+    if step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * cosine)
+
+
+def is_on_policy(seed: int, step: int, rate: float) -> bool:
+    """Whether ``step`` trains on a generated batch: a pure function of (seed, step)."""
+    return rate > 0 and random.Random(f"knowpress-gkd:{seed}:{step}").random() < rate
+
+
+@torch.no_grad()
+def generate_batch(model: PreTrainedModel, prompts: list[list[int]], spec: OnPolicySpec,
+                   pad_id: int, eos_id: int, seed: int) -> Batch:  # fmt: skip
+    """Sample continuations (batched, KV cache); labels: the generated tokens up to and
+    including the first ``</s>``, -100 elsewhere."""
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                             temperature=spec.temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=spec.max_new_tokens, pad_token_id=pad_id,
+                             eos_token_id=eos_id, use_cache=True)  # fmt: skip
+    model.train(was_training)
+    new = out[:, ids.shape[1] :]
+    ended = (new == eos_id).long().cumsum(-1)
+    keep = (ended == 0) | ((ended == 1) & (new == eos_id))  # up to the first </s>
+    labels = torch.full_like(out, -100)
+    labels[:, ids.shape[1] :] = torch.where(keep, new, torch.full_like(new, -100))
+    attention = torch.cat([mask, keep.long()], dim=1)
+    return out, attention, labels
+
+
+def _chunks(n: int, parts: int) -> Iterator[slice]:
+    size = math.ceil(n / parts)
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def batch_loss(student: PreTrainedModel, teacher: PreTrainedModel | None, loss: DistillLoss,
+               batch: Batch, spec: TrainSpec, sft_weight: float,
+               interp: float | None) -> torch.Tensor:  # fmt: skip
+    """Backward through every micro-batch; returns the batch loss (detached)."""
+    ids, attention, labels = batch
+    counted = labels[:, 1:] != -100
+    total = counted.sum().clamp_min(1)
+    value = torch.zeros((), device=ids.device)
+    for part in _chunks(ids.shape[0], spec.grad_accum):
+        logits = student(input_ids=ids[part], attention_mask=attention[part]).logits[:, :-1]
+        teacher_logits = None
+        if loss.needs_teacher:
+            assert teacher is not None
+            with torch.no_grad():
+                out = teacher(input_ids=ids[part], attention_mask=attention[part])
+                teacher_logits = out.logits[:, :-1]
+        target = labels[part, 1:]
+        kd = loss(logits, teacher_logits, counted[part], target, total, interp)
+        if sft_weight:
+            ce = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
+                reduction="sum") / total  # fmt: skip
+            kd = (1 - sft_weight) * kd + sft_weight * ce
+        kd.backward()
+        value += kd.detach()
+    return value
+
+
+def _optimizer(model: PreTrainedModel, spec: TrainSpec) -> torch.optim.AdamW:
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]  # norms and biases: no weight decay
+    groups = [{"params": decay, "weight_decay": spec.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]  # fmt: skip
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.98))
+
+
+class Trainer:
+    """``run()`` trains ``student`` in place and returns the ``Outcome``."""
+
+    def __init__(self, student: PreTrainedModel, teacher: PreTrainedModel | None,
+                 loss: DistillLoss, data: DistillData, spec: TrainSpec,
+                 on_policy: OnPolicySpec | None, sft_weight: float,
+                 checkpoint: Path | None, key: str) -> None:  # fmt: skip
+        self.student, self.teacher, self.loss, self.data = student, teacher, loss, data
+        self.spec, self.on_policy, self.sft_weight = spec, on_policy, sft_weight
+        self.checkpoint, self.key = checkpoint, key
+        self.optimizer = _optimizer(student, spec)
+        make = getattr(loss, "schedule", None)
+        self.schedule = make(spec.steps) if callable(make) else None
+        self.generate_seconds, self.on_policy_steps = 0.0, 0
+
+    def _resume(self) -> TrainState:
+        state = None
+        if self.checkpoint is not None:
+            state = load_state(self.checkpoint, self.student, self.optimizer, self.key)
+        if state is None:
+            return TrainState()
+        if self.schedule is not None and "schedule" in state.extra:
+            self.schedule.load_state_dict(state.extra["schedule"])  # type: ignore[arg-type]
+        self.generate_seconds = float(state.extra.get("generate_seconds", 0.0))
+        self.on_policy_steps = int(state.extra.get("on_policy_steps", 0))
+        return state
+
+    def _save(self, state: TrainState) -> None:
+        if self.checkpoint is None:
+            return
+        state.extra = {"generate_seconds": self.generate_seconds,
+                       "on_policy_steps": self.on_policy_steps}  # fmt: skip
+        if self.schedule is not None:
+            state.extra["schedule"] = self.schedule.state_dict()  # type: ignore[assignment]
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        save_state(self.checkpoint, self.student, self.optimizer, state, self.key)
+
+    def _batch(self, step: int) -> tuple[Batch, bool]:
+        op, data = self.on_policy, self.data
+        if op is None or not is_on_policy(self.spec.seed, step, op.rate):
+            return data.batch(step), False
+        model = self.student if op.source == "student" else self.teacher
+        assert model is not None
+        start = time.perf_counter()
+        tok = data.tokenizer
+        batch = generate_batch(model, data.prompts(step), op, tok.pad_token_id, tok.eos_token_id,
+                               seed=hash((self.spec.seed, step)) % 2**31)  # fmt: skip
+        self.generate_seconds += time.perf_counter() - start
+        self.on_policy_steps += 1
+        return batch, True
+
+    def run(self, progress: Progress) -> Outcome:
+        spec, device = self.spec, next(self.student.parameters()).device
+        state = self._resume()
+        start_step, begun = state.step, time.perf_counter()
+        self.student.train()
+        last_good = start_step
+        for step in progress.track(range(start_step, spec.steps), "distill",
+                                   completed=start_step, total=spec.steps):  # fmt: skip
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(step, spec)
+            batch, generated = self._batch(step)
+            batch = tuple(t.to(device) for t in batch)  # type: ignore[assignment]
+            interp = self.schedule.t if self.schedule is not None else None
+            sft = 0.0 if generated else self.sft_weight
+            value = float(batch_loss(self.student, self.teacher, self.loss, batch, spec, sft,
+                                     interp))  # fmt: skip
+            if not math.isfinite(value):
+                self.optimizer.zero_grad(set_to_none=True)
+                where = f"step {last_good} in {self.checkpoint}" if self.checkpoint else "none"
+                raise KnowpressError(
+                    f"distill: the loss became {value} at step {step + 1} (nothing applied; "
+                    f"last good checkpoint: {where}); lower train.lr or check the data"
+                )
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), spec.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.schedule is not None:
+                self.schedule.update(value)
+            state.ema = value if state.ema is None else 0.9 * state.ema + 0.1 * value
+            state.step = step + 1
+            shown = f" t {self.schedule.t:.3f}" if self.schedule is not None else ""
+            progress.note(f"loss {state.ema:.3f}{shown}")
+            if state.step % spec.checkpoint_every == 0 and state.step < spec.steps:
+                self._save(state)
+                last_good = state.step
+        self.student.eval()
+        return Outcome(
+            steps=spec.steps, resumed_from=start_step, loss=float(state.ema or 0.0),
+            on_policy_steps=self.on_policy_steps,
+            train_seconds=round(time.perf_counter() - begun, 3),
+            generate_seconds=round(self.generate_seconds, 3),
+            schedule=self.schedule.state_dict() if self.schedule is not None else {},
+        )  # fmt: skip

@@ -1,0 +1,130 @@
+"""``kind: distill`` — train a student against the frozen teacher.
+
+The student is made from the current model (the input model for a first stage; the teacher
+by default is the reference): a copy (healing), a smaller config, or a depth- or
+width-pruned copy (``distill/students.py``). It trains on the fact world's training text
+(``distill/data.py``; ``data.calibration`` texts without a world) with a loss from
+``DISTILL_LOSSES`` (``distill/losses.py``, TAID in ``distill/taid.py``), optionally mixed
+with cross-entropy (``sft_weight``) and with on-policy batches (``on_policy``: GKD; ``source:
+teacher``: sequence-level KD). Training is resumable mid-stage (``distill/trainer.py``).
+The student is saved as an ordinary transformers checkpoint of its own config.
+
+```yaml
+- kind: distill
+  student: {make: width, mlp_keep: 0.5, heads_keep: 0.5}   # copy | config | depth | width
+  loss: {name: taid, temperature: 1.0}                      # any DISTILL_LOSSES entry
+  sft_weight: 0.0
+  on_policy: {rate: 0.5, max_new_tokens: 24}                # optional (GKD)
+  train: {steps: 500, batch_size: 32, lr: 1e-3, checkpoint_every: 50}
+```
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field
+
+from knowpress.context import Context
+from knowpress.distill import DISTILL_LOSSES
+from knowpress.distill.data import DistillData
+from knowpress.distill.losses import ForwardKL
+from knowpress.distill.students import StudentSpec, check_student, make_student, parameter_count
+from knowpress.distill.trainer import OnPolicySpec, Trainer, TrainSpec
+from knowpress.errors import KnowpressError
+from knowpress.models.io import packed_modules
+from knowpress.progress import Progress
+from knowpress.stage import STAGES, StageConfig
+
+LossSpec = Annotated[
+    Union[tuple(DISTILL_LOSSES.get(n) for n in DISTILL_LOSSES.names())],  # noqa: UP007
+    Field(discriminator="name"),
+]
+CALIBRATION_BATCHES = 4  # batches the depth / width importance is measured on
+
+
+@STAGES.register("distill")
+class DistillConfig(StageConfig):
+    summary = "train a student (copy, smaller config, depth/width-pruned) against the teacher"
+    paper = "Hinton et al. 2015; Agarwal et al. 2024 (GKD); Shing et al. 2025 (TAID)"
+
+    kind: Literal["distill"]
+    student: StudentSpec = StudentSpec()
+    loss: LossSpec = Field(default_factory=lambda: ForwardKL(name="forward_kl"))  # type: ignore[valid-type]
+    sft_weight: float = Field(0.0, ge=0, le=1, description="share of CE on the labels")
+    on_policy: OnPolicySpec | None = None
+    train: TrainSpec = TrainSpec()
+    needs_teacher = True
+
+    def build(self) -> Distill:
+        return Distill(self)
+
+    def check(self, model: Any, deploy_dtype: str) -> list[str]:
+        problem = check_student(self.student, model.config)
+        if problem:
+            raise KnowpressError(problem)
+        if packed_modules(model):
+            raise KnowpressError(
+                "distill trains float weights, and the model has packed layers from an "
+                "earlier quantize stage: put the distill stage before quantize"
+            )
+        if self.loss.name == "ce" and self.on_policy is not None:
+            raise KnowpressError("on_policy: loss 'ce' has no teacher to score the samples")
+        op = self.on_policy
+        gkd = f", on-policy {op.rate:.0%} from the {op.source}" if op else ""
+        return [f"student: {self.student.make}; loss {self.loss.name}{gkd}; "
+                f"{self.train.steps} steps of {self.train.batch_size}"]  # fmt: skip
+
+
+class Distill:
+    def __init__(self, config: DistillConfig) -> None:
+        self.config = config
+
+    def run(self, ctx: Context, progress: Progress) -> Context:
+        cfg = self.config
+        cfg.check(ctx.model, ctx.recipe.model.dtype)
+        teacher = ctx.teacher
+        if teacher is None:
+            raise KnowpressError("distill: no teacher was loaded (recipe.teacher)")
+        if teacher.config.vocab_size != ctx.model.config.vocab_size:
+            raise KnowpressError(
+                f"distill: the teacher's vocabulary ({teacher.config.vocab_size}) differs from "
+                f"the model's ({ctx.model.config.vocab_size}); logit distillation needs one"
+            )
+        teacher.eval().requires_grad_(False)
+        data = _data(ctx, cfg.train)
+        calib = [data.batch(i)[0].to(ctx.device) for i in range(CALIBRATION_BATCHES)]
+        student = make_student(cfg.student, ctx.model, calib).to(ctx.device)
+        student.requires_grad_(True)
+        checkpoint = ctx.resume_dir / "train_state.safetensors" if ctx.resume_dir else None
+        key = ctx.resume_dir.name if ctx.resume_dir else "distill"
+        trainer = Trainer(student, teacher, cfg.loss, data, cfg.train, cfg.on_policy,
+                          cfg.sft_weight, checkpoint, key)  # fmt: skip
+        outcome = trainer.run(progress)
+        ctx.model = student
+        ctx.metrics.update(
+            student_parameters=parameter_count(student),
+            teacher_parameters=parameter_count(teacher),
+            student_share=parameter_count(student) / parameter_count(teacher),
+            student_config={k: getattr(student.config, k, None) for k in _SHAPE_KEYS},
+            **{k: v for k, v in vars(outcome).items() if v != {}},
+        )
+        return ctx
+
+
+_SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+               "num_key_value_heads", "head_dim")  # fmt: skip
+
+
+def _data(ctx: Context, train: TrainSpec) -> DistillData:
+    """The world's training epochs, else ``data.calibration``'s texts."""
+    from knowpress.data.calibration import calibration_texts
+
+    world = ctx.world if hasattr(ctx.world, "training_in_context") else None
+    texts = None if world is not None else calibration_texts(ctx.recipe.data.calibration, None)
+    try:
+        return DistillData(world, ctx.tokenizer, texts, train.batch_size, train.seq_len,
+                           train.seed)  # fmt: skip
+    except ValueError as exc:
+        raise KnowpressError(f"distill: {exc} (set data.calibration.path)") from None
+
