@@ -121,7 +121,12 @@ def external(scorer: Scorer, venv: Path, tool: str, bits: int, group: int, calib
     folder = out / "dense" if tool == "gptqmodel" else out
     stored = bf16_bytes(out / "gptq") if tool == "gptqmodel" else bf16_bytes(out)
     label = "gptqmodel" if tool == "gptqmodel" else f"llmcompressor-{method}"
-    return scorer.score(folder, stored, result["seconds"], method=label, bits=bits, group=group)
+    try:
+        return scorer.score(folder, stored, result["seconds"], method=label, bits=bits,
+                            group=group)  # fmt: skip
+    except Exception as exc:  # its output does not load: a result of the comparison too
+        message = f"its output does not load: {type(exc).__name__}: {exc}"[:300]
+        return {"method": label, "bits": bits, "group": group, "error": [message]}
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -222,9 +227,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(training_threads())
     fresh = []
-    for name in args.presets:
+    for name in args.presets:  # written after each preset: a later failure loses nothing
         print(name)
         fresh.append(measure(name, args))
+        write(fresh)
+
+
+def write(fresh: list[dict[str, Any]]) -> None:
     previous = json.loads(RESULTS.read_text())["presets"] if RESULTS.is_file() else []
     keep_rows(previous, fresh)
     merged = merge(previous, fresh)

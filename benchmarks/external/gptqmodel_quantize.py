@@ -47,7 +47,7 @@ def main() -> None:
     model.save(str(out / "gptq"))
     stored = sum(f.stat().st_size for f in (out / "gptq").glob("*.safetensors"))
     quantized = GPTQModel.load(str(out / "gptq"), device="cpu")  # as a user would run it
-    dense = _dense_copy(quantized)
+    dense = _in_original_layout(_dense_copy(quantized), args.model)
     dense.save_pretrained(out / "dense")
     from transformers import AutoTokenizer
 
@@ -81,3 +81,34 @@ def _dense_copy(model):  # type: ignore[no-untyped-def]
 
 if __name__ == "__main__":
     main()
+
+
+def _in_original_layout(dense, original: str):  # type: ignore[no-untyped-def]
+    """The original architecture loaded from ``original`` with every weight taken from
+    ``dense``. GPTQModel splits transformers 5's fused expert tensors into one linear per
+    expert (``experts.{j}.gate_proj / up_proj / down_proj``); they are stacked back into
+    ``gate_up_proj [E, 2I, H]`` (gate rows first) and ``down_proj [E, H, I]``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
+    source = dense.state_dict()
+    state = {}
+    for name, tensor in target.state_dict().items():
+        module, _, attr = name.rpartition(".")
+        if name in source:
+            state[name] = source[name]
+        elif attr == "gate_up_proj":
+            n = tensor.shape[0]
+            state[name] = torch.stack([torch.cat([source[f"{module}.{j}.gate_proj.weight"],
+                                                  source[f"{module}.{j}.up_proj.weight"]])
+                                       for j in range(n)])  # fmt: skip
+        elif attr == "down_proj" and tensor.dim() == 3:
+            n = tensor.shape[0]
+            state[name] = torch.stack([source[f"{module}.{j}.down_proj.weight"] for j in range(n)])
+        else:
+            raise KeyError(f"{name}: not in GPTQModel's model")
+        if state[name].shape != tensor.shape:
+            raise ValueError(f"{name}: {tuple(state[name].shape)} != {tuple(tensor.shape)}")
+    target.load_state_dict(state)
+    return target
