@@ -205,7 +205,15 @@ def check_stages(recipe: Recipe, model: PreTrainedModel | None) -> list[list[str
     if model is None:
         return [[] for _ in recipe.stages]
     facts = []
+    packed_by = None
     for index, config in enumerate(recipe.stages):
+        if type(config).trains_weights and packed_by is not None:
+            raise KnowpressError(
+                f"stages.{index} ({config.kind}): trains float weights, and stages.{packed_by} "
+                f"packs them first: put the {config.kind} stage before quantize"
+            )
+        if type(config).packs_weights and packed_by is None:
+            packed_by = index
         try:
             facts.append(config.check(model, recipe.model.dtype))
         except KnowpressError as exc:

@@ -25,6 +25,9 @@ class StageConfig(FrozenConfig):
     kind: str
     #: the runner loads the teacher into ``ctx.teacher`` only for stages that need it
     needs_teacher: ClassVar[bool] = False
+    #: stage order: a stage that trains float weights cannot follow one that packs them
+    trains_weights: ClassVar[bool] = False
+    packs_weights: ClassVar[bool] = False
 
     def build(self) -> Stage:
         raise NotImplementedError(f"stage kind {self.kind!r} does not implement build()")

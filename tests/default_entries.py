@@ -17,8 +17,11 @@ import knowpress.testing.stages  # noqa: F401  (registers the test-only stage ki
 STAGES: dict[str, dict[str, Any]] = {
     "quantize": {"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 32}},
     "attach_test_policy": {"kind": "attach_test_policy", "payload_bytes": 1000},
-    "distill": {"kind": "distill", "student": {"make": "depth", "keep": 0.5},
-                "train": {"steps": 4, "batch_size": 8}},  # fmt: skip
+    "distill": {
+        "kind": "distill",
+        "student": {"make": "depth", "keep": 0.5},
+        "train": {"steps": 4, "batch_size": 8},
+    },  # fmt: skip
 }
 
 #: quant method -> [(method block, minimum weight SQNR in dB on a random tiny Llama); methods

@@ -52,8 +52,9 @@ def check_student(spec: StudentSpec, config: Any) -> str | None:
             return "student.config: give the fields to change (e.g. num_hidden_layers: 1)"
     if spec.make == "depth" and spec.keep is None:
         return "student.keep: the share of layers to keep is required for make: depth"
-    if spec.make in ("depth", "width") and getattr(config, "num_experts", None):
-        return f"student.make: {spec.make} pruning handles dense models; for MoE use make: config"
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if spec.make == "width" and experts:
+        return "student.make: width pruning handles dense MLPs; for MoE use make: depth or config"
     return None
 
 
@@ -225,4 +226,3 @@ def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 def parameter_count(model: nn.Module) -> int:
     """Parameters stored once (a tied head counted with its embedding)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-

@@ -55,6 +55,7 @@ class DistillConfig(StageConfig):
     on_policy: OnPolicySpec | None = None
     train: TrainSpec = TrainSpec()
     needs_teacher = True
+    trains_weights = True
 
     def build(self) -> Distill:
         return Distill(self)
@@ -127,4 +128,3 @@ def _data(ctx: Context, train: TrainSpec) -> DistillData:
                            train.seed)  # fmt: skip
     except ValueError as exc:
         raise KnowpressError(f"distill: {exc} (set data.calibration.path)") from None
-

@@ -49,6 +49,8 @@ QuantMethodSpec = Annotated[
 class QuantizeConfig(StageConfig):
     summary = "weight-only quantization of targeted tensors, stored packed"
 
+    packs_weights = True
+
     kind: Literal["quantize"]
     method: QuantMethodSpec  # type: ignore[valid-type]
     targets: list[str] | None = Field(
