@@ -79,9 +79,6 @@ def _dense_copy(model):  # type: ignore[no-untyped-def]
     return hf.float()
 
 
-if __name__ == "__main__":
-    main()
-
 
 def _in_original_layout(dense, original: str):  # type: ignore[no-untyped-def]
     """The original architecture loaded from ``original`` with every weight taken from
@@ -112,3 +109,7 @@ def _in_original_layout(dense, original: str):  # type: ignore[no-untyped-def]
             raise ValueError(f"{name}: {tuple(state[name].shape)} != {tuple(tensor.shape)}")
     target.load_state_dict(state)
     return target
+
+
+if __name__ == "__main__":
+    main()

@@ -38,8 +38,8 @@ class DistillData:
             self._questions = [q.prompt for q in world.questions("trained")]
         else:
             self._epochs = None
-            self._rows: list[Example] = [(ids, 0) for ids in
-                                         encode_texts(texts or [], tokenizer, seq_len) if ids]  # fmt: skip
+            encoded = encode_texts(texts or [], tokenizer, seq_len)
+            self._rows: list[Example] = [(ids, 0) for ids in encoded if ids]
             if not self._rows:
                 raise ValueError("the distill data has no text")
 

@@ -89,8 +89,8 @@ def test_the_trainer_uses_student_samples_at_those_steps(setup: Any, monkeypatch
 def test_generated_batches_label_the_continuation_up_to_the_first_eos(setup: Any) -> None:
     teacher, tokenizer, data = setup
     spec = OnPolicySpec(max_new_tokens=8)
-    ids, attention, labels = generate_batch(teacher, data.prompts(0), spec,
-                                            tokenizer.pad_token_id, tokenizer.eos_token_id, 0)  # fmt: skip
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids, attention, labels = generate_batch(teacher, data.prompts(0), spec, pad, eos, 0)
     width = max(len(p) for p in data.prompts(0))
     assert (labels[:, :width] == -100).all() and (labels[:, width:] != -100).any()
     for row, lab, att in zip(ids, labels, attention, strict=True):
