@@ -21,7 +21,7 @@ STAGES: dict[str, dict[str, Any]] = {
         "kind": "distill",
         "student": {"make": "depth", "keep": 0.5},
         "train": {"steps": 4, "batch_size": 8},
-    },  # fmt: skip
+    },
 }
 
 #: quant method -> [(method block, minimum weight SQNR in dB on a random tiny Llama); methods
