@@ -35,53 +35,23 @@ from typing import Any
 
 import torch
 from results_io import merge
+from scoring import Scorer
 
 from knowpress.compress.quant import QUANT_METHODS
 from knowpress.compress.quant.plan import resolve
 from knowpress.compress.quant.targets import select
 from knowpress.context import Context
 from knowpress.data.calibration import calibration_ids
-from knowpress.evaluate.evaluator import evaluate_reference, evaluate_runtime, retention_table
-from knowpress.evaluate.loader import load_runtime
 from knowpress.models.io import load_model, save_model
 from knowpress.models.sizes import bf16_bytes
 from knowpress.progress import Progress
 from knowpress.recipe import validate_recipe
-from knowpress.world import PRESETS, build_teacher, load_world
-from knowpress.world.training import teacher_tasks, training_threads
+from knowpress.world import PRESETS, build_teacher
+from knowpress.world.training import training_threads
 
 RESULTS = Path(__file__).parent / "results" / "quantize.json"
 EXTERNAL = Path(__file__).parent / "external"
 DEFAULT_PRESETS = ["bios-dense-capacity", "bios-moe-capacity", "bios-dense-small"]
-
-
-class Scorer:
-    """The teacher's scores and states, and how to score a quantized model against them."""
-
-    def __init__(self, path: Path, max_items: int | None) -> None:
-        self.path, self.max_items = path, max_items
-        self.world = load_world(path)
-        self.tasks = [*teacher_tasks(self.world), "kl"]
-        self.teacher, self.states = evaluate_reference(
-            load_runtime(path), self.world, self.tasks, max_items
-        )
-        self.gated = [t for t, s in self.teacher.items()
-                      if s.relative and not s.near_chance and s.score > 0]  # fmt: skip
-        self.bf16 = bf16_bytes(path)
-
-    def score(self, folder: Path, stored: int, seconds: float, **fields: Any) -> dict[str, Any]:
-        runtime = load_runtime(folder)
-        scores = evaluate_runtime(runtime, self.world, self.tasks, self.max_items, None,
-                                  self.states)  # fmt: skip
-        retention = retention_table(scores, self.teacher)
-        return {
-            **fields, "seconds": round(seconds, 3), "stored_bytes": stored,
-            "size_vs_bf16_teacher": stored / self.bf16,
-            "retention": retention, "worst_retention": min(retention[t] for t in self.gated),
-            "kl": scores["kl"].score, "top1": scores["kl"].extra["top1"],
-            "flips_lost": {t: s.extra["flips/lost"] for t, s in scores.items()
-                           if "flips/lost" in s.extra},
-        }  # fmt: skip
 
 
 def ours(scorer: Scorer, name: str, bits: int, group: int, out: Path,

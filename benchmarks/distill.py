@@ -1,0 +1,216 @@
+"""Question: which distillation objective moves the most of a teacher's knowledge into a
+student of half or a quarter of its parameters, for the same number of steps?
+
+For each preset: students are width-pruned copies of the teacher (``student.make: width``,
+MLP channels and heads kept at the ratio that gives ``--sizes`` of the teacher's parameters,
+embeddings included), each trained by the distill stage's trainer for ``--steps`` steps of
+``--batch`` sequences on the world's training text with one objective: ``sft`` (CE on the
+labels only), ``forward_kl``, ``reverse_kl``, ``gjsd`` (β=0.5), ``taid``, ``gkd`` (GJSD with
+on-policy batches at λ=0.5). The untrained pruned student is scored too (``pruned``). Every
+student is scored by knowpress's evaluation against the teacher: per-task retention, worst
+task, KL, top-1, bits per student parameter.
+
+Writes ``benchmarks/results/distill.json`` (rows kept per preset) and ``distill.png``.
+
+    python benchmarks/distill.py [PRESET ...] [--sizes 0.5 0.25] [--steps 600] [--batch 32]
+        [--methods sft forward_kl ...] [--max-items N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from results_io import merge
+from scoring import Scorer
+
+from knowpress.distill import DISTILL_LOSSES
+from knowpress.distill.data import DistillData
+from knowpress.distill.students import StudentSpec, make_student, parameter_count
+from knowpress.distill.trainer import OnPolicySpec, Trainer, TrainSpec
+from knowpress.models.io import load_model, save_model
+from knowpress.models.sizes import bf16_bytes
+from knowpress.progress import Progress
+from knowpress.world import PRESETS, build_teacher, load_world
+from knowpress.world.training import training_threads
+
+RESULTS = Path(__file__).parent / "results" / "distill.json"
+DEFAULT_PRESETS = ["bios-dense-capacity", "bios-dense-small"]
+METHODS: dict[str, tuple[dict[str, Any], float, float]] = {  # loss, sft weight, λ
+    "sft": ({"name": "ce"}, 0.0, 0.0),
+    "forward_kl": ({"name": "forward_kl"}, 0.0, 0.0),
+    "reverse_kl": ({"name": "reverse_kl"}, 0.0, 0.0),
+    "gjsd": ({"name": "gjsd", "beta": 0.5}, 0.0, 0.0),
+    "taid": ({"name": "taid"}, 0.0, 0.0),
+    "gkd": ({"name": "gjsd", "beta": 0.5}, 0.0, 0.5),
+}
+
+
+def ratio_for(teacher: Any, share: float, calib: list[torch.Tensor]) -> tuple[float, int]:
+    """The keep ratio (MLP channels and heads alike) whose student is closest to ``share``."""
+    best = (1.0, parameter_count(teacher))
+    target = share * parameter_count(teacher)
+    for step in range(1, 41):
+        r = step / 40
+        spec = StudentSpec(make="width", mlp_keep=r, heads_keep=r)
+        n = parameter_count(make_student(spec, teacher, calib[:1]))
+        if abs(n - target) < abs(best[1] - target):
+            best = (r, n)
+    return best
+
+
+def train_one(
+    teacher: Any, pruned: Any, data: DistillData, method: str, args: argparse.Namespace
+) -> tuple[Any, dict[str, Any]]:
+    block, sft, rate = METHODS[method]
+    loss = DISTILL_LOSSES.get(block["name"]).model_validate(block)
+    spec = TrainSpec(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=20)
+    on_policy = OnPolicySpec(rate=rate, max_new_tokens=16) if rate else None
+    student = copy.deepcopy(pruned).requires_grad_(True)
+    trainer = Trainer(student, teacher, loss, data, spec, on_policy, sft, None, method)
+    outcome = trainer.run(Progress())
+    return student, {
+        "train_seconds": outcome.train_seconds,
+        "generate_seconds": outcome.generate_seconds,
+        "final_loss": outcome.loss,
+        "on_policy_steps": outcome.on_policy_steps,
+    }
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    path = build_teacher(name, progress=True)
+    scorer = Scorer(path, args.max_items)
+    teacher, tokenizer = load_model(path)
+    teacher.eval().requires_grad_(False)
+    world = load_world(path)
+    data = DistillData(world, tokenizer, None, args.batch, 128, seed=0)
+    calib = [data.batch(i)[0] for i in range(4)]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for share in args.sizes:
+            ratio, n = ratio_for(teacher, share, calib)
+            pruned = make_student(
+                StudentSpec(make="width", mlp_keep=ratio, heads_keep=ratio), teacher, calib
+            )
+            fields = {
+                "size": share,
+                "keep_ratio": ratio,
+                "student_parameters": n,
+                "student_share": n / parameter_count(teacher),
+            }
+            for method in ["pruned", *args.methods]:
+                start = time.perf_counter()
+                student, extra = (
+                    (pruned, {})
+                    if method == "pruned"
+                    else train_one(teacher, pruned, data, method, args)
+                )
+                out = Path(tmp) / f"{method}-{share}"
+                save_model(student, tokenizer, out, dtype=torch.bfloat16)
+                row = scorer.score(
+                    out,
+                    bf16_bytes(out),
+                    time.perf_counter() - start,
+                    method=method,
+                    **fields,
+                    **extra,
+                )
+                row["bits_per_student_parameter"] = row["scores"].get("bits", 0.0) / n
+                rows.append(row)
+                print(_line(row), flush=True)
+    return {
+        "preset": name,
+        "preset_key": PRESETS.get(name).key(),
+        "teacher": str(path),
+        "teacher_parameters": parameter_count(teacher),
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "max_items": args.max_items,
+        "teacher_scores": {t: s.score for t, s in scorer.teacher.items()},
+        "gated_tasks": scorer.gated,
+        "rows": rows,
+    }
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (
+        f"  {row['size']:.2f} ({row['student_parameters']:,} params) {row['method']:11s} "
+        f"worst {row['worst_retention']:.3f}, "
+        + ", ".join(f"{t} {v:.3f}" for t, v in row["retention"].items())
+        + f", kl {row['kl']:.4f}, top-1 {row['top1']:.3f}, "
+        f"bits/param {row['bits_per_student_parameter']:.3f}, {row['seconds']:.1f} s"
+    )
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), dpi=110, squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+        sizes = sorted({r["size"] for r in result["rows"]}, reverse=True)
+        width = 0.8 / max(1, len(methods))
+        for i, method in enumerate(methods):
+            values = [
+                next(
+                    (
+                        r["retention"].get("recall", 0.0)
+                        for r in result["rows"]
+                        if r["method"] == method and r["size"] == s
+                    ),
+                    0.0,
+                )
+                for s in sizes
+            ]
+            ax.bar([j + i * width for j in range(len(sizes))], values, width, label=method)
+        ax.set_xticks(
+            [j + 0.4 - width / 2 for j in range(len(sizes))], [f"{s:.0%} of teacher" for s in sizes]
+        )
+        ax.set_title(f"{result['preset']} ({result['steps']} steps)")
+        ax.set_ylabel("recall retention")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(fresh: list[dict[str, Any]]) -> None:
+    previous = json.loads(RESULTS.read_text())["presets"] if RESULTS.is_file() else []
+    merged = merge(previous, fresh)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"presets": merged}, indent=1) + "\n")
+    plot(merged, RESULTS.with_suffix(".png"))
+    print(f"wrote {RESULTS} and {RESULTS.with_suffix('.png')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("presets", nargs="*", default=DEFAULT_PRESETS)
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--max-items", type=int)
+    args = parser.parse_args()
+    torch.set_num_threads(training_threads())
+    fresh = []
+    for name in args.presets:
+        print(name)
+        fresh.append(measure(name, args))
+        write(fresh)
+
+
+if __name__ == "__main__":
+    main()
