@@ -139,6 +139,92 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def gkd_step_timing(name: str, args: argparse.Namespace, repeats: int = 5) -> dict[str, Any]:
+    """Seconds of one on-policy GKD step (student generates ``max_new_tokens``, teacher and
+    student score, GJSD(0.5) backward; no optimizer step) for ours and TRL's
+    ``GKDTrainer.training_step`` (λ=1), on the same models, prompts and generation settings.
+    Medians of ``repeats`` steps after one warm-up each."""
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from knowpress.distill.data import left_pad
+    from knowpress.distill.trainer import batch_loss, generate_batch
+
+    path = build_teacher(name, progress=True)
+    teacher, tokenizer = load_model(path)
+    teacher.eval().requires_grad_(False)
+    data = DistillData(load_world(path), tokenizer, None, args.batch, 128, seed=0)
+    student = make_student(
+        StudentSpec(make="width", mlp_keep=0.5, heads_keep=0.5), teacher, [data.batch(0)[0]]
+    ).requires_grad_(True)
+    prompts = data.prompts(0)
+    op = OnPolicySpec(rate=1.0, max_new_tokens=args.gkd_tokens)
+    loss = DISTILL_LOSSES.get("gjsd").model_validate({"name": "gjsd", "beta": 0.5})
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+
+    def ours(i: int) -> None:
+        batch = generate_batch(student, prompts, op, pad, eos, seed=i)
+        batch_loss(student, teacher, loss, batch, TrainSpec(batch_size=args.batch), 0.0, None)
+        student.zero_grad(set_to_none=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = GKDConfig(
+            output_dir=tmp,
+            lmbda=1.0,
+            beta=0.5,
+            temperature=1.0,
+            max_new_tokens=args.gkd_tokens,
+            per_device_train_batch_size=args.batch,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+        )
+        trl = GKDTrainer(
+            model=copy.deepcopy(student),
+            teacher_model=teacher,
+            args=config,
+            train_dataset=Dataset.from_dict({"text": ["x"]}),
+            data_collator=lambda rows: rows,
+            processing_class=tokenizer,
+        )
+        ids, mask = left_pad(prompts, pad)
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": torch.full_like(ids, -100),
+            "prompts": ids,
+            "prompt_attention_mask": mask,
+        }
+
+        trl.current_gradient_accumulation_steps = 1  # set by train(); training_step reads it
+
+        def theirs(i: int) -> None:
+            torch.manual_seed(i)
+            trl.training_step(trl.model, dict(inputs))
+            trl.model.zero_grad(set_to_none=True)
+
+        timings = {"ours": _median_seconds(ours, repeats), "trl": _median_seconds(theirs, repeats)}
+    import trl as trl_package
+
+    return {
+        **timings,
+        "ratio": timings["ours"] / timings["trl"],
+        "batch": args.batch,
+        "max_new_tokens": args.gkd_tokens,
+        "trl_version": trl_package.__version__,
+    }
+
+
+def _median_seconds(step: Any, repeats: int) -> float:
+    step(0)  # warm-up
+    times = []
+    for i in range(1, repeats + 1):
+        start = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def _line(row: dict[str, Any]) -> str:
     return (
         f"  {row['size']:.2f} ({row['student_parameters']:,} params) {row['method']:11s} "
@@ -176,7 +262,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(
             [j + 0.4 - width / 2 for j in range(len(sizes))], [f"{s:.0%} of teacher" for s in sizes]
         )
-        ax.set_title(f"{result['preset']} ({result['steps']} steps)")
+        ax.set_title(f"{result['preset']} ({result.get('steps', 0)} steps)")
         ax.set_ylabel("recall retention")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
@@ -203,12 +289,23 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--max-items", type=int)
+    parser.add_argument("--gkd-tokens", type=int, default=32)
+    parser.add_argument("--skip-training", action="store_true", help="only the GKD step timing")
     args = parser.parse_args()
     torch.set_num_threads(training_threads())
     fresh = []
     for name in args.presets:
         print(name)
-        fresh.append(measure(name, args))
+        timing = gkd_step_timing(name, args)
+        print(
+            f"  one on-policy GKD step: ours {timing['ours']:.3f} s, TRL {timing['trl']:.3f} s, "
+            f"ratio {timing['ratio']:.2f}"
+        )
+        result = {"preset": name, "preset_key": PRESETS.get(name).key(), "rows": []}
+        if not args.skip_training:
+            result = measure(name, args)
+        result["gkd_step"] = timing
+        fresh.append(result)
         write(fresh)
 
 
