@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import merge
+from results_io import write_presets
 from scoring import Scorer
 
 from knowpress.distill import DISTILL_LOSSES
@@ -271,15 +270,6 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write(fresh: list[dict[str, Any]]) -> None:
-    previous = json.loads(RESULTS.read_text())["presets"] if RESULTS.is_file() else []
-    merged = merge(previous, fresh)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"presets": merged}, indent=1) + "\n")
-    plot(merged, RESULTS.with_suffix(".png"))
-    print(f"wrote {RESULTS} and {RESULTS.with_suffix('.png')}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="*", default=DEFAULT_PRESETS)
@@ -306,7 +296,7 @@ def main() -> None:
             result = measure(name, args)
         result["gkd_step"] = timing
         fresh.append(result)
-        write(fresh)
+        write_presets(RESULTS, fresh, plot)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import merge
+from results_io import write_presets
 from scoring import Scorer
 
 from knowpress.compress.quant import QUANT_METHODS
@@ -200,17 +200,7 @@ def main() -> None:
     for name in args.presets:  # written after each preset: a later failure loses nothing
         print(name)
         fresh.append(measure(name, args))
-        write(fresh)
-
-
-def write(fresh: list[dict[str, Any]]) -> None:
-    previous = json.loads(RESULTS.read_text())["presets"] if RESULTS.is_file() else []
-    keep_rows(previous, fresh)
-    merged = merge(previous, fresh)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"presets": merged}, indent=1) + "\n")
-    plot(merged, RESULTS.with_suffix(".png"))
-    print(f"wrote {RESULTS} and {RESULTS.with_suffix('.png')}")
+        write_presets(RESULTS, fresh, plot, keep_rows)
 
 
 if __name__ == "__main__":

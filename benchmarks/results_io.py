@@ -6,6 +6,9 @@ builds the same teacher (same ``preset_key``); stale rows are dropped with a mes
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from knowpress.world import PRESETS
@@ -29,3 +32,21 @@ def merge(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[d
             print(f"dropped the row of {row['preset']}: teacher {key}, the preset builds {current}")
     order = PRESETS.names()
     return sorted([*kept, *fresh], key=lambda row: order.index(row["preset"]))
+
+
+def write_presets(
+    path: Path,
+    fresh: list[dict[str, Any]],
+    plot: Callable[[list[dict[str, Any]], Path], None],
+    prepare: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None] | None = None,
+) -> None:
+    """Merge ``fresh`` into the ``{"presets": [...]}`` file at ``path`` (``prepare(previous,
+    fresh)`` first, e.g. to carry rows over), write it and its plot (``path`` as .png)."""
+    previous = json.loads(path.read_text())["presets"] if path.is_file() else []
+    if prepare is not None:
+        prepare(previous, fresh)
+    merged = merge(previous, fresh)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"presets": merged}, indent=1) + "\n")
+    plot(merged, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -16,13 +16,12 @@ preset builds the same teacher) and ``sensitivity.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import merge
+from results_io import write_presets
 
 from knowpress.compress.quant.packing import dequantize_groups, quantize_groups
 from knowpress.compress.quant.targets import select
@@ -139,12 +138,7 @@ def main() -> None:
     for name in args.presets:
         print(name)
         fresh.append(measure(name, settings, args.max_items, args.device))
-    previous = json.loads(RESULTS.read_text())["presets"] if RESULTS.is_file() else []
-    merged = merge(previous, fresh)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"presets": merged}, indent=1) + "\n")
-    plot(merged, RESULTS.with_suffix(".png"))
-    print(f"wrote {RESULTS} and {RESULTS.with_suffix('.png')}")
+        write_presets(RESULTS, fresh, plot)
 
 
 if __name__ == "__main__":

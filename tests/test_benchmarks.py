@@ -67,3 +67,31 @@ def test_sensitivity_rounds_linear_layers_and_fused_experts_per_expert() -> None
     expected = dequantize_groups(one.codes, one.scales, one.zeros, 2, 32)
     assert torch.equal(experts[1], expected)
     assert torch.equal(model.model.layers[0].mlp.gate.weight, router)  # the router stays float
+
+
+def test_a_partial_quantize_rerun_keeps_the_presets_other_rows() -> None:
+    keep_rows = _instrument("quantize").keep_rows
+    row = {"worst_retention": 1.0}
+    previous = [
+        {
+            "preset": "p",
+            "preset_key": "k",
+            "rows": [
+                {"method": "rtn", "bits": 4, "group": 32, "v": 0, **row},
+                {"method": "gptq", "bits": 4, "group": 32, "v": 0, **row},
+            ],
+        },
+        {"preset": "q", "preset_key": "k", "rows": [{"method": "rtn", "bits": 8, "group": 32}]},
+    ]
+    fresh = [{"preset": "p", "preset_key": "k", "rows": [
+        {"method": "gptq", "bits": 4, "group": 32, "v": 1, **row},
+        {"method": "gptq-asym", "bits": 4, "group": 32, "v": 1, **row},
+    ]}]  # fmt: skip
+    keep_rows(previous, fresh)
+    got = sorted((r["method"], r["v"]) for r in fresh[0]["rows"])
+    assert got == [("gptq", 1), ("gptq-asym", 1), ("rtn", 0)]  # measured rows replace old ones
+    stale = [{"preset": "p", "preset_key": "other", "rows": [{"method": "x", "bits": 4,
+                                                               "group": 32}]}]  # fmt: skip
+    fresh = [{"preset": "p", "preset_key": "k", "rows": []}]
+    keep_rows(stale, fresh)
+    assert fresh[0]["rows"] == []  # rows of another teacher are not carried over

@@ -79,7 +79,6 @@ def _dense_copy(model):  # type: ignore[no-untyped-def]
     return hf.float()
 
 
-
 def _in_original_layout(dense, original: str):  # type: ignore[no-untyped-def]
     """The original architecture loaded from ``original`` with every weight taken from
     ``dense``. GPTQModel splits transformers 5's fused expert tensors into one linear per
