@@ -80,4 +80,5 @@ DISTILL_LOSSES: dict[str, dict[str, Any]] = {
     "akl": {"name": "akl"},
     "ce": {"name": "ce"},
     "taid": {"name": "taid"},
+    "delta_kd": {"name": "delta_kd", "teacher_base": {"path": "./base"}},
 }

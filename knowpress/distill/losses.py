@@ -26,7 +26,7 @@ TVD 0.5, skew KL(α=0.1) 0.4469.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -98,6 +98,8 @@ class DistillLoss(FrozenConfig):
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     needs_teacher: ClassVar[bool] = True
     stateful: ClassVar[bool] = False  # carries a schedule (TAID) the trainer advances
+    #: frozen models besides the teacher whose logits the loss needs (Delta-KD)
+    extra_models: ClassVar[tuple[str, ...]] = ()
 
     def divergence(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Per-token loss from student and teacher log-probs ``[N, V] -> [N]``."""
@@ -129,14 +131,19 @@ class DistillLoss(FrozenConfig):
         labels: torch.Tensor | None = None,
         normalizer: float | torch.Tensor | None = None,
         interp: float | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``Σ_{mask} per_token / normalizer`` (default: the number of masked tokens);
-        ``interp``: a stateful loss's schedule value (TAID's t)."""
+        ``interp``: a stateful loss's schedule value (TAID's t); ``extra``: logits of the
+        loss's ``extra_models`` (Delta-KD's base models), ``[B, T, V]`` each."""
         mask = mask.bool()
         picked_t = None if teacher_logits is None else teacher_logits[mask]
         picked_l = None if labels is None else labels[mask]
         picked = (student_logits[mask], picked_t, picked_l)
-        losses = self.per_token(*picked) if interp is None else self.per_token(*picked, interp)
+        kwargs: dict[str, Any] = {} if interp is None else {"interp": interp}
+        if extra:
+            kwargs["extra"] = {name: logits[mask] for name, logits in extra.items()}
+        losses = self.per_token(*picked, **kwargs)
         count = normalizer if normalizer is not None else mask.sum().clamp_min(1)
         return losses.sum() / count
 

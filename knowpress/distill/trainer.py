@@ -115,9 +115,10 @@ def _chunks(n: int, parts: int) -> Iterator[slice]:
 
 
 def batch_loss(student: PreTrainedModel, teacher: PreTrainedModel | None, loss: DistillLoss,
-               batch: Batch, spec: TrainSpec, sft_weight: float,
-               interp: float | None) -> torch.Tensor:  # fmt: skip
-    """Backward through every micro-batch; returns the batch loss (detached)."""
+               batch: Batch, spec: TrainSpec, sft_weight: float, interp: float | None,
+               extra_models: dict[str, PreTrainedModel] | None = None) -> torch.Tensor:  # fmt: skip
+    """Backward through every micro-batch; returns the batch loss (detached).
+    ``extra_models``: the loss's frozen base models (Delta-KD), scored like the teacher."""
     ids, attention, labels = batch
     counted = labels[:, 1:] != -100
     total = counted.sum().clamp_min(1)
@@ -131,7 +132,12 @@ def batch_loss(student: PreTrainedModel, teacher: PreTrainedModel | None, loss: 
                 out = teacher(input_ids=ids[part], attention_mask=attention[part])
                 teacher_logits = out.logits[:, :-1]
         target = labels[part, 1:]
-        kd = loss(logits, teacher_logits, counted[part], target, total, interp)
+        extra = None
+        if extra_models:
+            with torch.no_grad():
+                extra = {name: model(input_ids=ids[part], attention_mask=attention[part])
+                         .logits[:, :-1] for name, model in extra_models.items()}  # fmt: skip
+        kd = loss(logits, teacher_logits, counted[part], target, total, interp, extra)
         if sft_weight:
             ce = torch.nn.functional.cross_entropy(
                 logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
@@ -157,8 +163,10 @@ class Trainer:
     def __init__(self, student: PreTrainedModel, teacher: PreTrainedModel | None,
                  loss: DistillLoss, data: DistillData, spec: TrainSpec,
                  on_policy: OnPolicySpec | None, sft_weight: float,
-                 checkpoint: Path | None, key: str) -> None:  # fmt: skip
+                 checkpoint: Path | None, key: str,
+                 extra_models: dict[str, PreTrainedModel] | None = None) -> None:  # fmt: skip
         self.student, self.teacher, self.loss, self.data = student, teacher, loss, data
+        self.extra_models = extra_models or {}
         self.spec, self.on_policy, self.sft_weight = spec, on_policy, sft_weight
         self.checkpoint, self.key = checkpoint, key
         self.optimizer = _optimizer(student, spec)
@@ -217,7 +225,7 @@ class Trainer:
             interp = self.schedule.t if self.schedule is not None else None
             sft = 0.0 if generated else self.sft_weight
             value = float(batch_loss(self.student, self.teacher, self.loss, batch, spec, sft,
-                                     interp))  # fmt: skip
+                                     interp, self.extra_models))  # fmt: skip
             if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
                 where = f"step {last_good} in {self.checkpoint}" if self.checkpoint else "none"

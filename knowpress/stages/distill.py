@@ -97,10 +97,11 @@ class Distill:
         calib = [data.batch(i)[0].to(ctx.device) for i in range(CALIBRATION_BATCHES)]
         student = make_student(cfg.student, ctx.model, calib).to(ctx.device)
         student.requires_grad_(True)
+        extra = _extra_models(cfg.loss, student, ctx)
         checkpoint = ctx.resume_dir / "train_state.safetensors" if ctx.resume_dir else None
         key = ctx.resume_dir.name if ctx.resume_dir else "distill"
         trainer = Trainer(student, teacher, cfg.loss, data, cfg.train, cfg.on_policy,
-                          cfg.sft_weight, checkpoint, key)  # fmt: skip
+                          cfg.sft_weight, checkpoint, key, extra)  # fmt: skip
         outcome = trainer.run(progress)
         ctx.model = student
         ctx.metrics.update(
@@ -115,6 +116,30 @@ class Distill:
 
 _SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                "num_key_value_heads", "head_dim")  # fmt: skip
+
+
+def _extra_models(loss: Any, student: Any, ctx: Context) -> dict[str, Any]:
+    """The loss's frozen base models (Delta-KD): loaded from their specs, or for an absent
+    ``student_base`` the student as made, before any step. One vocabulary for all."""
+    import copy
+
+    from knowpress.sources import resolve_source
+
+    models = {}
+    for name in type(loss).extra_models:
+        spec = getattr(loss, name)
+        if spec is None:
+            model = copy.deepcopy(student)
+        else:
+            source = resolve_source(spec, field=f"loss.{name}.path")
+            model, _ = source.load(str(ctx.device))
+        if model.config.vocab_size != student.config.vocab_size:
+            raise KnowpressError(
+                f"loss.{name}: its vocabulary ({model.config.vocab_size}) differs from the "
+                f"student's ({student.config.vocab_size}); Delta-KD needs one vocabulary"
+            )
+        models[name] = model.eval().requires_grad_(False)
+    return models
 
 
 def _data(ctx: Context, train: TrainSpec) -> DistillData:

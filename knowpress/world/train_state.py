@@ -50,9 +50,9 @@ def save_state(
     tensors: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         tensors[f"param.{name}"] = param.detach().to("cpu", copy=True)
-        for key, value in optimizer.state.get(param, {}).items():
-            if key in _ADAM_KEYS and isinstance(value, torch.Tensor):
-                tensors[f"adam.{name}.{key}"] = value.detach().to("cpu", copy=True)
+        for slot, value in optimizer.state.get(param, {}).items():
+            if slot in _ADAM_KEYS and isinstance(value, torch.Tensor):
+                tensors[f"adam.{name}.{slot}"] = value.detach().to("cpu", copy=True)
     metadata = {
         "preset_key": key,
         "step": str(state.step),

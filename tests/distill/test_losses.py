@@ -68,7 +68,10 @@ def test_identical_logits_give_zero_and_positive_otherwise(case: str) -> None:
     z = torch.randn(2, 5, 11)
     mask = torch.ones(2, 5, dtype=torch.bool)
     labels = z.argmax(-1)
-    extra = {"interp": 1.0} if loss.stateful else {}
+    extra: dict[str, object] = {"interp": 1.0} if loss.stateful else {}
+    if loss.extra_models:  # equal base models: the delta is the teacher minus itself
+        base = torch.randn(2, 5, 11)
+        extra["extra"] = {name: base for name in loss.extra_models}
     same = loss(z, z, mask, labels, **extra)
     if case in ("ce", "taid"):  # cross-entropies: the entropy of the target, not 0
         expected = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1).mean()
@@ -77,7 +80,7 @@ def test_identical_logits_give_zero_and_positive_otherwise(case: str) -> None:
         assert same.item() == pytest.approx(expected.item(), rel=1e-5)
     else:
         assert same.item() == pytest.approx(0.0, abs=1e-6)
-        other = loss(z, torch.randn(2, 5, 11), mask, labels)
+        other = loss(z, torch.randn(2, 5, 11), mask, labels, **extra)
         assert other.item() > 1e-3
 
 
@@ -145,3 +148,19 @@ def test_a_kl_with_a_zero_probability_teacher_token_is_finite_with_finite_gradie
     value = forward_kl(s.log_softmax(-1), t.log_softmax(-1)).sum()
     value.backward()
     assert math.isfinite(value.item()) and s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_delta_kd_targets_the_student_base_shifted_by_the_teachers_delta() -> None:
+    from knowpress.distill.delta_kd import delta_target
+
+    loss = DISTILL_LOSSES.get("delta_kd").model_validate(rows.DISTILL_LOSSES["delta_kd"])
+    z_sb, z_t, z_tb = (torch.tensor([[v]]) for v in ([1.0, 0, 0], [0, 2.0, 0], [0, 1.0, 0]))
+    assert delta_target(z_sb, z_t, z_tb).tolist() == [[[1.0, 1.0, 0.0]]]
+    student = torch.tensor([[[0.0, 0.0, 0.0]]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    value = loss(student, z_t, mask, extra={"student_base": z_sb, "teacher_base": z_tb})
+    # by hand: target p = softmax([1, 1, 0]) = [0.4223, 0.4223, 0.1554], q uniform
+    # KL(p ‖ q) = Σ p log p + log 3 = −1.017356 + 1.098612
+    assert value.item() == pytest.approx(0.081256, abs=1e-5)
+    with pytest.raises(ValueError, match="needs the teacher's and both base models' logits"):
+        loss(student, z_t, mask)
