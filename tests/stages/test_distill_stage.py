@@ -85,3 +85,26 @@ def test_distill_after_quantize_fails_before_any_work(
     ):
         apply(_recipe(quantize, DISTILL), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_delta_kd_runs_with_its_base_models_and_refuses_another_vocabulary(
+    tiny_teacher_dir: Path, tmp_path: Path
+) -> None:
+    from knowpress.models.io import load_model, save_model
+
+    base, tokenizer = load_model(tiny_teacher_dir)
+    with torch.no_grad():  # "the teacher before fine-tuning": a perturbed copy, same vocabulary
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(base, tokenizer, tmp_path / "base")
+    stage = {"kind": "distill", "student": {"make": "depth", "keep": 0.5}, "sft_weight": 0.3,
+             "loss": {"name": "delta_kd", "teacher_base": {"path": str(tmp_path / "base")}},
+             "train": {"steps": 3, "batch_size": 8}}  # fmt: skip
+    report = apply(_recipe(stage), tmp_path / "out").report
+    assert report["stages"][0]["details"]["steps"] == 3
+    other = tmp_path / "other"
+    tiny_llama(vocab_size=40).save_pretrained(other)
+    tiny_tokenizer(40).save_pretrained(other)
+    stage["loss"] = {"name": "delta_kd", "teacher_base": {"path": str(other)}}
+    with pytest.raises(KnowpressError, match=r"loss\.teacher_base: its vocabulary \(40\) differs"):
+        apply(_recipe(stage), tmp_path / "out2")
