@@ -33,6 +33,12 @@ from transformers import PreTrainedModel
 from knowpress.config import FrozenConfig
 from knowpress.distill.data import Batch, DistillData, left_pad
 from knowpress.distill.losses import DistillLoss
+from knowpress.distill.moe_teacher import (
+    MoETeacherSpec,
+    router_parameters,
+    routers,
+    sampled_routing,
+)
 from knowpress.errors import KnowpressError
 from knowpress.progress import Progress
 from knowpress.world.train_state import TrainState, load_state, save_state
@@ -114,30 +120,56 @@ def _chunks(n: int, parts: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
+@dataclass
+class Extras:
+    """What a step needs beyond student, teacher and loss: the loss's frozen base models
+    (Delta-KD) and the MoE-teacher options (``moe_teacher.py``) with the step's seed."""
+
+    models: dict[str, PreTrainedModel] | None = None
+    moe: MoETeacherSpec | None = None
+    seed: int = 0
+
+
+def _teacher_logits(teacher: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor,
+                    extras: Extras) -> list[torch.Tensor]:  # fmt: skip
+    """``[B, T-1, V]`` teacher logits: one, or one per sampled routing (knowledge
+    augmentation); with gradients into the routers only when they are trained."""
+    moe = extras.moe
+    train_router = moe is not None and moe.router_lr > 0
+    with torch.set_grad_enabled(train_router):
+        if moe is None or moe.augment == 1:
+            return [teacher(input_ids=ids, attention_mask=attention).logits[:, :-1]]
+        outs = []
+        for k in range(moe.augment):
+            with sampled_routing(teacher, seed=extras.seed * 64 + k):
+                outs.append(teacher(input_ids=ids, attention_mask=attention).logits[:, :-1])
+        return outs
+
+
 def batch_loss(student: PreTrainedModel, teacher: PreTrainedModel | None, loss: DistillLoss,
                batch: Batch, spec: TrainSpec, sft_weight: float, interp: float | None,
-               extra_models: dict[str, PreTrainedModel] | None = None) -> torch.Tensor:  # fmt: skip
-    """Backward through every micro-batch; returns the batch loss (detached).
-    ``extra_models``: the loss's frozen base models (Delta-KD), scored like the teacher."""
+               extras: Extras | None = None) -> torch.Tensor:  # fmt: skip
+    """Backward through every micro-batch; returns the batch loss (detached). With several
+    teacher outputs (sampled routings) the KD term is their mean."""
+    extras = extras or Extras()
     ids, attention, labels = batch
     counted = labels[:, 1:] != -100
     total = counted.sum().clamp_min(1)
     value = torch.zeros((), device=ids.device)
     for part in _chunks(ids.shape[0], spec.grad_accum):
         logits = student(input_ids=ids[part], attention_mask=attention[part]).logits[:, :-1]
-        teacher_logits = None
-        if loss.needs_teacher:
-            assert teacher is not None
-            with torch.no_grad():
-                out = teacher(input_ids=ids[part], attention_mask=attention[part])
-                teacher_logits = out.logits[:, :-1]
         target = labels[part, 1:]
         extra = None
-        if extra_models:
+        if extras.models:
             with torch.no_grad():
                 extra = {name: model(input_ids=ids[part], attention_mask=attention[part])
-                         .logits[:, :-1] for name, model in extra_models.items()}  # fmt: skip
-        kd = loss(logits, teacher_logits, counted[part], target, total, interp, extra)
+                         .logits[:, :-1] for name, model in extras.models.items()}  # fmt: skip
+        teachers: list[torch.Tensor | None] = [None]
+        if loss.needs_teacher:
+            assert teacher is not None
+            teachers = list(_teacher_logits(teacher, ids[part], attention[part], extras))
+        kd = sum(loss(logits, t, counted[part], target, total, interp, extra) for t in teachers)
+        kd = kd / len(teachers)
         if sft_weight:
             ce = torch.nn.functional.cross_entropy(
                 logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
@@ -146,6 +178,14 @@ def batch_loss(student: PreTrainedModel, teacher: PreTrainedModel | None, loss: 
         kd.backward()
         value += kd.detach()
     return value
+
+
+class _RouterSet(torch.nn.Module):
+    """The teacher's routers as one module, for their checkpoint (student-aware router)."""
+
+    def __init__(self, teacher: PreTrainedModel) -> None:
+        super().__init__()
+        self.routers = torch.nn.ModuleList(routers(teacher))
 
 
 def _optimizer(model: PreTrainedModel, spec: TrainSpec) -> torch.optim.AdamW:
@@ -164,9 +204,16 @@ class Trainer:
                  loss: DistillLoss, data: DistillData, spec: TrainSpec,
                  on_policy: OnPolicySpec | None, sft_weight: float,
                  checkpoint: Path | None, key: str,
-                 extra_models: dict[str, PreTrainedModel] | None = None) -> None:  # fmt: skip
+                 extra_models: dict[str, PreTrainedModel] | None = None,
+                 moe: MoETeacherSpec | None = None) -> None:  # fmt: skip
         self.student, self.teacher, self.loss, self.data = student, teacher, loss, data
-        self.extra_models = extra_models or {}
+        self.extra_models, self.moe = extra_models or {}, moe
+        self.router_optimizer = None
+        if moe is not None and moe.router_lr > 0 and teacher is not None:
+            params = router_parameters(teacher)
+            for p in params:
+                p.requires_grad_(True)
+            self.router_optimizer = torch.optim.AdamW(params, lr=moe.router_lr, weight_decay=0)
         self.spec, self.on_policy, self.sft_weight = spec, on_policy, sft_weight
         self.checkpoint, self.key = checkpoint, key
         self.optimizer = _optimizer(student, spec)
@@ -182,6 +229,11 @@ class Trainer:
             return TrainState()
         if self.schedule is not None and "schedule" in state.extra:
             self.schedule.load_state_dict(state.extra["schedule"])  # type: ignore[arg-type]
+        if self.router_optimizer is not None and self.teacher is not None:
+            routed = load_state(self._router_file(), _RouterSet(self.teacher),
+                                self.router_optimizer, self.key)  # fmt: skip
+            if routed is None or routed.step != state.step:
+                return TrainState()  # the routers' save does not match: start over
         self.generate_seconds = float(state.extra.get("generate_seconds", 0.0))
         self.on_policy_steps = int(state.extra.get("on_policy_steps", 0))
         return state
@@ -194,7 +246,14 @@ class Trainer:
         if self.schedule is not None:
             state.extra["schedule"] = self.schedule.state_dict()  # type: ignore[assignment]
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        if self.router_optimizer is not None and self.teacher is not None:
+            save_state(self._router_file(), _RouterSet(self.teacher), self.router_optimizer,
+                       state, self.key)  # fmt: skip
         save_state(self.checkpoint, self.student, self.optimizer, state, self.key)
+
+    def _router_file(self) -> Path:
+        assert self.checkpoint is not None
+        return self.checkpoint.with_name("router_state.safetensors")
 
     def _batch(self, step: int) -> tuple[Batch, bool]:
         op, data = self.on_policy, self.data
@@ -224,10 +283,13 @@ class Trainer:
             batch = tuple(t.to(device) for t in batch)  # type: ignore[assignment]
             interp = self.schedule.t if self.schedule is not None else None
             sft = 0.0 if generated else self.sft_weight
+            extras = Extras(self.extra_models, self.moe, seed=spec.seed * 1_000_003 + step)
             value = float(batch_loss(self.student, self.teacher, self.loss, batch, spec, sft,
-                                     interp, self.extra_models))  # fmt: skip
+                                     interp, extras))  # fmt: skip
             if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.router_optimizer is not None:
+                    self.router_optimizer.zero_grad(set_to_none=True)
                 where = f"step {last_good} in {self.checkpoint}" if self.checkpoint else "none"
                 raise KnowpressError(
                     f"distill: the loss became {value} at step {step + 1} (nothing applied; "
@@ -236,6 +298,9 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), spec.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.router_optimizer is not None:
+                self.router_optimizer.step()
+                self.router_optimizer.zero_grad(set_to_none=True)
             if self.schedule is not None:
                 self.schedule.update(value)
             state.ema = value if state.ema is None else 0.9 * state.ema + 0.1 * value

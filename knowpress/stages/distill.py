@@ -15,12 +15,14 @@ The student is saved as an ordinary transformers checkpoint of its own config.
   loss: {name: taid, temperature: 1.0}                      # any DISTILL_LOSSES entry
   sft_weight: 0.0
   on_policy: {rate: 0.5, max_new_tokens: 24}                # optional (GKD)
+  moe_teacher: {augment: 4, router_lr: 1e-4}                # optional, MoE teachers only
   train: {steps: 500, batch_size: 32, lr: 1e-3, checkpoint_every: 50}
 ```
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field
@@ -29,6 +31,7 @@ from knowpress.context import Context
 from knowpress.distill import DISTILL_LOSSES
 from knowpress.distill.data import DistillData
 from knowpress.distill.losses import ForwardKL
+from knowpress.distill.moe_teacher import MoETeacherSpec, check_moe_teacher
 from knowpress.distill.students import StudentSpec, check_student, make_student, parameter_count
 from knowpress.distill.trainer import OnPolicySpec, Trainer, TrainSpec
 from knowpress.errors import KnowpressError
@@ -53,6 +56,7 @@ class DistillConfig(StageConfig):
     loss: LossSpec = Field(default_factory=lambda: ForwardKL(name="forward_kl"))  # type: ignore[valid-type]
     sft_weight: float = Field(0.0, ge=0, le=1, description="share of CE on the labels")
     on_policy: OnPolicySpec | None = None
+    moe_teacher: MoETeacherSpec | None = Field(None, description="MoE teachers: augment, router")
     train: TrainSpec = TrainSpec()
     needs_teacher = True
     trains_weights = True
@@ -92,6 +96,12 @@ class Distill:
                 f"distill: the teacher's vocabulary ({teacher.config.vocab_size}) differs from "
                 f"the model's ({ctx.model.config.vocab_size}); logit distillation needs one"
             )
+        if cfg.moe_teacher is not None:
+            problem = check_moe_teacher(cfg.moe_teacher, teacher.config)
+            if problem:
+                raise KnowpressError(problem)
+            if cfg.moe_teacher.router_lr > 0:  # trains the routers of a copy, not the teacher
+                teacher = copy.deepcopy(teacher)
         teacher.eval().requires_grad_(False)
         data = _data(ctx, cfg.train)
         calib = [data.batch(i)[0].to(ctx.device) for i in range(CALIBRATION_BATCHES)]
@@ -101,7 +111,7 @@ class Distill:
         checkpoint = ctx.resume_dir / "train_state.safetensors" if ctx.resume_dir else None
         key = ctx.resume_dir.name if ctx.resume_dir else "distill"
         trainer = Trainer(student, teacher, cfg.loss, data, cfg.train, cfg.on_policy,
-                          cfg.sft_weight, checkpoint, key, extra)  # fmt: skip
+                          cfg.sft_weight, checkpoint, key, extra, cfg.moe_teacher)  # fmt: skip
         outcome = trainer.run(progress)
         ctx.model = student
         ctx.metrics.update(
@@ -121,8 +131,6 @@ _SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_att
 def _extra_models(loss: Any, student: Any, ctx: Context) -> dict[str, Any]:
     """The loss's frozen base models (Delta-KD): loaded from their specs, or for an absent
     ``student_base`` the student as made, before any step. One vocabulary for all."""
-    import copy
-
     from knowpress.sources import resolve_source
 
     models = {}
