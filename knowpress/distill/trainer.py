@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -63,6 +63,7 @@ class TrainSpec(FrozenConfig):
     seq_len: int = Field(128, ge=8)
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1, description="steps between resumable saves")
+    bf16_autocast: bool = Field(True, description="on cuda: forward passes in bf16 autocast")
 
 
 @dataclass
@@ -157,27 +158,43 @@ def batch_loss(student: PreTrainedModel, teacher: PreTrainedModel | None, loss: 
     total = counted.sum().clamp_min(1)
     value = torch.zeros((), device=ids.device)
     for part in _chunks(ids.shape[0], spec.grad_accum):
-        logits = student(input_ids=ids[part], attention_mask=attention[part]).logits[:, :-1]
-        target = labels[part, 1:]
-        extra = None
-        if extras.models:
-            with torch.no_grad():
-                extra = {name: model(input_ids=ids[part], attention_mask=attention[part])
-                         .logits[:, :-1] for name, model in extras.models.items()}  # fmt: skip
-        teachers: list[torch.Tensor | None] = [None]
-        if loss.needs_teacher:
-            assert teacher is not None
-            teachers = list(_teacher_logits(teacher, ids[part], attention[part], extras))
-        kd = sum(loss(logits, t, counted[part], target, total, interp, extra) for t in teachers)
-        kd = kd / len(teachers)
-        if sft_weight:
-            ce = torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
-                reduction="sum") / total  # fmt: skip
-            kd = (1 - sft_weight) * kd + sft_weight * ce
+        with _autocast(ids.device, spec):
+            kd = _micro_loss(student, teacher, loss, (ids[part], attention[part], labels[part]),
+                             counted[part], total, sft_weight, interp, extras)  # fmt: skip
         kd.backward()
         value += kd.detach()
     return value
+
+
+def _autocast(device: torch.device, spec: TrainSpec) -> Any:
+    """bf16 autocast on cuda (losses upcast their logits to float32 themselves)."""
+    enabled = device.type == "cuda" and spec.bf16_autocast
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _micro_loss(student: PreTrainedModel, teacher: PreTrainedModel | None, loss: DistillLoss,
+                batch: Batch, counted: torch.Tensor, total: torch.Tensor, sft_weight: float,
+                interp: float | None, extras: Extras) -> torch.Tensor:  # fmt: skip
+    ids, attention, labels = batch
+    logits = student(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    target = labels[:, 1:]
+    extra = None
+    if extras.models:
+        with torch.no_grad():
+            extra = {name: model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+                     for name, model in extras.models.items()}  # fmt: skip
+    teachers: list[torch.Tensor | None] = [None]
+    if loss.needs_teacher:
+        assert teacher is not None
+        teachers = list(_teacher_logits(teacher, ids, attention, extras))
+    kd = sum(loss(logits, t, counted, target, total, interp, extra) for t in teachers)
+    kd = kd / len(teachers)
+    if sft_weight:
+        ce = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
+            reduction="sum") / total  # fmt: skip
+        kd = (1 - sft_weight) * kd + sft_weight * ce
+    return kd
 
 
 class _RouterSet(torch.nn.Module):
