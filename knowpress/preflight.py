@@ -216,6 +216,7 @@ def check_stages(recipe: Recipe, model: PreTrainedModel | None) -> list[list[str
             packed_by = index
         try:
             facts.append(config.check(model, recipe.model.dtype))
+            model = config.structure_after(model)
         except KnowpressError as exc:
             raise KnowpressError(f"stages.{index} ({config.kind}): {exc}") from None
     return facts

@@ -32,6 +32,12 @@ class StageConfig(FrozenConfig):
     def build(self) -> Stage:
         raise NotImplementedError(f"stage kind {self.kind!r} does not implement build()")
 
+    def structure_after(self, model: Any) -> Any:
+        """The model's structure (meta device) after this stage, for the checks of the
+        stages after it; the default: unchanged. A stage that replaces the model (a smaller
+        student) returns the new one's."""
+        return model
+
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         """Resolve what can fail against the model's structure alone (``model`` may live on
         the meta device: shapes, no weights) before any work; raise ``KnowpressError`` with

@@ -58,6 +58,33 @@ def check_student(spec: StudentSpec, config: Any) -> str | None:
     return None
 
 
+def student_config(spec: StudentSpec, config: Any) -> Any:
+    """The student's config, from the shapes alone (what ``make_student`` will build)."""
+    config = copy.deepcopy(config)
+    if spec.make == "config":
+        for key, value in spec.config.items():
+            setattr(config, key, value)
+    elif spec.make == "depth":
+        assert spec.keep is not None
+        config.num_hidden_layers = max(1, round(config.num_hidden_layers * spec.keep))
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = config.layer_types[: config.num_hidden_layers]
+    elif spec.make == "width":
+        heads, d = config.num_attention_heads, _head_dim(config)
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        group = heads // kv
+        mha = kv == heads
+        kept = (
+            max(1, round(heads * spec.heads_keep))
+            if mha
+            else kv * max(1, round(group * spec.heads_keep))
+        )
+        config.head_dim, config.num_attention_heads = d, kept
+        config.num_key_value_heads = kept if mha else kv
+        config.intermediate_size = max(1, round(config.intermediate_size * spec.mlp_keep))
+    return config
+
+
 def make_student(
     spec: StudentSpec, model: PreTrainedModel, batches: list[torch.Tensor]
 ) -> PreTrainedModel:

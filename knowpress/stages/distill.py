@@ -32,7 +32,13 @@ from knowpress.distill import DISTILL_LOSSES
 from knowpress.distill.data import DistillData
 from knowpress.distill.losses import ForwardKL
 from knowpress.distill.moe_teacher import MoETeacherSpec, check_moe_teacher
-from knowpress.distill.students import StudentSpec, check_student, make_student, parameter_count
+from knowpress.distill.students import (
+    StudentSpec,
+    check_student,
+    make_student,
+    parameter_count,
+    student_config,
+)
 from knowpress.distill.trainer import OnPolicySpec, Trainer, TrainSpec
 from knowpress.errors import KnowpressError
 from knowpress.models.io import packed_modules
@@ -63,6 +69,14 @@ class DistillConfig(StageConfig):
 
     def build(self) -> Distill:
         return Distill(self)
+
+    def structure_after(self, model: Any) -> Any:
+        """The student on the meta device: later stages are checked against its shapes."""
+        import torch
+
+        config = student_config(self.student, model.config)
+        with torch.device("meta"):
+            return type(model)(config)
 
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         problem = check_student(self.student, model.config)

@@ -15,6 +15,7 @@ from knowpress.distill.students import (
     check_student,
     make_student,
     parameter_count,
+    student_config,
 )
 from knowpress.errors import KnowpressError
 from knowpress.testing.models import tiny_llama, tiny_mixtral
@@ -49,6 +50,10 @@ def test_students_have_the_promised_size_and_reload(
             c.num_hidden_layers) == (heads, kv, inter, layers)  # fmt: skip
     assert parameter_count(student) == _llama_params(c, heads, kv, inter, layers)
     assert parameter_count(teacher) == 82240  # the teacher is not changed
+    planned = student_config(spec, teacher.config)  # what --dry-run checks later stages on
+    keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size",
+            "num_hidden_layers", "head_dim", "hidden_size")  # fmt: skip
+    assert {k: getattr(planned, k) for k in keys} == {k: getattr(c, k) for k in keys}
     student.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
