@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -409,6 +410,11 @@ def apply(
     """Run a validated recipe into ``out_dir``; see the module docstring for the layout."""
     if resume and force:
         raise KnowpressError("--resume and --force contradict each other; pass one")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch / torchrun
+        raise KnowpressError(
+            f"this is one of {os.environ['WORLD_SIZE']} launched processes; multi-process "
+            f"stages are not supported yet: run compress apply as a single process"
+        )
     progress = progress or Progress(enabled=False)
     runner = Runner(recipe, Path(out_dir), resume=resume, force=force, progress=progress)
     with progress.session():
