@@ -36,6 +36,7 @@ class DeltaKD(DistillLoss):
     teacher_base: ModelSpec
     student_base: ModelSpec | None = None
     extra_models: ClassVar[tuple[str, ...]] = ("teacher_base", "student_base")
+    binnable: ClassVar[bool] = False
 
     def per_token(
         self,

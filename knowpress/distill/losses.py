@@ -100,6 +100,8 @@ class DistillLoss(FrozenConfig):
     stateful: ClassVar[bool] = False  # carries a schedule (TAID) the trainer advances
     #: frozen models besides the teacher whose logits the loss needs (Delta-KD)
     extra_models: ClassVar[tuple[str, ...]] = ()
+    #: a divergence of two distributions, so it can run on the teacher-logit cache's bins
+    binnable: ClassVar[bool] = True
 
     def divergence(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Per-token loss from student and teacher log-probs ``[N, V] -> [N]``."""
@@ -146,6 +148,16 @@ class DistillLoss(FrozenConfig):
         losses = self.per_token(*picked, **kwargs)
         count = normalizer if normalizer is not None else mask.sum().clamp_min(1)
         return losses.sum() / count
+
+    def binned(self, student_logits: torch.Tensor, indices: torch.Tensor,
+               teacher_logprobs: torch.Tensor, mask: torch.Tensor,
+               normalizer: float | torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The loss over the teacher-logit cache's ``k+1`` bins (``logit_cache.py``)."""
+        from knowpress.distill.logit_cache import bin_student
+
+        mask = mask.bool()
+        s = bin_student(student_logits[mask], indices[mask], self.temperature)
+        return self.divergence(s, teacher_logprobs[mask]).sum() / normalizer
 
 
 DISTILL_LOSSES: Registry[type[DistillLoss]] = Registry("distill loss")
@@ -231,6 +243,7 @@ class CrossEntropy(DistillLoss):
     paper = ""
     name: Literal["ce"]
     needs_teacher: ClassVar[bool] = False
+    binnable: ClassVar[bool] = False
 
     def per_token(
         self,

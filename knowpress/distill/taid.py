@@ -96,6 +96,7 @@ class TAID(DistillLoss):
     alpha: float = Field(5e-4, ge=0)
     beta: float = Field(0.99, ge=0, lt=1)
     stateful: ClassVar[bool] = True
+    binnable: ClassVar[bool] = False
 
     @model_validator(mode="after")
     def _ordered(self) -> TAID:

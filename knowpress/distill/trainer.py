@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 
 from knowpress.config import FrozenConfig
 from knowpress.distill.data import Batch, DistillData, left_pad
+from knowpress.distill.logit_cache import TeacherCache, TeacherCacheSpec
 from knowpress.distill.losses import DistillLoss
 from knowpress.distill.moe_teacher import (
     MoETeacherSpec,
@@ -75,6 +76,7 @@ class Outcome:
     train_seconds: float
     generate_seconds: float
     schedule: dict[str, float]
+    cache: dict[str, int]
 
 
 def lr_at(step: int, spec: TrainSpec) -> float:
@@ -129,6 +131,8 @@ class Extras:
     models: dict[str, PreTrainedModel] | None = None
     moe: MoETeacherSpec | None = None
     seed: int = 0
+    cache: TeacherCache | None = None  # dataset batches only
+    step: int = 0
 
 
 def _teacher_logits(teacher: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor,
@@ -157,13 +161,46 @@ def batch_loss(student: PreTrainedModel, teacher: PreTrainedModel | None, loss: 
     counted = labels[:, 1:] != -100
     total = counted.sum().clamp_min(1)
     value = torch.zeros((), device=ids.device)
+    bins = _cached_bins(teacher, batch, spec, extras) if extras.cache is not None else None
     for part in _chunks(ids.shape[0], spec.grad_accum):
         with _autocast(ids.device, spec):
-            kd = _micro_loss(student, teacher, loss, (ids[part], attention[part], labels[part]),
-                             counted[part], total, sft_weight, interp, extras)  # fmt: skip
+            if bins is not None:
+                logits = student(input_ids=ids[part], attention_mask=attention[part]).logits
+                kd = loss.binned(logits[:, :-1], bins[0][part], bins[1][part], counted[part],
+                                 total)  # fmt: skip
+                kd = kd + _sft(logits[:, :-1], labels[part, 1:], total, sft_weight, kd)
+            else:
+                kd = _micro_loss(student, teacher, loss,
+                                 (ids[part], attention[part], labels[part]), counted[part],
+                                 total, sft_weight, interp, extras)  # fmt: skip
         kd.backward()
         value += kd.detach()
     return value
+
+
+def _cached_bins(teacher: PreTrainedModel | None, batch: Batch, spec: TrainSpec,
+                 extras: Extras) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The teacher's top-k bins ``[B, T-1, k]`` / ``[B, T-1, k+1]`` for a dataset batch:
+    from the cache when its file matches the batch, else computed and stored."""
+    cache, (ids, attention, _) = extras.cache, batch
+    assert cache is not None and teacher is not None
+    hit = cache.get(extras.step, ids)
+    if hit is not None:
+        return hit
+    with torch.no_grad():
+        logits = torch.cat([teacher(input_ids=ids[p], attention_mask=attention[p]).logits[:, :-1]
+                            for p in _chunks(ids.shape[0], spec.grad_accum)])  # fmt: skip
+    return cache.put(extras.step, ids, logits)
+
+
+def _sft(logits: torch.Tensor, target: torch.Tensor, total: torch.Tensor, weight: float,
+         kd: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The change to ``kd`` that mixes in CE by ``weight``: ``w·(CE − KD)``."""
+    if not weight:
+        return torch.zeros((), device=logits.device)
+    ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
+                                           ignore_index=-100, reduction="sum") / total  # fmt: skip
+    return weight * (ce - kd)
 
 
 def _autocast(device: torch.device, spec: TrainSpec) -> Any:
@@ -222,9 +259,11 @@ class Trainer:
                  on_policy: OnPolicySpec | None, sft_weight: float,
                  checkpoint: Path | None, key: str,
                  extra_models: dict[str, PreTrainedModel] | None = None,
-                 moe: MoETeacherSpec | None = None) -> None:  # fmt: skip
+                 moe: MoETeacherSpec | None = None,
+                 cache: TeacherCacheSpec | None = None) -> None:  # fmt: skip
         self.student, self.teacher, self.loss, self.data = student, teacher, loss, data
         self.extra_models, self.moe = extra_models or {}, moe
+        self.cache = TeacherCache(cache, loss.temperature) if cache is not None else None
         self.router_optimizer = None
         if moe is not None and moe.router_lr > 0 and teacher is not None:
             params = router_parameters(teacher)
@@ -300,7 +339,8 @@ class Trainer:
             batch = tuple(t.to(device) for t in batch)  # type: ignore[assignment]
             interp = self.schedule.t if self.schedule is not None else None
             sft = 0.0 if generated else self.sft_weight
-            extras = Extras(self.extra_models, self.moe, seed=spec.seed * 1_000_003 + step)
+            extras = Extras(self.extra_models, self.moe, seed=spec.seed * 1_000_003 + step,
+                            cache=None if generated else self.cache, step=step)  # fmt: skip
             value = float(batch_loss(self.student, self.teacher, self.loss, batch, spec, sft,
                                      interp, extras))  # fmt: skip
             if not math.isfinite(value):
@@ -328,10 +368,13 @@ class Trainer:
                 self._save(state)
                 last_good = state.step
         self.student.eval()
+        cache = {} if self.cache is None else {"hits": self.cache.hits,
+                                                 "misses": self.cache.misses}  # fmt: skip
         return Outcome(
             steps=spec.steps, resumed_from=start_step, loss=float(state.ema or 0.0),
             on_policy_steps=self.on_policy_steps,
             train_seconds=round(time.perf_counter() - begun, 3),
             generate_seconds=round(self.generate_seconds, 3),
             schedule=self.schedule.state_dict() if self.schedule is not None else {},
+            cache=cache,
         )  # fmt: skip

@@ -30,6 +30,7 @@ from pydantic import Field
 from knowpress.context import Context
 from knowpress.distill import DISTILL_LOSSES
 from knowpress.distill.data import DistillData
+from knowpress.distill.logit_cache import TeacherCacheSpec
 from knowpress.distill.losses import ForwardKL
 from knowpress.distill.moe_teacher import MoETeacherSpec, check_moe_teacher
 from knowpress.distill.students import (
@@ -63,6 +64,7 @@ class DistillConfig(StageConfig):
     sft_weight: float = Field(0.0, ge=0, le=1, description="share of CE on the labels")
     on_policy: OnPolicySpec | None = None
     moe_teacher: MoETeacherSpec | None = Field(None, description="MoE teachers: augment, router")
+    teacher_cache: TeacherCacheSpec | None = Field(None, description="offline teacher top-k")
     train: TrainSpec = TrainSpec()
     needs_teacher = True
     trains_weights = True
@@ -89,6 +91,17 @@ class DistillConfig(StageConfig):
             )
         if self.loss.name == "ce" and self.on_policy is not None:
             raise KnowpressError("on_policy: loss 'ce' has no teacher to score the samples")
+        if self.teacher_cache is not None:
+            if not type(self.loss).binnable:
+                raise KnowpressError(
+                    f"teacher_cache: loss {self.loss.name!r} needs whole logits; the cache "
+                    f"serves divergence losses (forward_kl, reverse_kl, gjsd, skew_*, tvd, akl)"
+                )
+            if self.moe_teacher is not None:
+                raise KnowpressError(
+                    "teacher_cache: a cached teacher cannot sample its routing or train its "
+                    "routers; drop moe_teacher or the cache"
+                )
         op = self.on_policy
         gkd = f", on-policy {op.rate:.0%} from the {op.source}" if op else ""
         return [f"student: {self.student.make}; loss {self.loss.name}{gkd}; "
@@ -125,7 +138,8 @@ class Distill:
         checkpoint = ctx.resume_dir / "train_state.safetensors" if ctx.resume_dir else None
         key = ctx.resume_dir.name if ctx.resume_dir else "distill"
         trainer = Trainer(student, teacher, cfg.loss, data, cfg.train, cfg.on_policy,
-                          cfg.sft_weight, checkpoint, key, extra, cfg.moe_teacher)  # fmt: skip
+                          cfg.sft_weight, checkpoint, key, extra, cfg.moe_teacher,
+                          cfg.teacher_cache)  # fmt: skip
         outcome = trainer.run(progress)
         ctx.model = student
         ctx.metrics.update(
