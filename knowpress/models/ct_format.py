@@ -176,9 +176,20 @@ def load_ct(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    model, info = AutoModelForCausalLM.from_pretrained(
+        directory,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        output_loading_info=True,
     )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would run these randomly initialised
+        raise KnowpressError(
+            f"{directory}: {len(missing)} weight(s) of this architecture are not in the "
+            f"checkpoint (first: {missing[0]}); its layout is not one this transformers loads "
+            f"(e.g. per-expert names from an older MoE export)"
+        )
     raw: dict[str, torch.Tensor] = {}
     for file in sorted(Path(directory).glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
@@ -188,7 +199,13 @@ def load_ct(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.
     quant = json.loads((Path(directory) / "config.json").read_text())["quantization_config"]
     groups = list(quant["config_groups"].values())
     for name in sorted({k.rsplit(".", 1)[0] for k in raw if k.endswith(".weight_packed")}):
-        linear = model.get_submodule(name)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise KnowpressError(
+                f"{directory}: packed tensor {name} names no module of "
+                f"{type(model).__name__} (a checkpoint layout this transformers does not load)"
+            ) from None
         group = next((g for g in groups if _matches(g["targets"], name, linear)), None)
         if group is None:
             raise KnowpressError(f"{directory}: {name} is packed but no config group targets it")

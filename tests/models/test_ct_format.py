@@ -117,3 +117,18 @@ def test_the_stage_chooses_the_format_and_says_why_not() -> None:
     forced = config(symmetric=False).model_copy(update={"format": "compressed-tensors"})
     with pytest.raises(KnowpressError, match="compressed-tensors cannot hold this output"):
         forced.storage(model, forced.resolve(model))
+
+
+def test_a_folder_whose_weights_do_not_all_load_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    method = RTN(name="rtn", bits=4, group_size=32, symmetric=True)
+    save_model(_quantized(method, "compressed-tensors"), tiny_tokenizer(), tmp_path)
+    file = tmp_path / "model.safetensors"
+    state = load_file(str(file))
+    renamed = {
+        k.replace("layers.1.mlp.", "layers.1.block_sparse_moe."): v for k, v in state.items()
+    }
+    save_file(renamed, str(file), metadata={"format": "pt"})
+    with pytest.raises(KnowpressError, match=r"not in the checkpoint \(first: model\.layers\.1"):
+        load_model(tmp_path)
