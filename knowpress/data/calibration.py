@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from knowpress.recipe import CalibrationSpec
 
 
+CHUNK = 256  # texts tokenized at a time
+
+
 def calibration_texts(spec: CalibrationSpec, world: Any) -> list[str]:
     """The spec's texts, before tokenization."""
     if spec.path is not None:
@@ -79,8 +82,12 @@ def calibration_ids(
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
     needed = spec.samples * length
-    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
-        stream.extend([*ids, *separator])
+    # tokenized a chunk at a time: a world's whole training text is far more than is needed
+    for start in range(0, len(texts), CHUNK):
+        for ids in tokenizer(texts[start : start + CHUNK], add_special_tokens=True)["input_ids"]:
+            stream.extend([*ids, *separator])
+            if len(stream) >= needed:
+                break
         if len(stream) >= needed:
             break
     sequences = [stream[i : i + length] for i in range(0, min(len(stream), needed), length)]
