@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import write_presets
+from results_io import save_figure, write_presets
 from scoring import Scorer
 
 from knowpress.distill import DISTILL_LOSSES
@@ -235,39 +235,25 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    def draw(axes: list[Any]) -> None:
+        for ax, result in zip(axes, results, strict=True):
+            methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+            sizes = sorted({r["size"] for r in result["rows"]}, reverse=True)
+            width = 0.8 / max(1, len(methods))
+            for i, method in enumerate(methods):
+                values = [_recall(result, method, s) for s in sizes]
+                ax.bar([j + i * width for j in range(len(sizes))], values, width, label=method)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))],
+                          [f"{s:.0%} of teacher" for s in sizes])  # fmt: skip
+            ax.set_title(f"{result['preset']} ({result.get('steps', 0)} steps)")
+            ax.set_ylabel("recall retention")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    save_figure(path, len(results), draw, width=6)
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), dpi=110, squeeze=False)
-    for ax, result in zip(axes[0], results, strict=True):
-        methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
-        sizes = sorted({r["size"] for r in result["rows"]}, reverse=True)
-        width = 0.8 / max(1, len(methods))
-        for i, method in enumerate(methods):
-            values = [
-                next(
-                    (
-                        r["retention"].get("recall", 0.0)
-                        for r in result["rows"]
-                        if r["method"] == method and r["size"] == s
-                    ),
-                    0.0,
-                )
-                for s in sizes
-            ]
-            ax.bar([j + i * width for j in range(len(sizes))], values, width, label=method)
-        ax.set_xticks(
-            [j + 0.4 - width / 2 for j in range(len(sizes))], [f"{s:.0%} of teacher" for s in sizes]
-        )
-        ax.set_title(f"{result['preset']} ({result.get('steps', 0)} steps)")
-        ax.set_ylabel("recall retention")
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+
+def _recall(result: dict[str, Any], method: str, size: float) -> float:
+    rows = [r for r in result["rows"] if r["method"] == method and r["size"] == size]
+    return rows[0]["retention"].get("recall", 0.0) if rows else 0.0
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import write_presets
+from results_io import save_figure, write_presets
 from scoring import Scorer
 
 from knowpress.compress.quant import QUANT_METHODS
@@ -156,28 +156,19 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    def draw(axes: list[Any]) -> None:
+        for ax, result in zip(axes, results, strict=True):
+            ok = [r for r in result["rows"] if "error" not in r]
+            for method in sorted({r["method"] for r in ok}):
+                rows = sorted((r for r in ok if r["method"] == method),
+                              key=lambda r: r["stored_bytes"])  # fmt: skip
+                ax.plot([r["size_vs_bf16_teacher"] for r in rows],
+                        [r["worst_retention"] for r in rows], "o-", label=method)  # fmt: skip
+            ax.set_title(result["preset"])
+            ax.set_xlabel("stored bytes / bf16 teacher")
+            ax.set_ylabel("worst-task retention")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), dpi=110,
-                             squeeze=False)  # fmt: skip
-    for ax, result in zip(axes[0], results, strict=True):
-        methods = sorted({r["method"] for r in result["rows"] if "error" not in r})
-        for method in methods:
-            rows = sorted((r for r in result["rows"] if r["method"] == method and "error" not in r),
-                          key=lambda r: r["stored_bytes"])  # fmt: skip
-            ax.plot([r["size_vs_bf16_teacher"] for r in rows],
-                    [r["worst_retention"] for r in rows], "o-", label=method)  # fmt: skip
-        ax.set_title(result["preset"])
-        ax.set_xlabel("stored bytes / bf16 teacher")
-        ax.set_ylabel("worst-task retention")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(path, len(results), draw)
 
 
 def main() -> None:

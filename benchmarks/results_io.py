@@ -50,3 +50,23 @@ def write_presets(
     path.write_text(json.dumps({"presets": merged}, indent=1) + "\n")
     plot(merged, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def save_figure(
+    path: Path, panels: int, draw: Callable[[list[Any]], None], width: float = 5
+) -> None:
+    """One row of ``panels`` axes drawn by ``draw(axes)``, gridded, saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, 4), dpi=110, squeeze=False)
+    draw(list(axes[0]))
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import write_presets
+from results_io import save_figure, write_presets
 
 from knowpress.compress.quant.packing import dequantize_groups, quantize_groups
 from knowpress.compress.quant.targets import select
@@ -96,32 +96,23 @@ def measure(name: str, settings: list[tuple[int, int]], max_items: int | None, d
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=110)
-    for result in results:
-        for group in sorted({r["group"] for r in result["rows"]}):
-            rows = sorted(
-                (r for r in result["rows"] if r["group"] == group), key=lambda r: r["bits"]
-            )
-            bits = [r["bits"] for r in rows]
-            label = f"{result['preset']} g{group}"
-            axes[0].plot(bits, [r["retention"]["bits"] for r in rows], "o-", label=label)
-            axes[1].plot(bits, [r["worst_retention"] for r in rows], "o-", label=label)
-            axes[2].plot(bits, [r["top1"] for r in rows], "o-", label=label)
     titles = ["bits retained", "worst-task retention", "top-1 agreement with the teacher"]
-    for ax, title in zip(axes, titles, strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("RTN bits")
-        ax.set_xticks([2, 3, 4, 8])
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+
+    def draw(axes: list[Any]) -> None:
+        for result in results:
+            for group in sorted({r["group"] for r in result["rows"]}):
+                rows = sorted((r for r in result["rows"] if r["group"] == group),
+                              key=lambda r: r["bits"])  # fmt: skip
+                bits, label = [r["bits"] for r in rows], f"{result['preset']} g{group}"
+                axes[0].plot(bits, [r["retention"]["bits"] for r in rows], "o-", label=label)
+                axes[1].plot(bits, [r["worst_retention"] for r in rows], "o-")
+                axes[2].plot(bits, [r["top1"] for r in rows], "o-")
+        for ax, title in zip(axes, titles, strict=True):
+            ax.set_title(title)
+            ax.set_xlabel("RTN bits")
+            ax.set_xticks([2, 3, 4, 8])
+
+    save_figure(path, 3, draw, width=13 / 3)
 
 
 def main() -> None:
