@@ -133,6 +133,7 @@ class Extras:
     seed: int = 0
     cache: TeacherCache | None = None  # dataset batches only
     step: int = 0
+    total: torch.Tensor | None = None  # counted tokens of the whole batch over all processes
 
 
 def _teacher_logits(teacher: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor,
@@ -159,7 +160,7 @@ def batch_loss(student: PreTrainedModel, teacher: PreTrainedModel | None, loss: 
     extras = extras or Extras()
     ids, attention, labels = batch
     counted = labels[:, 1:] != -100
-    total = counted.sum().clamp_min(1)
+    total = extras.total if extras.total is not None else counted.sum().clamp_min(1)
     value = torch.zeros((), device=ids.device)
     bins = _cached_bins(teacher, batch, spec, extras) if extras.cache is not None else None
     for part in _chunks(ids.shape[0], spec.grad_accum):
@@ -234,6 +235,44 @@ def _micro_loss(student: PreTrainedModel, teacher: PreTrainedModel | None, loss:
     return kd
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(batch: Batch) -> tuple[Batch, torch.Tensor | None]:
+    """This process's rows (``rank::world``) and the token count of the whole batch, which
+    every process divides by, so summed gradients equal one process's on the whole batch."""
+    rank, world = _distributed()
+    if world == 1:
+        return batch, None
+    import torch.distributed as dist
+
+    rows = tuple(t[rank::world] for t in batch)
+    local = (rows[2][:, 1:] != -100).sum().to(torch.float32)
+    dist.all_reduce(local)
+    return rows, local.clamp_min(1)  # type: ignore[return-value]
+
+
+def _all_reduce_grads(models: list[torch.nn.Module], value: torch.Tensor) -> torch.Tensor:
+    """Sum gradients and the loss over processes (each already divided by the global count)."""
+    _, world = _distributed()
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    for model in models:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+    dist.all_reduce(value)
+    return value
+
+
 class _RouterSet(torch.nn.Module):
     """The teacher's routers as one module, for their checkpoint (student-aware router)."""
 
@@ -295,7 +334,7 @@ class Trainer:
         return state
 
     def _save(self, state: TrainState) -> None:
-        if self.checkpoint is None:
+        if self.checkpoint is None or _distributed()[0] != 0:  # one writer: rank 0
             return
         state.extra = {"generate_seconds": self.generate_seconds,
                        "on_policy_steps": self.on_policy_steps}  # fmt: skip
@@ -341,8 +380,12 @@ class Trainer:
             sft = 0.0 if generated else self.sft_weight
             extras = Extras(self.extra_models, self.moe, seed=spec.seed * 1_000_003 + step,
                             cache=None if generated else self.cache, step=step)  # fmt: skip
-            value = float(batch_loss(self.student, self.teacher, self.loss, batch, spec, sft,
-                                     interp, extras))  # fmt: skip
+            batch, extras.total = _shard(batch)
+            loss_value = batch_loss(self.student, self.teacher, self.loss, batch, spec, sft,
+                                    interp, extras)  # fmt: skip
+            routed = self.router_optimizer is not None and self.teacher is not None
+            trained = [self.student, *([_RouterSet(self.teacher)] if routed else [])]  # type: ignore[arg-type]
+            value = float(_all_reduce_grads(trained, loss_value))
             if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.router_optimizer is not None:
