@@ -224,29 +224,8 @@ _register(
     )
 )
 
-# Small presets: twice the people of the tiny ones, 4 layers, 512 positions. They read answers
-# out of their context too: 24000 in-context passages per epoch (loss on the questions only,
-# up to 8 per passage: a long passage keeps the questions that fit 512 tokens), 4000 synthetic
-# copy sequences and lr 1e-3 (H200 lead-finding: 1-2-person passages lift one-person
-# long_context EM from chance, copies and question-only loss speed that up, 3e-3 spiked). A
-# tenth of the passages are RULER-style fact sentences of 1 to ``in_context_bios`` people; nine
-# tenths are lookups (``in_context_lookup``: one attribute of 2 to twice that). The figures
-# below, up to the 7-people paragraph, are from passages of at most 4 people. Without lookups
-# no teacher learned binding: with k people in the context, EM stayed near the one-person EM / k
-# (the right relation, read from a random person), for bios and facts passages on the CPU and
-# for 21 H100 variants (more questions, 2-8 bios only, lr, weight decay, 6-8 layers, hidden
-# 384; up to 7700 steps). Lookups teach the name half of the (name, relation) key, but binding
-# arrives as a sudden transition after enough of them: with 12000 passages, half of them
-# lookups, this dense preset bound at step ~3300 on an H100 but not by 5000 on the CPU (1.00 /
-# 0.50 / 0.34 at 1 / 2 / 4 people); with nine tenths lookups and 8 questions it had not at 3650
-# either (two seeds: 0.88 / 0.38 / 0.25, 0.92 / 0.40 / 0.21). Doubling the passages as well
-# (lookups per sequence 0.31 -> 0.46) bound at step ~2950 of 6000 on the CPU (0.98 / 0.94 /
-# 0.78; lookup EM 0.94 with 8 people), leaving half the schedule as margin.
-# Passages reach 7 people (``in_context_bios=7``; 461 tokens, the longest haystack that fits 512
-# positions) so that the teacher's trained context length is its whole context. With at most 4,
-# EM at 7 people was 0.75 (dense) and 0.56 (Mixtral); with 7 it is 0.97 and 1.00, recall /
-# paraphrase 0.997 / 0.890 -> 0.994 / 0.892 (dense) and 0.994 / 0.894 -> 0.998 / 0.847
-# (Mixtral). Build times and scores: benchmarks/results/knowledge_instrument.json.
+# Small presets read answers out of 7-person contexts; lookups (nine tenths of the passages)
+# are what teach binding. Trail: benchmarks/results/presets_notes.md.
 _SMALL_MODEL: dict[str, Any] = {
     "hidden_size": 192,
     "intermediate_size": 768,
@@ -279,13 +258,8 @@ _SMALL_TRAIN = TrainConfig(
     in_context_loss="questions",
     copy_examples=4000,
 )
-# The sparse models memorise and bind more slowly (top-2 of 8 experts: each expert sees about a
-# quarter of the tokens). With this world and 7500 steps, Mixtral reached recall 0.968 /
-# paraphrase 0.763 on the CPU but was still binding at the end: long_context EM 1.00 / 0.69 /
-# 0.47 / 0.31 at 1 / 2 / 4 / 7 bios (step 3978: 0.77 / 0.30 / 0.26 at 1 / 2 / 4), so the MoE
-# presets train 10000 steps, a third longer: Mixtral then bound (step 5545: 1.00 / 0.95 / 0.81
-# / 0.33; 10000: 1.00 / 1.00 / 0.91 / 0.56, recall 0.994, paraphrase 0.894; 107 min on two
-# CPU threads; these figures are from passages of at most 4 people).
+# Top-2 of 8 experts: each expert sees a quarter of the tokens, so MoE presets bind later and
+# train a third longer (benchmarks/results/presets_notes.md).
 _SMALL_MOE_TRAIN = _SMALL_TRAIN.model_copy(update={"steps": 10000})
 
 _register(
