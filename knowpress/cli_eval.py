@@ -1,0 +1,128 @@
+"""``compress eval``: score any model folder (or hub id) on a world's tasks and/or a text,
+optionally against a reference (kl, flips) and with lm-evaluation-harness tasks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from knowpress.errors import KnowpressError
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from knowpress.cli import _quiet_libraries, err, out
+    from knowpress.device import resolve_device
+    from knowpress.evaluate.evaluator import evaluate_runtime, measure
+    from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, run_lm_eval
+    from knowpress.evaluate.loader import load_runtime
+    from knowpress.models.io import atomic_write_text
+    from knowpress.progress import Progress
+    from knowpress.recipe import ModelSpec
+    from knowpress.sources import resolve_source
+
+    _quiet_libraries()
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks and not args.lm_eval:
+        raise KnowpressError("--tasks is empty and no --lm-eval tasks: nothing to evaluate")
+    harness = None
+    if args.lm_eval:
+        try:
+            harness = LmEvalSpec(
+                tasks=[t for t in args.lm_eval.split(",") if t],
+                include_path=args.lm_eval_include,
+                limit=args.lm_eval_limit,
+                num_fewshot=args.lm_eval_fewshot,
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            flags = {"limit": "--lm-eval-limit", "num_fewshot": "--lm-eval-fewshot"}
+            flag = flags.get(str(first["loc"][0]), "--lm-eval")
+            raise KnowpressError(f"{flag}: {first['msg']}") from None
+    if args.json and Path(args.json).is_dir():
+        raise KnowpressError(f"--json: {args.json} is a folder; give the path of a file to write")
+    spec = ModelSpec(path=args.model, trust_remote_code=args.trust_remote_code)
+    source = resolve_source(spec, field="--model")
+    world = _eval_world(args, tasks) if tasks else None
+    device = str(resolve_device(args.device, "--device"))
+    options = {"device": device, "batch_size": args.batch_size,
+               "trust_remote_code": args.trust_remote_code}  # fmt: skip
+    progress = Progress(console=err, enabled=not args.quiet)
+    with progress.session():
+        states = _reference_states(args, world, tasks, options, progress)
+        runtime = load_runtime(source.location, **options)
+        scores = evaluate_runtime(runtime, world, tasks, args.max_items, progress, states)
+    if harness is not None:
+        scores.update(run_lm_eval(runtime, harness))
+    measurement = measure(runtime, scores, source.stored_bytes())
+    table = Table(title=f"{args.model}")
+    for col in ("task", "metric", "score", "items"):
+        table.add_column(col)
+    for s in scores.values():
+        table.add_row(s.task, s.metric, f"{s.score:.4f}", str(s.n))
+    out.print(table)
+    out.print(_size_line(measurement, source.bf16_bytes()))
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(measurement.to_json(), indent=1))
+    return 0
+
+
+def _eval_world(args: argparse.Namespace, tasks: list[str]) -> Any:
+    """The world ``compress eval`` scores on: --world or the model's own, with --text as its
+    held-out text (or alone, for text-only tasks)."""
+    from knowpress.evaluate.tasks import TASKS
+    from knowpress.evaluate.text import TextSpec, TextWorld, WithText, load_texts
+    from knowpress.preflight import check_tasks
+    from knowpress.world import load_world
+    from knowpress.world.teacher import WORLD_FILE
+
+    text = TextWorld(*load_texts(TextSpec(path=args.text))) if args.text else None
+    has_world = args.world or (Path(args.model) / WORLD_FILE).is_file()
+    needs_facts = any(TASKS.get(t).needs_facts for t in tasks)
+    if text is not None and not (has_world and needs_facts):
+        world = text
+    else:
+        world = load_world(args.world or Path(args.model))
+        world = world if text is None else WithText(world, text)
+    check_tasks(world, tasks)
+    return world
+
+
+def _reference_states(
+    args: argparse.Namespace, world: Any, tasks: list[str], options: dict[str, Any],
+    progress: Any,
+) -> dict[str, Any] | None:  # fmt: skip
+    """With --reference, what the model is compared against (kl, flips); kl needs it."""
+    from knowpress.evaluate.evaluator import evaluate_reference
+    from knowpress.evaluate.loader import load_runtime
+    from knowpress.evaluate.tasks import TASKS
+
+    if args.reference is None:
+        absolute = [t for t in tasks if not TASKS.get(t).relative]
+        if absolute:
+            raise KnowpressError(
+                f"--tasks: {absolute[0]} compares with a reference model; pass --reference DIR"
+            )
+        return None
+    reference = load_runtime(args.reference, **options)
+    _, states = evaluate_reference(reference, world, tasks, args.max_items, progress)
+    del reference
+    return states
+
+
+def _size_line(m: Any, bf16: int) -> str:
+    """Stored bytes, size vs the same model in bf16, bits per parameter, KV bytes per token."""
+    from knowpress.models.sizes import bits_per_parameter
+
+    policy = m.runtime.get("kv_policy") or "full cache"
+    return (
+        f"stored {m.stored_bytes:,} bytes ({m.stored_bytes / bf16:.3f} of its safetensors in "
+        f"bf16), {bits_per_parameter(m.stored_bytes, m.parameters):.2f} bits/param over "
+        f"{m.parameters:,} parameters, KV {m.kv_bytes_per_token:.0f} bytes/token ({policy}); "
+        f"measured with {m.runtime['runtime']} on {m.runtime['device']} in {m.runtime['dtype']}"
+    )
