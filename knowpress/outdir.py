@@ -130,3 +130,16 @@ def sweep_temporaries(folder: Path) -> None:
             shutil.rmtree(item, ignore_errors=True)
         elif item.exists() or item.is_symlink():
             item.unlink(missing_ok=True)
+
+
+def stage_dir(out_dir: Path, index: int, kind: str) -> Path:
+    return out_dir / "stages" / f"{index + 1:02d}-{kind}"
+
+
+def resume_dir(target: Path, digest: str) -> Path:
+    """``stages/.resume-NN-kind-HASH``: where the stage's mid-run checkpoints survive a kill.
+    Those of an earlier config of the same stage (another hash) are removed."""
+    for stale in target.parent.glob(f".resume-{target.name}-*"):
+        if not stale.name.endswith(digest[:12]):
+            shutil.rmtree(stale, ignore_errors=True)
+    return target.parent / f".resume-{target.name}-{digest[:12]}"

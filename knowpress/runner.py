@@ -46,10 +46,11 @@ from knowpress.evaluate.evaluator import (
 from knowpress.evaluate.lm_eval_bridge import run_lm_eval
 from knowpress.evaluate.loader import kv_policy_of, load_runtime
 from knowpress.evaluate.runtime import Runtime, TorchRuntime
+from knowpress.evaluate.states import STATES_FILE, read_states, write_states
 from knowpress.measure import PeakMemory, stable_hash
 from knowpress.models.artifact import build_manifest, changed_files, read_manifest, write_manifest
-from knowpress.models.io import atomic_dir, atomic_file, atomic_write_text, load_model, save_model
-from knowpress.outdir import OutputFolder
+from knowpress.models.io import atomic_dir, atomic_write_text, load_model, save_model
+from knowpress.outdir import OutputFolder, resume_dir, stage_dir
 from knowpress.preflight import (
     check_folders,
     check_sources,
@@ -65,36 +66,6 @@ from knowpress.sources import WORLD_FILE, Source, resolve_source
 
 STAGE_FILE = "knowpress_stage.json"
 EVAL_FILE = "eval.json"
-STATES_FILE = "states.safetensors"
-
-
-def write_states(path: Path, states: dict[str, Any]) -> None:
-    """Task states (task -> name -> tensor) as one safetensors file, ``task/name`` keys."""
-    from safetensors.torch import save_file
-
-    flat = {
-        f"{task}/{key}": t.contiguous()
-        for task, state in states.items()
-        for key, t in state.items()
-    }
-    with atomic_file(path) as tmp:
-        save_file(flat, str(tmp), metadata={"format": "pt", "tasks": ",".join(sorted(states))})
-
-
-def read_states(path: Path) -> dict[str, Any] | None:
-    """Inverse of :func:`write_states`; None when the file is absent or unreadable."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        flat = load_file(str(path))
-    except (OSError, SafetensorError):
-        return None
-    states: dict[str, Any] = {}
-    for key, tensor in flat.items():
-        task, _, name = key.partition("/")
-        states.setdefault(task, {})[name] = tensor
-    return states
 
 
 @dataclass
@@ -106,10 +77,6 @@ class RunResult:
     def gate_passed(self) -> bool | None:
         gate = self.report.get("gate")
         return None if gate is None else bool(gate["passed"])
-
-
-def stage_dir(out_dir: Path, index: int, kind: str) -> Path:
-    return out_dir / "stages" / f"{index + 1:02d}-{kind}"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -312,7 +279,7 @@ class Runner:
                 assert self.teacher_src is not None  # run() resolves it before any stage
                 self._teacher, _ = self.teacher_src.load(self.device)
             ctx.teacher = self._teacher
-        resume = _resume_dir(target, digest)
+        resume = resume_dir(target, digest)
         with atomic_dir(target) as tmp:
             ctx.begin_stage(tmp, resume)
             start = time.perf_counter()
@@ -375,15 +342,6 @@ class Runner:
         payload = {"key": self.eval_key, "measurement": measurement.to_json()}
         atomic_write_text(target / EVAL_FILE, json.dumps(payload, indent=1))
         return measurement, runtime
-
-
-def _resume_dir(target: Path, digest: str) -> Path:
-    """``stages/.resume-NN-kind-HASH``: where the stage's mid-run checkpoints survive a kill.
-    Those of an earlier config of the same stage (another hash) are removed."""
-    for stale in target.parent.glob(f".resume-{target.name}-*"):
-        if not stale.name.endswith(digest[:12]):
-            shutil.rmtree(stale, ignore_errors=True)
-    return target.parent / f".resume-{target.name}-{digest[:12]}"
 
 
 def _runtime_policies(ctx: Context) -> dict[str, dict[str, Any]]:

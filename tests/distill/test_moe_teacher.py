@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+import knowpress.distill.step as step_module
 import knowpress.distill.trainer as trainer_module
 from knowpress.distill import DISTILL_LOSSES
 from knowpress.distill.data import DistillData
@@ -56,14 +57,14 @@ def _trainer(teacher: Any, tmp: Path | None, moe: MoETeacherSpec, **spec: Any) -
 def test_augmented_loss_is_the_mean_over_the_sampled_routings(monkeypatch: Any) -> None:
     teacher = tiny_mixtral(layers=1).eval().requires_grad_(False)
     calls: list[int] = []
-    real = trainer_module._teacher_logits
+    real = step_module._teacher_logits
 
     def spy(*args: Any) -> list[torch.Tensor]:
         out = real(*args)
         calls.append(len(out))
         return out
 
-    monkeypatch.setattr(trainer_module, "_teacher_logits", spy)
+    monkeypatch.setattr(step_module, "_teacher_logits", spy)
     _trainer(teacher, None, MoETeacherSpec(augment=3), steps=2).run(Progress(enabled=False))
     assert calls == [3, 3]
 
