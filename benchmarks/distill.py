@@ -31,10 +31,10 @@ from scoring import Scorer
 
 from knowpress.distill import DISTILL_LOSSES
 from knowpress.distill.data import DistillData
-from knowpress.distill.students import StudentSpec, make_student, parameter_count
+from knowpress.distill.students import StudentSpec, make_student
 from knowpress.distill.trainer import OnPolicySpec, Trainer, TrainSpec
 from knowpress.models.io import load_model, save_model
-from knowpress.models.sizes import bf16_bytes
+from knowpress.models.sizes import bf16_bytes, parameter_count
 from knowpress.progress import Progress
 from knowpress.world import PRESETS, build_teacher, load_world
 from knowpress.world.training import training_threads

@@ -105,12 +105,12 @@ def make_student(
     if spec.make == "depth":
         assert spec.keep is not None
         influence = block_influence(student, batches)
-        n = max(1, round(len(influence) * spec.keep))
+        n = student_config(spec, model.config).num_hidden_layers
         keep = sorted(sorted(range(len(influence)), key=lambda i: -influence[i])[:n])
         drop_layers(student, keep)
     elif spec.make == "width":
         channels, heads = width_importance(student, batches)
-        prune_width(student, channels, heads, spec.mlp_keep, spec.heads_keep)
+        prune_width(student, channels, heads, student_config(spec, model.config))
     return student
 
 
@@ -203,21 +203,16 @@ def _top(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def prune_width(
-    model: PreTrainedModel,
-    channels: list[torch.Tensor],
-    heads: list[torch.Tensor],
-    mlp_keep: float,
-    heads_keep: float,
+    model: PreTrainedModel, channels: list[torch.Tensor], heads: list[torch.Tensor], target: Any
 ) -> None:
-    """Slice every layer to its most important channels and heads; update the config."""
+    """Slice every layer to its most important channels and heads, to the shapes of
+    ``target`` (``student_config``); the model's config takes them."""
     config = model.config
     n_heads, d = config.num_attention_heads, _head_dim(config)
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    group = n_heads // n_kv
-    inter = max(1, round(config.intermediate_size * mlp_keep))
-    mha = n_kv == n_heads
-    per_group = group if mha else max(1, round(group * heads_keep))
-    kept_heads = max(1, round(n_heads * heads_keep)) if mha else n_kv * per_group
+    group, mha = n_heads // n_kv, n_kv == n_heads
+    inter, kept_heads = target.intermediate_size, target.num_attention_heads
+    per_group = kept_heads // n_kv
     for layer, c_score, h_score in zip(_layers(model), channels, heads, strict=True):
         mlp, attn = layer.mlp, layer.self_attn
         keep_c = _top(c_score, inter).to(mlp.down_proj.weight.device)
@@ -240,16 +235,9 @@ def prune_width(
         attn.num_key_value_groups = kept_heads // len(keep_kv)
         if hasattr(attn, "head_dim"):
             attn.head_dim = d
-    config.head_dim = d  # explicit: hidden_size / heads no longer gives it
-    config.num_attention_heads = kept_heads
-    config.num_key_value_heads = kept_heads if mha else n_kv
-    config.intermediate_size = inter
+    for key in ("head_dim", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        setattr(config, key, getattr(target, key))  # head_dim explicit: hidden / heads no longer
 
 
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Parameters stored once (a tied head counted with its embedding)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -37,12 +37,12 @@ from knowpress.distill.students import (
     StudentSpec,
     check_student,
     make_student,
-    parameter_count,
     student_config,
 )
 from knowpress.distill.trainer import OnPolicySpec, Trainer, TrainSpec
 from knowpress.errors import KnowpressError
 from knowpress.models.io import packed_modules
+from knowpress.models.sizes import parameter_count
 from knowpress.progress import Progress
 from knowpress.stage import STAGES, StageConfig
 
@@ -131,7 +131,10 @@ class Distill:
                 teacher = copy.deepcopy(teacher)
         teacher.eval().requires_grad_(False)
         data = _data(ctx, cfg.train)
-        calib = [data.batch(i)[0].to(ctx.device) for i in range(CALIBRATION_BATCHES)]
+        pruned = cfg.student.make in ("depth", "width")  # importance needs calibration tokens
+        calib = [
+            data.batch(i)[0].to(ctx.device) for i in range(CALIBRATION_BATCHES if pruned else 0)
+        ]
         student = make_student(cfg.student, ctx.model, calib).to(ctx.device)
         student.requires_grad_(True)
         extra = _extra_models(cfg.loss, student, ctx)

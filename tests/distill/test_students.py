@@ -14,10 +14,10 @@ from knowpress.distill.students import (
     block_influence,
     check_student,
     make_student,
-    parameter_count,
     student_config,
 )
 from knowpress.errors import KnowpressError
+from knowpress.models.sizes import parameter_count
 from knowpress.testing.models import tiny_llama, tiny_mixtral
 
 IDS = [torch.randint(3, 120, (4, 24), generator=torch.Generator().manual_seed(0))]
