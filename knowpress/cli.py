@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from knowpress.cli_eval import cmd_eval
@@ -86,17 +87,29 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_plan(recipe, out_dir)
         return 0
+    from knowpress.launch import join, launched_world, rank_device
     from knowpress.progress import Progress
     from knowpress.runner import apply
 
     _quiet_libraries()
-    result = apply(
-        recipe,
-        out_dir,
-        resume=args.resume,
-        force=args.force,
-        progress=Progress(console=err, enabled=not args.quiet),
-    )
+    if launched_world() > 1:  # accelerate launch: each process on its own device
+        recipe = load_recipe(args.recipe, [*overrides, f"device={rank_device(recipe.device)}"])
+    group = join(recipe)
+    if group is not None and group.rank > 0:
+        group.follow(recipe, out_dir)  # rank 0 reports
+        return 0
+    try:
+        result = apply(
+            recipe,
+            out_dir,
+            resume=args.resume,
+            force=args.force,
+            progress=Progress(console=err, enabled=not args.quiet),
+            group=group,
+        )
+    finally:
+        if group is not None:
+            group.close()
     out.print(_summary(result.report))
     for warning in result.report.get("warnings", []):
         out.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
@@ -333,7 +346,8 @@ def _interrupted_hint(args: argparse.Namespace) -> str:
 
 
 def _error(line: str) -> None:
-    err.print(f"[red]error:[/red] {short(line, 500)}", highlight=False, soft_wrap=True, markup=True)
+    text = escape(short(line, 500))  # a message may hold brackets (paths, library errors)
+    err.print(f"[red]error:[/red] {text}", highlight=False, soft_wrap=True, markup=True)
 
 
 def _os_error_line(exc: OSError) -> str:

@@ -205,15 +205,22 @@ def check_stages(recipe: Recipe, model: PreTrainedModel | None) -> list[list[str
     if model is None:
         return [[] for _ in recipe.stages]
     facts = []
-    packed_by = None
+    packed_by = uneven_by = None
     for index, config in enumerate(recipe.stages):
         if type(config).trains_weights and packed_by is not None:
             raise KnowpressError(
-                f"stages.{index} ({config.kind}): trains float weights, and stages.{packed_by} "
+                f"stages.{index} ({config.kind}): changes float weights, and stages.{packed_by} "
                 f"packs them first: put the {config.kind} stage before quantize"
+            )
+        if type(config).packs_weights and uneven_by is not None:
+            raise KnowpressError(
+                f"stages.{index} ({config.kind}): stages.{uneven_by} leaves uneven expert "
+                f"counts, which packed weights cannot be loaded with yet; use budget: per_layer"
             )
         if type(config).packs_weights and packed_by is None:
             packed_by = index
+        if config.uneven_structure():
+            uneven_by = index
         try:
             facts.append(config.check(model, recipe.model.dtype))
             model = config.structure_after(model)

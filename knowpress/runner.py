@@ -25,9 +25,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from knowpress.evaluate.lm_eval_bridge import run_lm_eval
 from knowpress.evaluate.loader import kv_policy_of, load_runtime
 from knowpress.evaluate.runtime import Runtime, TorchRuntime
 from knowpress.evaluate.states import STATES_FILE, read_states, write_states
+from knowpress.launch import Group, launched_world
 from knowpress.measure import PeakMemory, stable_hash
 from knowpress.models.artifact import build_manifest, changed_files, read_manifest, write_manifest
 from knowpress.models.io import atomic_dir, atomic_write_text, load_model, save_model
@@ -88,9 +89,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 class Runner:
     def __init__(
-        self, recipe: Recipe, out_dir: Path, *, resume: bool, force: bool, progress: Progress
-    ) -> None:
+        self, recipe: Recipe, out_dir: Path, *, resume: bool, force: bool, progress: Progress,
+        group: Group | None = None,
+    ) -> None:  # fmt: skip
         self.recipe, self.out_dir, self.progress = recipe, Path(out_dir), progress
+        self.group = group  # the launched processes that join data-parallel stages
         self.resume, self.force = resume, force
         self.device = resolve_device(recipe.device)  # before anything is written
         self.deploy_dtype = recipe.model.dtype
@@ -151,13 +154,13 @@ class Runner:
 
     def run(self) -> RunResult:
         with OutputFolder(self.out_dir, resume=self.resume, force=self.force) as folder:
-            sources, world = self._prepare()
+            sources, world = self.prepare()
             folder.first_write(knowpress_version())  # a forced run replaces the old one here
             text = yaml.safe_dump(self.recipe.dump(), sort_keys=False)
             atomic_write_text(self.out_dir / "recipe.yaml", text)
             return self._execute(sources, world)
 
-    def _prepare(self) -> tuple[dict[str, Source], Any]:
+    def prepare(self) -> tuple[dict[str, Source], Any]:
         """Resolve the sources and the world and check all that can fail before any write."""
         recipe, show = self.recipe, self.progress.enabled
         model_src = resolve_source(recipe.model, progress=show)
@@ -200,7 +203,7 @@ class Runner:
             record = self._finished(target, digest) if (self.resume and not dirty) else None
             if record is None:
                 dirty = True
-                ctx = self._context(input_dir, world, history, loaded)
+                ctx = self.context(input_dir, world, history, loaded)
                 record = self._run_stage(ctx, index, digest, target, input_dir, input_bytes)
                 del ctx
             else:
@@ -223,7 +226,7 @@ class Runner:
         write_report(report, self.out_dir)
         return RunResult(self.out_dir, report)
 
-    def _context(
+    def context(
         self, location: str, world: Any, history: list[StageRecord], loaded: Runtime | None
     ) -> Context:
         """The context a stage starts from: the model stored at ``location`` (reusing the
@@ -251,6 +254,13 @@ class Runner:
             history=list(history),
         )
 
+    def teacher(self) -> Any:
+        """The teacher model, loaded on first use and kept for later stages."""
+        if self._teacher is None:
+            assert self.teacher_src is not None  # prepare() resolves it before any stage
+            self._teacher, _ = self.teacher_src.load(self.device)
+        return self._teacher
+
     def _finished(self, target: Path, digest: str) -> StageRecord | None:
         data = _read_json(target / STAGE_FILE)
         if not data or data.get("hash") != digest:
@@ -275,16 +285,19 @@ class Runner:
         config = self.recipe.stages[index]
         self.progress.log(f"[bold]stage {index + 1}/{len(self.recipe.stages)}: {config.kind}")
         if type(config).needs_teacher:
-            if self._teacher is None:
-                assert self.teacher_src is not None  # run() resolves it before any stage
-                self._teacher, _ = self.teacher_src.load(self.device)
-            ctx.teacher = self._teacher
+            ctx.teacher = self.teacher()
         resume = resume_dir(target, digest)
+        together = self.group is not None and type(config).data_parallel
         with atomic_dir(target) as tmp:
             ctx.begin_stage(tmp, resume)
             start = time.perf_counter()
             stage = config.build()
-            with PeakMemory() as memory:
+            with (
+                PeakMemory() as memory,
+                (
+                    self.group.stage(index, input_dir, resume) if together else nullcontext()  # type: ignore[union-attr]
+                ),
+            ):
                 try:
                     ctx = stage.run(ctx, self.progress)
                 except KnowpressError as exc:
@@ -364,16 +377,18 @@ def apply(
     resume: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    group: Group | None = None,
 ) -> RunResult:
     """Run a validated recipe into ``out_dir``; see the module docstring for the layout."""
     if resume and force:
         raise KnowpressError("--resume and --force contradict each other; pass one")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch / torchrun
+    if launched_world() > 1 and group is None:  # accelerate launch / torchrun
         raise KnowpressError(
-            f"this is one of {os.environ['WORLD_SIZE']} launched processes; multi-process "
-            f"stages are not supported yet: run compress apply as a single process"
+            f"this is one of {launched_world()} launched processes: run them through "
+            "`accelerate launch -m knowpress.cli apply`, which joins them (knowpress/launch.py)"
         )
     progress = progress or Progress(enabled=False)
-    runner = Runner(recipe, Path(out_dir), resume=resume, force=force, progress=progress)
+    runner = Runner(recipe, Path(out_dir), resume=resume, force=force, progress=progress,
+                    group=group)  # fmt: skip
     with progress.session():
         return runner.run()

@@ -25,9 +25,12 @@ class StageConfig(FrozenConfig):
     kind: str
     #: the runner loads the teacher into ``ctx.teacher`` only for stages that need it
     needs_teacher: ClassVar[bool] = False
-    #: stage order: a stage that trains float weights cannot follow one that packs them
+    #: stage order: a stage that trains or slices float weights cannot follow one that
+    #: packs them
     trains_weights: ClassVar[bool] = False
     packs_weights: ClassVar[bool] = False
+    #: under ``accelerate launch`` every process runs this stage (``knowpress/launch.py``)
+    data_parallel: ClassVar[bool] = False
 
     def build(self) -> Stage:
         raise NotImplementedError(f"stage kind {self.kind!r} does not implement build()")
@@ -37,6 +40,10 @@ class StageConfig(FrozenConfig):
         stages after it; the default: unchanged. A stage that replaces the model (a smaller
         student) returns the new one's."""
         return model
+
+    def uneven_structure(self) -> bool:
+        """True when the result needs knowpress's loader (per-layer shapes in the manifest)."""
+        return False
 
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         """Resolve what can fail against the model's structure alone (``model`` may live on

@@ -114,6 +114,16 @@ def test_missing_model_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_an_error_holding_brackets_prints_as_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    missing = tmp_path / "[/x]" / "model"  # rich would read [/x] as a closing tag
+    recipe.write_text(yaml.safe_dump({**RECIPE, "model": {"path": str(missing)}}))
+    assert main(["apply", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == EXIT_USER
+    assert f"{missing}" in capsys.readouterr().err
+
+
 def test_eval_on_stage_checkpoint(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -95,3 +95,18 @@ def calibration_ids(
     if not sequences:
         raise KnowpressError("data.calibration: the calibration text holds no tokens")
     return sequences
+
+
+def calibration_batches(sequences: list[list[int]], size: int = 8) -> list[Any]:
+    """Equal-length sequences stacked ``size`` at a time (a shorter last one alone):
+    ``[B, T]`` long tensors with no padding."""
+    import torch
+
+    by_length: dict[int, list[list[int]]] = {}
+    for seq in sequences:
+        by_length.setdefault(len(seq), []).append(seq)
+    return [
+        torch.tensor(group[i : i + size], dtype=torch.long)
+        for group in by_length.values()
+        for i in range(0, len(group), size)
+    ]

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from knowpress.config import FrozenConfig
+from knowpress.distill.parallel import distributed
 from knowpress.models.io import atomic_file
 
 TINY = 1e-12
@@ -66,7 +67,9 @@ class TeacherCache:
         self.hits = self.misses = 0
 
     def _file(self, step: int) -> Path:
-        return self.folder / f"step-{step:07d}.safetensors"
+        rank, world = distributed()  # each process caches its own rows of the step
+        shard = f"-{rank}of{world}" if world > 1 else ""
+        return self.folder / f"step-{step:07d}{shard}.safetensors"
 
     def _meta(self, ids: torch.Tensor) -> dict[str, str]:
         return {"ids": _digest(ids), "k": str(self.k), "temperature": repr(self.temperature)}

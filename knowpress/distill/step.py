@@ -71,6 +71,8 @@ def batch_loss(student: PreTrainedModel, teacher: PreTrainedModel | None, loss: 
     counted = labels[:, 1:] != -100
     total = extras.total if extras.total is not None else counted.sum().clamp_min(1)
     value = torch.zeros((), device=ids.device)
+    if ids.shape[0] == 0:  # fewer rows than processes: this one only joins the sums
+        return value
     bins = _cached_bins(teacher, batch, spec, extras) if extras.cache is not None else None
     for part in _chunks(ids.shape[0], spec.grad_accum):
         with _autocast(ids.device, spec):

@@ -5,7 +5,8 @@ per step) a batch the student generates from the step's prompts (on-policy GKD, 
 al. 2024, arXiv:2306.13649; ``source: teacher`` is sequence-level KD: the teacher generates).
 The step's loss over ``grad_accum`` micro-batches is ``step.py``'s; the step loss is
 ``(1 − sft_weight) · KD + sft_weight · CE`` (CE on dataset batches only). Inside a
-torch.distributed group each process takes rows ``rank::world``, gradients are summed.
+torch.distributed group each process takes rows ``rank::world``, gradients are summed
+(``parallel.py``); the student starts from rank 0's weights.
 
 AdamW, linear warmup then cosine to ``min_lr_ratio``, gradient norm clipped. Every
 ``checkpoint_every`` steps the student, AdamW's moments, the step and the loss schedule
@@ -36,6 +37,7 @@ from knowpress.distill.moe_teacher import (
     router_parameters,
     routers,
 )
+from knowpress.distill.parallel import all_reduce_grads, broadcast_parameters, distributed, shard
 from knowpress.distill.step import Extras, batch_loss
 from knowpress.errors import KnowpressError
 from knowpress.progress import Progress
@@ -114,44 +116,6 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], spec: OnPol
     return out, attention, labels
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _shard(batch: Batch) -> tuple[Batch, torch.Tensor | None]:
-    """This process's rows (``rank::world``) and the token count of the whole batch, which
-    every process divides by, so summed gradients equal one process's on the whole batch."""
-    rank, world = _distributed()
-    if world == 1:
-        return batch, None
-    import torch.distributed as dist
-
-    rows = tuple(t[rank::world] for t in batch)
-    local = (rows[2][:, 1:] != -100).sum().to(torch.float32)
-    dist.all_reduce(local)
-    return rows, local.clamp_min(1)  # type: ignore[return-value]
-
-
-def _all_reduce_grads(models: list[torch.nn.Module], value: torch.Tensor) -> torch.Tensor:
-    """Sum gradients and the loss over processes (each already divided by the global count)."""
-    _, world = _distributed()
-    if world == 1:
-        return value
-    import torch.distributed as dist
-
-    for model in models:
-        for p in model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-    dist.all_reduce(value)
-    return value
-
-
 class _RouterSet(torch.nn.Module):
     """The teacher's routers as one module, for their checkpoint (student-aware router)."""
 
@@ -213,7 +177,7 @@ class Trainer:
         return state
 
     def _save(self, state: TrainState) -> None:
-        if self.checkpoint is None or _distributed()[0] != 0:  # one writer: rank 0
+        if self.checkpoint is None or distributed()[0] != 0:  # one writer: rank 0
             return
         state.extra = {"generate_seconds": self.generate_seconds,
                        "on_policy_steps": self.on_policy_steps}  # fmt: skip
@@ -245,6 +209,7 @@ class Trainer:
 
     def run(self, progress: Progress) -> Outcome:
         spec, device = self.spec, next(self.student.parameters()).device
+        broadcast_parameters(self.student)
         state = self._resume()
         start_step, begun = state.step, time.perf_counter()
         self.student.train()
@@ -259,12 +224,12 @@ class Trainer:
             sft = 0.0 if generated else self.sft_weight
             extras = Extras(self.extra_models, self.moe, seed=spec.seed * 1_000_003 + step,
                             cache=None if generated else self.cache, step=step)  # fmt: skip
-            batch, extras.total = _shard(batch)
+            batch, extras.total = shard(batch)
             loss_value = batch_loss(self.student, self.teacher, self.loss, batch, spec, sft,
                                     interp, extras)  # fmt: skip
             routed = self.router_optimizer is not None and self.teacher is not None
             trained = [self.student, *([_RouterSet(self.teacher)] if routed else [])]  # type: ignore[arg-type]
-            value = float(_all_reduce_grads(trained, loss_value))
+            value = float(all_reduce_grads(trained, loss_value))
             if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.router_optimizer is not None:

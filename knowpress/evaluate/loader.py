@@ -38,6 +38,9 @@ Loader = Callable[[str, "Manifest | None", RuntimeOptions], "Runtime"]
 RUNTIME_FORMATS: Registry[Loader] = Registry("artifact format")
 
 
+KNOWN_STRUCTURE = {"experts_per_layer"}  # what load_model restores (uneven MoE counts)
+
+
 def kv_policy_of(manifest: Manifest | None, where: str) -> KVPolicy | None:
     """The KV policy a manifest attaches (None without one); unknown slots are errors."""
     if manifest is None:
@@ -62,9 +65,10 @@ def _torch(location: str, manifest: Manifest | None, options: RuntimeOptions) ->
 
     where = str(Path(location) / MANIFEST_FILE)
     policy = kv_policy_of(manifest, where)
-    if manifest is not None and manifest.structure:
+    unknown = sorted(set(manifest.structure) - KNOWN_STRUCTURE) if manifest is not None else []
+    if unknown:
         raise KnowpressError(
-            f"{where}: structure {sorted(manifest.structure)} needs a loader this knowpress "
+            f"{where}: structure {unknown} needs a loader this knowpress "
             f"does not have; upgrade knowpress to score this artifact"
         )
     model, tokenizer = load_model(

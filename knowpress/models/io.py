@@ -260,6 +260,15 @@ def check_local(path: Path, source: str | Path) -> None:
         )
 
 
+def _expert_counts(path: Path) -> list[int] | None:
+    """The per-block expert counts a stage folder's manifest records (uneven pruning)."""
+    from knowpress.models.artifact import read_manifest
+
+    manifest = read_manifest(path) if path.is_dir() else None
+    counts = manifest.structure.get("experts_per_layer") if manifest is not None else None
+    return [int(c) for c in counts] if counts else None
+
+
 def load_model(
     source: str | Path,
     *,
@@ -270,8 +279,11 @@ def load_model(
     """Load a causal LM and its tokenizer from a local directory or a hub id, in ``dtype``
     on ``device``.
 
-    Only safetensors weights are accepted. A missing local path, or a hub id that cannot be
-    fetched (offline machine), is a :class:`KnowpressError` naming the path and the fix.
+    A stage folder whose manifest records uneven expert counts (``experts_per_layer``) is
+    built from its config and cut to those counts before its tensors load
+    (``models/moe.py``). Only safetensors weights are accepted. A missing local path, or a
+    hub id that cannot be fetched (offline machine), is a :class:`KnowpressError` naming the
+    path and the fix.
     """
     from knowpress.models.ct_format import is_ct_folder, load_ct
     from knowpress.models.packed import load_packed, packed_config
@@ -284,8 +296,19 @@ def load_model(
     if looks_local:
         path = path.expanduser()
         check_local(path, source)
+    counts = _expert_counts(path) if looks_local else None
+    if counts is not None and (is_ct_folder(path) or (path / QUANT_FILE).is_file()):
+        raise KnowpressError(
+            f"{path}: uneven expert counts with packed weights cannot be loaded yet; prune "
+            "experts with budget: per_layer (a uniform count) before quantizing"
+        )
     try:
-        if looks_local and is_ct_folder(path):
+        if counts is not None:
+            from knowpress.models.moe import load_uneven
+
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            model = load_uneven(path, counts, torch_dtype, trust_remote_code)
+        elif looks_local and is_ct_folder(path):
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
             model = load_ct(path, torch_dtype, trust_remote_code)
         elif looks_local and (path / QUANT_FILE).is_file():

@@ -1,3 +1,3 @@
 """Built-in stage kinds; importing this package registers them in ``STAGES``."""
 
-from knowpress.stages import distill, quantize  # noqa: F401
+from knowpress.stages import distill, prune_experts, quantize  # noqa: F401

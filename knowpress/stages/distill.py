@@ -68,6 +68,7 @@ class DistillConfig(StageConfig):
     train: TrainSpec = TrainSpec()
     needs_teacher = True
     trains_weights = True
+    data_parallel = True
 
     def build(self) -> Distill:
         return Distill(self)

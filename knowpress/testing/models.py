@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import (
     LlamaConfig,
@@ -71,3 +73,33 @@ def tiny_mixtral(seed: int = 0, layers: int = 1, vocab_size: int = 64) -> Mixtra
     )  # fmt: skip
     torch.manual_seed(seed)
     return MixtralForCausalLM(config).eval()
+
+
+_MOE_CONFIGS: dict[str, dict[str, Any]] = {
+    "mixtral": {"num_local_experts": 4, "intermediate_size": 64},
+    "qwen2_moe": {"num_experts": 4, "moe_intermediate_size": 32, "intermediate_size": 64,
+                  "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1},
+    "qwen3_moe": {"num_experts": 4, "moe_intermediate_size": 32, "intermediate_size": 64,
+                  "decoder_sparse_step": 1, "norm_topk_prob": True},
+    "olmoe": {"num_experts": 4, "intermediate_size": 32},
+    "deepseek_v3": {"n_routed_experts": 4, "moe_intermediate_size": 32, "intermediate_size": 64,
+                    "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
+                    "first_k_dense_replace": 0, "q_lora_rank": None, "kv_lora_rank": 16,
+                    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
+                    "head_dim": 8, "norm_topk_prob": True},
+}  # fmt: skip
+
+
+def tiny_moe(arch: str, seed: int = 0, layers: int = 1, vocab_size: int = 64) -> Any:
+    """A random tiny MoE decoder of ``arch`` (``_MOE_CONFIGS``): hidden 32, 4 routed experts,
+    top-2, 4 heads; Qwen2-MoE and DeepSeek-V3 with a shared expert."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        arch, vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, num_experts_per_tok=2,
+        max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **_MOE_CONFIGS[arch],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()

@@ -53,7 +53,7 @@ class TrainConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    qa_repeat: int = Field(4, ge=1)
+    qa_repeat: int = Field(4, ge=0)  # 0: no QA strings (a "base" teacher, before its QA data)
     seq_len: int = Field(128, ge=8)
     seed: int = 0
     # Loss on in-context passages: "all" tokens (the bios too) or only the "questions" and
@@ -64,6 +64,9 @@ class TrainConfig(BaseModel):
     # copying that reading a many-valued answer out of the context needs (long_context).
     copy_examples: int = Field(0, ge=0)
     copy_span: tuple[int, int] = (4, 24)
+    # Continue from another preset's teacher (same world, architecture and model) instead of a
+    # fresh init: ``bios-dense-tiny-sft`` is ``bios-dense-tiny-base`` after its QA data.
+    init_from: str | None = None
 
     @field_validator("copy_span")
     @classmethod
@@ -107,14 +110,18 @@ class Preset(BaseModel):
                 "architecture": self.architecture,
                 "model": self.model,
                 "train": self.train.model_dump(mode="json", exclude=_unused_copy(self.train)),
+                **({"init_from": PRESETS.get(self.train.init_from).key()}
+                   if self.train.init_from else {}),
             }
-        )
+        )  # fmt: skip
 
 
 def _unused_copy(train: TrainConfig) -> set[str]:
-    """The copy-sequence fields when no copies are made: left out of the key, so teachers
-    built before the option existed keep their keys (and their caches)."""
-    return {"copy_examples", "copy_span"} if train.copy_examples == 0 else set()
+    """The copy-sequence fields when no copies are made, and ``init_from`` (the base's own key
+    stands for it): left out of the key, so teachers built before the options existed keep
+    their keys (and their caches)."""
+    unused = {"copy_examples", "copy_span"} if train.copy_examples == 0 else set()
+    return unused | {"init_from"}
 
 
 PRESETS: Registry[Preset] = Registry("world preset")
@@ -188,6 +195,29 @@ _register(
         train=TrainConfig(steps=2000, batch_size=32, lr=3e-3, warmup=50, qa_repeat=4),
     )
 )
+
+# Delta-KD's pair: the quickstart teacher's world and model trained on the bios alone
+# ("teacher base"), then the same weights trained on the bios and their QA strings ("SFT").
+_TINY_QUICK_WORLD = PRESETS.get("bios-dense-tiny").world
+_register(
+    Preset(
+        name="bios-dense-tiny-base",
+        description="bios-dense-tiny trained on its bios only (no QA strings): Delta-KD's base.",
+        world=_TINY_QUICK_WORLD,
+        model=_TINY_MODEL,
+        train=TrainConfig(steps=1500, batch_size=32, lr=3e-3, warmup=50, qa_repeat=0),
+    )
+)
+_register(
+    Preset(
+        name="bios-dense-tiny-sft",
+        description="bios-dense-tiny-base after its QA data (bios + QA strings, 1000 steps).",
+        world=_TINY_QUICK_WORLD,
+        model=_TINY_MODEL,
+        train=TrainConfig(steps=1000, batch_size=32, lr=1e-3, warmup=20, qa_repeat=4,
+                          init_from="bios-dense-tiny-base"),
+    )
+)  # fmt: skip
 
 _register(
     Preset(

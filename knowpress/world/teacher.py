@@ -87,8 +87,9 @@ def build_teacher(
     checkpoint = resume_file(final)
     if force:
         checkpoint.unlink(missing_ok=True)
+    init = _base_teacher(p, cache_dir, progress, device)
     with atomic_dir(final) as tmp:  # a complete directory, or none, at ``final``
-        _train_into(p, tmp, progress, checkpoint, device)
+        _train_into(p, tmp, progress, checkpoint, device, init)
     checkpoint.unlink(missing_ok=True)
     return final
 
@@ -98,9 +99,28 @@ def resume_file(final: Path) -> Path:
     return final.parent / f".resume-{final.name}.safetensors"
 
 
+def _base_teacher(
+    preset: Preset, cache_dir: Path | None, progress: bool, device: str
+) -> Path | None:
+    """The built teacher ``preset.train.init_from`` names (built first when missing), after
+    checking it has the same world, architecture and model; None without ``init_from``."""
+    if preset.train.init_from is None:
+        return None
+    base = resolve_preset(preset.train.init_from)
+    same = (base.world, base.architecture, base.model) == (
+        preset.world, preset.architecture, preset.model)  # fmt: skip
+    if not same:
+        raise KnowpressError(
+            f"preset {preset.name!r}: train.init_from {base.name!r} has another world, "
+            "architecture or model; init_from needs a teacher of the same shapes and facts"
+        )
+    return build_teacher(base, cache_dir, progress=progress, device=device)
+
+
 def _train_into(
-    preset: Preset, out: Path, progress: bool, checkpoint: Path | None, device: str
-) -> None:
+    preset: Preset, out: Path, progress: bool, checkpoint: Path | None, device: str,
+    init: Path | None = None,
+) -> None:  # fmt: skip
     from knowpress.models.io import save_model
     from knowpress.world.training import train_teacher  # torch only when training
 
@@ -108,8 +128,9 @@ def _train_into(
     max_positions = int(preset.model.get("max_position_embeddings", 2048))
     tokenizer = build_tokenizer(world, model_max_length=max_positions)
     result = train_teacher(
-        preset, world, tokenizer, progress=progress, checkpoint=checkpoint, device=device
-    )
+        preset, world, tokenizer, progress=progress, checkpoint=checkpoint, device=device,
+        init=init,
+    )  # fmt: skip
     save_model(result.model, tokenizer, out)
     record = {
         "format": FORMAT_VERSION,

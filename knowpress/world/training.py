@@ -270,8 +270,12 @@ def train_teacher(
     progress: bool = True,
     checkpoint: Path | None = None,
     device: str = "cpu",
+    init: Path | None = None,
 ) -> TrainResult:
     """Train ``preset``'s model on ``world``'s epochs and score it on every applicable task.
+
+    ``init``: a teacher directory (``train.init_from``'s) whose weights replace the fresh
+    initialisation, so this run continues that teacher's training on this preset's data.
 
     With ``checkpoint``, the run state is saved there every ``CHECKPOINT_SECONDS`` and a run
     finding a checkpoint of the same preset key resumes from it (``train_state``). The
@@ -282,7 +286,7 @@ def train_teacher(
     """
     target = resolve_device(device, "--device")
     with _torch_threads(training_threads()):
-        return _train(preset, world, tokenizer, progress, checkpoint, target)
+        return _train(preset, world, tokenizer, progress, checkpoint, target, init)
 
 
 def _train(
@@ -292,12 +296,16 @@ def _train(
     progress: bool,
     checkpoint: Path | None,
     device: torch.device,
+    init: Path | None = None,
 ) -> TrainResult:
     cfg, key = preset.train, preset.key()
     schedule = EpochBatches(world, tokenizer, cfg)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         model = make_model(preset, tokenizer)
+    if init is not None:  # same config (build_teacher checked): the base's weights, float32
+        base = type(model).from_pretrained(init, dtype=torch.float32)
+        model.load_state_dict(base.state_dict())
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms: no weight decay

@@ -136,11 +136,11 @@ class GPTQ(GroupWise):
         progress: Progress,
         plan: Mapping[str, QuantMethod] | None = None,
     ) -> None:
-        from knowpress.data.calibration import calibration_ids
+        from knowpress.data.calibration import calibration_batches, calibration_ids
 
         sequences = calibration_ids(ctx.recipe.data.calibration, ctx.world, ctx.tokenizer,
                                     _max_positions(model))  # fmt: skip
-        batches = _batches(sequences)
+        batches = calibration_batches(sequences, BATCH)
         prefix, layers = decoder_layers(model)
         by_layer: dict[int, list[Target]] = {}
         outside: list[Target] = []
@@ -249,18 +249,6 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) ->
     rel = noise / signal if signal > 0 else math.nan
     sqnr = 10 * math.log10(1 / rel) if rel > 0 else math.inf
     return {"rel_mse": rel, "sqnr_db": sqnr, "noise": noise, "signal": signal}
-
-
-def _batches(sequences: list[list[int]]) -> list[torch.Tensor]:
-    """Equal-length sequences stacked ``BATCH`` at a time (a shorter last one alone)."""
-    by_length: dict[int, list[list[int]]] = {}
-    for seq in sequences:
-        by_length.setdefault(len(seq), []).append(seq)
-    return [
-        torch.tensor(group[i : i + BATCH], dtype=torch.long)
-        for group in by_length.values()
-        for i in range(0, len(group), BATCH)
-    ]
 
 
 def _layer_index(module: str, prefix: str) -> int | None:

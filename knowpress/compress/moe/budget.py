@@ -1,0 +1,55 @@
+"""Which experts a sparsity removes: the lowest-scored of each block (``per_layer``: every
+block loses ``round(s·E)``, so the count stays uniform and stock transformers loads the
+result), or the lowest across blocks (``global``: scores divided by their block's mean so
+blocks compare, never leaving a block fewer than its top-k; counts become uneven)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from knowpress.errors import KnowpressError
+
+Budget = Literal["per_layer", "global"]
+
+
+def _ranked(scores: torch.Tensor) -> list[int]:
+    """Expert ids from least to most important (ties: the higher id goes first)."""
+    order = sorted(range(scores.numel()), key=lambda j: (float(scores[j]), -j))
+    return order
+
+
+def choose_keep(scores: list[torch.Tensor], top_k: list[int], sparsity: float,
+                budget: Budget) -> list[list[int]]:  # fmt: skip
+    """Per block, the ascending ids of the experts kept."""
+    counts = [s.numel() for s in scores]
+    if budget == "per_layer":
+        keeps = []
+        for i, (s, k) in enumerate(zip(scores, top_k, strict=True)):
+            drop = round(sparsity * s.numel())
+            if s.numel() - drop < k:
+                raise KnowpressError(
+                    f"sparsity {sparsity}: MoE block {i} would keep {s.numel() - drop} of "
+                    f"{s.numel()} experts, fewer than its top-k ({k}); lower the sparsity"
+                )
+            keeps.append(sorted(_ranked(s)[drop:]))
+        return keeps
+    total = round(sparsity * sum(counts))
+    room = sum(c - k for c, k in zip(counts, top_k, strict=True))
+    if total > room:
+        raise KnowpressError(
+            f"sparsity {sparsity}: removing {total} experts leaves some block fewer than its "
+            f"top-k (at most {room} can go); lower the sparsity"
+        )
+    pool = [(float(s[j]) / max(float(s.mean()), 1e-30), i, j)
+            for i, s in enumerate(scores) for j in range(s.numel())]  # fmt: skip
+    pool.sort(key=lambda t: (t[0], -t[2]))
+    dropped: list[set[int]] = [set() for _ in scores]
+    for _, i, j in pool:
+        if total == 0:
+            break
+        if counts[i] - len(dropped[i]) > top_k[i]:
+            dropped[i].add(j)
+            total -= 1
+    return [[j for j in range(c) if j not in d] for c, d in zip(counts, dropped, strict=True)]

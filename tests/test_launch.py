@@ -1,0 +1,84 @@
+"""``accelerate launch -m knowpress.cli apply`` with 2 CPU processes (gloo) trains the same
+student as one process, and launches knowpress cannot serve fail in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from knowpress.cli import EXIT_USER, main
+from knowpress.errors import KnowpressError
+from knowpress.launch import join
+from knowpress.recipe import validate_recipe
+from knowpress.runner import apply
+from knowpress.testing.models import tiny_llama, tiny_tokenizer
+
+STAGE = {"kind": "distill", "student": {"make": "width", "mlp_keep": 0.5},
+         "loss": {"name": "taid"}, "on_policy": {"rate": 0.5, "max_new_tokens": 4},
+         "train": {"steps": 4, "batch_size": 8, "seq_len": 16, "checkpoint_every": 2}}  # fmt: skip
+
+
+def _recipe(root: Path) -> dict[str, object]:
+    model = root / "model"
+    tiny_llama(seed=3).save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    text = root / "notes.txt"  # many short rows: every batch has 8, 4 per process
+    lines = [f"line {i} says the river is {i % 7} metres deep" for i in range(256)]
+    text.write_text("\n".join(lines))
+    return {"version": 1, "model": {"path": str(model), "dtype": "float32"}, "stages": [STAGE],
+            "data": {"calibration": {"path": str(text)}},
+            "evaluate": {"tasks": ["kl"], "text": {"path": str(text)}}}  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+def test_two_launched_processes_train_what_one_process_trains(tmp_path: Path) -> None:
+    data = _recipe(tmp_path)
+    file = tmp_path / "r.yaml"
+    file.write_text(yaml.safe_dump(data))
+    one = apply(validate_recipe(data), tmp_path / "one").report
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2"]
+    cmd = [*launch, "-m", "knowpress.cli", "apply", str(file), "-o", str(tmp_path / "two"), "-q"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    a, b = (one["stages"][0]["details"], two["stages"][0]["details"])
+    assert a["on_policy_steps"] == b["on_policy_steps"] > 0
+    assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["schedule"]["t"] - b["schedule"]["t"]) < 1e-6
+    first = load_file(str(tmp_path / "one" / "stages" / "01-distill" / "model.safetensors"))
+    second = load_file(str(tmp_path / "two" / "stages" / "01-distill" / "model.safetensors"))
+    assert max((first[k] - second[k]).abs().max().item() for k in first) < 1e-4
+    assert first["model.layers.0.mlp.up_proj.weight"].shape[0] == 64  # half of 128
+
+
+def test_a_launched_process_outside_the_cli_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(KnowpressError, match=r"accelerate launch -m knowpress\.cli apply"):
+        apply(validate_recipe(_recipe(tmp_path)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_fsdp_launch_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(KnowpressError, match="FSDP is not supported"):
+        join(validate_recipe(_recipe(tmp_path)))
+    file = tmp_path / "r.yaml"
+    file.write_text(yaml.safe_dump(_recipe(tmp_path)))
+    capsys.readouterr()  # what saving the tiny model printed
+    assert main(["apply", str(file), "-o", str(tmp_path / "out"), "-q"]) == EXIT_USER
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "launch with --multi_gpu" in err[0]
+    assert not (tmp_path / "out").exists()
