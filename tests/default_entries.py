@@ -22,6 +22,22 @@ STAGES: dict[str, dict[str, Any]] = {
         "student": {"make": "depth", "keep": 0.5},
         "train": {"steps": 4, "batch_size": 8},
     },
+    "prune_experts": {
+        "kind": "prune_experts",
+        "method": {"name": "reap"},
+        "sparsity": 0.25,
+        "precheck": {"probe_samples": 4},
+    },
+}
+#: stage kind -> the preset it runs on when not ``test-tiny`` (MoE stages need an MoE teacher)
+STAGE_MODELS: dict[str, str] = {"prune_experts": "test-moe-tiny"}
+
+#: expert-pruning method -> its config (the prune_experts matrix in tests/compress/moe)
+EXPERT_PRUNERS: dict[str, dict[str, Any]] = {
+    "reap": {"name": "reap"},
+    "frequency": {"name": "frequency"},
+    "routing_weight": {"name": "routing_weight"},
+    "merge": {"name": "merge"},
 }
 
 #: quant method -> [(method block, minimum weight SQNR in dB on a random tiny Llama); methods

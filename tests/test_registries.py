@@ -8,6 +8,7 @@ import default_entries as rows
 import pytest
 
 from knowpress.compress.kv import KV_POLICIES
+from knowpress.compress.moe import EXPERT_PRUNERS
 from knowpress.compress.quant import QUANT_METHODS
 from knowpress.distill import DISTILL_LOSSES
 from knowpress.evaluate.loader import RUNTIME_FORMATS
@@ -22,6 +23,7 @@ FAMILIES: list[tuple[Registry[Any], dict[str, Any]]] = [
     (KV_POLICIES, rows.KV_POLICIES),
     (RUNTIME_FORMATS, rows.RUNTIME_FORMATS),
     (DISTILL_LOSSES, rows.DISTILL_LOSSES),
+    (EXPERT_PRUNERS, rows.EXPERT_PRUNERS),
 ]
 
 

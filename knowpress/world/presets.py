@@ -400,6 +400,19 @@ _register(
     )
 )
 
+_TEST_WORLD = PRESETS.get("test-tiny").world
+_register(
+    Preset(
+        name="test-moe-tiny",
+        description="Unit tests: test-tiny's world, 2-layer Mixtral (h64, 8 experts, top-2).",
+        world=_TEST_WORLD,
+        architecture="mixtral",
+        model={**_TINY_MODEL, "hidden_size": 64, "intermediate_size": 64,
+               "num_local_experts": 8, "num_experts_per_tok": 2},
+        train=TrainConfig(steps=400, batch_size=16, lr=3e-3, warmup=20, qa_repeat=4),
+    )
+)  # fmt: skip
+
 # Real facts: the default LRE relations (those that chain into 2-hop questions), 30 facts per
 # relation. Needs the LRE data (``$KNOWPRESS_LRE_DIR`` or ../shared/data/lre, MIT licence).
 _register(

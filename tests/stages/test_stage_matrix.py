@@ -22,7 +22,7 @@ def _recipe(stage: dict[str, Any]) -> Any:
     return validate_recipe(
         {
             "version": 1,
-            "model": {"world": "test-tiny"},
+            "model": {"world": rows.STAGE_MODELS.get(stage["kind"], "test-tiny")},
             "stages": [stage],
             "evaluate": {"tasks": ["recall", "perplexity"], "max_items": 8},
         }

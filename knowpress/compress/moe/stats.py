@@ -67,6 +67,7 @@ class ExpertStats:
                 "reap": r(self.reap), "flagged": self.flagged(min_tokens)}  # fmt: skip
 
 
+@torch.no_grad()
 def _accumulate(block: MoEBlock, stats: ExpertStats, x: torch.Tensor, probe_tokens: int) -> None:
     """Add the tokens ``x [N, H]`` one forward pass sends through ``block``."""
     x = x.detach().float()
