@@ -43,7 +43,8 @@ class Context:
     ``teacher`` the frozen model a distillation stage learns from (``recipe.teacher``,
     default the reference), loaded only for stages with ``needs_teacher``. Carried from stage
     to stage and saved in every later artifact's manifest: ``kv_policy`` (a runtime KV-cache
-    policy a stage attached) and ``structure`` (per-layer facts a loader needs, e.g. experts
+    policy a stage attached), ``expert_skip`` (dynamic MoE expert skipping) and
+    ``structure`` (per-layer facts a loader needs, e.g. experts
     kept per layer). Fresh for each stage: ``stage_dir`` (the stage's output folder, being
     written: files a stage writes there are part of its artifact and counted in its bytes),
     ``artifacts`` (name -> file in ``stage_dir``, recorded in the manifest), ``metrics``
@@ -60,6 +61,7 @@ class Context:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     teacher: PreTrainedModel | None = None
     kv_policy: KVPolicy | None = None
+    expert_skip: Any = None  # compress/moe/skip.py's ExpertSkip, a runtime policy like kv_policy
     structure: dict[str, Any] = field(default_factory=dict)
     stage_dir: Path | None = None
     artifacts: dict[str, str] = field(default_factory=dict)

@@ -44,7 +44,7 @@ from knowpress.evaluate.evaluator import (
     measure,
 )
 from knowpress.evaluate.lm_eval_bridge import run_lm_eval
-from knowpress.evaluate.loader import kv_policy_of, load_runtime
+from knowpress.evaluate.loader import expert_skip_of, kv_policy_of, load_runtime
 from knowpress.evaluate.runtime import Runtime, TorchRuntime
 from knowpress.evaluate.states import STATES_FILE, read_states, write_states
 from knowpress.launch import Group, launched_world
@@ -234,6 +234,10 @@ class Runner:
         spec = self.recipe.model
         if isinstance(loaded, TorchRuntime):
             model, tokenizer = loaded.model, loaded.tokenizer
+            if loaded.expert_skip is not None:  # stages see the plain model; ctx carries it
+                from knowpress.compress.moe.skip import detach
+
+                detach(model)
         else:
             model, tokenizer = load_model(
                 location,
@@ -250,6 +254,7 @@ class Runner:
             world=world,
             device=self.device,
             kv_policy=kv_policy_of(manifest, location),
+            expert_skip=expert_skip_of(manifest, location),
             structure=dict(manifest.structure) if manifest else {},
             history=list(history),
         )
@@ -359,9 +364,8 @@ class Runner:
 
 def _runtime_policies(ctx: Context) -> dict[str, dict[str, Any]]:
     """The manifest's ``runtime`` section: the policies attached so far, by slot."""
-    if ctx.kv_policy is None:
-        return {}
-    return {"kv_policy": ctx.kv_policy.model_dump(mode="json")}
+    policies = {"kv_policy": ctx.kv_policy, "expert_skip": ctx.expert_skip}
+    return {slot: p.model_dump(mode="json") for slot, p in policies.items() if p is not None}
 
 
 def _torch_dtype(name: str) -> Any:

@@ -28,9 +28,15 @@ STAGES: dict[str, dict[str, Any]] = {
         "sparsity": 0.25,
         "precheck": {"probe_samples": 4},
     },
+    "recalibrate_routers": {"kind": "recalibrate_routers"},
+    "skip_experts": {"kind": "skip_experts", "policy": {"name": "odp", "beta": 0.5}},
 }
 #: stage kind -> the preset it runs on when not ``test-tiny`` (MoE stages need an MoE teacher)
-STAGE_MODELS: dict[str, str] = {"prune_experts": "test-moe-tiny"}
+STAGE_MODELS: dict[str, str] = {
+    "prune_experts": "test-moe-tiny",
+    "recalibrate_routers": "test-moe-tiny",
+    "skip_experts": "test-moe-tiny",
+}
 
 #: expert-pruning method -> its config (the prune_experts matrix in tests/compress/moe)
 EXPERT_PRUNERS: dict[str, dict[str, Any]] = {

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from knowpress.compress.kv.base import KVPolicy
     from knowpress.evaluate.runtime import Runtime
 
-RUNTIME_SLOTS = ("kv_policy",)
+RUNTIME_SLOTS = ("kv_policy", "expert_skip")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,21 @@ def kv_policy_of(manifest: Manifest | None, where: str) -> KVPolicy | None:
     return policy_from_json(data, f"{where}: runtime.kv_policy")
 
 
+def expert_skip_of(manifest: Manifest | None, where: str) -> Any:
+    """The expert-skipping policy a manifest attaches (``compress/moe/skip.py``), or None."""
+    data = manifest.runtime.get("expert_skip") if manifest is not None else None
+    if data is None:
+        return None
+    from pydantic import ValidationError
+
+    from knowpress.compress.moe.skip import ExpertSkip
+
+    try:
+        return ExpertSkip.model_validate(data)
+    except ValidationError as exc:
+        raise KnowpressError(f"{where}: runtime.expert_skip: {exc.errors()[0]['msg']}") from None
+
+
 def _torch(location: str, manifest: Manifest | None, options: RuntimeOptions) -> Runtime:
     from knowpress.evaluate.runtime import TorchRuntime
     from knowpress.models.io import load_model
@@ -77,7 +92,12 @@ def _torch(location: str, manifest: Manifest | None, options: RuntimeOptions) ->
         trust_remote_code=options.trust_remote_code,
         device=options.device,
     )
-    return TorchRuntime(model, tokenizer, batch_size=options.batch_size, kv_policy=policy)
+    runtime = TorchRuntime(model, tokenizer, batch_size=options.batch_size, kv_policy=policy)
+    skip = expert_skip_of(manifest, where)
+    if skip is not None:
+        skip.attach(model)
+        runtime.expert_skip = skip
+    return runtime
 
 
 RUNTIME_FORMATS.register("hf")(_torch)

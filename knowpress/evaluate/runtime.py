@@ -63,7 +63,8 @@ class Runtime(Protocol):
     def kv_bytes_per_token(self) -> float: ...
 
     def describe(self) -> dict[str, Any]:
-        """``runtime``, ``device``, ``dtype`` and ``kv_policy`` (name or None), for reports."""
+        """``runtime``, ``device``, ``dtype`` and ``kv_policy`` (name or None), for reports;
+        plus ``expert_skip`` when a policy skips MoE experts."""
         ...
 
 
@@ -96,6 +97,7 @@ class TorchRuntime:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.kv_policy = kv_policy
+        self.expert_skip: Any = None  # an attached ExpertSkip (compress/moe/skip.py)
         self._kv_bytes: float | None = None
 
     def _cache(self) -> dict[str, Any]:
@@ -141,7 +143,9 @@ class TorchRuntime:
             "device": str(_device(self.model)),
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "kv_policy": None if self.kv_policy is None else self.kv_policy.name,
-        }
+            **({} if self.expert_skip is None else
+               {"expert_skip": f"{self.expert_skip.name} beta={self.expert_skip.beta:g}"}),
+        }  # fmt: skip
 
     def _batches(
         self, texts: Sequence[str], side: str, truncate: bool = False

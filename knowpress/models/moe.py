@@ -88,8 +88,15 @@ class MoEBlock:
 
         gate_up = current_weight(self.experts, "gate_up_proj")[j].to(x.dtype)
         down = current_weight(self.experts, "down_proj")[j].to(x.dtype)
-        gate, up = nn.functional.linear(x, gate_up).chunk(2, dim=-1)
-        return nn.functional.linear(self.experts.act_fn(gate) * up, down)
+        return expert_mlp(self.experts, gate_up, down, x)
+
+
+def expert_mlp(experts: nn.Module, gate_up: torch.Tensor, down: torch.Tensor,
+               x: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """One expert's ``down · (act(gate x) ⊙ up x)`` with the given ``[2I, H]``, ``[H, I]``
+    matrices (the experts module supplies the activation)."""
+    gate, up = nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+    return nn.functional.linear(experts.act_fn(gate) * up, down)
 
 
 def arch_of(config: Any) -> Arch:

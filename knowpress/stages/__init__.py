@@ -1,3 +1,9 @@
 """Built-in stage kinds; importing this package registers them in ``STAGES``."""
 
-from knowpress.stages import distill, prune_experts, quantize  # noqa: F401
+from knowpress.stages import (  # noqa: F401
+    distill,
+    prune_experts,
+    quantize,
+    recalibrate_routers,
+    skip_experts,
+)

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from knowpress.compress.moe.moe_lp import MoELPSpec
 from knowpress.compress.quant import QUANT_METHODS
 from knowpress.compress.quant.base import QuantMethod
 from knowpress.compress.quant.integrity import check_bits, check_folder, check_round_trip
@@ -58,6 +59,9 @@ class QuantizeConfig(StageConfig):
     )
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="name globs")
     plan: PlanSpec | None = Field(None, description="per-tensor bits / group size rules")
+    bits_plan: MoELPSpec | None = Field(
+        None, description="MoE: bits per expert by integer programming (moe_lp, avg_bits)"
+    )
     format: Literal["auto", "knowpress", "compressed-tensors"] = Field(
         "auto", description="folder format; auto: compressed-tensors when it can hold the output"
     )
@@ -106,6 +110,16 @@ class QuantizeConfig(StageConfig):
 
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         assignments = self.resolve(model)
+        if self.bits_plan is not None:
+            if not any(a.target.kind == "fused_experts" for a in assignments):
+                raise KnowpressError(
+                    "quantize.bits_plan: moe_lp assigns bits to fused MoE experts, and the "
+                    "targets hold none (an MoE model, with its experts targeted, is needed)"
+                )
+            if not hasattr(self.method, "expert_bits"):
+                raise KnowpressError(
+                    f"quantize.bits_plan: {self.method.name} has no bits per expert"
+                )
         storage, reason = self.storage(model, assignments)
         predicted = predicted_bytes(model, assignments, deploy_dtype, storage)
         lines = plan_lines(self, assignments, predicted)
@@ -148,6 +162,8 @@ class Quantize:
     def run(self, ctx: Context, progress: Progress) -> Context:
         method: QuantMethod = self.config.method
         assignments = self.config.resolve(ctx.model)
+        if self.config.bits_plan is not None:
+            assignments = _with_expert_bits(self.config.bits_plan, assignments, ctx, progress)
         targets = [a.target for a in assignments]
         storage, reason = self.config.storage(ctx.model, assignments)
         predicted = predicted_bytes(ctx.model, assignments, ctx.recipe.model.dtype, storage)
@@ -181,6 +197,37 @@ class Quantize:
         check_bits(ctx, self.assignments)
         check_folder(self.assignments, folder, self.predicted, self.storage)
         check_round_trip(ctx, folder)
+
+
+def _with_expert_bits(spec: MoELPSpec, assignments: list[Assignment], ctx: Context,
+                      progress: Progress) -> list[Assignment]:  # fmt: skip
+    """The assignments with moe_lp's bits per expert on every fused tensor (both tensors of
+    an experts module share its experts' widths); the plan goes into the stage details."""
+    import dataclasses
+
+    from knowpress.compress.moe.moe_lp import plan_expert_bits
+    from knowpress.data.calibration import calibration_batches, calibration_ids
+
+    fused = [a for a in assignments if a.target.kind == "fused_experts"]
+    groups: dict[str, dict[str, int]] = {}
+    for a in fused:
+        groups.setdefault(a.target.module, {})[a.target.attribute] = (
+            getattr(a.method, "group_size", None) or a.target.shape[-1])  # fmt: skip
+    pairs = {m: (g.get("gate_up_proj", 0), g.get("down_proj", 0)) for m, g in groups.items()}
+    positions = int(getattr(ctx.model.config, "max_position_embeddings", 2048))
+    sequences = calibration_ids(ctx.recipe.data.calibration, ctx.world, ctx.tokenizer, positions)
+    progress.log("[dim]quantize: moe_lp bits per expert (integer program)[/dim]")
+    result = plan_expert_bits(spec, ctx.model, calibration_batches(sequences), pairs,
+                              bool(getattr(fused[0].method, "symmetric", True)))  # fmt: skip
+    ctx.metrics["bits_plan"] = result
+    out = []
+    for a in assignments:
+        bits = (
+            result["expert_bits"].get(a.target.module) if a.target.kind == "fused_experts" else None
+        )
+        method = a.method.model_copy(update={"expert_bits": bits}) if bits else a.method
+        out.append(dataclasses.replace(a, method=method))
+    return out
 
 
 def predicted_bytes(

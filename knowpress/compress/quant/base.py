@@ -107,6 +107,13 @@ class GroupWise(QuantMethod):
     symmetric: bool = Field(
         True, description="codes around 0 with no zero point (false: asymmetric, +zero points)"
     )
+    expert_bits: list[Literal[2, 3, 4, 8]] | None = Field(
+        None, description="fused expert tensors: bits per expert (set by an MoE bits_plan)"
+    )
+
+    def bits_of(self, expert: int) -> int:
+        """The width expert ``expert`` of a fused tensor is stored at."""
+        return self.expert_bits[expert] if self.expert_bits else self.bits
 
     def group(self, in_features: int) -> int:
         return self.group_size or in_features
@@ -139,7 +146,7 @@ class GroupWise(QuantMethod):
 
         if target.kind == "fused_experts":
             return entries(target.name, target.shape, self.bits, self.group(target.shape[2]),
-                           self.symmetric)  # fmt: skip
+                           self.symmetric, self.expert_bits)  # fmt: skip
         if target.kind == "embedding":
             rows, cols = target.shape
             return QuantLinear.entries(target.module, rows, cols, self.bits, self.group(cols),
@@ -182,8 +189,14 @@ class GroupWise(QuantMethod):
             return
         weight = current_weight(module, target.attribute)
         bits, g, sym = self.bits, self.group(weight.shape[2]), self.symmetric
+        spec = spec_for(weight, bits, g, sym, self.name, self.expert_bits)
+        if self.expert_bits:
+            parts = [quantize_groups(weight[e], self.bits_of(e), g, sym)
+                     for e in range(weight.shape[0])]  # fmt: skip
+            install(module, target.attribute, spec, parts)
+            return
         q = quantize_groups(weight.reshape(-1, weight.shape[2]), bits, g, sym)
-        install(module, target.attribute, spec_for(weight, bits, g, sym, self.name), q)
+        install(module, target.attribute, spec, q)
 
 
 QUANT_METHODS: Registry[type[QuantMethod]] = Registry("quant method")

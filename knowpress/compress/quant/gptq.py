@@ -206,20 +206,28 @@ class GPTQ(GroupWise):
         hessians = collector.hessians(target.attribute)
         parts, noise, signal = [], 0.0, 0.0
         for expert in range(weight.shape[0]):
-            w, h = weight[expert], hessians.get(expert)
+            w, h, bits = weight[expert], hessians.get(expert), self.bits_of(expert)
             if h is None or collector.rows.get(expert, 0) < MIN_EXPERT_ROWS:
                 fallback.append(f"{target.name}[{expert}]")
-                parts.append(quantize_groups(w, self.bits, g, self.symmetric))
+                parts.append(quantize_groups(w, bits, g, self.symmetric))
                 continue
-            q = gptq_quantize(w, h, self.bits, g, self.symmetric, self.act_order, self.damp,
+            q = gptq_quantize(w, h, bits, g, self.symmetric, self.act_order, self.damp,
                               self.block)  # fmt: skip
             parts.append(q)
-            err = output_error(w, dequantize_groups(q.codes, q.scales, q.zeros, self.bits, g), h)
+            err = output_error(w, dequantize_groups(q.codes, q.scales, q.zeros, bits, g), h)
             noise, signal = noise + err["noise"], signal + err["signal"]
-        zeros = None if self.symmetric else torch.cat([p.zeros for p in parts])  # type: ignore[misc]
-        codes, scales = torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts])
-        spec = spec_for(weight, self.bits, g, self.symmetric, self.name)
-        install(module, target.attribute, spec, Quantized(codes, scales, zeros))
+        spec = spec_for(weight, self.bits, g, self.symmetric, self.name, self.expert_bits)
+        if self.expert_bits:
+            install(module, target.attribute, spec, parts)
+        else:
+            zeros = None if self.symmetric else torch.cat([p.zeros for p in parts])  # type: ignore[misc]
+            codes = torch.cat([p.codes for p in parts])
+            install(
+                module,
+                target.attribute,
+                spec,
+                Quantized(codes, torch.cat([p.scales for p in parts]), zeros),
+            )
         rel = noise / signal if signal > 0 else math.nan
         return {"rel_mse": rel, "sqnr_db": 10 * math.log10(1 / rel) if rel > 0 else math.inf}
 

@@ -51,7 +51,16 @@ def check_folder(
         width = packed_width(a.target.shape[-1], bits)
         if storage == "compressed-tensors":  # 32 codes in `bits` int32 words
             width = -(-a.target.shape[-1] * bits // 32)
-        if codes["shape"][-1] != width:
+        per_expert = getattr(method, "expert_bits", None)
+        if per_expert:  # one flat buffer: every expert's rows at its own width
+            out, n = a.target.shape[1], a.target.shape[2]
+            flat = sum(out * packed_width(n, b) for b in per_expert)
+            if codes["shape"] != [flat]:
+                raise KnowpressError(
+                    f"integrity: {name} stored {codes['shape']} code bytes, its experts' "
+                    f"widths {per_expert} take {flat}"
+                )
+        elif codes["shape"][-1] != width:
             raise KnowpressError(
                 f"integrity: {name} stored {codes['shape'][-1]} bytes per row, "
                 f"{getattr(method, 'bits', '?')}-bit codes take {width}"
@@ -76,14 +85,16 @@ def check_bits(ctx: Context, assignments: list[Assignment]) -> None:
 
     for a in assignments:
         module = ctx.model.get_submodule(a.target.module)
+        planned: Any = getattr(a.method, "bits", None)
         if a.target.kind == "fused_experts":
-            bits = packed_names(module).get(a.target.attribute, {}).get("bits")
+            spec = packed_names(module).get(a.target.attribute, {})
+            bits: Any = spec.get("expert_bits") or spec.get("bits")
+            planned = getattr(a.method, "expert_bits", None) or planned
         else:
             bits = getattr(module, "bits", None)
-        if bits != getattr(a.method, "bits", None):
+        if bits != planned:
             raise KnowpressError(
-                f"integrity: {a.target.name} is at {bits} bits, the plan says "
-                f"{getattr(a.method, 'bits', None)}"
+                f"integrity: {a.target.name} is at {bits} bits, the plan says {planned}"
             )
 
 

@@ -1,6 +1,7 @@
-"""``kind: prune_experts`` through the runner: the pre-check stops a non-redundant model with
+"""MoE stages through the runner. prune_experts: the pre-check stops a non-redundant model with
 ``on_risk: fail`` before anything is saved and lets a redundant one through; a global
-budget's uneven counts are scored through knowpress's loader."""
+budget's uneven counts are scored through knowpress's loader. skip_experts: its policy is
+saved in the manifest and applied by evaluation."""
 
 from __future__ import annotations
 
@@ -95,3 +96,46 @@ def test_quantizing_after_a_global_budget_fails_before_any_work(tmp_path: Path, 
     with pytest.raises(KnowpressError, match=r"uneven expert counts.*use budget: per_layer"):
         apply(validate_recipe(recipe), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_expert_skipping_is_saved_and_scored_as_a_runtime_policy(
+    tmp_path: Path, text: Path
+) -> None:
+    from knowpress.evaluate.loader import load_runtime
+
+    model = tiny_mixtral(seed=6, layers=2)
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    recipe = _recipe(tmp_path / "m", text).model_dump(mode="json")
+    recipe["stages"] = [{"kind": "skip_experts", "policy": {"name": "odp", "beta": 0.9}}]
+    report = apply(validate_recipe(recipe), tmp_path / "out").report
+    details = report["stages"][0]["details"]
+    assert 1.0 <= details["active_experts_per_token"] < 2.0
+    assert details["active_expert_parameters_per_token"] < details[
+        "routed_expert_parameters_per_token"]  # fmt: skip
+    assert report["rows"][1]["runtime"]["expert_skip"] == "odp beta=0.9"
+    assert report["rows"][1]["scores"]["kl"] > 0  # the skipped experts are missed
+    runtime = load_runtime(tmp_path / "out" / "stages" / "01-skip_experts")
+    assert runtime.expert_skip is not None  # type: ignore[attr-defined]
+
+
+def test_a_moe_bit_plan_quantizes_experts_at_mixed_widths_within_budget(
+    tmp_path: Path, text: Path
+) -> None:
+    model = tiny_mixtral(seed=7, layers=2)
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    recipe = _recipe(tmp_path / "m", text).model_dump(mode="json")
+    recipe["stages"] = [{"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 32},
+                         "ignore": ["lm_head", "re:.*self_attn.*"],
+                         "bits_plan": {"name": "moe_lp", "avg_bits": 2.5}}]  # fmt: skip
+    report = apply(validate_recipe(recipe), tmp_path / "out").report
+    plan = report["stages"][0]["details"]["bits_plan"]
+    widths = [b for bits in plan["expert_bits"].values() for b in bits]
+    assert len(widths) == 8 and set(widths) <= {2, 3, 4} and plan["avg_bits"] <= 2.5
+    assert len(set(widths)) > 1  # mixed, not one width for all
+    stage = report["stages"][0]
+    assert (
+        abs(stage["bytes_after"] - stage["details"]["predicted_bytes"])
+        < 0.01 * stage["bytes_after"]
+    )

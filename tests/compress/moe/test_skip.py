@@ -1,0 +1,44 @@
+"""Dynamic expert skipping (ODP): the slot rule on hand-made weights, the real saving of
+expert computation, β = tiny keeps outputs exact, and the policy survives save and load."""
+
+from __future__ import annotations
+
+import torch
+
+from knowpress.compress.moe.skip import ExpertSkip, detach, skip_slots
+from knowpress.testing.models import tiny_mixtral
+
+IDS = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(2))
+
+
+def test_slots_below_beta_times_the_top_weight_are_skipped() -> None:
+    index = torch.tensor([[3, 1], [0, 2]])
+    weight = torch.tensor([[0.8, 0.2], [0.55, 0.45]])
+    new_index, new_weight = skip_slots(index, weight, beta=0.5, sentinel=4, renormalize=True)
+    assert new_index.tolist() == [[3, 4], [0, 2]]
+    assert torch.allclose(new_weight, torch.tensor([[1.0, 0.0], [0.55, 0.45]]))
+    _, raw = skip_slots(index, weight, beta=0.5, sentinel=4, renormalize=False)
+    assert torch.allclose(raw, torch.tensor([[0.8, 0.0], [0.55, 0.45]]))
+
+
+def test_skipping_computes_fewer_experts_and_a_tiny_beta_changes_nothing() -> None:
+    model = tiny_mixtral(layers=2)
+    expected = model(IDS).logits
+    counter = ExpertSkip(beta=1e-6).attach(model)
+    assert torch.equal(model(IDS).logits, expected) and counter.active_share == 1.0
+    calls: list[int] = []
+    experts = model.model.layers[0].mlp.experts
+    original = experts.forward
+    counter = ExpertSkip(beta=0.95).attach(model)  # replaces the earlier hooks
+
+    def counting(hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        calls.append(int((index < experts.num_experts).sum()))
+        return original(hidden, index, weight)
+
+    experts.forward = counting  # type: ignore[method-assign]
+    skipped = model(IDS).logits
+    assert counter.active_share < 1.0 and calls[0] < IDS.numel() * 2
+    assert not torch.allclose(skipped, expected)
+    detach(model)
+    experts.forward = original  # type: ignore[method-assign]
+    assert torch.equal(model(IDS).logits, expected)
