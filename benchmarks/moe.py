@@ -8,10 +8,17 @@ copy of the teacher pruned per layer, saved in bf16 and scored by knowpress's ev
 against the teacher (per-task retention, worst gated task, KL, bits). Beside each row: the
 pre-check's probe KL at that sparsity and its tolerated-sparsity estimate (probe KL ≤ 0.1).
 
+Then (``--parts precision skipping``), through ``compress apply`` recipes on the same
+teacher: the routed experts quantized with GPTQ (group 32; attention and head left in bf16)
+at uniform 2 and 3 bits and by the ``moe_lp`` bit plan at 2.5 and 3.0 average bits, each
+row followed by the same model after ``recalibrate_routers`` (selection agreement before and
+after); REAP pruning at 25% with and without re-calibration; and dynamic expert skipping
+(``skip_experts``, ODP) at several β: active expert parameters per token and retention.
+
 Writes ``benchmarks/results/moe.json`` (rows kept per preset) and ``moe.png``.
 
     python benchmarks/moe.py [PRESET ...] [--sparsity 0.25 0.5] [--methods reap ...]
-        [--max-items N]
+        [--parts pruning precision skipping] [--max-items N]
 """
 
 from __future__ import annotations
@@ -97,6 +104,72 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _run(name: str, stages: list[dict[str, Any]], args: argparse.Namespace,
+         tmp: str, label: str) -> list[dict[str, Any]]:  # fmt: skip
+    """One recipe through the runner: a row per stage (retention, KL, bytes, details)."""
+    from knowpress.recipe import validate_recipe
+    from knowpress.runner import apply
+
+    recipe = validate_recipe({
+        "version": 1, "model": {"world": name}, "stages": stages,
+        "evaluate": {"tasks": [*TASKS, "kl"], "max_items": args.max_items},
+    })  # fmt: skip
+    report = apply(recipe, Path(tmp) / label).report
+    rows = []
+    for row, stage in zip(report["rows"][1:], report["stages"], strict=True):
+        details = {k: v for k, v in stage["details"].items()
+                   if k in KEPT_DETAILS}  # fmt: skip
+        out = {"label": label, "stage": stage["kind"], "stored_bytes": row["stored_bytes"],
+               "size_vs_bf16": row["size_vs_bf16_reference"], "retention": row["retention"],
+               "worst_retention": row["worst_retention"], "kl": row["scores"]["kl"],
+               "details": details}  # fmt: skip
+        rows.append(out)
+        print(f"  {label:22s} {stage['kind']:19s} worst {_f(row['worst_retention'])}, "
+              + ", ".join(f"{t} {_f(v)}" for t, v in row["retention"].items())
+              + f", kl {row['scores']['kl']:.4f}, {row['stored_bytes'] / 2**20:.3f} MiB "
+              + " ".join(f"{k}={v}" for k, v in details.items() if not isinstance(v, dict | list)),
+              flush=True)  # fmt: skip
+    return rows
+
+
+def _f(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+TASKS = ["recall", "paraphrase", "bits"]
+KEPT_DETAILS = ("agreement_before", "agreement_after", "bits_plan", "active_experts_per_token",
+                "active_expert_share", "active_expert_parameters_per_token",
+                "routed_expert_parameters_per_token", "precheck")  # fmt: skip
+EXPERTS_ONLY = ["lm_head", "re:.*self_attn.*", "model.embed_tokens"]
+
+
+def precision(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    gptq = {"name": "gptq", "bits": 3, "group_size": 32}
+    plans: dict[str, dict[str, Any]] = {
+        "uniform int2": {"method": {**gptq, "bits": 2}},
+        "uniform int3": {"method": gptq},
+        "moe_lp avg 2.5": {"method": gptq, "bits_plan": {"name": "moe_lp", "avg_bits": 2.5}},
+        "moe_lp avg 3.0": {"method": gptq, "bits_plan": {"name": "moe_lp", "avg_bits": 3.0}},
+    }
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, settings in plans.items():
+            quantize = {"kind": "quantize", "ignore": EXPERTS_ONLY, **settings}
+            rows += _run(name, [quantize, {"kind": "recalibrate_routers"}], args, tmp, label)
+        prune = {"kind": "prune_experts", "sparsity": 0.25}
+        rows += _run(name, [prune, {"kind": "recalibrate_routers"}], args, tmp, "reap 25%")
+    return rows
+
+
+def skipping(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for beta in args.betas:
+            stage = {"kind": "skip_experts", "policy": {"name": "odp", "beta": beta}}
+            rows += _run(name, [stage], args, tmp, f"odp beta {beta:g}")
+    return rows
+
+
 def _line(row: dict[str, Any]) -> str:
     return (
         f"  {row['sparsity']:.2f} {row['method']:14s} worst {row['worst_retention']:.3f}, "
@@ -131,14 +204,35 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(EXPERT_PRUNERS.names()),
                         choices=list(EXPERT_PRUNERS.names()))  # fmt: skip
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--max-items", type=int)
     args = parser.parse_args()
     torch.set_num_threads(training_threads())
     fresh = []
     for name in args.presets:
         print(name)
-        fresh.append(measure(name, args))
-        write_presets(RESULTS, fresh, plot)
+        result: dict[str, Any] = {"preset": name, "preset_key": PRESETS.get(name).key(), "rows": []}
+        if "pruning" in args.parts:
+            result = measure(name, args)
+        for part in ("precision", "skipping"):
+            if part in args.parts:
+                result[part] = PARTS[part](name, args)
+        fresh.append(result)
+        write_presets(RESULTS, fresh, plot, prepare=_carry_parts)
+
+
+PARTS = {"pruning": measure, "precision": precision, "skipping": skipping}
+
+
+def _carry_parts(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> None:
+    """Parts not re-run keep their earlier figures (same preset and teacher key)."""
+    for result in fresh:
+        old = next((p for p in previous if p["preset"] == result["preset"]
+                    and p.get("preset_key") == result["preset_key"]), None)  # fmt: skip
+        for key, value in (old or {}).items():
+            if key not in result or (key == "rows" and not result["rows"]):
+                result[key] = value
 
 
 if __name__ == "__main__":

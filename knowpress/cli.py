@@ -211,6 +211,7 @@ def cmd_world(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     import knowpress.stages  # noqa: F401
     from knowpress.compress.kv import KV_POLICIES
+    from knowpress.compress.moe import EXPERT_PRUNERS
     from knowpress.compress.quant import QUANT_METHODS
     from knowpress.distill import DISTILL_LOSSES
     from knowpress.evaluate.tasks import TASKS
@@ -220,16 +221,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     table = Table(title="registered methods")
     for col in ("family", "name", "what", "paper"):
         table.add_column(col)
-    for name, cls in STAGES.items():
-        table.add_row("stage", name, cls.summary, cls.paper)
-    for name, cls in QUANT_METHODS.items():
-        table.add_row("quant method", name, cls.summary, cls.paper)
-    for name, cls in KV_POLICIES.items():
-        table.add_row("KV policy", name, cls.summary, cls.paper)
-    for name, cls in DISTILL_LOSSES.items():
-        table.add_row("distill loss", name, cls.summary, cls.paper)
-    for name, cls in TASKS.items():
-        table.add_row("eval task", name, cls.summary, cls.paper)
+    families = [
+        ("stage", STAGES), ("quant method", QUANT_METHODS), ("expert pruning", EXPERT_PRUNERS),
+        ("KV policy", KV_POLICIES), ("distill loss", DISTILL_LOSSES), ("eval task", TASKS),
+    ]  # fmt: skip
+    for family, registry in families:
+        for name, cls in registry.items():  # type: ignore[attr-defined]
+            table.add_row(family, name, cls.summary, cls.paper)
     for name, preset in PRESETS.items():
         table.add_row("world preset", name, preset.description, "")
     out.print(table)

@@ -43,6 +43,7 @@ PrunerSpec = Annotated[
 @STAGES.register("prune_experts")
 class PruneExpertsConfig(StageConfig):
     summary = "remove a share of each MoE block's routed experts (REAP and baselines)"
+    paper = "Lasby et al. 2025 (REAP), arXiv:2510.13999"
 
     kind: Literal["prune_experts"]
     method: PrunerSpec = Field(default_factory=lambda: EXPERT_PRUNERS.get("reap")(name="reap"))  # type: ignore[valid-type]
@@ -87,7 +88,13 @@ class PruneExpertsConfig(StageConfig):
                     f"sparsity: {self.sparsity} keeps {left} of {b.num_experts} experts in "
                     f"{b.name}, fewer than its top-k ({b.top_k}); lower the sparsity"
                 )
-            if getattr(b.router, "num_group", None) and self.budget == "global":
+            groups = getattr(b.router, "num_group", None)
+            if groups and self.budget == "per_layer" and left % groups:
+                raise KnowpressError(
+                    f"sparsity: {self.sparsity} keeps {left} experts in {b.name}, which its "
+                    f"router's n_group ({groups}) does not divide; keep a multiple of {groups}"
+                )
+            if groups and self.budget == "global":
                 raise KnowpressError(
                     "budget: global leaves uneven counts the grouped router cannot split; "
                     "use budget: per_layer"
@@ -129,6 +136,7 @@ class PruneExperts:
         keeps = choose_keep(scores, [b.top_k for b in blocks], cfg.sparsity, cfg.budget)
         for block, record, keep in zip(blocks, stats, keeps, strict=True):
             cfg.method.apply(block, record, keep)
+        ctx.structure.pop("experts_per_layer", None)  # an earlier uneven cut is superseded
         ctx.structure.update(set_expert_counts(model, [len(k) for k in keeps]))
         ctx.metrics.update(
             experts_kept={str(b.layer): k for b, k in zip(blocks, keeps, strict=True)},

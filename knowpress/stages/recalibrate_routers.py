@@ -31,6 +31,7 @@ from knowpress.stage import STAGES, StageConfig
 @STAGES.register("recalibrate_routers")
 class RecalibrateRoutersConfig(StageConfig):
     summary = "refit MoE routers to select the experts the original selected (QESC)"
+    paper = "EAC-MoE (QESC), 2025"
 
     kind: Literal["recalibrate_routers"]
     damp: float = Field(0.01, gt=0, description="ridge pull toward the current router")

@@ -27,6 +27,7 @@ from knowpress.stage import STAGES, StageConfig
 @STAGES.register("skip_experts")
 class SkipExpertsConfig(StageConfig):
     summary = "skip a token's low-weight experts at inference (ODP runtime policy)"
+    paper = "Huang et al. 2024 (MC-MoE), arXiv:2410.06270"
 
     kind: Literal["skip_experts"]
     policy: ExpertSkip = ExpertSkip()
