@@ -123,6 +123,10 @@ class QuantizeConfig(StageConfig):
         storage, reason = self.storage(model, assignments)
         predicted = predicted_bytes(model, assignments, deploy_dtype, storage)
         lines = plan_lines(self, assignments, predicted)
+        if self.bits_plan is not None:
+            lines.append(f"bits_plan: moe_lp, {self.bits_plan.avg_bits:g} bits per routed expert "
+                         "on average, chosen on calibration data (the prediction above is at "
+                         "the method's bits)")  # fmt: skip
         return [*lines, f"format: {storage}" + (f" ({reason})" if reason else "")]
 
 

@@ -12,8 +12,12 @@ parameter count::
     min Σ w_i · L_{i,b} · x_{i,b}
     s.t. Σ_b x_{i,b} = 1 for every i,   Σ b · n_i · x_{i,b} ≤ avg_bits · Σ n_i
 
-solved by ``scipy.optimize.milp`` (HiGHS). The chosen widths become each fused tensor's
-``expert_bits`` in the quantize stage (``compress/quant/qexperts.py`` stores them).
+solved by ``scipy.optimize.milp`` (HiGHS). ``budget: per_layer`` (the default, as MC-MoE
+allocates) holds the bits constraint within every MoE block: output errors of different
+blocks are not on one scale (the residual stream grows with depth), and one program over
+all blocks moved bits to the deepest ones. ``global`` is the single constraint above. The
+chosen widths become each fused tensor's ``expert_bits`` in the quantize stage
+(``compress/quant/qexperts.py`` stores them).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class MoELPSpec(FrozenConfig):
     name: Literal["moe_lp"]
     avg_bits: float = Field(gt=0, description="mean bits over the routed experts' weights")
     candidates: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [2, 3, 4])
+    budget: Literal["per_layer", "global"] = "per_layer"
 
     @model_validator(mode="after")
     def _reachable(self) -> MoELPSpec:
@@ -79,19 +84,28 @@ def expert_errors(
     return errors, importance
 
 
-def solve(costs: torch.Tensor, sizes: list[int], candidates: list[int],
-          avg_bits: float) -> list[int]:  # fmt: skip
-    """The MILP (module docstring): ``costs [n, C]`` = w_i·L_{i,b}; the chosen bits per expert."""
+def solve(costs: torch.Tensor, sizes: list[int], candidates: list[int], avg_bits: float,
+          groups: list[int] | None = None) -> list[int]:  # fmt: skip
+    """The MILP (module docstring): ``costs [n, C]`` = w_i·L_{i,b}; ``groups``: each
+    expert's budget group (its block; None: one group); the chosen bits per expert."""
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     n, c = costs.shape
+    groups = groups or [0] * n
     one_each = np.kron(np.eye(n), np.ones(c))  # Σ_b x_{i,b} = 1
-    bits_row = np.concatenate([np.array(candidates, dtype=float) * s for s in sizes])
-    budget = avg_bits * float(sum(sizes))
+    bits = [np.array(candidates, dtype=float) * s for s in sizes]
+    rows, limits = [], []
+    for g in sorted(set(groups)):
+        rows.append(
+            np.concatenate([b if k == g else 0 * b for b, k in zip(bits, groups, strict=True)])
+        )
+        limits.append(
+            avg_bits * float(sum(s for s, k in zip(sizes, groups, strict=True) if k == g))
+        )
+    budget = LinearConstraint(np.stack(rows), -np.inf, np.array(limits))
     result = milp(costs.reshape(-1).numpy(), integrality=np.ones(n * c), bounds=Bounds(0, 1),
-                  constraints=[LinearConstraint(one_each, 1, 1),
-                               LinearConstraint(bits_row[None], -np.inf, budget)])  # fmt: skip
+                  constraints=[LinearConstraint(one_each, 1, 1), budget])  # fmt: skip
     if not result.success:
         raise KnowpressError(f"bits_plan moe_lp: the integer program failed ({result.message})")
     choice = result.x.reshape(n, c).argmax(axis=1)
@@ -123,7 +137,9 @@ def plan_expert_bits(
         per_expert = block.experts.gate_up_proj.numel() + block.experts.down_proj.numel()
         sizes += [per_expert // block.num_experts] * block.num_experts
         owners += [name] * block.num_experts
-    chosen = solve(torch.cat(costs), sizes, list(spec.candidates), spec.avg_bits)
+    layer_of = [i for i, b in enumerate(blocks) for _ in range(b.num_experts)]
+    chosen = solve(torch.cat(costs), sizes, list(spec.candidates), spec.avg_bits,
+                   layer_of if spec.budget == "per_layer" else None)  # fmt: skip
     plan: dict[str, list[int]] = {}
     for name, bits in zip(owners, chosen, strict=True):
         plan.setdefault(name, []).append(bits)

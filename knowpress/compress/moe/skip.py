@@ -4,11 +4,14 @@ arXiv:2410.06270).
 
 For a token with chosen experts ``j₁..j_k`` and combine weights ``g``, expert ``j`` is
 skipped when ``g_j < β · max_i g_i`` (the top expert is never skipped). A skipped slot's
-index becomes the sentinel ``E`` (transformers' expert loops and grouped kernels skip it, so
-its FLOPs are really saved) and its weight 0; with ``renormalize`` the kept weights are
-rescaled to the sum the router gave (the layer's output keeps its scale). The policy is
-saved in the manifest (``runtime.expert_skip``) and attached by the loader, so evaluation
-scores the model as it will run; ``SkipCounter`` counts the expert slots computed.
+index becomes the sentinel ``E`` and its weight 0; transformers' eager expert loop skips
+sentinel slots (their FLOPs are really saved), while its grouped and batched kernels honour
+them only under expert parallelism (elsewhere they leave those rows uninitialised: NaN), so
+``attach`` switches the model to the eager experts implementation and ``detach`` restores
+it. With ``renormalize`` the kept weights are rescaled to the sum the router gave (the
+layer's output keeps its scale). The policy is saved in the manifest
+(``runtime.expert_skip``) and attached by the loader, so evaluation scores the model as it
+will run; ``SkipCounter`` counts the expert slots computed.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from knowpress.config import FrozenConfig
 from knowpress.models.moe import moe_blocks
 
 HOOKS = "_knowpress_skip_hooks"
+RESTORE = "_knowpress_skip_experts_implementation"  # what attach switched away from
 
 
 @dataclass
@@ -60,6 +64,10 @@ class ExpertSkip(FrozenConfig):
         detach(model)
         counter = SkipCounter()
         handles = []
+        before = getattr(model.config, "_experts_implementation", None)
+        if before not in (None, "eager"):
+            model.set_experts_implementation("eager")
+            setattr(model, RESTORE, before)
         for block in moe_blocks(model):
             sentinel = block.num_experts
 
@@ -84,3 +92,6 @@ def detach(model: nn.Module) -> None:
         handle.remove()
     if hasattr(model, HOOKS):
         delattr(model, HOOKS)
+    if hasattr(model, RESTORE):
+        model.set_experts_implementation(getattr(model, RESTORE))
+        delattr(model, RESTORE)

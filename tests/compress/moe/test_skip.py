@@ -42,3 +42,17 @@ def test_skipping_computes_fewer_experts_and_a_tiny_beta_changes_nothing() -> No
     detach(model)
     experts.forward = original  # type: ignore[method-assign]
     assert torch.equal(model(IDS).logits, expected)
+
+
+def test_skipping_under_the_grouped_kernel_matches_the_eager_loop() -> None:
+    model = tiny_mixtral(layers=2)
+    model.set_experts_implementation("eager")
+    ExpertSkip(beta=0.8).attach(model)
+    eager = model(IDS).logits
+    detach(model)
+    model.set_experts_implementation("grouped_mm")
+    ExpertSkip(beta=0.8).attach(model)  # sentinels need the eager loop: attach switches to it
+    skipped = model(IDS).logits
+    assert torch.isfinite(skipped).all() and torch.allclose(skipped, eager, atol=1e-6)
+    detach(model)
+    assert model.config._experts_implementation == "grouped_mm"
