@@ -54,7 +54,7 @@ def prune_copy(teacher: Any, stats: list[Any], method: Any, sparsity: float) -> 
     model = copy.deepcopy(teacher)
     blocks = moe_blocks(model)
     keeps = choose_keep([method.scores(s) for s in stats], [b.top_k for b in blocks], sparsity,
-                        "per_layer")  # fmt: skip
+                        "per_layer", [b.groups for b in blocks])  # fmt: skip
     for block, record, keep in zip(blocks, stats, keeps, strict=True):
         method.apply(block, record, keep)
     set_expert_counts(model, [len(k) for k in keeps])

@@ -29,6 +29,8 @@ from typing import Any
 
 from knowpress.errors import KnowpressError
 
+WAIT_HOURS = 24.0  # the longest a follower waits for rank 0 ($KNOWPRESS_LAUNCH_WAIT_HOURS)
+
 
 def launched_world() -> int:
     """How many processes the launcher started (``WORLD_SIZE``; 1 when not launched)."""
@@ -105,11 +107,19 @@ def join(recipe: Any) -> Group | None:
                 f"accelerate launch: {what} is not supported; knowpress trains data-parallel "
                 "(every process holds the whole model): launch with --multi_gpu"
             )
+    from datetime import timedelta
+
     import torch
     from accelerate import PartialState
+    from accelerate.utils import InitProcessGroupKwargs
 
+    # followers wait in a broadcast while rank 0 scores rows and runs the other stages: the
+    # group's default timeout (NCCL 10 min) would end a long run, so wait up to WAIT_HOURS
+    hours = float(os.environ.get("KNOWPRESS_LAUNCH_WAIT_HOURS", WAIT_HOURS))
+    wait = InitProcessGroupKwargs(timeout=timedelta(hours=hours)).to_kwargs()
     # accelerate joins a CPU (gloo) group only when told cpu=True
-    state = PartialState(cpu=str(recipe.device) == "cpu" or not torch.cuda.is_available())
+    cpu = str(recipe.device) == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, **wait)
     if state.num_processes != world:
         raise KnowpressError(
             f"accelerate launch: {world} processes were started but {state.num_processes} "

@@ -43,12 +43,17 @@ def all_reduce_grads(models: list[torch.nn.Module], value: torch.Tensor) -> torc
         return value
     import torch.distributed as dist
 
-    for model in models:
-        for p in model.parameters():
-            if p.requires_grad:  # a process without rows (batch < world) adds zeros
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
+    params = [p for model in models for p in model.parameters() if p.requires_grad]
+    # a parameter with a gradient on some process (one without rows of a batch has none)
+    # is summed everywhere; one no process touched keeps no gradient, as in one process
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                       device=value.device)  # fmt: skip
+    dist.all_reduce(has)
+    for p, used in zip(params, has.tolist(), strict=True):
+        if used:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
     dist.all_reduce(value)
     return value
 

@@ -209,7 +209,8 @@ class Trainer:
 
     def run(self, progress: Progress) -> Outcome:
         spec, device = self.spec, next(self.student.parameters()).device
-        broadcast_parameters(self.student)
+        for model in [self.student, *self.extra_models.values()]:  # same start on every rank
+            broadcast_parameters(model)
         state = self._resume()
         start_step, begun = state.step, time.perf_counter()
         self.student.train()

@@ -72,12 +72,30 @@ class MoEBlock:
         return int(self.router.top_k)
 
     @property
+    def groups(self) -> int:
+        """Expert groups of a grouped router (DeepSeek-V3's ``n_group``; 1 otherwise)."""
+        return int(getattr(self.router, "num_group", None) or 1)
+
+    def group_problem(self, keep: int) -> str | None:
+        """Why keeping ``keep`` experts breaks this block's grouped routing, or None. The
+        router takes the 2 best of each contiguous group and ``topk_group`` groups."""
+        g = self.groups
+        if g == 1:
+            return None
+        per = keep // g
+        if keep % g or per < 2 or int(self.router.topk_group) * per < self.top_k:
+            return (f"{self.name}: {keep} experts do not fit its grouped router (n_group {g}, "
+                    f"topk_group {self.router.topk_group}, top-k {self.top_k}): keep a "
+                    f"multiple of {g} with at least 2 per group")  # fmt: skip
+        return None
+
+    @property
     def shared(self) -> list[nn.Module]:
         return [getattr(self.block, n) for n in self.arch.shared if hasattr(self.block, n)]
 
     def route(self, x: torch.Tensor) -> Routing:
         """Routing of ``x [N, H]`` through this block's own router."""
-        logits, weight, index = self.router(x)
+        logits, weight, index = self.router(x.to(self.router.weight.dtype))
         logits = logits.float()
         scores = logits.sigmoid() if self.arch.scoring == "sigmoid" else logits.softmax(-1)
         return Routing(scores, index, weight.float())
@@ -141,11 +159,15 @@ def keep_experts(block: MoEBlock, keep: list[int]) -> None:
         )
     if sorted(set(keep)) != list(keep) or not 0 <= keep[0] <= keep[-1] < block.num_experts:
         raise KnowpressError(f"{block.name}: expert ids {keep} are not ascending and in range")
-    groups = getattr(block.router, "num_group", None)
-    if groups and len(keep) % groups:
+    problem = block.group_problem(len(keep))
+    if problem:
+        raise KnowpressError(problem)
+    size = block.num_experts // block.groups
+    per_group = [sum(1 for j in keep if j // size == g) for g in range(block.groups)]
+    if len(set(per_group)) > 1:
         raise KnowpressError(
-            f"{block.name}: {len(keep)} experts do not split into the router's n_group "
-            f"({groups}) groups; keep a multiple of {groups}"
+            f"{block.name}: keeping {per_group} experts per group would move experts between "
+            "the router's groups; keep the same number in each"
         )
     ids = torch.tensor(keep, device=block.router.weight.device)
     router, experts = block.router, block.experts

@@ -88,17 +88,14 @@ class PruneExpertsConfig(StageConfig):
                     f"sparsity: {self.sparsity} keeps {left} of {b.num_experts} experts in "
                     f"{b.name}, fewer than its top-k ({b.top_k}); lower the sparsity"
                 )
-            groups = getattr(b.router, "num_group", None)
-            if groups and self.budget == "per_layer" and left % groups:
-                raise KnowpressError(
-                    f"sparsity: {self.sparsity} keeps {left} experts in {b.name}, which its "
-                    f"router's n_group ({groups}) does not divide; keep a multiple of {groups}"
-                )
-            if groups and self.budget == "global":
+            if b.groups > 1 and self.budget == "global":
                 raise KnowpressError(
                     "budget: global leaves uneven counts the grouped router cannot split; "
                     "use budget: per_layer"
                 )
+            problem = b.group_problem(left) if self.budget == "per_layer" else None
+            if problem:
+                raise KnowpressError(f"sparsity: {problem}")
         count = getattr(model.config, arch.count_key)
         return [f"{self.method.name}: remove {self.sparsity:.0%} of {count} experts in "
                 f"{len(blocks)} blocks ({self.budget})"]  # fmt: skip
@@ -133,7 +130,8 @@ class PruneExperts:
                                 cfg.precheck, cfg.sparsity)  # fmt: skip
             ctx.metrics["precheck"] = estimate
             _report_risk(estimate, cfg, progress)
-        keeps = choose_keep(scores, [b.top_k for b in blocks], cfg.sparsity, cfg.budget)
+        keeps = choose_keep(scores, [b.top_k for b in blocks], cfg.sparsity, cfg.budget,
+                            [b.groups for b in blocks])  # fmt: skip
         for block, record, keep in zip(blocks, stats, keeps, strict=True):
             cfg.method.apply(block, record, keep)
         ctx.structure.pop("experts_per_layer", None)  # an earlier uneven cut is superseded

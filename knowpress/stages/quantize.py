@@ -120,6 +120,7 @@ class QuantizeConfig(StageConfig):
                 raise KnowpressError(
                     f"quantize.bits_plan: {self.method.name} has no bits per expert"
                 )
+            _check_whole_experts(assignments)
         storage, reason = self.storage(model, assignments)
         predicted = predicted_bytes(model, assignments, deploy_dtype, storage)
         lines = plan_lines(self, assignments, predicted)
@@ -201,6 +202,20 @@ class Quantize:
         check_bits(ctx, self.assignments)
         check_folder(self.assignments, folder, self.predicted, self.storage)
         check_round_trip(ctx, folder)
+
+
+def _check_whole_experts(assignments: list[Assignment]) -> None:
+    """moe_lp sets one width per expert for both its tensors: both must be targeted."""
+    fused: dict[str, set[str]] = {}
+    for a in assignments:
+        if a.target.kind == "fused_experts":
+            fused.setdefault(a.target.module, set()).add(a.target.attribute)
+    for module, names in fused.items():
+        if names != {"gate_up_proj", "down_proj"}:
+            raise KnowpressError(
+                f"quantize.bits_plan: moe_lp sets each expert's width for its gate_up_proj and "
+                f"down_proj, and {module} has only {sorted(names)} targeted; target both"
+            )
 
 
 def _with_expert_bits(spec: MoELPSpec, assignments: list[Assignment], ctx: Context,

@@ -21,8 +21,9 @@ def _ranked(scores: torch.Tensor) -> list[int]:
 
 
 def choose_keep(scores: list[torch.Tensor], top_k: list[int], sparsity: float,
-                budget: Budget) -> list[list[int]]:  # fmt: skip
-    """Per block, the ascending ids of the experts kept."""
+                budget: Budget, groups: list[int] | None = None) -> list[list[int]]:  # fmt: skip
+    """Per block, the ascending ids of the experts kept; ``groups``: a grouped router's
+    group count per block (its contiguous groups each lose the same number, per layer)."""
     counts = [s.numel() for s in scores]
     if budget == "per_layer":
         keeps = []
@@ -33,7 +34,16 @@ def choose_keep(scores: list[torch.Tensor], top_k: list[int], sparsity: float,
                     f"sparsity {sparsity}: MoE block {i} would keep {s.numel() - drop} of "
                     f"{s.numel()} experts, fewer than its top-k ({k}); lower the sparsity"
                 )
-            keeps.append(sorted(_ranked(s)[drop:]))
+            g = (groups or [1] * len(scores))[i]
+            if drop % g:
+                raise KnowpressError(
+                    f"sparsity {sparsity}: MoE block {i} would lose {drop} experts, which its "
+                    f"{g} router groups cannot lose evenly; remove a multiple of {g}"
+                )
+            size = s.numel() // g
+            kept = [g0 * size + j for g0 in range(g)
+                    for j in _ranked(s[g0 * size : (g0 + 1) * size])[drop // g :]]  # fmt: skip
+            keeps.append(sorted(kept))
         return keeps
     total = round(sparsity * sum(counts))
     room = sum(c - k for c, k in zip(counts, top_k, strict=True))

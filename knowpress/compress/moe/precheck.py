@@ -3,7 +3,8 @@
 Safe sparsity depends on the model, not its size (REAP: Qwen3-30B-A3B keeps 99.8% of GSM8K
 at 50% pruned, Moonlight-16B falls to 17%). From the statistics and a quick probe:
 
-- ``kl_by_sparsity``: for sparsities ``s`` on a grid (eighths, and the requested one), the
+- ``kl_by_sparsity``: for sparsities ``s`` on a grid (each number of experts removed, or
+  eighths for more than 16 experts per block, and the requested one), the
   model is pruned in place with the recipe's own method and budget, its next-token
   distributions on held-out probe sequences compared with the unpruned model's
   (mean token ``KL(p_full ‖ p_pruned)``), then restored exactly;
@@ -80,10 +81,18 @@ def _kl(reference: list[torch.Tensor], pruned: list[torch.Tensor]) -> float:
     return total / sum(p.shape[0] * p.shape[1] for p in reference)
 
 
-def grid(counts: list[int], top_k: list[int], requested: float) -> list[float]:
-    """Eighths from 1/8 up to what every block allows, plus ``requested``, ascending."""
-    cap = min((c - k) / c for c, k in zip(counts, top_k, strict=True))
-    points = {round(i / 8, 4) for i in range(1, 8) if i / 8 <= cap + 1e-9}
+def _allowed(block: MoEBlock, sparsity: float) -> bool:
+    drop = round(sparsity * block.num_experts)
+    left = block.num_experts - drop
+    return drop > 0 and left >= block.top_k and block.group_problem(left) is None
+
+
+def grid(blocks: list[MoEBlock], requested: float) -> list[float]:
+    """The sparsities probed: each distinct number of experts removed (eighths when a block
+    has more than 16) that every block allows, plus ``requested``, ascending."""
+    e = min(b.num_experts for b in blocks)
+    steps = range(1, e) if e <= 16 else sorted({round(i * e / 8) for i in range(1, 8)})
+    points = {round(k / e, 4) for k in steps if all(_allowed(b, k / e) for b in blocks)}
     return sorted(points | {requested})
 
 
@@ -92,15 +101,15 @@ def precheck(model: nn.Module, blocks: list[MoEBlock], stats: list[ExpertStats],
              spec: PrecheckSpec, requested: float) -> dict[str, Any]:  # fmt: skip
     """The estimate (module docstring) for pruning at ``requested`` sparsity."""
     scores = [pruner.scores(s) for s in stats]
-    tops = [b.top_k for b in blocks]
+    tops, groups = [b.top_k for b in blocks], [b.groups for b in blocks]
     reference = _log_probs(model, probe)
     curve: dict[str, float] = {}
-    for s in grid([b.num_experts for b in blocks], tops, requested):
-        keeps = choose_keep(scores, tops, s, budget)
+    for s in grid(blocks, requested):
+        keeps = choose_keep(scores, tops, s, budget, groups)
         with pruned_in_place(blocks, stats, pruner, keeps):
             curve[f"{s:g}"] = round(_kl(reference, _log_probs(model, probe)), 5)
     tolerated = max([float(s) for s, kl in curve.items() if kl <= spec.max_kl], default=0.0)
-    keeps = choose_keep(scores, tops, requested, budget)
+    keeps = choose_keep(scores, tops, requested, budget, groups)
     share = [float(r.reap.sum()) for r in stats]
     lost = [float(r.reap[[j for j in range(r.reap.numel()) if j not in k]].sum())
             for r, k in zip(stats, keeps, strict=True)]  # fmt: skip

@@ -120,7 +120,14 @@ class GroupWise(QuantMethod):
 
     def check_target(self, target: Target) -> str | None:
         if target.kind == "fused_experts":  # [E, out, in]: each expert's matrix, own scales
+            if self.expert_bits and len(self.expert_bits) != target.shape[0]:
+                return (f"expert_bits has {len(self.expert_bits)} widths for the "
+                        f"{target.shape[0]} experts of {target.name}")  # fmt: skip
             return self.check_linear(target.name, target.shape[1], target.shape[2])
+        if self.expert_bits:
+            kind = target.kind.replace("_", " ")
+            return (f"expert_bits applies to fused MoE expert tensors; {target.name} is a "
+                    f"{kind}: narrow the targets or drop expert_bits")  # fmt: skip
         if target.kind == "embedding":  # [V, H]: one row per token
             return self.check_linear(target.name, target.shape[0], target.shape[1])
         if target.kind == "linear" and target.tied:

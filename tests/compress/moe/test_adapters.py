@@ -23,14 +23,26 @@ def test_routing_matches_the_models_own_router(arch: str) -> None:
     model = tiny_moe(arch, layers=2)
     block = moe_blocks(model)[0]
     x = torch.randn(7, 32)
-    _, weight, index = block.router(x)
     routing = block.route(x)
-    assert torch.equal(routing.index, index) and torch.allclose(routing.weight, weight.float())
-    assert routing.scores.shape == (7, 4)
     seen: dict[str, torch.Tensor] = {}
-    handle = block.experts.register_forward_hook(lambda m, a, out: seen.update(out=out))
+
+    def inputs(_m: object, args: tuple[torch.Tensor, ...]) -> None:
+        seen.update(index=args[1], weight=args[2])
+
+    def output(_m: object, _a: object, out: torch.Tensor) -> None:
+        seen.update(out=out)
+
+    handles = [block.experts.register_forward_pre_hook(inputs),
+               block.experts.register_forward_hook(output)]  # fmt: skip
     model.model.layers[0].mlp(x[None])
-    handle.remove()
+    for handle in handles:
+        handle.remove()
+    # what the block hands its experts is what route() reports
+    assert torch.equal(routing.index, seen["index"].reshape(7, -1))
+    assert torch.allclose(routing.weight, seen["weight"].float().reshape(7, -1))
+    logits = x @ block.router.weight.T
+    scores = logits.sigmoid() if arch == "deepseek_v3" else logits.softmax(-1)
+    assert torch.allclose(routing.scores, scores, atol=1e-6)
     mixed = sum(block.expert_output(int(routing.index[0, s]), x[:1]) * routing.weight[0, s]
                 for s in range(block.top_k))  # fmt: skip
     assert torch.allclose(seen["out"][:1], mixed, atol=1e-5)  # f_j and g_j as the model uses them
@@ -88,3 +100,31 @@ def test_top_k_and_unsupported_models_are_clear_errors() -> None:
         keep_experts(block, [0])
     with pytest.raises(KnowpressError, match="'llama' is not a sparse-MoE architecture"):
         moe_blocks(tiny_llama())
+
+
+def test_routing_works_when_the_model_computes_in_bfloat16() -> None:
+    block = moe_blocks(tiny_moe("mixtral").to(torch.bfloat16))[0]
+    routing = block.route(torch.randn(5, 32))  # float inputs, bf16 router
+    assert routing.scores.dtype == torch.float32 and routing.index.shape == (5, 2)
+
+
+def test_a_grouped_router_loses_the_same_number_in_each_group() -> None:
+    from knowpress.compress.moe.budget import choose_keep
+    from knowpress.testing.models import _MOE_CONFIGS
+
+    config = {**_MOE_CONFIGS["deepseek_v3"], "n_routed_experts": 8, "n_group": 2, "topk_group": 1}
+    original = _MOE_CONFIGS["deepseek_v3"]
+    _MOE_CONFIGS["deepseek_v3"] = config
+    try:
+        block = moe_blocks(tiny_moe("deepseek_v3"))[0]
+    finally:
+        _MOE_CONFIGS["deepseek_v3"] = original
+    scores = torch.tensor([8.0, 7, 6, 5, 1, 2, 3, 4])
+    assert choose_keep([scores], [2], 0.5, "per_layer", [2]) == [[0, 1, 6, 7]]
+    assert block.group_problem(2) is not None and block.group_problem(4) is None
+    with pytest.raises(KnowpressError, match="groups cannot lose evenly"):
+        choose_keep([scores], [2], 0.125, "per_layer", [2])
+    with pytest.raises(KnowpressError, match="move experts between the router's groups"):
+        keep_experts(block, [0, 1, 2, 4])
+    keep_experts(block, [0, 1, 6, 7])
+    assert block.num_experts == 4 and block.router.e_score_correction_bias.shape == (4,)

@@ -69,9 +69,9 @@ def test_statistics_match_hand_computed_values() -> None:
 def test_per_layer_and_global_budgets_keep_what_they_promise() -> None:
     scores = [torch.tensor([0.1, 0.9, 0.5, 0.3]), torch.tensor([4.0, 1.0, 2.0, 3.0])]
     assert choose_keep(scores, [2, 2], 0.5, "per_layer") == [[1, 2], [0, 3]]
-    keeps = choose_keep(scores, [1, 1], 0.5, "global")
-    assert sum(len(k) for k in keeps) == 4 and all(len(k) >= 1 for k in keeps)
-    assert keeps[0] == [1, 2] or 1 in keeps[0]
+    # scores over their block's mean: [0.22, 2, 1.11, 0.67] and [1.6, 0.4, 0.8, 1.2]
+    assert choose_keep(scores, [1, 1], 0.5, "global") == [[1, 2], [0, 3]]
+    assert choose_keep(scores, [3, 1], 0.5, "global") == [[1, 2, 3], [0]]
     with pytest.raises(KnowpressError, match="fewer than its top-k"):
         choose_keep(scores, [3, 3], 0.5, "per_layer")
     with pytest.raises(KnowpressError, match="at most 2 can go"):
@@ -93,3 +93,35 @@ def test_every_method_prunes_consistently_and_the_model_generates(name: str) -> 
         assert block.experts.down_proj.shape[0] == block.experts.num_experts == 2
     out = model.generate(ids[:1, :4], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, 8)
+
+
+def test_merge_folds_each_dropped_expert_into_its_most_similar_kept_one() -> None:
+    model = tiny_mixtral(layers=1)
+    block = moe_blocks(model)[0]
+    stats = ExpertStats(layer=0, tokens=10, counts=torch.tensor([4.0, 1.0, 3.0, 2.0]),
+                        cosine_sum=torch.tensor([[1.0, 0.9, 0.1, 0.2], [0.9, 1, 0.3, 0.1],
+                                                 [0.1, 0.3, 1, 0.8], [0.2, 0.1, 0.8, 1]]),
+                        probed=1)  # fmt: skip
+    before = block.experts.down_proj.detach().clone()
+    EXPERT_PRUNERS.get("merge")(name="merge").apply(block, stats, [0, 2])
+    # 1 -> 0 (cosine 0.9), 3 -> 2 (0.8), weights by tokens: (4·W0 + 1·W1) / 5, (3·W2 + 2·W3) / 5
+    assert torch.allclose(block.experts.down_proj[0], (4 * before[0] + before[1]) / 5)
+    assert torch.allclose(block.experts.down_proj[1], (3 * before[2] + 2 * before[3]) / 5)
+
+
+def test_the_precheck_restores_the_model_exactly() -> None:
+    from knowpress.compress.moe.precheck import PrecheckSpec, precheck
+
+    model = tiny_mixtral(layers=2)
+    ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(4))
+    stats = expert_stats(model, [ids])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in ("reap", "merge"):
+        method = EXPERT_PRUNERS.get(name)(name=name)
+        estimate = precheck(model, moe_blocks(model), stats, method, "per_layer", [ids],
+                            PrecheckSpec(), 0.5)  # fmt: skip
+        assert set(estimate["kl_by_sparsity"]) == {"0.25", "0.5"}  # 1 or 2 of 4 experts
+        after = model.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+        assert all(b.num_experts == 4 for b in moe_blocks(model))
