@@ -31,6 +31,9 @@ from knowpress.compress.quant.packing import (
 )
 
 SPECS = "_packed_specs"
+# An eager expert loop reads ``W[e]`` once per expert hit: during one forward the dequantized
+# tensor is kept in this attribute (opened and dropped by hooks), not rebuilt E times.
+CACHE = "_dequantized_in_forward"
 
 
 def is_packed_buffer(attr: str) -> bool:
@@ -44,9 +47,22 @@ def packed_names(module: nn.Module) -> dict[str, dict[str, Any]]:
 
 def _property(name: str) -> property:
     def get(self: nn.Module) -> torch.Tensor:
-        return dequantized(self, name)
+        cache = getattr(self, CACHE, None)
+        if cache is None:
+            return dequantized(self, name)
+        if name not in cache:  # inside a forward: dequantized once, whatever the loop reads
+            cache[name] = dequantized(self, name)
+        return cache[name]  # type: ignore[no-any-return]
 
     return property(get)
+
+
+def _open_cache(module: nn.Module, _args: Any) -> None:
+    setattr(module, CACHE, {})
+
+
+def _close_cache(module: nn.Module, _args: Any, _out: Any) -> None:
+    setattr(module, CACHE, None)
 
 
 _CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
@@ -127,6 +143,11 @@ def install(module: nn.Module, name: str, spec: dict[str, Any],
     specs = {**packed_names(module), name: {**spec, "generation": generation}}
     module.__class__ = _packed_class(_base_class(module), tuple(sorted(specs)))
     setattr(module, SPECS, specs)
+    setattr(module, CACHE, None)
+    if not getattr(module, "_dequantize_hooks", False):
+        module.register_forward_pre_hook(_open_cache)
+        module.register_forward_hook(_close_cache)
+        module._dequantize_hooks = True
     for suffix, tensor in _empty_buffers(spec, device).items():
         module.register_buffer(name + suffix, tensor)
     if q is None:

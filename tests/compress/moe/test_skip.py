@@ -56,3 +56,30 @@ def test_skipping_under_the_grouped_kernel_matches_the_eager_loop() -> None:
     assert torch.isfinite(skipped).all() and torch.allclose(skipped, eager, atol=1e-6)
     detach(model)
     assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_a_packed_expert_tensor_is_dequantized_once_per_forward() -> None:
+    import knowpress.compress.quant.qexperts as qexperts
+    from knowpress.compress.quant import QUANT_METHODS
+    from knowpress.compress.quant.targets import select
+
+    model = tiny_mixtral(layers=1)
+    method = QUANT_METHODS.get("rtn")(name="rtn", bits=4, group_size=32)
+    for target in select(model, ["re:.*experts.*"], []):
+        method.round_target(model, target)
+    ExpertSkip(beta=0.01).attach(model)  # the eager loop reads W[e] for every expert hit
+    calls: list[str] = []
+    real = qexperts.dequantized
+
+    def counting(
+        module: torch.nn.Module, name: str, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        calls.append(name)
+        return real(module, name, dtype)
+
+    qexperts.dequantized = counting  # type: ignore[assignment]
+    try:
+        model(IDS)
+    finally:
+        qexperts.dequantized = real  # type: ignore[assignment]
+    assert sorted(calls) == ["down_proj", "gate_up_proj"]
