@@ -29,6 +29,7 @@ STAGES: dict[str, dict[str, Any]] = {
         "precheck": {"probe_samples": 4},
     },
     "recalibrate_routers": {"kind": "recalibrate_routers"},
+    "compress_kv": {"kind": "compress_kv", "policy": {"name": "streaming", "window": 16}},
     "skip_experts": {"kind": "skip_experts", "policy": {"name": "odp", "beta": 0.5}},
 }
 #: stage kind -> the preset it runs on when not ``test-tiny`` (MoE stages need an MoE teacher)
@@ -82,6 +83,7 @@ TASKS: dict[str, dict[str, Any]] = {
 #: KV policy -> (policy block, exact: same logits and tokens as the full cache)
 KV_POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
     "full": ({"name": "full"}, True),
+    "streaming": ({"name": "streaming", "sinks": 1, "window": 3}, False),
 }
 
 #: artifact format -> how a test folder of that format is written ("plain" | "packed")

@@ -1,6 +1,7 @@
 """Built-in stage kinds; importing this package registers them in ``STAGES``."""
 
 from knowpress.stages import (  # noqa: F401
+    compress_kv,
     distill,
     prune_experts,
     quantize,

@@ -1,0 +1,137 @@
+"""Caches that hold fewer tokens than they have seen: the machinery every eviction policy
+shares (one subclass of ``EvictingLayer`` per policy: its ``priority``).
+
+transformers 5 builds one attention mask for all layers from the cache's first full-attention
+layer, so an evicting layer follows ``DynamicSlidingWindowLayer``'s rules: ``get_seq_length``
+is the tokens *seen* (positions of new tokens), ``get_mask_sizes(q)`` is ``(stored + q,
+seen − stored)`` (the tail of the 2-D mask lines up with what is stored, in position order),
+and ``update`` returns stored + new for this forward's attention, then keeps the ``budget``
+tokens of highest priority. Every layer keeps the same number, so one mask fits all.
+
+Padding: a forward pre-hook on the model stashes the 2-D ``attention_mask`` in the cache
+(``PolicyCache.valid``), padded positions are evicted first and a row's sinks are its first
+real tokens, so left-padded batches evict what one row alone would.
+
+A forward never sees its own compression: the prompt attends to all of itself, later
+forwards (each decoding step) to what was kept, as kvpress compresses after prefill.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from knowpress.errors import KnowpressError
+
+HOOK = "_knowpress_kv_mask_hook"
+
+
+class PolicyCache(Cache):
+    """A cache of evicting layers; ``valid`` = the current forward's 2-D mask (bool)."""
+
+    def __init__(self, layers: list[EvictingLayer]) -> None:
+        super().__init__(layers=layers)
+        self.valid: torch.Tensor | None = None
+        for layer in layers:
+            layer.owner = self
+
+
+class EvictingLayer(DynamicLayer):
+    is_sliding = False  # the mask builder must still read this layer as full attention
+    is_croppable = False  # an eviction cannot be rolled back (assisted decoding crops)
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.budget, self.seen = budget, 0
+        self.pos: torch.Tensor | None = None  # [B, S] position of each stored token
+        self.owner: PolicyCache | None = None
+
+    def priority(self, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` scores of the stored + new tokens (higher: kept)."""
+        raise NotImplementedError
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # type: ignore[override]
+        stored = self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+        return stored + query_length, self.seen - stored
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q, d = key_states.shape
+        new = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, q)
+        if self.keys.dim() == 4:
+            keys = torch.cat([self.keys, key_states], dim=-2)
+            values = torch.cat([self.values, value_states], dim=-2)
+            pos = torch.cat([self.pos, new], dim=-1)  # type: ignore[list-item]
+        else:
+            keys, values, pos = key_states, value_states, new
+        self.seen += q
+        if keys.shape[-2] <= self.budget:
+            self.keys, self.values, self.pos = keys, values, pos
+            return keys, values
+        valid = self._valid(pos)
+        score = self.priority(pos, valid).masked_fill(~valid, float("-inf"))  # pads go first
+        keep = score.topk(self.budget, dim=-1).indices.sort(-1).values  # position order
+        self.pos = pos.gather(-1, keep)
+        index = keep[:, None, :, None].expand(b, h, self.budget, d)
+        self.keys, self.values = keys.gather(2, index), values.gather(2, index)
+        return keys, values
+
+    def _valid(self, pos: torch.Tensor) -> torch.Tensor:
+        mask = self.owner.valid if self.owner is not None else None
+        if mask is None or mask.shape[-1] < self.seen:
+            return torch.ones(pos.shape, dtype=torch.bool, device=pos.device)
+        return mask.to(pos.device).gather(-1, pos)
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen, self.pos = 0, None
+
+    def crop(self, max_length: int) -> None:
+        raise KnowpressError("an evicting KV cache cannot be cropped (assisted decoding)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.pos is not None:
+            self.pos = self.pos.index_select(0, beam_idx.to(self.pos.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.pos is not None:
+            self.pos = self.pos.repeat_interleave(repeats, 0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.pos is not None:
+            self.pos = self.pos[indices]
+
+
+def _stash_mask(_model: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, PolicyCache):
+        mask = kwargs.get("attention_mask")
+        cache.valid = mask.bool() if mask is not None and mask.ndim == 2 else None
+
+
+def policy_cache(model: Any, layer: Any) -> PolicyCache:
+    """A ``PolicyCache`` with ``layer()`` for each decoder layer of ``model`` (full attention
+    only); the mask hook is installed on ``model`` once."""
+    config = model.config.get_text_config(decoder=True)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise KnowpressError(
+            f"KV eviction supports full-attention models; this one has {sorted(kinds)} layers"
+        )
+    if not getattr(model, HOOK, False):
+        model.register_forward_pre_hook(_stash_mask, with_kwargs=True)
+        setattr(model, HOOK, True)
+    return PolicyCache([layer() for _ in range(config.num_hidden_layers)])

@@ -1,0 +1,59 @@
+"""``kind: compress_kv`` — attach a KV-cache policy: evaluation, generation and every later
+artifact run with it (saved in the manifest as ``runtime.kv_policy``).
+
+```yaml
+- kind: compress_kv
+  policy: {name: streaming, sinks: 4, window: 124}
+```
+
+The weights are unchanged. Details: the cache bytes per token after a prefill of
+``KV_PROBE_TOKENS`` tokens with the policy and with the full cache, and their ratio.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field
+
+from knowpress.compress.kv import KV_POLICIES
+from knowpress.context import Context
+from knowpress.progress import Progress
+from knowpress.stage import STAGES, StageConfig
+
+PolicySpec = Annotated[
+    Union[tuple(KV_POLICIES.get(n) for n in KV_POLICIES.names())],  # noqa: UP007
+    Field(discriminator="name"),
+]
+
+
+@STAGES.register("compress_kv")
+class CompressKVConfig(StageConfig):
+    summary = "attach a KV-cache policy (eviction / quantization) as a runtime policy"
+
+    kind: Literal["compress_kv"]
+    policy: PolicySpec  # type: ignore[valid-type]
+
+    def build(self) -> CompressKV:
+        return CompressKV(self)
+
+    def check(self, model: Any, deploy_dtype: str) -> list[str]:
+        return [f"KV policy {self.policy.name}: " + ", ".join(
+            f"{k} {v}" for k, v in self.policy.model_dump().items() if k != "name")]  # fmt: skip
+
+
+class CompressKV:
+    def __init__(self, config: CompressKVConfig) -> None:
+        self.config = config
+
+    def run(self, ctx: Context, progress: Progress) -> Context:
+        from knowpress.evaluate.runtime import TorchRuntime
+
+        policy = self.config.policy
+        full = TorchRuntime(ctx.model, ctx.tokenizer).kv_bytes_per_token()
+        held = TorchRuntime(ctx.model, ctx.tokenizer, kv_policy=policy).kv_bytes_per_token()
+        ctx.kv_policy = policy
+        ctx.metrics.update(kv_bytes_per_token=held, full_kv_bytes_per_token=full,
+                           kv_ratio=round(held / full, 5) if full else None)  # fmt: skip
+        progress.log(f"[dim]compress_kv: {policy.name}, {held / full:.3f} of the full cache[/dim]")
+        return ctx
