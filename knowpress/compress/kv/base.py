@@ -28,9 +28,14 @@ class KVPolicy(FrozenConfig):
         raise NotImplementedError
 
     def cache_bytes(self, cache: Cache) -> int:
-        """Bytes held by ``cache``: every key and value tensor of every layer."""
+        """Bytes held by ``cache``: a layer's own ``nbytes()`` (quantized layers: codes,
+        scales, zeros, full-precision residual), else every key and value tensor."""
         total = 0
         for layer in cache.layers:
+            nbytes = getattr(layer, "nbytes", None)
+            if callable(nbytes):
+                total += int(nbytes())
+                continue
             for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if tensor is not None:
                     total += tensor.numel() * tensor.element_size()
