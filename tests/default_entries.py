@@ -85,6 +85,7 @@ KV_POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
     "full": ({"name": "full"}, True),
     "streaming": ({"name": "streaming", "sinks": 1, "window": 3}, False),
     "kivi": ({"name": "kivi", "bits": 2, "group_size": 4, "residual": 2}, False),
+    "h2o": ({"name": "h2o", "heavy": 2, "recent": 2}, False),
 }
 
 #: artifact format -> how a test folder of that format is written ("plain" | "packed")

@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from knowpress.errors import KnowpressError
 
 HOOK = "_knowpress_kv_mask_hook"
+ATTENTION_HOOK = "_knowpress_kv_attention_hook"
 
 
 class PolicyCache(Cache):
@@ -34,8 +35,11 @@ class PolicyCache(Cache):
     def __init__(self, layers: list[EvictingLayer]) -> None:
         super().__init__(layers=layers)
         self.valid: torch.Tensor | None = None
-        for layer in layers:
-            layer.owner = self
+        # layer index -> (attention module, hidden states, (cos, sin)) of the current forward,
+        # for policies that score tokens by attention (a pre-hook on each self_attn fills it)
+        self.attention_inputs: dict[int, tuple[Any, torch.Tensor, Any]] = {}
+        for index, layer in enumerate(layers):
+            layer.owner, layer.index = self, index
 
 
 class EvictingLayer(DynamicLayer):
@@ -44,13 +48,20 @@ class EvictingLayer(DynamicLayer):
 
     def __init__(self, budget: int) -> None:
         super().__init__()
-        self.budget, self.seen = budget, 0
-        self.pos: torch.Tensor | None = None  # [B, S] position of each stored token
+        self.budget, self.seen, self.index = budget, 0, 0
+        self.pos: torch.Tensor | None = None  # [B, H, S] position of each stored token, per head
         self.owner: PolicyCache | None = None
 
-    def priority(self, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``[B, S]`` scores of the stored + new tokens (higher: kept)."""
+    def priority(self, pos: torch.Tensor, valid: torch.Tensor,
+                 keys: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """``[B, H, S]`` scores of the stored + new tokens per KV head (higher: kept)."""
         raise NotImplementedError
+
+    def observe(self, pos: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor) -> None:
+        """Called on every forward with the stored + new tokens (scores accumulate here)."""
+
+    def kept(self, keep: torch.Tensor) -> None:
+        """Called with the ``[B, H, budget]`` indices kept, to cut per-token state alike."""
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -67,7 +78,7 @@ class EvictingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, d = key_states.shape
-        new = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, q)
+        new = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q)
         if self.keys.dim() == 4:
             keys = torch.cat([self.keys, key_states], dim=-2)
             values = torch.cat([self.values, value_states], dim=-2)
@@ -75,22 +86,26 @@ class EvictingLayer(DynamicLayer):
         else:
             keys, values, pos = key_states, value_states, new
         self.seen += q
+        valid = self._valid(pos)
+        self.observe(pos, valid, keys)
         if keys.shape[-2] <= self.budget:
             self.keys, self.values, self.pos = keys, values, pos
             return keys, values
-        valid = self._valid(pos)
-        score = self.priority(pos, valid).masked_fill(~valid, float("-inf"))  # pads go first
+        score = self.priority(pos, valid, keys).masked_fill(~valid, float("-inf"))  # pads first
         keep = score.topk(self.budget, dim=-1).indices.sort(-1).values  # position order
         self.pos = pos.gather(-1, keep)
-        index = keep[:, None, :, None].expand(b, h, self.budget, d)
+        self.kept(keep)
+        index = keep[..., None].expand(b, h, self.budget, d)
         self.keys, self.values = keys.gather(2, index), values.gather(2, index)
         return keys, values
 
     def _valid(self, pos: torch.Tensor) -> torch.Tensor:
+        """``[B, H, S]``: which of the tokens at ``pos`` are real (not padding)."""
         mask = self.owner.valid if self.owner is not None else None
         if mask is None or mask.shape[-1] < self.seen:
             return torch.ones(pos.shape, dtype=torch.bool, device=pos.device)
-        return mask.to(pos.device).gather(-1, pos)
+        rows = mask.to(pos.device)[:, None, :].expand(-1, pos.shape[1], -1)
+        return rows.gather(-1, pos)
 
     def reset(self) -> None:
         super().reset()
@@ -122,9 +137,17 @@ def _stash_mask(_model: Any, _args: Any, kwargs: dict[str, Any]) -> None:
         cache.valid = mask.bool() if mask is not None and mask.ndim == 2 else None
 
 
-def policy_cache(model: Any, layer: Any) -> PolicyCache:
+def _stash_attention(module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, PolicyCache):
+        cache.attention_inputs[module.layer_idx] = (
+            module, kwargs["hidden_states"], kwargs.get("position_embeddings"))  # fmt: skip
+
+
+def policy_cache(model: Any, layer: Any, attention: bool = False) -> PolicyCache:
     """A ``PolicyCache`` with ``layer()`` for each decoder layer of ``model`` (full attention
-    only); the mask hook is installed on ``model`` once."""
+    only); the mask hook (and with ``attention`` the attention-input hooks) go on ``model``
+    once."""
     config = model.config.get_text_config(decoder=True)
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
@@ -134,4 +157,10 @@ def policy_cache(model: Any, layer: Any) -> PolicyCache:
     if not getattr(model, HOOK, False):
         model.register_forward_pre_hook(_stash_mask, with_kwargs=True)
         setattr(model, HOOK, True)
+    if attention and not getattr(model, ATTENTION_HOOK, False):
+        from knowpress.compress.kv.attention import attention_modules
+
+        for module in attention_modules(model):
+            module.register_forward_pre_hook(_stash_attention, with_kwargs=True)
+        setattr(model, ATTENTION_HOOK, True)
     return PolicyCache([layer() for _ in range(config.num_hidden_layers)])

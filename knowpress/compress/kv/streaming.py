@@ -31,7 +31,8 @@ class StreamingLayer(EvictingLayer):
         super().__init__(sinks + window)
         self.sinks, self.window = sinks, window
 
-    def priority(self, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def priority(self, pos: torch.Tensor, valid: torch.Tensor,
+                 keys: torch.Tensor) -> torch.Tensor:  # fmt: skip
         rank = valid.long().cumsum(-1) - 1  # order among the row's real tokens
         real = valid.sum(-1, keepdim=True)
         score = 2.0 * (valid & (rank < self.sinks)).float()

@@ -62,7 +62,7 @@ def test_the_cache_stays_at_sinks_plus_window_while_decoding() -> None:
     for layer in cache.layers:
         assert layer.keys.shape[-2] == 7 and layer.get_seq_length() == seen
     # row 1 (13 real tokens after 7 pads): its first 2 real tokens and the last 5
-    assert cache.layers[0].pos[1].tolist() == [7, 8, *range(seen - 5, seen)]
+    assert cache.layers[0].pos[1, 0].tolist() == [7, 8, *range(seen - 5, seen)]
 
 
 @torch.inference_mode()

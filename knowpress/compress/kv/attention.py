@@ -1,0 +1,53 @@
+"""Attention probabilities for score-based eviction, without eager attention for the model.
+
+transformers 5.23 hands a cache layer no queries (``update`` gets keys and values only), so
+a pre-hook on each attention module stashes its ``hidden_states`` and rotary
+``position_embeddings`` in the cache, and the layer recomputes the queries
+``RoPE(q_norm(q_proj(h)))`` and ``softmax(q·kᵀ · scaling)`` over the keys it is about to
+return, masked to the causal past and real (unpadded) tokens. Supported: the Llama-style
+attention of llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe (per-head q_norm).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from knowpress.errors import KnowpressError
+
+SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+
+
+def attention_modules(model: Any) -> list[Any]:
+    """Each decoder layer's ``self_attn`` (an unsupported model is one clear line)."""
+    kind = getattr(model.config, "model_type", "?")
+    if kind not in SUPPORTED:
+        raise KnowpressError(
+            f"score-based KV eviction recomputes attention for {', '.join(SUPPORTED)}; "
+            f"model_type {kind!r} is not one of them: use streaming or kivi"
+        )
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def probabilities(module: Any, hidden: torch.Tensor, rotary: Any, keys: torch.Tensor,
+                  query_pos: torch.Tensor, key_pos: torch.Tensor,
+                  key_valid: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """``[B, H_kv, q, S]``: each query's attention over ``keys [B, H_kv, S, D]`` summed over
+    the query heads sharing a KV head; ``query_pos [B, q]``, ``key_pos``/``key_valid``
+    ``[B, H_kv, S]``. Padded queries get zeros."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, q, _ = hidden.shape
+    states = module.q_proj(hidden).view(b, q, -1, module.head_dim)
+    if hasattr(module, "q_norm"):
+        states = module.q_norm(states)
+    states = states.transpose(1, 2)
+    cos, sin = rotary
+    states = apply_rotary_pos_emb(states, states, cos, sin)[0].float()
+    groups = states.shape[1] // keys.shape[1]
+    states = states.view(b, keys.shape[1], groups, q, -1)
+    scores = torch.einsum("bhgqd,bhsd->bhgqs", states, keys.float()) * module.scaling
+    allowed = (key_pos[:, :, None, :] <= query_pos[:, None, :, None]) & key_valid[:, :, None, :]
+    scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
+    return scores.softmax(-1).nan_to_num(0.0).sum(2)

@@ -1,0 +1,88 @@
+"""``h2o``: heavy hitters + a recent window (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for
+Efficient Generative Inference of Large Language Models", arXiv:2306.14048).
+
+Each KV head of each layer accumulates, for every cached token, the attention it received
+from every query so far (``A_j = Σ_queries softmax(q·kᵀ)_j``, summed over the query heads
+sharing the KV head; recomputed from the hooked attention inputs, ``attention.py``). After
+every forward the head keeps its last ``recent`` tokens and the ``heavy`` others of largest
+``A``; the rest is evicted, so the cache holds ``heavy + recent`` tokens per head.
+
+```yaml
+runtime policy: {name: h2o, heavy: 64, recent: 64}
+```
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import Field
+
+from knowpress.compress.kv.attention import probabilities
+from knowpress.compress.kv.base import KV_POLICIES, KVPolicy
+from knowpress.compress.kv.evicting import EvictingLayer, policy_cache
+
+if TYPE_CHECKING:
+    from transformers import Cache, PreTrainedModel
+
+
+class H2OLayer(EvictingLayer):
+    def __init__(self, heavy: int, recent: int) -> None:
+        super().__init__(heavy + recent)
+        self.recent = recent
+        self.score: torch.Tensor | None = None  # [B, H, S] accumulated attention
+
+    def observe(self, pos: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor) -> None:
+        assert self.owner is not None
+        module, hidden, rotary = self.owner.attention_inputs[self.index]
+        q = hidden.shape[1]
+        query_valid = valid[:, 0, -q:]
+        probs = probabilities(module, hidden, rotary, keys, pos[:, 0, -q:], pos, valid)
+        added = (probs * query_valid[:, None, :, None]).sum(2)  # [B, H, S]
+        old = self.score if self.score is not None else added.new_zeros(*added.shape[:2], 0)
+        grown = torch.cat([old, old.new_zeros(*old.shape[:2], added.shape[-1] - old.shape[-1])], -1)
+        self.score = grown + added
+
+    def priority(self, pos: torch.Tensor, valid: torch.Tensor,
+                 keys: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        assert self.score is not None
+        rank = valid.long().cumsum(-1) - 1
+        recent = valid & (rank >= valid.sum(-1, keepdim=True) - self.recent)
+        return self.score + 1e9 * recent.float()
+
+    def kept(self, keep: torch.Tensor) -> None:
+        assert self.score is not None
+        self.score = self.score.gather(-1, keep)
+
+    def reset(self) -> None:
+        super().reset()
+        self.score = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.score is not None:
+            self.score = self.score.index_select(0, beam_idx.to(self.score.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.score is not None:
+            self.score = self.score.repeat_interleave(repeats, 0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.score is not None:
+            self.score = self.score[indices]
+
+
+@KV_POLICIES.register("h2o")
+class H2OPolicy(KVPolicy):
+    summary = "accumulated-attention heavy hitters + recent window, per KV head"
+    paper = "Zhang et al. 2023 (H2O), arXiv:2306.14048"
+
+    name: Literal["h2o"]
+    heavy: int = Field(64, ge=0, description="tokens kept for their accumulated attention")
+    recent: int = Field(64, ge=1, description="most recent tokens kept")
+
+    def make_cache(self, model: PreTrainedModel) -> Cache:
+        return policy_cache(model, lambda: H2OLayer(self.heavy, self.recent), attention=True)

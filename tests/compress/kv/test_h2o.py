@@ -1,0 +1,55 @@
+"""H2O: the accumulated attention it recomputes equals eager attention's weights, a budget
+holding everything is exact, and each KV head keeps its recent window plus heavy hitters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_streaming import MODELS, _generate, _left_padded, _sharpen
+
+from knowpress.compress.kv import KV_POLICIES
+from knowpress.errors import KnowpressError
+from knowpress.testing.models import tiny_moe
+
+
+@torch.inference_mode()
+def test_the_recomputed_attention_equals_eager_attention_weights() -> None:
+    model = _sharpen(MODELS["llama"]())
+    model.config._attn_implementation = "eager"
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(6))
+    cache = KV_POLICIES.get("h2o")(name="h2o", heavy=32, recent=32).make_cache(model)
+    out = model(input_ids=ids, past_key_values=cache, output_attentions=True)
+    for layer, weights in zip(cache.layers, out.attentions, strict=True):  # [B, Hq, q, S]
+        groups = weights.shape[1] // layer.score.shape[1]
+        expected = weights.view(1, -1, groups, 12, 12).sum((2, 3))
+        assert torch.allclose(layer.score, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@torch.inference_mode()
+def test_a_budget_holding_everything_is_exact(arch: str) -> None:
+    model = _sharpen(MODELS[arch]())
+    ids, mask = _left_padded([20, 13, 7])
+    policy = KV_POLICIES.get("h2o")(name="h2o", heavy=40, recent=40)
+    assert torch.equal(_generate(model, ids, mask, policy.make_cache(model)),
+                       _generate(model, ids, mask, None))  # fmt: skip
+
+
+@torch.inference_mode()
+def test_each_head_keeps_its_recent_window_and_heavy_hitters() -> None:
+    model = _sharpen(MODELS["llama"]())
+    ids, mask = _left_padded([20, 13])
+    cache = KV_POLICIES.get("h2o")(name="h2o", heavy=3, recent=4).make_cache(model)
+    _generate(model, ids, mask, cache, n=6)
+    seen = ids.shape[1] + 5
+    for layer in cache.layers:
+        assert layer.keys.shape[-2] == 7 and layer.score.shape[-1] == 7
+        for row in layer.pos.reshape(-1, 7).tolist():
+            assert row[-4:] == list(range(seen - 4, seen))  # the recent window, every head
+        assert (layer.pos[1] >= 7).all()  # row 1's 7 pads are gone first
+
+
+def test_an_architecture_without_recomputable_attention_is_one_line() -> None:
+    model = tiny_moe("olmoe")
+    with pytest.raises(KnowpressError, match="model_type 'olmoe' is not one of them"):
+        KV_POLICIES.get("h2o")(name="h2o").make_cache(model)
