@@ -43,6 +43,8 @@ class PolicyCache(Cache):
 
 
 class EvictingLayer(DynamicLayer):
+    #: per-token state ``[B, ...]`` that batch reordering must follow besides keys and values
+    per_token: tuple[str, ...] = ("pos",)
     is_sliding = False  # the mask builder must still read this layer as full attention
     is_croppable = False  # an eviction cannot be rolled back (assisted decoding crops)
 
@@ -114,20 +116,23 @@ class EvictingLayer(DynamicLayer):
     def crop(self, max_length: int) -> None:
         raise KnowpressError("an evicting KV cache cannot be cropped (assisted decoding)")
 
+    def _each_state(self, change: Any) -> None:
+        for name in self.per_token:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, change(value))
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.pos is not None:
-            self.pos = self.pos.index_select(0, beam_idx.to(self.pos.device))
+        self._each_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.pos is not None:
-            self.pos = self.pos.repeat_interleave(repeats, 0)
+        self._each_state(lambda t: t.repeat_interleave(repeats, 0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.pos is not None:
-            self.pos = self.pos[indices]
+        self._each_state(lambda t: t[indices])
 
 
 def _stash_mask(_model: Any, _args: Any, kwargs: dict[str, Any]) -> None:

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 
 class H2OLayer(EvictingLayer):
+    per_token = ("pos", "score")
+
     def __init__(self, heavy: int, recent: int) -> None:
         super().__init__(heavy + recent)
         self.recent = recent
@@ -58,21 +60,6 @@ class H2OLayer(EvictingLayer):
     def reset(self) -> None:
         super().reset()
         self.score = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.score is not None:
-            self.score = self.score.index_select(0, beam_idx.to(self.score.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.score is not None:
-            self.score = self.score.repeat_interleave(repeats, 0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.score is not None:
-            self.score = self.score[indices]
 
 
 @KV_POLICIES.register("h2o")

@@ -53,3 +53,15 @@ def test_an_architecture_without_recomputable_attention_is_one_line() -> None:
     model = tiny_moe("olmoe")
     with pytest.raises(KnowpressError, match="model_type 'olmoe' is not one of them"):
         KV_POLICIES.get("h2o")(name="h2o").make_cache(model)
+
+
+@torch.inference_mode()
+def test_beam_search_reorders_the_per_token_state() -> None:
+    model = _sharpen(MODELS["llama"]())
+    ids = torch.randint(3, 97, (1, 10), generator=torch.Generator().manual_seed(7))
+    cache = KV_POLICIES.get("h2o")(name="h2o", heavy=3, recent=3).make_cache(model)
+    out = model.generate(ids, past_key_values=cache, num_beams=2, max_new_tokens=5,
+                         min_new_tokens=5, do_sample=False, pad_token_id=0)  # fmt: skip
+    assert out.shape == (1, 15)
+    layer = cache.layers[0]
+    assert layer.keys.shape[0] == layer.pos.shape[0] == layer.score.shape[0] == 2  # the beams
