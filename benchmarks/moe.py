@@ -35,11 +35,11 @@ from results_io import save_figure, write_presets
 from scoring import Scorer
 
 from knowpress.compress.moe import EXPERT_PRUNERS, expert_stats
-from knowpress.compress.moe.budget import choose_keep
+from knowpress.compress.moe.budget import prune_blocks
 from knowpress.compress.moe.precheck import PrecheckSpec, precheck
 from knowpress.data.calibration import calibration_batches, calibration_ids
 from knowpress.models.io import load_model, save_model
-from knowpress.models.moe import moe_blocks, set_expert_counts
+from knowpress.models.moe import moe_blocks
 from knowpress.models.sizes import bf16_bytes
 from knowpress.recipe import CalibrationSpec
 from knowpress.world import PRESETS, build_teacher, load_world
@@ -52,12 +52,7 @@ PROBE = 8
 
 def prune_copy(teacher: Any, stats: list[Any], method: Any, sparsity: float) -> Any:
     model = copy.deepcopy(teacher)
-    blocks = moe_blocks(model)
-    keeps = choose_keep([method.scores(s) for s in stats], [b.top_k for b in blocks], sparsity,
-                        "per_layer", [b.groups for b in blocks])  # fmt: skip
-    for block, record, keep in zip(blocks, stats, keeps, strict=True):
-        method.apply(block, record, keep)
-    set_expert_counts(model, [len(k) for k in keeps])
+    prune_blocks(model, moe_blocks(model), stats, method, sparsity, "per_layer")
     return model
 
 

@@ -25,12 +25,12 @@ import torch
 from pydantic import Field
 
 from knowpress.compress.moe import EXPERT_PRUNERS, expert_stats
-from knowpress.compress.moe.budget import choose_keep
+from knowpress.compress.moe.budget import prune_blocks
 from knowpress.compress.moe.precheck import PrecheckSpec, precheck
 from knowpress.context import Context
 from knowpress.errors import KnowpressError
 from knowpress.models.io import packed_modules
-from knowpress.models.moe import arch_of, moe_blocks, set_expert_counts
+from knowpress.models.moe import arch_of, moe_blocks
 from knowpress.progress import Progress
 from knowpress.stage import STAGES, StageConfig
 
@@ -123,19 +123,15 @@ class PruneExperts:
         blocks = moe_blocks(model)
         progress.log(f"[dim]prune_experts: statistics on {len(batches)} batches[/dim]")
         stats = expert_stats(model, batches)
-        scores = [cfg.method.scores(s) for s in stats]
         if cfg.precheck.enabled:
             probe = calibration_batches(sequences[-probe_n:])
             estimate = precheck(model, blocks, stats, cfg.method, cfg.budget, probe,
                                 cfg.precheck, cfg.sparsity)  # fmt: skip
             ctx.metrics["precheck"] = estimate
             _report_risk(estimate, cfg, progress)
-        keeps = choose_keep(scores, [b.top_k for b in blocks], cfg.sparsity, cfg.budget,
-                            [b.groups for b in blocks])  # fmt: skip
-        for block, record, keep in zip(blocks, stats, keeps, strict=True):
-            cfg.method.apply(block, record, keep)
+        keeps, structure = prune_blocks(model, blocks, stats, cfg.method, cfg.sparsity, cfg.budget)
         ctx.structure.pop("experts_per_layer", None)  # an earlier uneven cut is superseded
-        ctx.structure.update(set_expert_counts(model, [len(k) for k in keeps]))
+        ctx.structure.update(structure)
         ctx.metrics.update(
             experts_kept={str(b.layer): k for b, k in zip(blocks, keeps, strict=True)},
             experts_before=[len(s.counts) for s in stats],

@@ -5,11 +5,16 @@ blocks compare, never leaving a block fewer than its top-k; counts become uneven
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from knowpress.errors import KnowpressError
+
+if TYPE_CHECKING:
+    from knowpress.compress.moe.base import ExpertPruner
+    from knowpress.compress.moe.stats import ExpertStats
+    from knowpress.models.moe import MoEBlock
 
 Budget = Literal["per_layer", "global"]
 
@@ -63,3 +68,23 @@ def choose_keep(scores: list[torch.Tensor], top_k: list[int], sparsity: float,
             dropped[i].add(j)
             total -= 1
     return [[j for j in range(c) if j not in d] for c, d in zip(counts, dropped, strict=True)]
+
+
+def keep_for(blocks: list[MoEBlock], stats: list[ExpertStats], method: ExpertPruner,
+             sparsity: float, budget: Budget) -> list[list[int]]:  # fmt: skip
+    """``choose_keep`` on ``method``'s scores with each block's top-k and router groups."""
+    return choose_keep([method.scores(s) for s in stats], [b.top_k for b in blocks], sparsity,
+                       budget, [b.groups for b in blocks])  # fmt: skip
+
+
+def prune_blocks(model: Any, blocks: list[MoEBlock], stats: list[ExpertStats],
+                 method: ExpertPruner, sparsity: float,
+                 budget: Budget) -> tuple[list[list[int]], dict[str, Any]]:  # fmt: skip
+    """Cut every block of ``model`` to what ``keep_for`` keeps (``method.apply``) and record
+    the counts in its config; the kept ids per block and the manifest structure."""
+    from knowpress.models.moe import set_expert_counts
+
+    keeps = keep_for(blocks, stats, method, sparsity, budget)
+    for block, record, keep in zip(blocks, stats, keeps, strict=True):
+        method.apply(block, record, keep)
+    return keeps, set_expert_counts(model, [len(k) for k in keeps])

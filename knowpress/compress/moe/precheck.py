@@ -28,7 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from knowpress.compress.moe.base import ExpertPruner
-from knowpress.compress.moe.budget import Budget, choose_keep
+from knowpress.compress.moe.budget import Budget, keep_for
 from knowpress.compress.moe.stats import ExpertStats
 from knowpress.config import FrozenConfig
 from knowpress.models.moe import MoEBlock
@@ -100,16 +100,14 @@ def precheck(model: nn.Module, blocks: list[MoEBlock], stats: list[ExpertStats],
              pruner: ExpertPruner, budget: Budget, probe: list[torch.Tensor],
              spec: PrecheckSpec, requested: float) -> dict[str, Any]:  # fmt: skip
     """The estimate (module docstring) for pruning at ``requested`` sparsity."""
-    scores = [pruner.scores(s) for s in stats]
-    tops, groups = [b.top_k for b in blocks], [b.groups for b in blocks]
     reference = _log_probs(model, probe)
     curve: dict[str, float] = {}
     for s in grid(blocks, requested):
-        keeps = choose_keep(scores, tops, s, budget, groups)
+        keeps = keep_for(blocks, stats, pruner, s, budget)
         with pruned_in_place(blocks, stats, pruner, keeps):
             curve[f"{s:g}"] = round(_kl(reference, _log_probs(model, probe)), 5)
     tolerated = max([float(s) for s, kl in curve.items() if kl <= spec.max_kl], default=0.0)
-    keeps = choose_keep(scores, tops, requested, budget, groups)
+    keeps = keep_for(blocks, stats, pruner, requested, budget)
     share = [float(r.reap.sum()) for r in stats]
     lost = [float(r.reap[[j for j in range(r.reap.numel()) if j not in k]].sum())
             for r, k in zip(stats, keeps, strict=True)]  # fmt: skip
