@@ -30,7 +30,11 @@ def _model(root: Path, redundant: bool) -> Path:
         else:
             experts.down_proj.mul_(300.0)
             model.lm_head.weight.mul_(20.0)
-    folder = root / ("redundant" if redundant else "distinct")
+    return _saved(model, root / ("redundant" if redundant else "distinct"))
+
+
+def _saved(model: Any, folder: Path) -> Path:
+    """``model`` and the tiny tokenizer as an HF folder a recipe can name."""
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
@@ -75,8 +79,7 @@ def test_a_global_budget_is_scored_through_the_manifest(tmp_path: Path, text: Pa
     model = tiny_mixtral(seed=5, layers=2)
     with torch.no_grad():  # two silent experts in layer 0: the global budget cuts both there
         model.model.layers[0].mlp.experts.down_proj[:2].zero_()
-    model.save_pretrained(tmp_path / "m")
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    _saved(model, tmp_path / "m")
     recipe = _recipe(tmp_path / "m", text, sparsity=0.25, budget="global",
                      precheck={"enabled": False})  # fmt: skip
     report = apply(recipe, tmp_path / "out").report
@@ -89,8 +92,7 @@ def test_a_global_budget_is_scored_through_the_manifest(tmp_path: Path, text: Pa
 
 def test_quantizing_after_a_global_budget_fails_before_any_work(tmp_path: Path, text: Path) -> None:
     model = tiny_mixtral(seed=5, layers=2)
-    model.save_pretrained(tmp_path / "m")
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    _saved(model, tmp_path / "m")
     recipe = _recipe(tmp_path / "m", text, budget="global").model_dump(mode="json")
     recipe["stages"].append({"kind": "quantize", "method": {"name": "rtn", "bits": 8}})
     with pytest.raises(KnowpressError, match=r"uneven expert counts.*use budget: per_layer"):
@@ -104,8 +106,7 @@ def test_expert_skipping_is_saved_and_scored_as_a_runtime_policy(
     from knowpress.evaluate.loader import load_runtime
 
     model = tiny_mixtral(seed=6, layers=2)
-    model.save_pretrained(tmp_path / "m")
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    _saved(model, tmp_path / "m")
     recipe = _recipe(tmp_path / "m", text).model_dump(mode="json")
     recipe["stages"] = [{"kind": "skip_experts", "policy": {"name": "odp", "beta": 0.9}}]
     report = apply(validate_recipe(recipe), tmp_path / "out").report
@@ -123,8 +124,7 @@ def test_a_moe_bit_plan_quantizes_experts_at_mixed_widths_within_budget(
     tmp_path: Path, text: Path
 ) -> None:
     model = tiny_mixtral(seed=7, layers=2)
-    model.save_pretrained(tmp_path / "m")
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    _saved(model, tmp_path / "m")
     recipe = _recipe(tmp_path / "m", text).model_dump(mode="json")
     recipe["stages"] = [{"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 32},
                          "ignore": ["lm_head", "re:.*self_attn.*"],

@@ -1,0 +1,29 @@
+"""Every eviction policy is exact when its budget holds every token: the same greedy tokens
+as the full cache on left-padded dense and MoE batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from kv_helpers import MODELS, generate, left_padded, sharpen
+
+from knowpress.compress.kv import KV_POLICIES
+
+#: eviction policy -> a block whose budget holds the 20-token prompt and 10 new tokens
+FULL_BUDGET: dict[str, dict[str, Any]] = {
+    "streaming": {"name": "streaming", "sinks": 4, "window": 64},
+    "h2o": {"name": "h2o", "heavy": 40, "recent": 40},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(FULL_BUDGET))
+@torch.inference_mode()
+def test_a_budget_holding_everything_is_exact(name: str, arch: str) -> None:
+    model = sharpen(MODELS[arch]())
+    ids, mask = left_padded([20, 13, 7])
+    policy = KV_POLICIES.get(name).model_validate(FULL_BUDGET[name])
+    assert torch.equal(generate(model, ids, mask, policy.make_cache(model)),
+                       generate(model, ids, mask, None))  # fmt: skip
