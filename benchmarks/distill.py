@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import save_figure, write_presets
+from results_io import grouped_bars, save_figure, write_presets
 from scoring import Scorer
 
 from knowpress.distill import DISTILL_LOSSES
@@ -252,12 +252,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         for ax, result in zip(axes, results, strict=True):
             methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
             sizes = sorted({r["size"] for r in result["rows"]}, reverse=True)
-            width = 0.8 / max(1, len(methods))
-            for i, method in enumerate(methods):
-                values = [_recall(result, method, s) for s in sizes]
-                ax.bar([j + i * width for j in range(len(sizes))], values, width, label=method)
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))],
-                          [f"{s:.0%} of teacher" for s in sizes])  # fmt: skip
+            series = {m: [_recall(result, m, s) for s in sizes] for m in methods}
+            grouped_bars(ax, [f"{s:.0%} of teacher" for s in sizes], series)
             ax.set_title(f"{result['preset']} ({result.get('steps', 0)} steps)")
             ax.set_ylabel("recall retention")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import save_figure, write_presets
+from results_io import grouped_bars, save_figure, write_presets
 from scoring import Scorer
 
 from knowpress.compress.moe import EXPERT_PRUNERS, expert_stats
@@ -179,14 +179,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         for ax, result in zip(axes, results, strict=True):
             methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
             levels = sorted({r["sparsity"] for r in result["rows"]})
-            width = 0.8 / max(1, len(methods))
-            for i, method in enumerate(methods):
-                values = [next((r["worst_retention"] for r in result["rows"]
-                                if r["method"] == method and r["sparsity"] == s), 0.0)
-                          for s in levels]  # fmt: skip
-                ax.bar([j + i * width for j in range(len(levels))], values, width, label=method)
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))],
-                          [f"{s:.0%} experts pruned" for s in levels])  # fmt: skip
+            series = {m: [next((r["worst_retention"] for r in result["rows"]
+                                if r["method"] == m and r["sparsity"] == s), 0.0)
+                          for s in levels] for m in methods}  # fmt: skip
+            grouped_bars(ax, [f"{s:.0%} experts pruned" for s in levels], series)
             ax.set_title(result["preset"])
             ax.set_ylabel("worst-task retention")
 

@@ -70,3 +70,11 @@ def save_figure(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def grouped_bars(ax: Any, labels: list[str], series: dict[str, list[float]]) -> None:
+    """One group of bars per label, one bar per series in each (a legend entry each)."""
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(labels))], values, width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels)
