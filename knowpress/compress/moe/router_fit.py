@@ -18,6 +18,7 @@ sigmoid routers are fitted on Z as is). Selection agreement = mean over tokens o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,25 +27,46 @@ from torch import nn
 from knowpress.errors import KnowpressError
 from knowpress.models.moe import MoEBlock, moe_blocks
 
+Turn = Callable[[torch.Tensor], torch.Tensor]  # what a capture keeps of a block's inputs
+
 
 @torch.no_grad()
-def block_inputs(model: nn.Module, batches: list[torch.Tensor], index: int) -> torch.Tensor:
-    """``[N, H]`` float inputs of MoE block ``index`` over ``batches``."""
-    block = moe_blocks(model)[index].block
-    seen: list[torch.Tensor] = []
+def _capture(model: nn.Module, batches: list[torch.Tensor],
+             pick: dict[int, Turn]) -> dict[int, torch.Tensor]:  # fmt: skip
+    """One pass over ``batches``: for each MoE block index in ``pick``, its float inputs
+    ``[N, H]`` turned by ``pick[i]`` and concatenated over the batches."""
+    blocks = moe_blocks(model)
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in pick}
+    handles = []
+    for i, turn in pick.items():
 
-    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        seen.append(hidden.detach().reshape(-1, hidden.shape[-1]).float())
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i,
+                 turn: Turn = turn) -> None:  # fmt: skip
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen[i].append(turn(hidden.detach().reshape(-1, hidden.shape[-1]).float()))
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+        handles.append(blocks[i].block.register_forward_pre_hook(hook, with_kwargs=True))
     device = next(model.parameters()).device
     try:
         for ids in batches:
             model(input_ids=ids.to(device), use_cache=False)
     finally:
-        handle.remove()
-    return torch.cat(seen)
+        for handle in handles:
+            handle.remove()
+    return {i: torch.cat(parts) for i, parts in seen.items()}
+
+
+def block_inputs(model: nn.Module, batches: list[torch.Tensor], index: int) -> torch.Tensor:
+    """``[N, H]`` float inputs of MoE block ``index`` over ``batches``."""
+    return _capture(model, batches, {index: lambda x: x})[index]
+
+
+def router_logits(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[N, E]`` router logits of every MoE block, in one pass (small beside the inputs)."""
+    blocks = moe_blocks(model)
+    pick = {i: (lambda x, b=b: _logits(b, x)) for i, b in enumerate(blocks)}
+    found = _capture(model, batches, pick)  # type: ignore[arg-type]
+    return [found[i] for i in range(len(blocks))]
 
 
 def _logits(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
@@ -85,10 +107,11 @@ def recalibrate(model: nn.Module, original: nn.Module, batches: list[torch.Tenso
             f"recalibrate_routers: the model has {len(blocks)} MoE blocks, the original "
             f"(teacher) {len(sources)}; the teacher must be the model before compression"
         )
+    targets = router_logits(original, batches)  # the original does not change: one pass
     report = []
-    for i, (block, source) in enumerate(zip(blocks, sources, strict=True)):
-        target = _logits(source, block_inputs(original, batches, i))[:, kept[i]]
-        x = block_inputs(model, batches, i)
+    for i, block in enumerate(blocks):
+        target = targets[i][:, kept[i]]
+        x = block_inputs(model, batches, i)  # after the refits before it: one pass each
         before = agreement(block, x, target)
         fit_router(block, x, target, damp)
         report.append({"layer": block.layer, "agreement_before": round(before, 5),
