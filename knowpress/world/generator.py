@@ -225,7 +225,8 @@ class World:
         for _ in range(n_items):
             passage = full_passage(self, rng, n_bios, 1)
             (q,) = passage.questions
-            items.append(QAItem(f"{passage.context} {q.prompt}", q.answer, q.subject, q.attribute))
+            items.append(QAItem(f"{passage.context} {q.prompt}", q.answer, q.subject, q.attribute,
+                                context=passage.context))  # fmt: skip
         return items
 
     @cached_property

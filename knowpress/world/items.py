@@ -7,12 +7,25 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class QAItem:
-    """One question: ``prompt`` ends with ``"A:"``; the model should continue with ``answer``."""
+    """One question: ``prompt`` ends with ``"A:"``; the model should continue with ``answer``.
+
+    ``context`` is set when the prompt reads a passage first (``long_context``): then
+    ``prompt == context + " " + question``, so a runtime can prefill the context under a KV
+    policy before it sees the question (``question``).
+    """
 
     prompt: str
     answer: str
     subject: str
     attribute: str
+    context: str | None = field(default=None, kw_only=True)
+
+    @property
+    def question(self) -> str:
+        """The prompt after its context (the whole prompt when there is none)."""
+        if self.context is None:
+            return self.prompt
+        return self.prompt[len(self.context) + 1 :]
 
 
 @dataclass(frozen=True)
