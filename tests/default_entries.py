@@ -29,7 +29,7 @@ STAGES: dict[str, dict[str, Any]] = {
         "precheck": {"probe_samples": 4},
     },
     "recalibrate_routers": {"kind": "recalibrate_routers"},
-    "compress_kv": {"kind": "compress_kv", "policy": {"name": "streaming", "window": 16}},
+    "compress_kv": {"kind": "compress_kv", "policy": {"name": "streaming", "budget": 16}},
     "skip_experts": {"kind": "skip_experts", "policy": {"name": "odp", "beta": 0.5}},
 }
 #: stage kind -> the preset it runs on when not ``test-tiny`` (MoE stages need an MoE teacher)
@@ -83,9 +83,11 @@ TASKS: dict[str, dict[str, Any]] = {
 #: KV policy -> (policy block, exact: same logits and tokens as the full cache)
 KV_POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
     "full": ({"name": "full"}, True),
-    "streaming": ({"name": "streaming", "sinks": 1, "window": 3}, False),
+    "streaming": ({"name": "streaming", "sinks": 1, "budget": 4}, False),
     "kivi": ({"name": "kivi", "bits": 2, "group_size": 4, "residual": 2}, False),
-    "h2o": ({"name": "h2o", "heavy": 2, "recent": 2}, False),
+    "h2o": ({"name": "h2o", "budget": 4, "recent": 0.5}, False),
+    "snapkv": ({"name": "snapkv", "budget": 4, "window": 2, "kernel": 3}, False),
+    "rkv": ({"name": "rkv", "budget": 4, "buffer": 2, "window": 2, "kernel": 3}, False),
 }
 
 #: artifact format -> how a test folder of that format is written ("plain" | "packed")

@@ -3,7 +3,7 @@ artifact run with it (saved in the manifest as ``runtime.kv_policy``).
 
 ```yaml
 - kind: compress_kv
-  policy: {name: streaming, sinks: 4, window: 124}
+  policy: {name: streaming, sinks: 4, budget: 128}
 ```
 
 The weights are unchanged. Details: the cache bytes per token after a prefill of

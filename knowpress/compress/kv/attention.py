@@ -30,12 +30,9 @@ def attention_modules(model: Any) -> list[Any]:
     return [layer.self_attn for layer in model.model.layers]
 
 
-def probabilities(module: Any, hidden: torch.Tensor, rotary: Any, keys: torch.Tensor,
-                  query_pos: torch.Tensor, key_pos: torch.Tensor,
-                  key_valid: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """``[B, H_kv, q, S]``: each query's attention over ``keys [B, H_kv, S, D]`` summed over
-    the query heads sharing a KV head; ``query_pos [B, q]``, ``key_pos``/``key_valid``
-    ``[B, H_kv, S]``. Padded queries get zeros."""
+def queries(module: Any, hidden: torch.Tensor, rotary: Any, kv_heads: int) -> torch.Tensor:
+    """``[B, H_kv, G, q, D]`` float32 queries ``RoPE(q_norm(q_proj(h)))`` of ``hidden
+    [B, q, hidden]``, the G query heads of each KV head grouped."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     b, q, _ = hidden.shape
@@ -45,9 +42,25 @@ def probabilities(module: Any, hidden: torch.Tensor, rotary: Any, keys: torch.Te
     states = states.transpose(1, 2)
     cos, sin = rotary
     states = apply_rotary_pos_emb(states, states, cos, sin)[0].float()
-    groups = states.shape[1] // keys.shape[1]
-    states = states.view(b, keys.shape[1], groups, q, -1)
-    scores = torch.einsum("bhgqd,bhsd->bhgqs", states, keys.float()) * module.scaling
+    return states.view(b, kv_heads, states.shape[1] // kv_heads, q, -1)
+
+
+def attend(states: torch.Tensor, scaling: float, keys: torch.Tensor, query_pos: torch.Tensor,
+           key_pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """``[B, H_kv, q, S]``: softmax attention of ``states [B, H_kv, G, q, D]`` (at positions
+    ``query_pos [B, q]``) over ``keys [B, H_kv, S, D]``, summed over the G query heads of
+    each KV head; masked to the causal past and ``key_valid``. Rows with no key get zeros."""
+    scores = torch.einsum("bhgqd,bhsd->bhgqs", states, keys.float()) * scaling
     allowed = (key_pos[:, :, None, :] <= query_pos[:, None, :, None]) & key_valid[:, :, None, :]
     scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
     return scores.softmax(-1).nan_to_num(0.0).sum(2)
+
+
+def probabilities(module: Any, hidden: torch.Tensor, rotary: Any, keys: torch.Tensor,
+                  query_pos: torch.Tensor, key_pos: torch.Tensor,
+                  key_valid: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """``[B, H_kv, q, S]``: the current forward's attention over ``keys [B, H_kv, S, D]``
+    (``attend`` of its recomputed ``queries``); ``query_pos [B, q]``, ``key_pos``/
+    ``key_valid`` ``[B, H_kv, S]``."""
+    states = queries(module, hidden, rotary, keys.shape[1])
+    return attend(states, module.scaling, keys, query_pos, key_pos, key_valid)

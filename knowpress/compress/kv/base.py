@@ -11,7 +11,9 @@ applies it when it scores the artifact.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Union
+
+from pydantic import Field
 
 from knowpress.config import FrozenConfig
 from knowpress.errors import KnowpressError
@@ -40,6 +42,19 @@ class KVPolicy(FrozenConfig):
                 if tensor is not None:
                     total += tensor.numel() * tensor.element_size()
         return total
+
+
+#: tokens kept per layer and KV head (an int), or a share of the tokens seen (a float in (0, 1))
+Budget = Annotated[
+    Union[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0, lt=1)]],  # noqa: UP007
+    Field(union_mode="left_to_right"),
+]
+
+
+class EvictionPolicy(KVPolicy):
+    """A policy that keeps ``budget`` tokens per layer and KV head (``evicting.py``)."""
+
+    budget: Budget = Field(128, description="tokens kept (int) or share of tokens seen (float)")
 
 
 KV_POLICIES: Registry[type[KVPolicy]] = Registry("KV-cache policy")

@@ -18,6 +18,7 @@ forwards (each decoding step) to what was kept, as kvpress compresses after pref
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -48,11 +49,18 @@ class EvictingLayer(DynamicLayer):
     is_sliding = False  # the mask builder must still read this layer as full attention
     is_croppable = False  # an eviction cannot be rolled back (assisted decoding crops)
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int | float) -> None:
         super().__init__()
         self.budget, self.seen, self.index = budget, 0, 0
         self.pos: torch.Tensor | None = None  # [B, H, S] position of each stored token, per head
         self.owner: PolicyCache | None = None
+
+    def capacity(self) -> int:
+        """Tokens kept after this forward: ``budget`` tokens, or ``⌈budget · seen⌉`` for a
+        ratio (``seen`` counts padded positions of the batch)."""
+        if isinstance(self.budget, int):
+            return self.budget
+        return max(1, math.ceil(self.budget * self.seen))
 
     def priority(self, pos: torch.Tensor, valid: torch.Tensor,
                  keys: torch.Tensor) -> torch.Tensor:  # fmt: skip
@@ -65,40 +73,68 @@ class EvictingLayer(DynamicLayer):
     def kept(self, keep: torch.Tensor) -> None:
         """Called with the ``[B, H, budget]`` indices kept, to cut per-token state alike."""
 
+    def slack(self) -> int:
+        """Tokens the cache may grow past its capacity before it evicts back down to it."""
+        return 0
+
+    def protected(self) -> int:
+        """Trailing tokens of the stored + new sequence that must not be evicted (a quantized
+        store's full-precision tail, ``compose.py``)."""
+        return 0
+
+    def stored(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # type: ignore[override]
-        stored = self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+        stored = self.stored()
         return stored + query_length, self.seen - stored
 
     def get_max_cache_shape(self) -> int:
         return -1
 
+    def joined(self, key_states: torch.Tensor,
+               value_states: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """Stored + new keys, values ``[B, H, S, D]`` and positions ``[B, H, S]``."""
+        b, h, q, _ = key_states.shape
+        new = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q)
+        if self.keys.dim() != 4:
+            return key_states, value_states, new
+        return (torch.cat([self.keys, key_states], dim=-2),
+                torch.cat([self.values, value_states], dim=-2),
+                torch.cat([self.pos, new], dim=-1))  # type: ignore[list-item]  # fmt: skip
+
+    def keep(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
+             index: torch.Tensor | None) -> None:  # fmt: skip
+        """Store the tokens at ``index [B, H, n]`` (all of them when None)."""
+        if index is None:
+            self.keys, self.values, self.pos = keys, values, pos
+            return
+        self.pos = pos.gather(-1, index)
+        gather = index[..., None].expand(*index.shape, keys.shape[-1])
+        self.keys, self.values = keys.gather(2, gather), values.gather(2, gather)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        b, h, q, d = key_states.shape
-        new = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q)
-        if self.keys.dim() == 4:
-            keys = torch.cat([self.keys, key_states], dim=-2)
-            values = torch.cat([self.values, value_states], dim=-2)
-            pos = torch.cat([self.pos, new], dim=-1)  # type: ignore[list-item]
-        else:
-            keys, values, pos = key_states, value_states, new
-        self.seen += q
+        keys, values, pos = self.joined(key_states, value_states)
+        self.seen += key_states.shape[-2]
         valid = self._valid(pos)
         self.observe(pos, valid, keys)
-        if keys.shape[-2] <= self.budget:
-            self.keys, self.values, self.pos = keys, values, pos
+        budget = self.capacity()
+        if keys.shape[-2] <= budget + self.slack():
+            self.keep(keys, values, pos, None)
             return keys, values
         score = self.priority(pos, valid, keys).masked_fill(~valid, float("-inf"))  # pads first
-        keep = score.topk(self.budget, dim=-1).indices.sort(-1).values  # position order
-        self.pos = pos.gather(-1, keep)
-        self.kept(keep)
-        index = keep[..., None].expand(b, h, self.budget, d)
-        self.keys, self.values = keys.gather(2, index), values.gather(2, index)
+        tail = self.protected()
+        if 0 < tail <= budget:
+            score[..., -tail:] = float("inf")
+        index = score.topk(budget, dim=-1).indices.sort(-1).values  # position order
+        self.kept(index)
+        self.keep(keys, values, pos, index)
         return keys, values
 
     def _valid(self, pos: torch.Tensor) -> torch.Tensor:

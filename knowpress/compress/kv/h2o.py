@@ -4,23 +4,25 @@ Efficient Generative Inference of Large Language Models", arXiv:2306.14048).
 Each KV head of each layer accumulates, for every cached token, the attention it received
 from every query so far (``A_j = Σ_queries softmax(q·kᵀ)_j``, summed over the query heads
 sharing the KV head; recomputed from the hooked attention inputs, ``attention.py``). After
-every forward the head keeps its last ``recent`` tokens and the ``heavy`` others of largest
-``A``; the rest is evicted, so the cache holds ``heavy + recent`` tokens per head.
+every forward the head keeps its last ``⌈recent · budget⌉`` tokens and fills the rest of its
+``budget`` with the others of largest ``A`` (the heavy hitters); the rest is evicted, so the
+cache holds ``budget`` tokens per head.
 
 ```yaml
-runtime policy: {name: h2o, heavy: 64, recent: 64}
+runtime policy: {name: h2o, budget: 128, recent: 0.5}
 ```
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
 
 from knowpress.compress.kv.attention import probabilities
-from knowpress.compress.kv.base import KV_POLICIES, KVPolicy
+from knowpress.compress.kv.base import KV_POLICIES, EvictionPolicy
 from knowpress.compress.kv.evicting import EvictingLayer, policy_cache
 
 if TYPE_CHECKING:
@@ -30,8 +32,8 @@ if TYPE_CHECKING:
 class H2OLayer(EvictingLayer):
     per_token = ("pos", "score")
 
-    def __init__(self, heavy: int, recent: int) -> None:
-        super().__init__(heavy + recent)
+    def __init__(self, budget: int | float, recent: float) -> None:
+        super().__init__(budget)
         self.recent = recent
         self.score: torch.Tensor | None = None  # [B, H, S] accumulated attention
 
@@ -50,7 +52,8 @@ class H2OLayer(EvictingLayer):
                  keys: torch.Tensor) -> torch.Tensor:  # fmt: skip
         assert self.score is not None
         rank = valid.long().cumsum(-1) - 1
-        recent = valid & (rank >= valid.sum(-1, keepdim=True) - self.recent)
+        window = math.ceil(self.recent * self.capacity())
+        recent = valid & (rank >= valid.sum(-1, keepdim=True) - window)
         return self.score + 1e9 * recent.float()
 
     def kept(self, keep: torch.Tensor) -> None:
@@ -63,13 +66,12 @@ class H2OLayer(EvictingLayer):
 
 
 @KV_POLICIES.register("h2o")
-class H2OPolicy(KVPolicy):
+class H2OPolicy(EvictionPolicy):
     summary = "accumulated-attention heavy hitters + recent window, per KV head"
     paper = "Zhang et al. 2023 (H2O), arXiv:2306.14048"
 
     name: Literal["h2o"]
-    heavy: int = Field(64, ge=0, description="tokens kept for their accumulated attention")
-    recent: int = Field(64, ge=1, description="most recent tokens kept")
+    recent: float = Field(0.5, ge=0, le=1, description="share of the budget for recent tokens")
 
     def make_cache(self, model: PreTrainedModel) -> Cache:
-        return policy_cache(model, lambda: H2OLayer(self.heavy, self.recent), attention=True)
+        return policy_cache(model, lambda: H2OLayer(self.budget, self.recent), attention=True)

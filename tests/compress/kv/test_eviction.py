@@ -13,8 +13,10 @@ from knowpress.compress.kv import KV_POLICIES
 
 #: eviction policy -> a block whose budget holds the 20-token prompt and 10 new tokens
 FULL_BUDGET: dict[str, dict[str, Any]] = {
-    "streaming": {"name": "streaming", "sinks": 4, "window": 64},
-    "h2o": {"name": "h2o", "heavy": 40, "recent": 40},
+    "streaming": {"name": "streaming", "sinks": 4, "budget": 68},
+    "h2o": {"name": "h2o", "budget": 80},
+    "snapkv": {"name": "snapkv", "budget": 80},
+    "rkv": {"name": "rkv", "budget": 80},
 }
 
 

@@ -14,7 +14,7 @@ from knowpress.compress.kv import KV_POLICIES
 def test_the_cache_stays_at_sinks_plus_window_while_decoding() -> None:
     model = sharpen(MODELS["llama"]())
     ids, mask = left_padded([20, 13])
-    cache = KV_POLICIES.get("streaming")(name="streaming", sinks=2, window=5).make_cache(model)
+    cache = KV_POLICIES.get("streaming")(name="streaming", sinks=2, budget=7).make_cache(model)
     generate(model, ids, mask, cache, n=6)
     seen = ids.shape[1] + 5  # the last generated token is never fed back
     for layer in cache.layers:
@@ -29,7 +29,7 @@ def test_each_decoding_step_sees_what_a_masked_full_cache_sees() -> None:
     ids = torch.randint(3, 97, (1, 18), generator=torch.Generator().manual_seed(5))
     sinks, window, steps = 2, 6, 8
     cache = KV_POLICIES.get("streaming")(name="streaming", sinks=sinks,
-                                         window=window).make_cache(model)  # fmt: skip
+                                         budget=sinks + window).make_cache(model)  # fmt: skip
     ours = generate(model, ids, torch.ones_like(ids), cache, n=steps)
     full = DynamicCache(config=model.config)
     token = model(input_ids=ids, past_key_values=full).logits[:, -1].argmax(-1, keepdim=True)

@@ -1,0 +1,117 @@
+"""``snapkv``: observation-window votes, pooled, per KV head (Li et al. 2024, "SnapKV: LLM
+Knows What You are Looking for Before Generation", arXiv:2404.14469).
+
+The last ``window`` queries vote for the tokens before them: for KV head h,
+``v_j = Σ_{queries i in the window} Σ_{query heads of h} softmax(q_i·kᵀ · scaling)_j``;
+votes are pooled along the sequence (``max`` or ``avg``, kernel ``kernel``, stride 1) so a
+kept token brings its neighbours; each head keeps the window itself plus the ``budget −
+window`` tokens of largest pooled vote. Queries are recomputed from the hooked attention
+inputs (``attention.py``), so the model keeps its sdpa attention.
+
+SnapKV compresses the prompt once; here the window slides (the last ``window`` queries
+seen, kept per layer: ``[B, H_kv, G, window, D]``), so decoding keeps the cache at
+``budget`` tokens with the same rule. With a context/question split the question is the
+window that picks what the context keeps.
+
+```yaml
+runtime policy: {name: snapkv, budget: 0.25, window: 16, kernel: 7, pooling: max}
+```
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from knowpress.compress.kv.attention import attend, queries
+from knowpress.compress.kv.base import KV_POLICIES, EvictionPolicy
+from knowpress.compress.kv.evicting import EvictingLayer, policy_cache
+
+if TYPE_CHECKING:
+    from transformers import Cache, PreTrainedModel
+
+
+class SnapKVLayer(EvictingLayer):
+    per_token = ("pos", "window_queries", "window_pos", "window_valid")
+
+    def __init__(self, budget: int | float, window: int, kernel: int, pooling: str) -> None:
+        super().__init__(budget)
+        self.window, self.kernel, self.pooling = window, kernel, pooling
+        self.window_queries: torch.Tensor | None = None  # [B, H_kv, G, w, D]
+        self.window_pos: torch.Tensor | None = None  # [B, w]
+        self.window_valid: torch.Tensor | None = None  # [B, w]
+        self.scaling = 1.0
+
+    def capacity(self) -> int:
+        return max(super().capacity(), self.window)
+
+    def observe(self, pos: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor) -> None:
+        """Append this forward's queries to the observation window (the last ``window``)."""
+        assert self.owner is not None
+        module, hidden, rotary = self.owner.attention_inputs[self.index]
+        q = hidden.shape[1]
+        states = queries(module, hidden, rotary, keys.shape[1])
+        self.scaling = module.scaling
+        new_pos, new_valid = pos[:, 0, -q:], valid[:, 0, -q:]
+        if self.window_queries is not None:
+            states = torch.cat([self.window_queries, states], dim=3)
+            new_pos = torch.cat([self.window_pos, new_pos], dim=1)  # type: ignore[list-item]
+            new_valid = torch.cat([self.window_valid, new_valid], dim=1)  # type: ignore[list-item]
+        w = self.window
+        self.window_queries, self.window_pos, self.window_valid = (
+            states[:, :, :, -w:], new_pos[:, -w:], new_valid[:, -w:])  # fmt: skip
+
+    def votes(self, pos: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``[B, H, S]`` pooled attention of the window's real queries to each token."""
+        assert self.window_queries is not None and self.window_valid is not None
+        probs = attend(self.window_queries, self.scaling, keys, self.window_pos, pos, valid)
+        votes = (probs * self.window_valid[:, None, :, None]).sum(2)
+        b, h, s = votes.shape
+        flat = votes.reshape(b * h, 1, s)
+        pad = self.kernel // 2
+        if self.pooling == "max":
+            pooled = F.max_pool1d(flat, self.kernel, stride=1, padding=pad)
+        else:
+            pooled = F.avg_pool1d(flat, self.kernel, stride=1, padding=pad,
+                                  count_include_pad=False)  # fmt: skip
+        return pooled[..., :s].reshape(b, h, s)
+
+    def in_window(self, pos: torch.Tensor) -> torch.Tensor:
+        """``[B, H, S]``: the token is one of the window's (real) positions."""
+        assert self.window_pos is not None and self.window_valid is not None
+        window = self.window_pos.masked_fill(~self.window_valid, -1)
+        return (pos[..., None] == window[:, None, None, :]).any(-1)
+
+    def priority(self, pos: torch.Tensor, valid: torch.Tensor,
+                 keys: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return self.votes(pos, valid, keys) + 1e9 * self.in_window(pos).float()
+
+    def reset(self) -> None:
+        super().reset()
+        self.window_queries = self.window_pos = self.window_valid = None
+
+
+@KV_POLICIES.register("snapkv")
+class SnapKVPolicy(EvictionPolicy):
+    summary = "observation-window attention votes, pooled, per KV head (prefill and decoding)"
+    paper = "Li et al. 2024 (SnapKV), arXiv:2404.14469"
+
+    name: Literal["snapkv"]
+    window: int = Field(16, ge=1, description="observation window: the last queries that vote")
+    kernel: int = Field(7, ge=1, description="pooling kernel (odd)")
+    pooling: Literal["max", "avg"] = "max"
+
+    @model_validator(mode="after")
+    def _odd_kernel(self) -> SnapKVPolicy:
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd (got {self.kernel}): use {self.kernel + 1}")
+        return self
+
+    def make_cache(self, model: PreTrainedModel) -> Cache:
+        return policy_cache(
+            model, lambda: SnapKVLayer(self.budget, self.window, self.kernel, self.pooling),
+            attention=True,
+        )  # fmt: skip
