@@ -58,14 +58,30 @@ class KIVILayer(DynamicLayer):
     def __init__(self, bits: int, group: int, residual: int) -> None:
         super().__init__()
         self.bits, self.group, self.residual, self.seen = bits, group, residual, 0
-        self.key_chunks: list[Chunk] = []
-        self.value_chunks: list[Chunk] = []
+        self.chunks: list[tuple[Any, ...]] = []  # encoded history, oldest first
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # type: ignore[override]
         return self.seen + query_length, 0
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[Any, ...]:
+        """One chunk of ``n`` tokens (``[B, H, n, D]``, n a multiple of the group): keys in
+        blocks of ``group`` tokens per channel, values in groups of ``group`` channels."""
+        b, h, n, d = keys.shape
+        g = self.group
+        return (quantize(keys.reshape(b, h, n // g, g, d), self.bits, 3),
+                quantize(values.reshape(b, h, n, d // g, g), self.bits, 4))  # fmt: skip
+
+    def decode(self, chunk: tuple[Any, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``(keys, values)`` ``[B, H, n, D]`` of an encoded chunk."""
+        keys, values = (dequantize(c, self.bits, dtype) for c in chunk[:2])
+        b, h = keys.shape[:2]
+        return keys.reshape(b, h, -1, keys.shape[-1]), values.reshape(b, h, values.shape[2], -1)
+
+    def chunk_bytes(self, chunk: tuple[Any, ...]) -> int:
+        return sum(_nbytes(t) for c in chunk[:2] for t in c[:3])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -76,38 +92,40 @@ class KIVILayer(DynamicLayer):
         values = (
             torch.cat([self.values, value_states], -2) if self.values.dim() == 4 else value_states
         )
-        b, h, _, d = keys.shape
-        dtype = keys.dtype
-        history_k = [dequantize(c, self.bits, dtype).reshape(b, h, -1, d) for c in self.key_chunks]
-        history_v = [
-            dequantize(c, self.bits, dtype).reshape(b, h, -1, d) for c in self.value_chunks
-        ]
-        out = torch.cat([*history_k, keys], -2), torch.cat([*history_v, values], -2)
+        history = [self.decode(c, keys.dtype) for c in self.chunks]
+        out = (torch.cat([*(k for k, _ in history), keys], -2),
+               torch.cat([*(v for _, v in history), values], -2))  # fmt: skip
         n = max(0, keys.shape[-2] - self.residual) // self.group * self.group
         if n:
-            g = self.group
-            self.key_chunks.append(
-                quantize(keys[..., :n, :].reshape(b, h, n // g, g, d), self.bits, 3)
-            )
-            self.value_chunks.append(
-                quantize(values[..., :n, :].reshape(b, h, n, d // g, g), self.bits, 4)
-            )
+            self.chunks.append(self.encode(keys[..., :n, :], values[..., :n, :]))
             keys, values = keys[..., n:, :], values[..., n:, :]
         self.keys, self.values = keys, values
         return out
 
     def nbytes(self) -> int:
-        """Packed codes, fp16 scales and zeros of the history, plus the residual."""
-        chunks = [t for c in (*self.key_chunks, *self.value_chunks) for t in c[:3]]
+        """The encoded history (packed codes, fp16 scales and zeros, ...) plus the residual."""
         residual = [t for t in (self.keys, self.values) if t is not None and t.dim() == 4]
-        return sum(_nbytes(t) for t in (*chunks, *residual))
+        return sum(self.chunk_bytes(c) for c in self.chunks) + sum(map(_nbytes, residual))
 
     def reset(self) -> None:
         super().reset()
-        self.seen, self.key_chunks, self.value_chunks = 0, [], []
+        self.seen, self.chunks = 0, []
 
     def crop(self, max_length: int) -> None:
         raise KnowpressError("a quantized KV cache cannot be cropped (assisted decoding)")
+
+
+def head_dim_groups(model: PreTrainedModel, group_size: int, name: str) -> int:
+    """The model's number of decoder layers, after checking ``group_size`` divides its head
+    dim (one line naming the divisors' field otherwise)."""
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim % group_size:
+        raise KnowpressError(
+            f"{name}: group_size {group_size} does not divide the head dim {head_dim}; "
+            f"use a divisor of {head_dim}"
+        )
+    return int(config.num_hidden_layers)
 
 
 @KV_POLICIES.register("kivi")
@@ -121,15 +139,6 @@ class KIVIPolicy(KVPolicy):
     residual: int = Field(128, ge=0, description="most recent tokens kept in full precision")
 
     def make_cache(self, model: PreTrainedModel) -> Cache:
-        config = model.config.get_text_config(decoder=True)
-        head_dim = (
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
-        if head_dim % self.group_size:
-            raise KnowpressError(
-                f"kivi: group_size {self.group_size} does not divide the head dim {head_dim}; "
-                f"use a divisor of {head_dim}"
-            )
-        layers = [KIVILayer(self.bits, self.group_size, self.residual)
-                  for _ in range(config.num_hidden_layers)]  # fmt: skip
-        return Cache(layers=layers)
+        layers = head_dim_groups(model, self.group_size, "kivi")
+        return Cache(layers=[KIVILayer(self.bits, self.group_size, self.residual)
+                             for _ in range(layers)])  # fmt: skip
