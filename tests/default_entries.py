@@ -85,8 +85,10 @@ KV_POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
     "full": ({"name": "full"}, True),
     "streaming": ({"name": "streaming", "sinks": 1, "budget": 4}, False),
     "kivi": ({"name": "kivi", "bits": 2, "group_size": 4, "residual": 2}, False),
-    "gear": ({"name": "gear", "bits": 2, "rank": 1, "outliers": 0.05, "group_size": 4,
-              "residual": 2}, False),  # fmt: skip
+    "gear": (
+        {"name": "gear", "bits": 2, "rank": 1, "outliers": 0.05, "group_size": 4, "residual": 2},
+        False,
+    ),
     "h2o": ({"name": "h2o", "budget": 4, "recent": 0.5}, False),
     "snapkv": ({"name": "snapkv", "budget": 4, "window": 2, "kernel": 3}, False),
     "rkv": ({"name": "rkv", "budget": 4, "buffer": 2, "window": 2, "kernel": 3}, False),
