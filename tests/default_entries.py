@@ -90,6 +90,9 @@ KV_POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
         False,
     ),
     "h2o": ({"name": "h2o", "budget": 4, "recent": 0.5}, False),
+    "compose": ({"name": "compose", "policies": [
+        {"name": "h2o", "budget": 4},
+        {"name": "kivi", "bits": 2, "group_size": 4, "residual": 1}]}, False),
     "snapkv": ({"name": "snapkv", "budget": 4, "window": 2, "kernel": 3}, False),
     "rkv": ({"name": "rkv", "budget": 4, "buffer": 2, "window": 2, "kernel": 3}, False),
 }

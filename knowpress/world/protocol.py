@@ -55,6 +55,12 @@ class FactWorld(Protocol):
     def fingerprint(self) -> str: ...
 
 
+def _record(item: Any) -> dict[str, Any]:
+    """An item's fields; an absent ``context`` is left out, so fingerprints recorded before
+    ``QAItem.context`` existed still match."""
+    return {k: v for k, v in vars(item).items() if not (k == "context" and v is None)}
+
+
 def world_fingerprint(world: Any) -> str:
     """sha256 hex of the JSON of facts, training texts, both question splits, held-out texts
     and 2-hop items: recorded next to a teacher so ``load_world`` can detect a world that no
@@ -62,9 +68,9 @@ def world_fingerprint(world: Any) -> str:
     payload = {
         "facts": world.facts(),
         "train": world.training_texts(),
-        "questions": {s: [vars(q) for q in world.questions(s)] for s in ("trained", "heldout")},
+        "questions": {s: [_record(q) for q in world.questions(s)] for s in ("trained", "heldout")},
         "heldout_texts": world.heldout_texts(),
-        "two_hop": [vars(q) for q in world.two_hop_questions()],
+        "two_hop": [_record(q) for q in world.two_hop_questions()],
     }
     text = json.dumps(payload, sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -11,7 +11,7 @@ applies it when it scores the artifact.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Union
 
 from pydantic import Field
 
@@ -28,6 +28,13 @@ class KVPolicy(FrozenConfig):
 
     def make_cache(self, model: PreTrainedModel) -> Cache:
         raise NotImplementedError
+
+    def with_budget(self, budget: int | float) -> KVPolicy:
+        """This policy keeping ``budget`` tokens (or that share of the tokens seen)."""
+        raise KnowpressError(
+            f"budget: {self.name} evicts nothing (its size is set by its own fields); "
+            "use an eviction policy or compose one with it"
+        )
 
     def cache_bytes(self, cache: Cache) -> int:
         """Bytes held by ``cache``: a layer's own ``nbytes()`` (quantized layers: codes,
@@ -52,9 +59,25 @@ Budget = Annotated[
 
 
 class EvictionPolicy(KVPolicy):
-    """A policy that keeps ``budget`` tokens per layer and KV head (``evicting.py``)."""
+    """A policy that keeps ``budget`` tokens per layer and KV head (``evicting.py``): each
+    decoder layer's cache layer is ``layer_class(*layer_args())``; ``attention`` says it
+    scores tokens by attention (the attention-input hooks go on the model)."""
 
+    attention: ClassVar[bool] = False
+    layer_class: ClassVar[type]
     budget: Budget = Field(128, description="tokens kept (int) or share of tokens seen (float)")
+
+    def layer_args(self) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def make_cache(self, model: PreTrainedModel) -> Cache:
+        from knowpress.compress.kv.evicting import policy_cache
+
+        return policy_cache(model, lambda: self.layer_class(*self.layer_args()),
+                            attention=self.attention)  # fmt: skip
+
+    def with_budget(self, budget: int | float) -> KVPolicy:
+        return self.model_copy(update={"budget": budget})
 
 
 KV_POLICIES: Registry[type[KVPolicy]] = Registry("KV-cache policy")

@@ -16,17 +16,14 @@ runtime policy: {name: h2o, budget: 128, recent: 0.5}
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from knowpress.compress.kv.attention import probabilities
 from knowpress.compress.kv.base import KV_POLICIES, EvictionPolicy
-from knowpress.compress.kv.evicting import EvictingLayer, policy_cache
-
-if TYPE_CHECKING:
-    from transformers import Cache, PreTrainedModel
+from knowpress.compress.kv.evicting import EvictingLayer
 
 
 class H2OLayer(EvictingLayer):
@@ -70,8 +67,10 @@ class H2OPolicy(EvictionPolicy):
     summary = "accumulated-attention heavy hitters + recent window, per KV head"
     paper = "Zhang et al. 2023 (H2O), arXiv:2306.14048"
 
+    attention = True
+    layer_class = H2OLayer
     name: Literal["h2o"]
     recent: float = Field(0.5, ge=0, le=1, description="share of the budget for recent tokens")
 
-    def make_cache(self, model: PreTrainedModel) -> Cache:
-        return policy_cache(model, lambda: H2OLayer(self.budget, self.recent), attention=True)
+    def layer_args(self) -> tuple[Any, ...]:
+        return (self.budget, self.recent)

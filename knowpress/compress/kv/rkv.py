@@ -19,17 +19,13 @@ runtime policy: {name: rkv, budget: 128, buffer: 32, lam: 0.1, window: 8}
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from knowpress.compress.kv.base import KV_POLICIES, EvictionPolicy
-from knowpress.compress.kv.evicting import policy_cache
 from knowpress.compress.kv.snapkv import SnapKVLayer
-
-if TYPE_CHECKING:
-    from transformers import Cache, PreTrainedModel
 
 
 def redundancy(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -65,14 +61,13 @@ class RKVPolicy(EvictionPolicy):
     summary = "attention importance minus key redundancy, recompressed every `buffer` tokens"
     paper = "Cai et al. 2025 (R-KV), arXiv:2505.24133"
 
+    attention = True
+    layer_class = RKVLayer
     name: Literal["rkv"]
     buffer: int = Field(32, ge=0, description="tokens the cache may grow by before recompressing")
     lam: float = Field(0.1, ge=0, le=1, description="λ: weight of importance vs redundancy")
     window: int = Field(8, ge=1, description="observation window: the last queries that vote")
     kernel: int = Field(7, ge=1, description="pooling kernel of the votes (odd)")
 
-    def make_cache(self, model: PreTrainedModel) -> Cache:
-        return policy_cache(
-            model, lambda: RKVLayer(self.budget, self.buffer, self.lam, self.window, self.kernel),
-            attention=True,
-        )  # fmt: skip
+    def layer_args(self) -> tuple[Any, ...]:
+        return (self.budget, self.buffer, self.lam, self.window, self.kernel)

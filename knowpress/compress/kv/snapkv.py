@@ -20,7 +20,7 @@ runtime policy: {name: snapkv, budget: 0.25, window: 16, kernel: 7, pooling: max
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,7 @@ from pydantic import Field, model_validator
 
 from knowpress.compress.kv.attention import attend, queries
 from knowpress.compress.kv.base import KV_POLICIES, EvictionPolicy
-from knowpress.compress.kv.evicting import EvictingLayer, policy_cache
-
-if TYPE_CHECKING:
-    from transformers import Cache, PreTrainedModel
+from knowpress.compress.kv.evicting import EvictingLayer
 
 
 class SnapKVLayer(EvictingLayer):
@@ -99,6 +96,8 @@ class SnapKVPolicy(EvictionPolicy):
     summary = "observation-window attention votes, pooled, per KV head (prefill and decoding)"
     paper = "Li et al. 2024 (SnapKV), arXiv:2404.14469"
 
+    attention = True
+    layer_class = SnapKVLayer
     name: Literal["snapkv"]
     window: int = Field(16, ge=1, description="observation window: the last queries that vote")
     kernel: int = Field(7, ge=1, description="pooling kernel (odd)")
@@ -110,8 +109,5 @@ class SnapKVPolicy(EvictionPolicy):
             raise ValueError(f"kernel must be odd (got {self.kernel}): use {self.kernel + 1}")
         return self
 
-    def make_cache(self, model: PreTrainedModel) -> Cache:
-        return policy_cache(
-            model, lambda: SnapKVLayer(self.budget, self.window, self.kernel, self.pooling),
-            attention=True,
-        )  # fmt: skip
+    def layer_args(self) -> tuple[Any, ...]:
+        return (self.budget, self.window, self.kernel, self.pooling)

@@ -15,16 +15,13 @@ runtime policy: {name: streaming, sinks: 4, budget: 128}
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from knowpress.compress.kv.base import KV_POLICIES, EvictionPolicy
-from knowpress.compress.kv.evicting import EvictingLayer, policy_cache
-
-if TYPE_CHECKING:
-    from transformers import Cache, PreTrainedModel
+from knowpress.compress.kv.evicting import EvictingLayer
 
 
 class StreamingLayer(EvictingLayer):
@@ -50,8 +47,9 @@ class StreamingPolicy(EvictionPolicy):
     summary = "attention sinks + recent window, evicted in prefill and decoding"
     paper = "Xiao et al. 2024 (StreamingLLM), arXiv:2309.17453"
 
+    layer_class = StreamingLayer
     name: Literal["streaming"]
     sinks: int = Field(4, ge=0, description="first tokens always kept")
 
-    def make_cache(self, model: PreTrainedModel) -> Cache:
-        return policy_cache(model, lambda: StreamingLayer(self.sinks, self.budget))
+    def layer_args(self) -> tuple[Any, ...]:
+        return (self.sinks, self.budget)
