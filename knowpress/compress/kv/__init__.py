@@ -1,7 +1,14 @@
 """KV-cache policies: each registers in KV_POLICIES; runtimes build their caches from one."""
 
 from knowpress.compress.kv import (  # noqa: F401  (registers them)
-    compose, full, gear, h2o, kivi, rkv, snapkv, streaming,
+    compose,
+    full,
+    gear,
+    h2o,
+    kivi,
+    rkv,
+    snapkv,
+    streaming,
 )
 from knowpress.compress.kv.base import KV_POLICIES, KVPolicy, policy_from_json
 

@@ -113,7 +113,7 @@ class QuantizedStorage:
 
     def _flush(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep ``keys``/``values`` as the tail, quantizing whole groups beyond ``residual``."""
-        b, h, s, d = keys.shape
+        s = keys.shape[-2]
         n = max(0, s - self.residual) // self.group * self.group
         if n:
             self._append(keys[..., :n, :], values[..., :n, :])
