@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from knowpress.compress.kv.base import KVPolicy
 
 _MAX_SANE_POSITIONS = 10**7  # tokenizers without a limit report ~1e30
-KV_PROBE_TOKENS = 64
+KV_PROBE_TOKENS = 512  # capped by max_positions; token budgets below it show their savings
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,11 @@ class Runtime(Protocol):
     name: str
     tokenizer: PreTrainedTokenizerBase
 
-    def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]: ...
+    def greedy(self, prompts: Sequence[str], max_new_tokens: int,
+               contexts: Sequence[str | None] | None = None) -> list[str]:  # fmt: skip
+        """Greedy answers. ``contexts[i]``, when given, is a prefix of ``prompts[i]`` that a
+        KV policy compresses before the rest of the prompt (the question) is read."""
+        ...
 
     def nll(self, texts: Sequence[str], exclude_token_ids: Sequence[int] = ()) -> list[NLL]: ...
 
@@ -78,9 +82,17 @@ def _device(model: torch.nn.Module) -> torch.device:
 class TorchRuntime:
     """Greedy decoding and scoring with a transformers model (KV cache on, batched).
 
-    With ``kv_policy``, every generate call and every scoring forward gets a fresh cache
-    from ``kv_policy.make_cache(model)``, so the policy acts in prefill and in decoding.
+    With ``kv_policy``, every generate call and every scoring pass gets a fresh cache from
+    ``kv_policy.make_cache(model)``, so the policy acts in prefill and in decoding:
+
+    - ``greedy`` with ``contexts`` prefills each context first (the policy compresses it),
+      then generates from the question on (kvpress's context/question protocol);
+    - scoring (``nll``, ``next_token_logprobs``) reads texts in chunks of ``score_chunk``
+      tokens, each chunk attending to the cache the policy left (a single forward would
+      never see its own compression).
     """
+
+    score_chunk = 32
 
     name = "torch"
 
@@ -168,9 +180,12 @@ class TorchRuntime:
         finally:
             tok.padding_side = previous
 
-    def _padded(self, sequences: Sequence[Sequence[int]], side: str) -> tuple[torch.Tensor, ...]:
+    def _padded(self, sequences: Sequence[Sequence[int]], side: str,
+                allow_empty: bool = False) -> tuple[torch.Tensor, ...]:  # fmt: skip
         """Token-id lists as ``(input_ids, attention_mask)``, padded on ``side``."""
         width = max(len(s) for s in sequences)
+        if width == 0 and not allow_empty:
+            raise ValueError("no tokens to run")
         ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, seq in enumerate(sequences):
@@ -181,22 +196,62 @@ class TorchRuntime:
         return ids.to(device), mask.to(device)
 
     @torch.inference_mode()
-    def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    def greedy(self, prompts: Sequence[str], max_new_tokens: int,
+               contexts: Sequence[str | None] | None = None) -> list[str]:  # fmt: skip
         """Greedy answers, decoded without special tokens and cut at end-of-sequence."""
         tok, out = self.tokenizer, []
-        for batch in self._batches(prompts, "left"):  # decoder-only: pad on the left
+        self.model.eval()
+        if self.kv_policy is not None and contexts is not None and any(contexts):
+            size = self.batch_size
+            batches: Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = (
+                self._prefilled(list(prompts[i : i + size]), contexts[i : i + size])
+                for i in range(0, len(prompts), size))  # fmt: skip
+        else:  # decoder-only: pad on the left
+            batches = ((b["input_ids"], b["attention_mask"], self._cache())
+                       for b in self._batches(prompts, "left"))  # fmt: skip
+        for ids, mask, extra in batches:
             generated = self.model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                **({"use_cache": True} | self._cache()),
-            )
-            new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            out.extend(tok.batch_decode(new_tokens, skip_special_tokens=True))
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, **({"use_cache": True} | extra),
+            )  # fmt: skip
+            out.extend(tok.batch_decode(generated[:, ids.shape[1] :], skip_special_tokens=True))
         return [text.strip() for text in out]
+
+    def _prefilled(self, prompts: list[str], contexts: Sequence[str | None]
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:  # fmt: skip
+        """``[pad, context | pad, question]`` ids and mask, and a policy cache already holding
+        each row's context: the prompt's tokens up to where they stop matching the context's
+        own tokens (at least one token is left for the question)."""
+        tok = self.tokenizer
+        full = tok(prompts, add_special_tokens=True)["input_ids"]
+        heads = tok([c or "" for c in contexts], add_special_tokens=True)["input_ids"]
+        cut = []
+        for ids, head, context in zip(full, heads, contexts, strict=True):
+            n = 0
+            while context and n < min(len(ids) - 1, len(head)) and ids[n] == head[n]:
+                n += 1
+            cut.append(n)
+        ctx_ids, ctx_mask = self._padded([ids[:n] for ids, n in zip(full, cut, strict=True)],
+                                         "left", allow_empty=True)  # fmt: skip
+        q_ids, q_mask = self._padded([ids[n:] for ids, n in zip(full, cut, strict=True)], "left")
+        cache = self._cache()
+        if ctx_ids.shape[1]:
+            positions = (ctx_mask.cumsum(-1) - 1).clamp_min(0)
+            self.model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=positions, **cache)
+        return torch.cat([ctx_ids, q_ids], 1), torch.cat([ctx_mask, q_mask], 1), cache
+
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, L, V]`` of right-padded ``ids``: one forward, or chunk by chunk
+        through the policy's cache."""
+        if self.kv_policy is None:
+            return self.model(input_ids=ids, attention_mask=mask).logits
+        cache, parts = self._cache(), []
+        for start in range(0, ids.shape[1], self.score_chunk):
+            end = start + self.score_chunk
+            parts.append(self.model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
+                                    **cache).logits)  # fmt: skip
+        return torch.cat(parts, dim=1)
 
     @torch.inference_mode()
     def nll(self, texts: Sequence[str], exclude_token_ids: Sequence[int] = ()) -> list[NLL]:
@@ -204,7 +259,7 @@ class TorchRuntime:
         targets in ``exclude_token_ids``); texts are cut to ``max_positions`` tokens."""
         out = []
         for batch in self._batches(texts, "right", truncate=True):
-            logits = self.model(**batch, **self._cache()).logits[:, :-1].float()
+            logits = self._logits(batch["input_ids"], batch["attention_mask"])[:, :-1].float()
             targets = batch["input_ids"][:, 1:]
             mask = batch["attention_mask"][:, 1:].bool()
             for token in exclude_token_ids:
@@ -222,7 +277,7 @@ class TorchRuntime:
         for start in range(0, len(sequences), self.batch_size):
             chunk = sequences[start : start + self.batch_size]
             ids, mask = self._padded(chunk, "right")
-            logits = self.model(input_ids=ids, attention_mask=mask, **self._cache()).logits
+            logits = self._logits(ids, mask)
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
             out.extend(logp[row, : len(seq) - 1] for row, seq in enumerate(chunk))
         return out

@@ -3,8 +3,12 @@ artifact run with it (saved in the manifest as ``runtime.kv_policy``).
 
 ```yaml
 - kind: compress_kv
-  policy: {name: streaming, sinks: 4, budget: 128}
+  policy: {name: snapkv, window: 16}
+  budget: 0.25          # tokens kept (int) or share of the tokens seen (float), per layer
 ```
+
+``budget`` overrides the eviction policy's own (for ``compose``, its eviction member's); a
+quantization-only policy (kivi, gear) has none and is refused with one line.
 
 The weights are unchanged. Details: the cache bytes per token after a prefill of
 ``KV_PROBE_TOKENS`` tokens with the policy and with the full cache, and their ratio.
@@ -14,10 +18,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from knowpress.compress.kv import KV_POLICIES
+from knowpress.compress.kv.base import Budget
 from knowpress.context import Context
+from knowpress.errors import KnowpressError
 from knowpress.progress import Progress
 from knowpress.stage import STAGES, StageConfig
 
@@ -33,13 +39,29 @@ class CompressKVConfig(StageConfig):
 
     kind: Literal["compress_kv"]
     policy: PolicySpec  # type: ignore[valid-type]
+    budget: Budget | None = None
+
+    @model_validator(mode="after")
+    def _budget_applies(self) -> CompressKVConfig:
+        if self.budget is not None:
+            try:
+                self.policy.with_budget(self.budget)
+            except KnowpressError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def effective_policy(self) -> Any:
+        """The policy with the stage's ``budget`` applied."""
+        return self.policy if self.budget is None else self.policy.with_budget(self.budget)
 
     def build(self) -> CompressKV:
         return CompressKV(self)
 
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
-        return [f"KV policy {self.policy.name}: " + ", ".join(
-            f"{k} {v}" for k, v in self.policy.model_dump().items() if k != "name")]  # fmt: skip
+        policy = self.effective_policy
+        return [f"KV policy {policy.name}: " + ", ".join(
+            f"{k} {v}" for k, v in policy.model_dump().items() if k != "name")]  # fmt: skip
 
 
 class CompressKV:
@@ -49,7 +71,7 @@ class CompressKV:
     def run(self, ctx: Context, progress: Progress) -> Context:
         from knowpress.evaluate.runtime import TorchRuntime
 
-        policy = self.config.policy
+        policy = self.config.effective_policy
         full = TorchRuntime(ctx.model, ctx.tokenizer).kv_bytes_per_token()
         held = TorchRuntime(ctx.model, ctx.tokenizer, kv_policy=policy).kv_bytes_per_token()
         ctx.kv_policy = policy

@@ -61,9 +61,11 @@ def score_qa(
     """
     if not items:
         raise ValueError("no items to score")
+    contexts = [it.context for it in items]
     answers = runtime.greedy(
-        [it.prompt for it in items], max_new_tokens=answer_budget(runtime, items)
-    )
+        [it.prompt for it in items], max_new_tokens=answer_budget(runtime, items),
+        **({"contexts": contexts} if any(contexts) else {}),
+    )  # fmt: skip
     em = [exact_match(a, it.answer) for a, it in zip(answers, items, strict=True)]
     f1 = [token_f1(a, it.answer) for a, it in zip(answers, items, strict=True)]
     wrong = [
