@@ -95,3 +95,25 @@ def test_a_partial_quantize_rerun_keeps_the_presets_other_rows() -> None:
     fresh = [{"preset": "p", "preset_key": "k", "rows": []}]
     keep_rows(stale, fresh)
     assert fresh[0]["rows"] == []  # rows of another teacher are not carried over
+
+
+def test_kv_benchmark_policies_validate_and_bio_prompts_stop_before_a_value() -> None:
+    from types import SimpleNamespace
+
+    from knowpress.compress.kv import policy_from_json
+    from knowpress.world import WorldConfig, generate_world
+
+    kv = _instrument("kv")
+    args = SimpleNamespace(families=["eviction", "quantized", "compose"], budgets=[0.5, 0.125])
+    blocks = kv.configs(args)
+    assert blocks[0][0] == "full" and len({(label, b) for label, b, _ in blocks}) == len(blocks)
+    for label, budget, block in blocks:
+        policy = policy_from_json(block, label)
+        if budget is not None:  # the eviction policy (or compose's eviction member) has it
+            assert (getattr(policy, "eviction", policy)).budget == budget
+    world = generate_world(WorldConfig(n_people=6, seed=3))
+    for (prompt, values), person in zip(kv.bio_items(world, 4), world.people, strict=False):
+        assert prompt.startswith(person.name) and not any(v in prompt for v in values)
+        bio = world.training_bios()[world.people.index(person) * world.config.bios_per_person]
+        assert bio.startswith(prompt) and any(bio[len(prompt) :].strip().startswith(v)
+                                              for v in values)  # fmt: skip

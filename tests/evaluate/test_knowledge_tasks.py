@@ -68,7 +68,10 @@ class FakeRuntime:
             raise AssertionError(f"unknown prompt {prompt!r}")
         return self._answers[prompt]
 
-    def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    def greedy(self, prompts: Sequence[str], max_new_tokens: int,
+               contexts: Sequence[str | None] | None = None) -> list[str]:  # fmt: skip
+        for prompt, context in zip(prompts, contexts or [None] * len(prompts), strict=True):
+            assert context is None or prompt.startswith(context + " ")
         self.prompts.extend(prompts)
         return [self._answer(p) for p in prompts]
 

@@ -8,10 +8,11 @@ kept token brings its neighbours; each head keeps the window itself plus the ``b
 window`` tokens of largest pooled vote. Queries are recomputed from the hooked attention
 inputs (``attention.py``), so the model keeps its sdpa attention.
 
-SnapKV compresses the prompt once; here the window slides (the last ``window`` queries
-seen, kept per layer: ``[B, H_kv, G, window, D]``), so decoding keeps the cache at
-``budget`` tokens with the same rule. With a context/question split the question is the
-window that picks what the context keeps.
+SnapKV compresses the prompt once, its question being the window; here the window slides
+(the last ``window`` queries seen, kept per layer: ``[B, H_kv, G, window, D]``), so decoding
+keeps the cache at ``budget`` tokens with the same rule. Evaluated with a context/question
+split, the context is compressed before the question is read (query-agnostic, as kvpress
+scores it); a whole-prompt prefill lets the question pick what the context keeps.
 
 ```yaml
 runtime policy: {name: snapkv, budget: 0.25, window: 16, kernel: 7, pooling: max}
