@@ -9,6 +9,7 @@ import default_entries as rows
 import pytest
 import torch
 
+from knowpress.compress.kv import policy_from_json
 from knowpress.compress.kv.full import FullCache
 from knowpress.compress.quant.rtn import RTN
 from knowpress.compress.quant.targets import select
@@ -69,7 +70,13 @@ def test_manifest_policies_are_applied_and_unknown_ones_refused(tmp_path: Path) 
     runtime = load_runtime(folder)
     assert isinstance(runtime, TorchRuntime) and runtime.kv_policy == FullCache(name="full")
     assert runtime.describe()["kv_policy"] == "full"
-    _with_runtime(folder, {"kv_policy": {"name": "snapkv"}})
+    saved = {"name": "compose", "policies": [{"name": "snapkv", "budget": 0.25},
+                                              {"name": "kivi", "bits": 2}]}  # fmt: skip
+    _with_runtime(folder, {"kv_policy": saved})
+    restored = load_runtime(folder).kv_policy
+    assert restored is not None and restored.model_dump() == policy_from_json(
+        saved, "t").model_dump()  # fmt: skip
+    _with_runtime(folder, {"kv_policy": {"name": "quest"}})
     with pytest.raises(KnowpressError, match=r"runtime\.kv_policy: unknown KV-cache policy"):
         load_runtime(folder)
     _with_runtime(folder, {"expert_skipping": {"beta": 0.5}})
