@@ -172,7 +172,7 @@ class ComposePolicy(KVPolicy):
             raise ValueError("compose takes two policies: [an eviction policy, kivi]")
         members = [v if isinstance(v, KVPolicy) else policy_from_json(v, "compose.policies")
                    for v in value]  # fmt: skip
-        if not isinstance(members[0], EvictionPolicy) or not isinstance(members[1], KIVIPolicy):
+        if not isinstance(members[0], EvictionPolicy) or type(members[1]) is not KIVIPolicy:
             got = ", ".join(m.name for m in members)
             raise ValueError(f"compose takes [an eviction policy, kivi] in that order, got {got}")
         return members

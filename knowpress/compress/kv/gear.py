@@ -22,17 +22,13 @@ runtime policy: {name: gear, bits: 4, rank: 4, outliers: 0.02, group_size: 32, r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from transformers.cache_utils import Cache
 
-from knowpress.compress.kv.base import KV_POLICIES, KVPolicy
-from knowpress.compress.kv.kivi import KIVILayer, _nbytes, head_dim_groups
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+from knowpress.compress.kv.base import KV_POLICIES
+from knowpress.compress.kv.kivi import KIVILayer, KIVIPolicy, _nbytes
 
 Sparse = tuple[torch.Tensor, torch.Tensor]  # fp16 values, flat indices [B, H, k]
 LowRank = tuple[torch.Tensor, torch.Tensor]  # A [B, H, n, r], B [B, H, r, D] (fp16)
@@ -101,19 +97,14 @@ class GEARLayer(KIVILayer):
 
 
 @KV_POLICIES.register("gear")
-class GEARPolicy(KVPolicy):
+class GEARPolicy(KIVIPolicy):
     summary = "KIVI quantization + low-rank residual (rank r) + sparse exact outliers (s%)"
     paper = "Kang et al. 2024 (GEAR), arXiv:2403.05527"
 
-    name: Literal["gear"]
+    name: Literal["gear"]  # type: ignore[assignment]
     bits: Literal[2, 4] = 4
     rank: int = Field(4, ge=0, description="rank of the residual's low-rank fix per head")
     outliers: float = Field(0.02, ge=0, lt=1, description="share of entries kept exactly")
-    group_size: int = Field(32, ge=2, description="tokens per key block, channels per value group")
-    residual: int = Field(128, ge=0, description="most recent tokens kept in full precision")
 
-    def make_cache(self, model: PreTrainedModel) -> Cache:
-        layers = head_dim_groups(model, self.group_size, "gear")
-        return Cache(layers=[
-            GEARLayer(self.bits, self.group_size, self.residual, self.rank, self.outliers)
-            for _ in range(layers)])  # fmt: skip
+    def layer(self) -> GEARLayer:
+        return GEARLayer(self.bits, self.group_size, self.residual, self.rank, self.outliers)

@@ -138,7 +138,9 @@ class KIVIPolicy(KVPolicy):
     group_size: int = Field(32, ge=2, description="tokens per key block, channels per value group")
     residual: int = Field(128, ge=0, description="most recent tokens kept in full precision")
 
+    def layer(self) -> KIVILayer:
+        return KIVILayer(self.bits, self.group_size, self.residual)
+
     def make_cache(self, model: PreTrainedModel) -> Cache:
-        layers = head_dim_groups(model, self.group_size, "kivi")
-        return Cache(layers=[KIVILayer(self.bits, self.group_size, self.residual)
-                             for _ in range(layers)])  # fmt: skip
+        layers = head_dim_groups(model, self.group_size, self.name)
+        return Cache(layers=[self.layer() for _ in range(layers)])
