@@ -17,6 +17,9 @@ FULL_BUDGET: dict[str, dict[str, Any]] = {
     "h2o": {"name": "h2o", "budget": 80},
     "snapkv": {"name": "snapkv", "budget": 80},
     "rkv": {"name": "rkv", "budget": 80},
+    # the least important head still gets floor · budget = 60 tokens
+    "head_budget": {"name": "head_budget", "policy": {"name": "snapkv"}, "budget": 200,
+                    "probe_length": 24},
 }
 
 
@@ -29,3 +32,10 @@ def test_a_budget_holding_everything_is_exact(name: str, arch: str) -> None:
     policy = KV_POLICIES.get(name).model_validate(FULL_BUDGET[name])
     assert torch.equal(generate(model, ids, mask, policy.make_cache(model)),
                        generate(model, ids, mask, None))  # fmt: skip
+
+
+def test_every_eviction_policy_has_a_full_budget_row() -> None:
+    from knowpress.compress.kv.base import EvictionPolicy
+
+    evicting = {n for n in KV_POLICIES.names() if issubclass(KV_POLICIES.get(n), EvictionPolicy)}
+    assert evicting <= set(FULL_BUDGET), f"add {sorted(evicting - set(FULL_BUDGET))} above"
