@@ -25,12 +25,13 @@ Writes ``benchmarks/results/kv.json`` (rows kept per preset) and ``kv.png`` (lon
 retention vs KV bytes relative to the full cache).
 
     python benchmarks/kv.py [PRESET ...] [--budgets 0.5 0.25 0.125] [--items 16]
-        [--families eviction quantized compose]
+        [--families eviction quantized compose] [--policy LABEL=JSON ...] [--add]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -79,6 +80,9 @@ def configs(args: argparse.Namespace) -> list[tuple[str, float | None, dict[str,
             out += [(label, budget, {"name": "compose", "policies": [
                 {**EVICTION[evict], "budget": budget}, QUANTIZED[store]]})
                 for label, (evict, store) in COMPOSED.items()]  # fmt: skip
+    for text in args.policy:
+        label, _, block = text.partition("=")
+        out.append((label, None, json.loads(block)))
     return out
 
 
@@ -245,6 +249,18 @@ def main() -> None:
     parser.add_argument("--bio-tokens", type=int, default=96, help="tokens per recital")
     parser.add_argument("--kl-items", type=int, default=8, help="longest prompts for the KL")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="LABEL=JSON",
+        help='an extra policy row, e.g. kivi2r16=\'{"name": "kivi", ...}\'',
+    )
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the preset's earlier rows (with --families/--policy subsets)",
+    )
     parser.add_argument("--speed-tokens", type=int, default=32, help="tokens timed per prompt")
     parser.add_argument(
         "--protocols",
@@ -256,7 +272,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(training_threads())
     fresh = [measure(name, args) for name in args.presets]
-    write_presets(RESULTS, fresh, plot)
+    write_presets(RESULTS, fresh, plot, carry_rows if args.add else None)
+
+
+def carry_rows(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> None:
+    """``--add``: keep each preset's earlier rows that this run did not measure again (each
+    is relative to the full cache of the run that measured it; same teacher key)."""
+    for entry in fresh:
+        for old in previous:
+            if old["preset"] == entry["preset"] and old["preset_key"] == entry["preset_key"]:
+                seen = {(r["label"], r["budget"]) for r in entry["rows"]}
+                entry["rows"] = [r for r in old["rows"] if (r["label"], r["budget"]) not in seen
+                                 ] + entry["rows"]  # fmt: skip
 
 
 if __name__ == "__main__":
