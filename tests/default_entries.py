@@ -95,6 +95,16 @@ KV_POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
         {"name": "kivi", "bits": 2, "group_size": 4, "residual": 1}]}, False),
     "snapkv": ({"name": "snapkv", "budget": 4, "window": 2, "kernel": 3}, False),
     "rkv": ({"name": "rkv", "budget": 4, "buffer": 2, "window": 2, "kernel": 3}, False),
+    "head_budget": (
+        {
+            "name": "head_budget",
+            "budget": 4,
+            "probes": 2,
+            "probe_length": 16,
+            "policy": {"name": "snapkv", "window": 2, "kernel": 3},
+        },
+        False,
+    ),
 }
 
 #: artifact format -> how a test folder of that format is written ("plain" | "packed")

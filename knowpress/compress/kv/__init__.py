@@ -5,6 +5,7 @@ from knowpress.compress.kv import (  # noqa: F401  (registers them)
     full,
     gear,
     h2o,
+    head_budget,
     kivi,
     rkv,
     snapkv,

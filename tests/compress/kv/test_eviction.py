@@ -18,8 +18,12 @@ FULL_BUDGET: dict[str, dict[str, Any]] = {
     "snapkv": {"name": "snapkv", "budget": 80},
     "rkv": {"name": "rkv", "budget": 80},
     # the least important head still gets floor · budget = 60 tokens
-    "head_budget": {"name": "head_budget", "policy": {"name": "snapkv"}, "budget": 200,
-                    "probe_length": 24},
+    "head_budget": {
+        "name": "head_budget",
+        "policy": {"name": "snapkv"},
+        "budget": 200,
+        "probe_length": 24,
+    },
 }
 
 

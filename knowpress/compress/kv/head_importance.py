@@ -1,0 +1,108 @@
+"""Head importance from retrieval (copy) probes and HeadKV-style budget allocation, for the
+``head_budget`` KV policy (``head_budget.py``).
+
+Importance (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context
+Factuality", arXiv:2404.15574): a retrieval head attends to the token it is about to copy.
+The probe is the induction / copy test: ``x = r ‖ r`` with ``r`` a random sequence of ``L``
+distinct tokens. A query at position ``i ∈ [L, 2L)`` (second copy) reads the token ``x_i =
+r_{i−L}``, whose continuation sits at ``j = i − L + 1`` in the first copy. For layer ``l``
+and KV head ``h`` (with ``G`` query heads ``g``)::
+
+    s_{l,h} = mean_{probes, i ∈ [L, 2L), g} softmax(q_{i,g} · Kᵀ · scaling)_{i − L + 1}
+
+recomputed from the probe forward's hooked attention inputs (``attention.queries``/
+``attend``), so the model keeps its attention implementation.
+
+Allocation (HeadKV, Fu et al. 2024, "Not All Heads Matter: A Head-Level KV Cache
+Compression Method with Integrated Retrieval and Reasoning", arXiv:2410.19258): with ``N``
+heads (all layers × KV heads), an average budget ``c`` and a ``floor`` share, head ``n``
+gets ``floor · c + (1 − floor) · c · N · s_n / Σ s`` tokens, rounded by largest remainder so
+the budgets sum to exactly ``c · N``, each at least 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from knowpress.compress.kv.attention import attend, attention_modules, queries
+from knowpress.errors import KnowpressError
+
+
+def probe_ids(model: Any, probes: int, length: int, seed: int = 0) -> torch.Tensor:
+    """``[probes, 2·length]`` token ids: ``length`` distinct non-special tokens, twice."""
+    config = model.config.get_text_config(decoder=True)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and 2 * length > limit:
+        raise KnowpressError(
+            f"head_budget: probe_length {length} makes {2 * length}-token probes, past the "
+            f"model's max_position_embeddings {limit}; lower probe_length"
+        )
+    special = {getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    allowed = torch.tensor([t for t in range(config.vocab_size) if t not in special])
+    if length > len(allowed):
+        raise KnowpressError(
+            f"head_budget: probe_length {length} exceeds the {len(allowed)} non-special tokens "
+            "of the vocabulary (a probe's tokens are distinct); lower probe_length"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    rows = [allowed[torch.randperm(len(allowed), generator=generator)[:length]]
+            for _ in range(probes)]  # fmt: skip
+    first = torch.stack(rows)
+    return torch.cat([first, first], dim=1)
+
+
+@torch.inference_mode()
+def retrieval_scores(model: Any, probes: int, length: int, seed: int = 0) -> torch.Tensor:
+    """``[layers, kv_heads]`` float32 (CPU): the copy score ``s_{l,h}`` of each KV head."""
+    from transformers import DynamicCache
+
+    modules = attention_modules(model)
+    ids = probe_ids(model, probes, length, seed).to(model.device)
+    inputs: dict[int, tuple[torch.Tensor, Any]] = {}
+
+    def stash(module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        inputs[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"])
+
+    handles = [m.register_forward_pre_hook(stash, with_kwargs=True) for m in modules]
+    cache = DynamicCache(config=model.config)
+    try:
+        model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    p, n = ids.shape
+    query_pos = torch.arange(length, n, device=ids.device).expand(p, length)  # second copy
+    target = (query_pos - length + 1)[:, None, :, None]  # [P, 1, L, 1]: the token to copy
+    scores = []
+    for index, module in enumerate(modules):
+        keys = cache.layers[index].keys  # [P, H_kv, 2L, D], rotary applied
+        heads = keys.shape[1]
+        hidden, (cos, sin) = inputs[index]
+        rotary = (cos[:, length:], sin[:, length:])
+        states = queries(module, hidden[:, length:], rotary, heads)  # [P, H_kv, G, L, D]
+        key_pos = torch.arange(n, device=ids.device).expand(p, heads, n)
+        every = torch.ones_like(key_pos, dtype=torch.bool)
+        probs = attend(states, module.scaling, keys, query_pos, key_pos, every)  # [P, H, L, 2L]
+        copied = probs.gather(-1, target.expand(p, heads, length, 1))[..., 0]
+        scores.append(copied.mean((0, 2)) / states.shape[2])  # mean over probes, i and G
+    return torch.stack(scores).float().cpu()
+
+
+def allocate(importance: torch.Tensor, capacity: int, floor: float) -> torch.Tensor:
+    """``[layers, kv_heads]`` int64 budgets from ``importance [layers, kv_heads]`` (≥ 0):
+    ``floor · c + (1 − floor) · c · N · s / Σ s``, largest-remainder rounded to sum exactly
+    ``c · N``, each ≥ 1 (all-zero importance: uniform)."""
+    flat = importance.flatten().double().clamp_min(0)
+    n, total = flat.numel(), capacity * flat.numel()
+    share = flat / flat.sum() if flat.sum() > 0 else torch.full_like(flat, 1.0 / n)
+    ideal = floor * capacity + (1 - floor) * capacity * n * share
+    budget = ideal.floor().long().clamp_min(1)
+    rest = total - int(budget.sum())
+    if rest > 0:  # the largest fractional parts get the tokens rounding dropped
+        budget[(ideal - budget).topk(rest).indices] += 1
+    while rest < 0:  # heads raised to 1 token: take them from the largest budgets
+        budget[budget.argmax()] -= 1
+        rest += 1
+    return budget.view_as(importance)
