@@ -218,31 +218,39 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def plot(presets: list[dict[str, Any]], path: Path) -> None:
+    """Per preset, long_context retention vs KV bytes: context then question, whole prompt."""
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab20"].colors
+    panels = [(p, key) for p in presets
+              for key in ("long_context_retention", "prompt_retention")]  # fmt: skip
+
     def draw(axes: list[Any]) -> None:
-        for ax, preset in zip(axes, presets, strict=True):
+        for ax, (preset, key) in zip(axes, panels, strict=True):
             groups: dict[str, list[tuple[float, float]]] = {}
             for row in preset["rows"]:
-                if "error" not in row:
-                    point = (row["kv_ratio"], row["long_context_retention"])
-                    groups.setdefault(row["label"], []).append(point)
-            for label, points in groups.items():
+                if "error" not in row and key in row:
+                    groups.setdefault(row["label"], []).append((row["kv_ratio"], row[key]))
+            for i, (label, points) in enumerate(groups.items()):
                 xs, ys = zip(*sorted(points), strict=True)
-                ax.plot(xs, ys, marker="o", label=label)
+                marker = "^" if "+" in label else "s" if label[:4] in ("kivi", "gear") else "o"
+                ax.plot(xs, ys, marker=marker, color=colors[i % len(colors)], label=label)
             ax.axhline(0.95, color="grey", ls=":", lw=1)
             ax.axvline(1 / 8, color="grey", ls=":", lw=1)
             ax.set_xscale("log")
             ax.set_xlabel("KV bytes per token / full cache (log)")
             ax.set_ylabel("long_context retention")
-            ax.set_title(preset["preset"])
+            protocol = "context, then question" if key.startswith("long") else "whole prompt"
+            ax.set_title(f"{preset['preset']}: {protocol}")
 
-    save_figure(path, len(presets), draw)
+    save_figure(path, len(panels), draw, width=6)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("presets", nargs="*", default=DEFAULT_PRESETS)
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.75, 0.5, 0.25, 0.125])
-    parser.add_argument("--families", nargs="+", default=["eviction", "quantized", "compose"],
+    parser.add_argument("--families", nargs="*", default=["eviction", "quantized", "compose"],
                         choices=["eviction", "quantized", "compose"])  # fmt: skip
     parser.add_argument("--items", type=int, default=16, help="long_context items per size")
     parser.add_argument("--bios", type=int, default=32, help="biographies recited")
