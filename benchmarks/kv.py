@@ -25,7 +25,7 @@ Writes ``benchmarks/results/kv.json`` (rows kept per preset) and ``kv.png`` (lon
 retention vs KV bytes relative to the full cache).
 
     python benchmarks/kv.py [PRESET ...] [--budgets 0.5 0.25 0.125] [--items 16]
-        [--families eviction quantized compose] [--policy LABEL=JSON ...] [--add]
+        [--families eviction quantized compose] [--policy LABEL=JSON ...] [--only LABEL ...] [--add]
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ EVICTION = {
     "h2o": {"name": "h2o", "recent": 0.5},
     "snapkv": {"name": "snapkv", "window": 16, "kernel": 7},
     "rkv": {"name": "rkv", "window": 8, "buffer": 16},
+    "head_budget": {
+        "name": "head_budget",
+        "floor": 0.3,
+        "policy": {"name": "snapkv", "window": 16, "kernel": 7},
+    },
 }
 QUANTIZED = {
     f"{name}{bits}": {"name": name, "bits": bits, "group_size": 32, "residual": 32,
@@ -83,6 +88,8 @@ def configs(args: argparse.Namespace) -> list[tuple[str, float | None, dict[str,
     for text in args.policy:
         label, _, block = text.partition("=")
         out.append((label, None, json.loads(block)))
+    if args.only:
+        out = [row for row in out if row[0] in {"full", *args.only}]
     return out
 
 
