@@ -108,6 +108,7 @@ def test_kv_benchmark_policies_validate_and_bio_prompts_stop_before_a_value() ->
         families=["eviction", "quantized", "compose"],
         budgets=[0.5, 0.125],
         policy=['kivi2r16={"name": "kivi", "bits": 2, "residual": 16}'],
+        only=[],
     )
     blocks = kv.configs(args)
     assert blocks[0][0] == "full" and len({(label, b) for label, b, _ in blocks}) == len(blocks)
