@@ -272,6 +272,13 @@ def main() -> None:
         help='an extra policy row, e.g. kivi2r16=\'{"name": "kivi", ...}\'',
     )
     parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="measure only these labels (and the full cache)",
+    )
+    parser.add_argument(
         "--add",
         action="store_true",
         help="keep the preset's earlier rows (with --families/--policy subsets)",
