@@ -5,8 +5,9 @@ Factuality", arXiv:2404.15574; allocation: HeadKV, Fu et al. 2024, arXiv:2410.19
 Once per model the copy probes of ``head_importance.py`` score every (layer, KV head), and
 head ``n`` gets ``b_n = floor · c + (1 − floor) · c · N · s_n / Σ s`` tokens (``c`` = the
 average ``budget``: tokens, or ``⌈budget · seen⌉``; ``N`` = layers × KV heads; the ``b_n``
-sum to exactly ``c · N``). The wrapped policy (streaming, h2o, snapkv, rkv; its own budget
-replaced by ``budget``) ranks the stored + new tokens of each head exactly as it would alone
+sum to exactly ``c · N``; no head gets more than the tokens seen, what a head cannot hold
+going to the others, ``head_importance.allocate``). The wrapped policy (streaming, h2o,
+snapkv, rkv; its own budget replaced by ``budget``) ranks the stored + new tokens of each head exactly as it would alone
 (its layer's ``priority``); head ``n`` keeps its top ``b_n`` of them, pads first evicted.
 
 Storage: each layer holds its kept tokens flat, head after head: ``keys``/``values``
@@ -171,7 +172,7 @@ class HeadBudgetLayer(EvictingLayer):
         # this forward attends to every live real slot; the new tokens get the model's mask
         module.__dict__[STASH] = (keys, valid[..., : keys.shape[2] - q])
         sizes = live.sum(-1)  # [H]: n_h + q
-        budget = self.allocation(self.capacity())[self.index].to(sizes.device)
+        budget = self.allocation(self.capacity(), self.seen)[self.index].to(sizes.device)
         keep = torch.where(sizes > budget + self.inner.slack(), budget, sizes)
         if torch.equal(keep, sizes):
             score = torch.zeros(pos.shape, device=keys.device)
@@ -261,11 +262,14 @@ class HeadBudgetPolicy(KVPolicy):
         use_head_attention(model)  # before the probes: an unusable attention is one line
         modules = attention_modules(model)
         importance, floor, memo = self.importance(model), self.floor, {}
+        n_heads = importance.numel()
 
-        def allocation(capacity: int) -> torch.Tensor:
-            if capacity not in memo:
-                memo[capacity] = allocate(importance, capacity, floor)
-            return memo[capacity]
+        def allocation(capacity: int, seen: int) -> torch.Tensor:
+            # the cap binds only while a head's share exceeds the tokens seen
+            key = (capacity, seen if seen < capacity * (1 + (1 - floor) * n_heads) else None)
+            if key not in memo:
+                memo[key] = allocate(importance, capacity, floor, key[1])
+            return memo[key]
 
         inner = self.policy.with_budget(self.budget)
 

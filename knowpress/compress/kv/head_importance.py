@@ -90,14 +90,20 @@ def retrieval_scores(model: Any, probes: int, length: int, seed: int = 0) -> tor
     return torch.stack(scores).float().cpu()
 
 
-def allocate(importance: torch.Tensor, capacity: int, floor: float) -> torch.Tensor:
+def allocate(importance: torch.Tensor, capacity: int, floor: float,
+             cap: int | None = None) -> torch.Tensor:  # fmt: skip
     """``[layers, kv_heads]`` int64 budgets from ``importance [layers, kv_heads]`` (≥ 0):
     ``floor · c + (1 − floor) · c · N · s / Σ s``, largest-remainder rounded to sum exactly
-    ``c · N``, each ≥ 1 (all-zero importance: uniform)."""
+    ``c · N``, each ≥ 1 (all-zero importance: uniform). With ``cap`` (the tokens a head can
+    hold: those seen) no head gets more; what a capped head cannot use goes to the others in
+    proportion to their shares (water-filling), so the average stays ``c`` while it fits."""
     flat = importance.flatten().double().clamp_min(0)
-    n, total = flat.numel(), capacity * flat.numel()
+    n = flat.numel()
     share = flat / flat.sum() if flat.sum() > 0 else torch.full_like(flat, 1.0 / n)
     ideal = floor * capacity + (1 - floor) * capacity * n * share
+    total = capacity * n if cap is None else min(capacity, cap) * n
+    if cap is not None:
+        ideal = _water_fill(ideal, float(cap))
     budget = ideal.floor().long().clamp_min(1)
     rest = total - int(budget.sum())
     if rest > 0:  # the largest fractional parts get the tokens rounding dropped
@@ -106,3 +112,19 @@ def allocate(importance: torch.Tensor, capacity: int, floor: float) -> torch.Ten
         budget[budget.argmax()] -= 1
         rest += 1
     return budget.view_as(importance)
+
+
+def _water_fill(ideal: torch.Tensor, cap: float) -> torch.Tensor:
+    """``ideal`` with every value above ``cap`` cut to it and the excess spread over the
+    others in proportion to their values, repeated until none exceeds ``cap``."""
+    ideal = ideal.clone()
+    for _ in range(ideal.numel()):
+        over = ideal > cap
+        free = ~over & (ideal < cap)
+        if not over.any() or not free.any():
+            return ideal.clamp_max(cap)
+        excess = float((ideal[over] - cap).sum())
+        ideal[over] = cap
+        weight = ideal[free] if float(ideal[free].sum()) > 0 else torch.ones_like(ideal[free])
+        ideal[free] += excess * weight / weight.sum()
+    return ideal.clamp_max(cap)

@@ -220,3 +220,14 @@ def test_the_policy_round_trips_through_its_saved_form_and_the_stage_budget() ->
     again = policy_from_json(hb.model_dump(), "runtime.kv_policy")
     assert again == hb and again.policy.buffer == 4
     assert hb.with_budget(16).budget == 16 and hb.with_budget(16).policy == hb.policy
+
+
+def test_a_head_never_gets_more_than_the_tokens_seen_and_the_rest_is_spread() -> None:
+    importance = torch.tensor([[8.0, 1.0], [1.0, 0.0]])
+    uncapped = allocate(importance, 10, 0.2)
+    assert int(uncapped.max()) > 20  # the top head's share exceeds what 20 seen tokens hold
+    capped = allocate(importance, 10, 0.2, cap=20)
+    assert int(capped.max()) == 20 and int(capped.sum()) == 40  # the average is still 10
+    assert (capped[capped < 20] >= uncapped[capped < 20]).all()  # the others got the rest
+    # zero-importance heads take the excess evenly
+    assert allocate(torch.tensor([[1.0, 0.0, 0.0]]), 10, 0.0, cap=12).tolist() == [[12, 9, 9]]
