@@ -7,8 +7,9 @@ head ``n`` gets ``b_n = floor · c + (1 − floor) · c · N · s_n / Σ s`` tok
 average ``budget``: tokens, or ``⌈budget · seen⌉``; ``N`` = layers × KV heads; the ``b_n``
 sum to exactly ``c · N``; no head gets more than the tokens seen, what a head cannot hold
 going to the others, ``head_importance.allocate``). The wrapped policy (streaming, h2o,
-snapkv, rkv; its own budget replaced by ``budget``) ranks the stored + new tokens of each head exactly as it would alone
-(its layer's ``priority``); head ``n`` keeps its top ``b_n`` of them, pads first evicted.
+snapkv, rkv; its own budget replaced by ``budget``) ranks the stored + new tokens of each
+head exactly as it would alone (its layer's ``priority``); head ``n`` keeps its top ``b_n``
+of them, pads first evicted.
 
 Storage: each layer holds its kept tokens flat, head after head: ``keys``/``values``
 ``[B, Σ_h n_h, D]``, ``pos [B, Σ_h n_h]`` and the counts ``n_h``; no padding is held, so
