@@ -5,7 +5,7 @@ Each layer is the eviction policy's own layer (its scores, its budget) with quan
 storage: the stored tokens are ``[quantized history | full-precision tail]`` in position
 order. The tail holds the newest ``residual`` to ``residual + group_size − 1`` kept tokens;
 whole groups leaving it are quantized as KIVI does (keys per channel in blocks of
-``group_size`` tokens, values per token in groups of ``group_size`` channels, 2/4-bit codes,
+``group_size`` tokens, values per token in groups of ``group_size`` channels, 2/3/4-bit codes,
 fp16 scales and zeros). Codes stay per token, so an eviction gathers them like keys; each
 token records its key block (uint8 while ≤ 256 blocks are alive, else int16), and blocks no
 token uses are dropped. The tail and the new tokens are never evicted while they fit the

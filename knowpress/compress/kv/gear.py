@@ -102,7 +102,7 @@ class GEARPolicy(KIVIPolicy):
     paper = "Kang et al. 2024 (GEAR), arXiv:2403.05527"
 
     name: Literal["gear"]  # type: ignore[assignment]
-    bits: Literal[2, 4] = 4
+    bits: Literal[2, 3, 4] = 4
     rank: int = Field(4, ge=0, description="rank of the residual's low-rank fix per head")
     outliers: float = Field(0.02, ge=0, lt=1, description="share of entries kept exactly")
 

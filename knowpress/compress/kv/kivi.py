@@ -7,7 +7,7 @@ Per layer, the newest tokens wait in full precision (the residual); once more th
 never touched again (append-only, as KIVI streams): keys ``[n, D]`` in blocks of
 ``group_size`` tokens, one asymmetric min/max scale and zero per channel per block (key
 outliers live in channels); values in groups of ``group_size`` channels of each token. Codes
-are packed ``bits`` wide, scales and zeros stored in fp16. Attention reads the dequantized
+are packed ``bits`` wide (2, 3 or 4; KIVI itself uses 2 and 4), scales and zeros in fp16. Attention reads the dequantized
 history + the residual. Bytes per token ≈ ``2 · layers · kv_heads · head_dim ·
 (bits/8 + 2·2/group_size)`` once the history dominates the residual.
 
@@ -130,11 +130,11 @@ def head_dim_groups(model: PreTrainedModel, group_size: int, name: str) -> int:
 
 @KV_POLICIES.register("kivi")
 class KIVIPolicy(KVPolicy):
-    summary = "keys per channel, values per token, 2/4-bit, recent window in full precision"
+    summary = "keys per channel, values per token, 2/3/4-bit, recent window in full precision"
     paper = "Liu et al. 2024 (KIVI), arXiv:2402.02750"
 
     name: Literal["kivi"]
-    bits: Literal[2, 4] = 2
+    bits: Literal[2, 3, 4] = 2
     group_size: int = Field(32, ge=2, description="tokens per key block, channels per value group")
     residual: int = Field(128, ge=0, description="most recent tokens kept in full precision")
 

@@ -16,7 +16,7 @@ def _sqnr(x: torch.Tensor, approx: torch.Tensor) -> float:
     return float(10 * torch.log10(x.pow(2).sum() / (x - approx).pow(2).sum()))
 
 
-@pytest.mark.parametrize(("bits", "floor"), [(2, 7.5), (4, 21.0)])
+@pytest.mark.parametrize(("bits", "floor"), [(2, 7.5), (3, 14.5), (4, 21.0)])
 def test_sqnr_floors_on_random_keys_and_values(bits: int, floor: float) -> None:
     g = torch.Generator().manual_seed(0)
     keys, values = torch.randn(2, 4, 64, 32, generator=g), torch.randn(2, 4, 64, 32, generator=g)
