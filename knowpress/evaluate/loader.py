@@ -1,7 +1,7 @@
 """``load_runtime``: the runtime that scores an artifact, chosen by its manifest.
 
 The manifest's ``format`` picks a loader from :data:`RUNTIME_FORMATS` (``hf`` and
-``hf-packed``: a ``TorchRuntime``; ``onnx``: ``export/ort.OrtRuntime`` on onnxruntime); its ``runtime``
+``hf-packed``: a ``TorchRuntime``; ``onnx``: ``export/ort.OrtRuntime``); its ``runtime``
 section restores the attached policies by slot (``kv_policy`` -> ``compress/kv``). A folder
 without a manifest (a teacher, a user's model, a hub id) is ``hf`` or, with
 ``knowpress_quant.json``, ``hf-packed``. The runner and ``compress eval`` load every model

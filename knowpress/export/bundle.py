@@ -98,7 +98,7 @@ def genai_config(spec: GraphSpec, config: Any, generation: Any) -> dict[str, Any
                 "num_attention_heads": heads,
                 "num_hidden_layers": spec.layers,
                 "num_key_value_heads": spec.kv_heads[0],
-            },  # fmt: skip
+            },
             "eos_token_id": spec.eos_token_id,
             "pad_token_id": spec.pad_token_id,
             "type": spec.model_type,
@@ -119,8 +119,9 @@ def genai_config(spec: GraphSpec, config: Any, generation: Any) -> dict[str, Any
     }
 
 
-def write_bundle(folder: Path, model: Any, tokenizer: Any, spec: GraphSpec, weights: str,
-                 policy: Any) -> None:  # fmt: skip
+def write_bundle(
+    folder: Path, model: Any, tokenizer: Any, spec: GraphSpec, weights: str, policy: Any
+) -> None:
     """Tokenizer, configs and README beside the graph already in ``folder``."""
     from transformers import GenerationConfig
 
@@ -131,6 +132,10 @@ def write_bundle(folder: Path, model: Any, tokenizer: Any, spec: GraphSpec, weig
     text = json.dumps(genai_config(spec, model.config, generation), indent=1)
     atomic_write_text(folder / "genai_config.json", text)
     prompt = " ".join(str(i) for i in [spec.bos_token_id or 1, 5, 6, 7])
-    readme = README.format(name=spec.model_type, weights=weights, prompt=prompt,
-                           policy="none" if policy is None else json.dumps(policy.model_dump()))  # fmt: skip
+    readme = README.format(
+        name=spec.model_type,
+        weights=weights,
+        prompt=prompt,
+        policy="none" if policy is None else json.dumps(policy.model_dump()),
+    )
     atomic_write_text(folder / "README.md", readme)

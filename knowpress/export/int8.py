@@ -24,9 +24,14 @@ def quantize_int8(path: Path) -> dict[str, Any]:
     scratch = path.parent / ".int8"
     scratch.mkdir()
     out = scratch / path.name
-    quantize_dynamic(model_input=str(path), model_output=str(out), weight_type=QuantType.QInt8,
-                     per_channel=True, op_types_to_quantize=["MatMul"],
-                     use_external_data_format=True)  # fmt: skip
+    quantize_dynamic(
+        model_input=str(path),
+        model_output=str(out),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=["MatMul"],
+        use_external_data_format=True,
+    )
     model = onnx.load(str(out))
     count = sum(node.op_type == "MatMulInteger" for node in model.graph.node)
     if count == 0:

@@ -83,21 +83,28 @@ def _carry(name: str, module: Any) -> Target:
     if module.bits not in NBITS:
         raise KnowpressError(
             f"{name}: {module.bits}-bit codes cannot be carried into MatMulNBits (it runs "
-            f"{', '.join(map(str, NBITS))} bits); quantize at 4 or 8 bits, or export weights: float32"
+            f"{', '.join(map(str, NBITS))} bits); quantize at 4 or 8 bits or export float32"
         )
     _check_block(name, module.group_size, module.in_features)
     from knowpress.compress.quant.packing import dequantize_groups, quantize_groups, sqnr_db, unpack
 
     zeros = module.weight_zero_point
-    target = Target(name, module.bits, module.group_size, module.weight_packed.cpu().numpy(),
-                    module.weight_scale.float().cpu().numpy(),
-                    None if zeros is None else zeros.cpu().numpy(), carried=True)  # fmt: skip
+    target = Target(
+        name,
+        module.bits,
+        module.group_size,
+        module.weight_packed.cpu().numpy(),
+        module.weight_scale.float().cpu().numpy(),
+        None if zeros is None else zeros.cpu().numpy(),
+        carried=True,
+    )
     weight = dequantized(target, module.in_features)
     q = quantize_groups(weight, module.bits, module.group_size, module.symmetric)
     codes = unpack(torch.from_numpy(target.packed), target.bits, module.in_features)
     target.requant_changed = float((q.codes != codes).float().mean())
-    again = dequantize_groups(q.codes, q.scales, q.zeros, module.bits, module.group_size,
-                              torch.float32)  # fmt: skip
+    again = dequantize_groups(
+        q.codes, q.scales, q.zeros, module.bits, module.group_size, torch.float32
+    )
     target.requant_sqnr_db = sqnr_db(weight, again)
     return target
 
@@ -108,8 +115,15 @@ def _quantize(name: str, linear: nn.Linear, bits: int, block: int, symmetric: bo
     _check_block(name, block, linear.in_features)
     q = quantize_groups(linear.weight.detach().float().cpu(), bits, block, symmetric)
     zeros = None if q.zeros is None else pack(q.zeros, bits).numpy()
-    return Target(name, bits, block, pack(q.codes, bits).numpy(), q.scales.float().numpy(),
-                  zeros, carried=False)  # fmt: skip
+    return Target(
+        name,
+        bits,
+        block,
+        pack(q.codes, bits).numpy(),
+        q.scales.float().numpy(),
+        zeros,
+        carried=False,
+    )
 
 
 def dequantized(target: Target, k: int) -> torch.Tensor:
@@ -119,12 +133,14 @@ def dequantized(target: Target, k: int) -> torch.Tensor:
     zeros = target.zeros
     if zeros is not None:
         zeros = unpack(torch.from_numpy(zeros), target.bits, k // target.block)
-    return dequantize_groups(codes, torch.from_numpy(target.scales), zeros, target.bits,
-                             target.block, torch.float32)  # fmt: skip
+    return dequantize_groups(
+        codes, torch.from_numpy(target.scales), zeros, target.bits, target.block, torch.float32
+    )
 
 
-def prepare(model: nn.Module, bits: int, block: int, symmetric: bool,
-            ignore: tuple[str, ...]) -> dict[str, Target]:  # fmt: skip
+def prepare(
+    model: nn.Module, bits: int, block: int, symmetric: bool, ignore: tuple[str, ...]
+) -> dict[str, Target]:
     """Swap every target for a float ``nn.Linear`` of its dequantized weight (see the
     module docstring); returns content hash -> target. Packed linears are carried (codes
     as stored), float ones quantized here; names matching ``ignore`` (globs) stay float."""
@@ -144,21 +160,32 @@ def prepare(model: nn.Module, bits: int, block: int, symmetric: bool,
     return targets
 
 
-def _node(onnx: Any, helper: Any, node: Any, target: Target, prefix: str,
-          accuracy_level: int) -> tuple[Any, list[Any]]:  # fmt: skip
+def _node(
+    onnx: Any, helper: Any, node: Any, target: Target, prefix: str, accuracy_level: int
+) -> tuple[Any, list[Any]]:
     n, k = target.scales.shape[0], target.scales.shape[1] * target.block
     blob = target.block * target.bits // 8
-    b = onnx.numpy_helper.from_array(target.packed.reshape(n, k // target.block, blob),
-                                     f"{prefix}.qweight")  # fmt: skip
+    b = onnx.numpy_helper.from_array(
+        target.packed.reshape(n, k // target.block, blob), f"{prefix}.qweight"
+    )
     s = onnx.numpy_helper.from_array(target.scales.reshape(-1), f"{prefix}.scales")
     inits, inputs = [b, s], [node.input[0], b.name, s.name]
     if target.zeros is not None:
         z = onnx.numpy_helper.from_array(target.zeros.reshape(-1), f"{prefix}.qzeros")
         inits.append(z)
         inputs.append(z.name)
-    new = helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{prefix}.MatMulNBits",
-                           domain="com.microsoft", K=k, N=n, bits=target.bits,
-                           block_size=target.block, accuracy_level=accuracy_level)  # fmt: skip
+    new = helper.make_node(
+        "MatMulNBits",
+        inputs,
+        list(node.output),
+        name=f"{prefix}.MatMulNBits",
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=target.bits,
+        block_size=target.block,
+        accuracy_level=accuracy_level,
+    )
     return new, inits
 
 
@@ -203,9 +230,13 @@ def rewrite(path: Path, targets: dict[str, Target], accuracy_level: int) -> dict
     model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     save(model, path)
     carried = [t for t in targets.values() if t.carried]
-    info = {"matmul_nbits": len(found), "carried": len(carried),
-            "requantized": len(found) - len(carried),
-            "bits": sorted({t.bits for t in targets.values()}), "accuracy_level": accuracy_level}  # fmt: skip
+    info = {
+        "matmul_nbits": len(found),
+        "carried": len(carried),
+        "requantized": len(found) - len(carried),
+        "bits": sorted({t.bits for t in targets.values()}),
+        "accuracy_level": accuracy_level,
+    }
     if carried:  # what re-quantizing instead of carrying would have done to those weights
         info["requantize_changed_codes"] = sum(t.requant_changed or 0 for t in carried) / len(
             carried
@@ -224,8 +255,14 @@ def save(model: Any, path: Path) -> None:
     data = path.parent / DATA_FILE
     if data.exists():
         data.unlink()  # onnx appends to an existing data file
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)  # fmt: skip
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
     mode = 0o666 & ~_umask()  # onnx creates the data file 0600; bundles are shared
     for file in (path, data):
         if file.exists():

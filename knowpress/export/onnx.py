@@ -86,15 +86,25 @@ class KVDecoder(torch.nn.Module):
         super().__init__()
         self.model, self.layers = model, layers
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor, past: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:  # fmt: skip
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: tuple[torch.Tensor, ...],
+    ) -> tuple[Any, ...]:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=cache, use_cache=True)  # fmt: skip
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
         present = []
         for layer in out.past_key_values.layers[: self.layers]:
             present += [layer.keys, layer.values]
@@ -166,15 +176,25 @@ def export_graph(model: torch.nn.Module, path: Path) -> GraphSpec:
     as_float32(model)
     spec = graph_spec(model)
     batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
-    dynamic = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: seq},
-               tuple({0: batch, 2: past} for _ in range(2 * spec.layers)))  # fmt: skip
+    dynamic = (
+        {0: batch, 1: seq},
+        {0: batch, 1: Dim.AUTO},
+        {0: batch, 1: seq},
+        tuple({0: batch, 2: past} for _ in range(2 * spec.layers)),
+    )
     inputs, outputs = io_names(spec.layers)
     try:
         program = torch.onnx.export(
-            KVDecoder(model, spec.layers).eval(), example_inputs(spec), dynamic_shapes=dynamic,
-            input_names=inputs, output_names=outputs, dynamo=True, opset_version=OPSET,
-            external_data=True, verbose=False,
-        )  # fmt: skip
+            KVDecoder(model, spec.layers).eval(),
+            example_inputs(spec),
+            dynamic_shapes=dynamic,
+            input_names=inputs,
+            output_names=outputs,
+            dynamo=True,
+            opset_version=OPSET,
+            external_data=True,
+            verbose=False,
+        )
     except Exception as exc:  # torch.export's errors are pages long: name the model, cut it
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise KnowpressError(
@@ -220,8 +240,12 @@ def share_transposed(graph: Any) -> int:
             aliases[name] = source
     if not aliases:
         return 0
-    nodes = [helper.make_node("Transpose", [src], [f"{name}.shared"], perm=[1, 0],
-                              name=f"{name}.Transpose") for name, src in aliases.items()]  # fmt: skip
+    nodes = [
+        helper.make_node(
+            "Transpose", [src], [f"{name}.shared"], perm=[1, 0], name=f"{name}.Transpose"
+        )
+        for name, src in aliases.items()
+    ]
     for node in graph.node:
         for i, value in enumerate(node.input):
             if value in aliases:

@@ -34,8 +34,15 @@ EXPORT_FILE = "knowpress_export.json"
 class OrtRuntime:
     name = "onnxruntime"
 
-    def __init__(self, folder: Path, tokenizer: Any, record: dict[str, Any], policy: Any = None,
-                 batch_size: int = 64, providers: list[str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        folder: Path,
+        tokenizer: Any,
+        record: dict[str, Any],
+        policy: Any = None,
+        batch_size: int = 64,
+        providers: list[str] | None = None,
+    ) -> None:
         check_policy(policy, str(folder))
         if tokenizer.pad_token_id is None:
             raise KnowpressError(f"{folder}: the tokenizer has no pad token; set one and re-export")
@@ -80,8 +87,9 @@ class OrtRuntime:
         for start in range(0, len(items), self.batch_size):
             yield list(items[start : start + self.batch_size])
 
-    def _generate(self, prompts: list[list[int]], max_new_tokens: int, pick: Callable[..., Any],
-                  stop: bool) -> list[list[int]]:  # fmt: skip
+    def _generate(
+        self, prompts: list[list[int]], max_new_tokens: int, pick: Callable[..., Any], stop: bool
+    ) -> list[list[int]]:
         """New tokens per prompt: ``pick(last_logits [B, V]) -> [B]``; with ``stop`` a row ends
         at its end-of-sequence token (kept out of the result)."""
         ids, valid = left_padded(prompts, self.tokenizer.pad_token_id)
@@ -114,8 +122,9 @@ class OrtRuntime:
         new = self.greedy_ids(encoded, max_new_tokens)
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    def sample(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               seed: int) -> list[list[int]]:  # fmt: skip
+    def sample(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, seed: int
+    ) -> list[list[int]]:
         """Temperature-1 samples with end-of-sequence suppressed (``torch.multinomial`` on a
         generator seeded with ``seed``: reproducible, the caller's RNG left alone)."""
         gen = torch.Generator().manual_seed(seed)
@@ -194,5 +203,11 @@ def load_onnx(location: str, manifest: Any, options: Any) -> OrtRuntime:
     tokenizer = AutoTokenizer.from_pretrained(location)
     if tokenizer.pad_token is None:  # as load_model does
         tokenizer.pad_token = tokenizer.eos_token
-    return OrtRuntime(Path(location), tokenizer, read_record(Path(location)), policy,
-                      batch_size=options.batch_size, providers=providers)  # fmt: skip
+    return OrtRuntime(
+        Path(location),
+        tokenizer,
+        read_record(Path(location)),
+        policy,
+        batch_size=options.batch_size,
+        providers=providers,
+    )

@@ -48,8 +48,13 @@ def torch_greedy(
     cache, out, tokens = DynamicCache(config=model.config), [], []
     for _ in range(steps + 1):
         pos = (seen[:, None] + valid.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                       past_key_values=cache, use_cache=True).logits.float()  # fmt: skip
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits.float()
         out.append(logits.numpy())
         seen = seen + valid.sum(-1)
         ids = logits[:, -1].argmax(-1, keepdim=True)
@@ -73,10 +78,14 @@ def measure(model: Any, decoder: OnnxDecoder, count: int, steps: int) -> dict[st
         if step < steps:
             ids, valid = tokens[:, step : step + 1], np.ones((len(rows), 1), np.int64)
     own = _onnx_greedy(decoder, rows, steps)
-    return {"prompts": count, "new_tokens": steps, "max_abs_logits": worst,
-            "max_rel_logits": worst / max(scale, 1e-12),
-            "greedy_equal": bool((own == tokens).all()),
-            "greedy_agreement": float((own == tokens).mean())}  # fmt: skip
+    return {
+        "prompts": count,
+        "new_tokens": steps,
+        "max_abs_logits": worst,
+        "max_rel_logits": worst / max(scale, 1e-12),
+        "greedy_equal": bool((own == tokens).all()),
+        "greedy_agreement": float((own == tokens).mean()),
+    }
 
 
 def _onnx_greedy(decoder: OnnxDecoder, rows: list[list[int]], steps: int) -> np.ndarray:
@@ -94,12 +103,12 @@ def gate(result: dict[str, Any], max_rel: float, greedy: bool) -> None:
     """One line when the exported graph does not compute what PyTorch computes."""
     if result["max_rel_logits"] > max_rel:
         raise KnowpressError(
-            f"parity: max |Δlogits| {result['max_abs_logits']:.3g} is {result['max_rel_logits']:.3g}"
-            f" of the logit scale, above parity.max_rel_logits {max_rel:g}; the exported graph "
-            "does not compute what the PyTorch model does"
+            f"parity: max |Δlogits| {result['max_abs_logits']:.3g} is "
+            f"{result['max_rel_logits']:.3g} of the logit scale, above parity.max_rel_logits "
+            f"{max_rel:g}; the exported graph does not compute what the PyTorch model does"
         )
     if greedy and not result["greedy_equal"]:
         raise KnowpressError(
-            f"parity: greedy tokens differ from PyTorch (agreement {result['greedy_agreement']:.3f})"
-            "; set parity.greedy_equal: false to accept it"
+            "parity: greedy tokens differ from PyTorch (agreement "
+            f"{result['greedy_agreement']:.3f}); set parity.greedy_equal: false to accept it"
         )

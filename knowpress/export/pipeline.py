@@ -69,15 +69,18 @@ def undispatch(model: torch.nn.Module) -> None:
 
 def weights_label(config: Any, info: dict[str, Any]) -> str:
     if config.weights == "int4":
-        return (f"int4 MatMulNBits (block {config.block_size}, "
-                f"{'symmetric' if config.symmetric else 'asymmetric'}, accuracy_level "
-                f"{config.accuracy_level}; {info['carried']} carried, "
-                f"{info['requantized']} re-quantized)")  # fmt: skip
+        return (
+            f"int4 MatMulNBits (block {config.block_size}, "
+            f"{'symmetric' if config.symmetric else 'asymmetric'}, accuracy_level "
+            f"{config.accuracy_level}; {info['carried']} carried, "
+            f"{info['requantized']} re-quantized)"
+        )
     return "int8 dynamic (MatMulInteger)" if config.weights == "int8" else "float32"
 
 
-def export_model(model: Any, tokenizer: Any, folder: Path, config: Any, policy: Any,
-                 progress: Any) -> dict[str, Any]:  # fmt: skip
+def export_model(
+    model: Any, tokenizer: Any, folder: Path, config: Any, policy: Any, progress: Any
+) -> dict[str, Any]:
     """Write the bundle into ``folder`` (being written atomically by the caller); returns
     the metrics (parity, weights, files). ``config``: a ``stages.export.ExportConfig``."""
     from knowpress.export.bundle import write_bundle
@@ -92,8 +95,10 @@ def export_model(model: Any, tokenizer: Any, folder: Path, config: Any, policy: 
     if config.weights == "int4":
         targets = nbits.prepare(model, 4, config.block_size, config.symmetric, tuple(config.ignore))
     elif any(hasattr(m, "weight_packed") for m in model.modules()):
-        raise KnowpressError(f"weights {config.weights}: the model holds packed codes; "
-                             "export weights: int4 to carry them into MatMulNBits")  # fmt: skip
+        raise KnowpressError(
+            f"weights {config.weights}: the model holds packed codes; "
+            "export weights: int4 to carry them into MatMulNBits"
+        )
     graph = Path(folder) / GRAPH_FILE
     progress.log(f"[dim]export: torch.onnx (dynamo) of {model.config.model_type}[/dim]")
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its steps
@@ -110,8 +115,10 @@ def export_model(model: Any, tokenizer: Any, folder: Path, config: Any, policy: 
     result = parity.measure(model, decoder, config.parity.prompts, config.parity.new_tokens)
     rounded = config.weights == "int8" or (config.weights == "int4" and config.accuracy_level == 4)
     limit = config.parity.max_rel_logits or DEFAULT_MAX_REL["rounded" if rounded else "exact"]
-    progress.log(f"[dim]export parity: max|Δlogits| {result['max_abs_logits']:.3g} "
-                 f"(rel {result['max_rel_logits']:.3g}), greedy equal {result['greedy_equal']}[/dim]")  # fmt: skip
+    progress.log(
+        f"[dim]export parity: max|Δlogits| {result['max_abs_logits']:.3g} (rel "
+        f"{result['max_rel_logits']:.3g}), greedy equal {result['greedy_equal']}[/dim]"
+    )
     parity.gate(result, limit, config.parity.greedy_equal)
     label = weights_label(config, info)
     write_bundle(Path(folder), model, tokenizer, spec, label, policy)
@@ -120,9 +127,19 @@ def export_model(model: Any, tokenizer: Any, folder: Path, config: Any, policy: 
         from knowpress.export.tensorrt import build_engine
 
         files["engine"] = build_engine(graph, Path(folder), config.tensorrt, spec)
-    record = {"graph": spec.dump(), "files": files, "weights": label, "weights_info": info,
-              "parity": result | {"max_rel_limit": limit}}  # fmt: skip
+    record = {
+        "graph": spec.dump(),
+        "files": files,
+        "weights": label,
+        "weights_info": info,
+        "parity": result | {"max_rel_limit": limit},
+    }
     atomic_write_text(Path(folder) / EXPORT_FILE, json.dumps(record, indent=1))
     sizes = {name: (Path(folder) / f).stat().st_size for name, f in files.items()}
-    return {"weights": label, **{f"parity_{k}": v for k, v in result.items()},
-            "parity_max_rel_limit": limit, **info, "file_bytes": sizes}  # fmt: skip
+    return {
+        "weights": label,
+        **{f"parity_{k}": v for k, v in result.items()},
+        "parity_max_rel_limit": limit,
+        **info,
+        "file_bytes": sizes,
+    }

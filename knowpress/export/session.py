@@ -44,8 +44,14 @@ def check_policy(policy: Any, where: str) -> None:
 
 
 class OnnxDecoder:
-    def __init__(self, graph: Path, spec: dict[str, Any], policy: Any = None,
-                 providers: list[str] | None = None, threads: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        graph: Path,
+        spec: dict[str, Any],
+        policy: Any = None,
+        providers: list[str] | None = None,
+        threads: int = 0,
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -61,10 +67,13 @@ class OnnxDecoder:
 
     def empty(self, batch: int) -> State:
         past = []
-        for heads, kd, vd in zip(self.spec["kv_heads"], self.spec["key_dims"],
-                                 self.spec["value_dims"], strict=True):  # fmt: skip
-            past += [np.zeros((batch, heads, 0, kd), np.float32),
-                     np.zeros((batch, heads, 0, vd), np.float32)]  # fmt: skip
+        for heads, kd, vd in zip(
+            self.spec["kv_heads"], self.spec["key_dims"], self.spec["value_dims"], strict=True
+        ):
+            past += [
+                np.zeros((batch, heads, 0, kd), np.float32),
+                np.zeros((batch, heads, 0, vd), np.float32),
+            ]
         return State(past, np.zeros((batch, 0), np.int64), np.zeros(batch, np.int64))
 
     def forward(self, ids: np.ndarray, valid: np.ndarray, state: State) -> tuple[np.ndarray, State]:
@@ -73,8 +82,11 @@ class OnnxDecoder:
         valid = valid.astype(np.int64)
         positions = np.maximum(state.seen[:, None] + np.cumsum(valid, axis=1) - 1, 0)
         mask = np.concatenate([state.mask, valid], axis=1)
-        feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask,
-                "position_ids": positions.astype(np.int64)}  # fmt: skip
+        feed = {
+            "input_ids": ids.astype(np.int64),
+            "attention_mask": mask,
+            "position_ids": positions.astype(np.int64),
+        }
         for i in range(self.layers):
             feed[f"past_key_values.{i}.key"] = state.past[2 * i]
             feed[f"past_key_values.{i}.value"] = state.past[2 * i + 1]
@@ -92,8 +104,11 @@ class OnnxDecoder:
         keep = []
         for row in state.mask:
             real = np.flatnonzero(row)
-            keep.append(real if len(real) <= sinks + window
-                        else np.concatenate([real[:sinks], real[len(real) - window:]]))  # fmt: skip
+            keep.append(
+                real
+                if len(real) <= sinks + window
+                else np.concatenate([real[:sinks], real[len(real) - window :]])
+            )
         width = max(len(k) for k in keep)
         index = np.zeros((len(keep), width), np.int64)
         mask = np.zeros((len(keep), width), np.int64)
@@ -130,5 +145,7 @@ def graph_inputs(graph: Path) -> list[tuple[str, list[int | str]]]:
     import onnx
 
     model = onnx.load(str(graph), load_external_data=False)
-    return [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim])
-            for i in model.graph.input]  # fmt: skip
+    return [
+        (i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim])
+        for i in model.graph.input
+    ]

@@ -29,8 +29,10 @@ def available() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return ("tensorrt is not installed (pip install tensorrt pulls the wheel from "
-                "NVIDIA's index) and needs a CUDA GPU; export without tensorrt here")  # fmt: skip
+        return (
+            "tensorrt is not installed (pip install tensorrt pulls the wheel from "
+            "NVIDIA's index) and needs a CUDA GPU; export without tensorrt here"
+        )
     import torch
 
     if not torch.cuda.is_available():
@@ -73,8 +75,12 @@ def build_engine(graph: Path, folder: Path, options: Any, spec: Any) -> str:
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise KnowpressError(f"tensorrt: the ONNX parser refused the graph ({errors[0][:200]})")
     top, opt = int(spec["max_positions"]), options.opt_sequence
-    sizes = {"batch": (1, options.opt_batch, options.max_batch), "sequence": (1, opt, top),
-             "past_sequence": (0, opt, top - 1), "total_sequence": (1, 2 * opt, top)}  # fmt: skip
+    sizes = {
+        "batch": (1, options.opt_batch, options.max_batch),
+        "sequence": (1, opt, top),
+        "past_sequence": (0, opt, top - 1),
+        "total_sequence": (1, 2 * opt, top),
+    }
     profile = builder.create_optimization_profile()
     for name, dims in graph_inputs(graph):
         low, mid, high = _shape(name, dims, sizes)

@@ -81,9 +81,14 @@ class ExportConfig(StageConfig):
             from knowpress.export.tensorrt import check
 
             check(self.weights)
-        return [f"export onnx, weights {self.weights}"
-                + (f" (block {self.block_size}, accuracy_level {self.accuracy_level})"
-                   if self.weights == "int4" else "")]  # fmt: skip
+        return [
+            f"export onnx, weights {self.weights}"
+            + (
+                f" (block {self.block_size}, accuracy_level {self.accuracy_level})"
+                if self.weights == "int4"
+                else ""
+            )
+        ]
 
 
 class Export:
@@ -94,11 +99,16 @@ class Export:
         from knowpress.export.pipeline import export_model
 
         if ctx.expert_skip is not None:
-            raise KnowpressError("expert_skip cannot run in the onnxruntime loop; "
-                                 "export before skip_experts or without it")  # fmt: skip
+            raise KnowpressError(
+                "expert_skip cannot run in the onnxruntime loop; "
+                "export before skip_experts or without it"
+            )
         assert ctx.stage_dir is not None
-        ctx.metrics.update(export_model(ctx.model, ctx.tokenizer, ctx.stage_dir, self.config,
-                                        ctx.kv_policy, progress))  # fmt: skip
+        ctx.metrics.update(
+            export_model(
+                ctx.model, ctx.tokenizer, ctx.stage_dir, self.config, ctx.kv_policy, progress
+            )
+        )
         ctx.artifacts.update({"onnx_graph": "model.onnx", "onnx_data": "model.onnx.data"})
         return ctx
 
