@@ -233,10 +233,13 @@ def share_transposed(graph: Any) -> int:
 
     arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer if len(i.dims) == 2}
     digest = {hashlib.sha1(a.tobytes()).hexdigest(): n for n, a in arrays.items()}
+    other_uses = {i for n in graph.node if n.op_type != "MatMul" for i in n.input}
     aliases: dict[str, str] = {}
-    for name, array in arrays.items():
+    for name, array in arrays.items():  # only a MatMul-only copy is replaced (not a Gather's)
+        if name in other_uses or array.shape[0] == array.shape[1]:
+            continue
         source = digest.get(hashlib.sha1(array.T.copy().tobytes()).hexdigest())
-        if source is not None and source != name and array.shape[0] != array.shape[1]:
+        if source is not None and source != name and source not in aliases:
             aliases[name] = source
     if not aliases:
         return 0
