@@ -86,7 +86,7 @@ def test_unsupported_architecture_is_named_in_one_line() -> None:
 
 def test_parity_gate_fails_with_the_figures() -> None:
     bad = {"max_abs_logits": 0.5, "max_rel_logits": 0.1, "greedy_equal": True}
-    with pytest.raises(KnowpressError, match="above parity.max_rel_logits 0.01"):
+    with pytest.raises(KnowpressError, match=r"above parity\.max_rel_logits 0\.01"):
         parity.gate(bad, 0.01, greedy=True)
     with pytest.raises(KnowpressError, match="greedy tokens differ"):
         parity.gate(bad | {"max_rel_logits": 0.0, "greedy_equal": False,

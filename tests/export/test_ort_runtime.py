@@ -86,8 +86,8 @@ def test_streaming_in_the_loop_matches_the_torch_policy(folders: dict[str, Path]
 
 
 def test_policies_the_loop_cannot_run_are_refused(folders: dict[str, Path]) -> None:
-    from knowpress.export.ort import OrtRuntime, read_record
     from knowpress.compress.kv import policy_from_json
+    from knowpress.export.ort import OrtRuntime, read_record
 
     policy = policy_from_json({"name": "h2o", "heavy": 2, "recent": 2}, "test")
     with pytest.raises(KnowpressError, match=r"kv_policy 'h2o' cannot run in the onnxruntime "
