@@ -9,6 +9,8 @@ float one in place; its external data is rewritten.
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +25,24 @@ def quantize_int8(path: Path) -> dict[str, Any]:
 
     scratch = path.parent / ".int8"
     scratch.mkdir()
-    out = scratch / path.name
-    quantize_dynamic(
-        model_input=str(path),
-        model_output=str(out),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul"],
-        use_external_data_format=True,
-    )
-    model = onnx.load(str(out))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # it logs pre-processing advice at WARNING
+    try:
+        quantize_dynamic(
+            model_input=str(path),
+            model_output=str(scratch / path.name),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+            use_external_data_format=True,
+        )
+        model = onnx.load(str(scratch / path.name))
+    finally:
+        root.setLevel(level)
+        shutil.rmtree(scratch, ignore_errors=True)
     count = sum(node.op_type == "MatMulInteger" for node in model.graph.node)
     if count == 0:
         raise KnowpressError("int8: no MatMul on a constant was quantized; export weights: float32")
     save(model, path)
-    for file in scratch.iterdir():
-        file.unlink()
-    scratch.rmdir()
     return {"matmul_integer": count}

@@ -9,9 +9,9 @@ lengths prompt, prompt+1, ...) and
     max_rel = max_abs / max |logits_torch|,
 
 then the graph decodes greedily on its own and its tokens must equal PyTorch's. Gated by
-``max_rel`` (default 1e-4 when the graph computes in float32, 0.05 where the activations are
-rounded to int8: ``accuracy_level`` 4 or int8 dynamic) and, unless turned off, greedy
-equality.
+``max_rel`` (default 1e-4 when the graph computes in float32, 0.05 where int4 matmuls round
+activation blocks to int8 (``accuracy_level`` 4), 0.15 for int8 dynamic (one activation
+scale per tensor); ``pipeline.DEFAULT_MAX_REL``) and, unless turned off, greedy equality.
 """
 
 from __future__ import annotations
