@@ -79,28 +79,9 @@ def _median(run: Any, repeats: int) -> tuple[float, float]:
     return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="bios-dense-small")
-    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
-    parser.add_argument("--new", type=int, default=64, help="greedy tokens per run")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "export.json"))
-    args = parser.parse_args()
-    from transformers.utils import logging as hf_logging
-
-    from knowpress.world import build_teacher
-
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    teacher = build_teacher(args.preset, progress=False)
-    vocab = load_model(teacher, dtype="float32")[0].config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    prompt = [1, *torch.randint(4, vocab, (args.prompt - 1,), generator=gen).tolist()]
-    model, _ = load_model(teacher, dtype="float32")
-    torch_first, torch_tps = _median(lambda: _torch_run(model, prompt, args.new), args.repeats)
-    torch_bytes = sum(p.stat().st_size for p in Path(teacher).glob("*.safetensors"))
+def _rows(teacher: str, prompt: list[int], args: Any, torch_first: float, torch_tps: float,
+          torch_bytes: int) -> list[dict[str, Any]]:  # fmt: skip
+    """Export each of ``GRAPHS`` and time it against the PyTorch figures."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, options in Progress().track(GRAPHS.items(), "export + time"):
@@ -133,6 +114,32 @@ def main() -> None:
                 f"{metrics['parity_max_abs_logits']:.3g} greedy equal "
                 f"{metrics['parity_greedy_equal']}"
             )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="bios-dense-small")
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=64, help="greedy tokens per run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "export.json"))
+    args = parser.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    from knowpress.world import build_teacher
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    teacher = build_teacher(args.preset, progress=False)
+    vocab = load_model(teacher, dtype="float32")[0].config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = [1, *torch.randint(4, vocab, (args.prompt - 1,), generator=gen).tolist()]
+    model, _ = load_model(teacher, dtype="float32")
+    torch_first, torch_tps = _median(lambda: _torch_run(model, prompt, args.new), args.repeats)
+    torch_bytes = sum(p.stat().st_size for p in Path(teacher).glob("*.safetensors"))
+    rows = _rows(teacher, prompt, args, torch_first, torch_tps, torch_bytes)
     result = {
         "question": "ONNX fp32 / int8 / int4 decode and first-token latency vs PyTorch fp32 eager",
         "config": vars(args) | {"out": Path(args.out).name},

@@ -140,24 +140,31 @@ def dequantized(target: Target, k: int) -> torch.Tensor:
 
 def prepare(
     model: nn.Module, bits: int, block: int, symmetric: bool, ignore: tuple[str, ...]
-) -> dict[str, Target]:
+) -> tuple[dict[str, Target], list[str]]:
     """Swap every target for a float ``nn.Linear`` of its dequantized weight (see the
-    module docstring); returns content hash -> target. Packed linears are carried (codes
-    as stored), float ones quantized here; names matching ``ignore`` (globs) stay float."""
+    module docstring). Packed linears are carried (codes
+    as stored), float ones quantized here; names matching ``ignore`` (globs) stay float, and
+    so do float linears ``block`` does not divide (``in_features < block``: DeepSeek's
+    ``kv_b_proj`` at rank 16). Returns (content hash of Wᵀ -> target, the names kept float
+    that way)."""
     from knowpress.compress.quant.qlinear import QuantLinear
 
     targets: dict[str, Target] = {}
+    kept: list[str] = []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             target = _carry(name, module)
         elif isinstance(module, nn.Linear) and not any(fnmatch.fnmatch(name, g) for g in ignore):
+            if module.in_features % block:
+                kept.append(name)
+                continue
             target = _quantize(name, module, bits, block, symmetric)
         else:
             continue
         weight = dequantized(target, module.in_features)
         _swap(model, name, weight, module.bias)
         targets[_key(weight)] = target
-    return targets
+    return targets, kept
 
 
 def _node(

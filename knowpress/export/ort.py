@@ -22,7 +22,6 @@ from knowpress.errors import KnowpressError
 from knowpress.evaluate.runtime import KV_PROBE_TOKENS, NLL
 from knowpress.export.session import (
     OnnxDecoder,
-    State,
     check_policy,
     left_padded,
     right_padded,
@@ -167,9 +166,6 @@ class OrtRuntime:
             nats = -logp.gather(-1, targets[:, None])[:, 0]
             out.append(NLL(float(nats[keep].sum()), int(keep.sum())))
         return out
-
-    def state_bytes(self, state: State) -> int:
-        return self.decoder.cache_bytes(state)
 
 
 def read_record(folder: Path) -> dict[str, Any]:

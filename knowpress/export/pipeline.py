@@ -70,50 +70,55 @@ def undispatch(model: torch.nn.Module) -> None:
 
 
 def weights_label(config: Any, info: dict[str, Any]) -> str:
+    if config.weights == "int8":
+        return "int8 dynamic (MatMulInteger)"
+    if config.weights != "int4":
+        return "float32"
+    kept = f", {len(info['kept_float'])} kept float32" if info.get("kept_float") else ""
+    kind = "symmetric" if config.symmetric else "asymmetric"
+    return (
+        f"int4 MatMulNBits (block {config.block_size}, {kind}, accuracy_level "
+        f"{config.accuracy_level}; {info['carried']} carried, {info['requantized']} "
+        f"re-quantized{kept})"
+    )
+
+
+def _graph(model: Any, graph: Path, config: Any, progress: Any) -> tuple[Any, dict[str, Any]]:
+    """Export ``model`` to ``graph`` with the configured weights; (GraphSpec, weights info)."""
+    targets: dict[str, Any] = {}
     if config.weights == "int4":
-        return (
-            f"int4 MatMulNBits (block {config.block_size}, "
-            f"{'symmetric' if config.symmetric else 'asymmetric'}, accuracy_level "
-            f"{config.accuracy_level}; {info['carried']} carried, "
-            f"{info['requantized']} re-quantized)"
+        targets, kept = nbits.prepare(
+            model, 4, config.block_size, config.symmetric, tuple(config.ignore)
         )
-    return "int8 dynamic (MatMulInteger)" if config.weights == "int8" else "float32"
-
-
-def export_model(
-    model: Any, tokenizer: Any, folder: Path, config: Any, policy: Any, progress: Any
-) -> dict[str, Any]:
-    """Write the bundle into ``folder`` (being written atomically by the caller); returns
-    the metrics (parity, weights, files). ``config``: a ``stages.export.ExportConfig``."""
-    from knowpress.export.bundle import write_bundle
-    from knowpress.export.session import OnnxDecoder, check_policy
-
-    check_policy(policy, "export")
-    check_exportable(model.config.get_text_config(decoder=True))
-    undispatch(model)
-    refuse_unholdable(model)
-    as_float32(model)
-    info: dict[str, Any] = {}
-    if config.weights == "int4":
-        targets = nbits.prepare(model, 4, config.block_size, config.symmetric, tuple(config.ignore))
     elif any(hasattr(m, "weight_packed") for m in model.modules()):
         raise KnowpressError(
             f"weights {config.weights}: the model holds packed codes; "
             "export weights: int4 to carry them into MatMulNBits"
         )
-    graph = Path(folder) / GRAPH_FILE
     progress.log(f"[dim]export: torch.onnx (dynamo) of {model.config.model_type}[/dim]")
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its steps
         spec = export_graph(model, graph)
     if config.weights == "int4":
         info = nbits.rewrite(graph, targets, config.accuracy_level)
-    elif config.weights == "int8":
+        if kept:
+            progress.log(
+                f"[yellow]export: {len(kept)} linears kept float32 (in_features "
+                f"not a multiple of block {config.block_size}): {kept[0]}, ...[/yellow]"
+            )
+        return spec, info | {"kept_float": kept}
+    if config.weights == "int8":
         from knowpress.export.int8 import quantize_int8
 
-        info = quantize_int8(graph)
-    decoder = OnnxDecoder(graph, spec.dump())
-    from knowpress.export import parity
+        return spec, quantize_int8(graph)
+    return spec, {}
 
+
+def _parity(model: Any, graph: Path, spec: Any, config: Any, progress: Any) -> dict[str, Any]:
+    """Measure and gate parity (``parity.py``); the result with the limit it was held to."""
+    from knowpress.export import parity
+    from knowpress.export.session import OnnxDecoder
+
+    decoder = OnnxDecoder(graph, spec.dump())
     result = parity.measure(model, decoder, config.parity.prompts, config.parity.new_tokens)
     path = "int8" if config.weights == "int8" else "exact"
     if config.weights == "int4" and config.accuracy_level == 4:
@@ -124,26 +129,44 @@ def export_model(
         f"{result['max_rel_logits']:.3g}), greedy equal {result['greedy_equal']}[/dim]"
     )
     parity.gate(result, limit, config.parity.greedy_equal)
+    return result | {"max_rel_limit": limit}
+
+
+def export_model(
+    model: Any, tokenizer: Any, folder: Path, config: Any, policy: Any, progress: Any
+) -> dict[str, Any]:
+    """Write the bundle into ``folder`` (being written atomically by the caller); returns
+    the metrics (parity, weights, files). ``config``: a ``stages.export.ExportConfig``."""
+    from knowpress.export.bundle import write_bundle
+    from knowpress.export.session import check_policy
+
+    check_policy(policy, "export")
+    check_exportable(model.config.get_text_config(decoder=True))
+    undispatch(model)
+    refuse_unholdable(model)
+    as_float32(model)
+    graph = Path(folder) / GRAPH_FILE
+    spec, info = _graph(model, graph, config, progress)
+    result = _parity(model, graph, spec, config, progress)
     label = weights_label(config, info)
     write_bundle(Path(folder), model, tokenizer, spec, label, policy)
     files = {"graph": GRAPH_FILE, "data": DATA_FILE}
     if config.tensorrt is not None:
         from knowpress.export.tensorrt import build_engine
 
-        files["engine"] = build_engine(graph, Path(folder), config.tensorrt, spec)
+        files["engine"] = build_engine(graph, Path(folder), config.tensorrt, spec.dump())
     record = {
         "graph": spec.dump(),
         "files": files,
         "weights": label,
         "weights_info": info,
-        "parity": result | {"max_rel_limit": limit},
+        "parity": result,
     }
     atomic_write_text(Path(folder) / EXPORT_FILE, json.dumps(record, indent=1))
     sizes = {name: (Path(folder) / f).stat().st_size for name, f in files.items()}
     return {
         "weights": label,
         **{f"parity_{k}": v for k, v in result.items()},
-        "parity_max_rel_limit": limit,
         **info,
         "file_bytes": sizes,
     }

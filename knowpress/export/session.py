@@ -58,9 +58,13 @@ class OnnxDecoder:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(graph), options, providers=providers or ["CPUExecutionProvider"]
-        )
+        wanted = providers or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(graph), options, providers=wanted)
+        if self.session.get_providers()[0] != wanted[0]:  # onnxruntime falls back silently
+            raise KnowpressError(
+                f"onnxruntime has no {wanted[0]} here ({', '.join(ort.get_available_providers())}"
+                "); for CUDA install knowpress[gpu] (onnxruntime-gpu) instead of [export]"
+            )
         self.spec, self.policy = spec, policy
         self.layers = int(spec["layers"])
         self.names = [o.name for o in self.session.get_outputs()]

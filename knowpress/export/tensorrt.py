@@ -51,7 +51,7 @@ def check(weights: str) -> None:
         )
 
 
-def _shape(name: str, dims: Any, sizes: dict[str, tuple[int, int, int]]) -> list[list[int]]:
+def _shape(dims: Any, sizes: dict[str, tuple[int, int, int]]) -> list[list[int]]:
     out: list[list[int]] = [[], [], []]
     for dim in dims:
         key = dim if isinstance(dim, str) else None
@@ -83,7 +83,7 @@ def build_engine(graph: Path, folder: Path, options: Any, spec: Any) -> str:
     }
     profile = builder.create_optimization_profile()
     for name, dims in graph_inputs(graph):
-        low, mid, high = _shape(name, dims, sizes)
+        low, mid, high = _shape(dims, sizes)
         profile.set_shape(name, low, mid, high)
     config = builder.create_builder_config()
     config.add_optimization_profile(profile)

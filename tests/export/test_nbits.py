@@ -118,8 +118,11 @@ def _packed(group: int = 32, bits: int = 4, symmetric: bool = True) -> Any:
 def test_quantize_stage_codes_are_carried_byte_for_byte(tmp_path: Path) -> None:
     model = _packed(symmetric=False)
     expected = _torch_logits(model)
-    packed = {n: m.weight_packed.numpy().copy() for n, m in model.named_modules()
-              if isinstance(m, QuantLinear)}  # fmt: skip
+    packed = {
+        n: m.weight_packed.numpy().copy()
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+    }
     _, metrics = _export(tmp_path, model, weights="int4", accuracy_level=0, symmetric=True)
     assert metrics["carried"] == len(packed) and metrics["requantized"] == 0
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
@@ -138,3 +141,18 @@ def test_codes_matmulnbits_cannot_run_are_refused(tmp_path: Path) -> None:
         _export(tmp_path / "b", _packed(), weights="int8")
     with pytest.raises(KnowpressError, match="block size 48 must be a power of two"):
         _export(tmp_path / "c", weights="int4", block_size=48)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_moe_int4_quantizes_its_linears_and_keeps_fused_experts_float(
+    arch: str, tmp_path: Path
+) -> None:
+    from knowpress.testing.models import tiny_moe
+
+    model = tiny_moe(arch, layers=2, vocab_size=128)
+    _, metrics = _export(tmp_path, model, weights="int4", accuracy_level=0)
+    assert metrics["matmul_nbits"] > 0 and metrics["parity_greedy_equal"]
+    assert metrics["parity_max_rel_logits"] < 1e-4
+    # DeepSeek's kv_b_proj reads the rank-16 latent: block 32 cannot divide it
+    assert bool(metrics["kept_float"]) == (arch == "deepseek_v3")
+    assert "kept float32" in metrics["weights"] or arch != "deepseek_v3"

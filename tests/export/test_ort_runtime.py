@@ -93,3 +93,12 @@ def test_policies_the_loop_cannot_run_are_refused(folders: dict[str, Path]) -> N
     with pytest.raises(KnowpressError, match=r"kv_policy 'h2o' cannot run in the onnxruntime "
                        r"loop \(it applies full, streaming\)"):  # fmt: skip
         OrtRuntime(folders["full"], tiny_tokenizer(), read_record(folders["full"]), policy)
+
+
+def test_asking_for_cuda_without_its_provider_is_one_line(folders: dict[str, Path]) -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed: CUDA runs")
+    with pytest.raises(KnowpressError, match="onnxruntime has no CUDAExecutionProvider here"):
+        load_runtime(folders["full"], device="cuda")
