@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from knowpress.config import FrozenConfig
 from knowpress.context import Context
@@ -66,16 +66,19 @@ class ExportConfig(StageConfig):
     parity: ParitySpec = Field(default_factory=ParitySpec)
     tensorrt: TensorRTSpec | None = None
 
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"{value} is not a power of two (MatMulNBits: 16, 32, 64, 128)")
+        return value
+
     def build(self) -> Export:
         return Export(self)
 
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         from knowpress.export.onnx import check_exportable
 
-        if self.block_size & (self.block_size - 1):
-            raise KnowpressError(
-                f"block_size {self.block_size} must be a power of two (16, 32, 64, 128)"
-            )
         check_exportable(model.config.get_text_config(decoder=True))
         if self.tensorrt is not None:
             from knowpress.export.tensorrt import check

@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from pydantic import ValidationError
 
 from knowpress.compress.quant.qlinear import QuantLinear
 from knowpress.compress.quant.rtn import RTN
@@ -139,8 +140,10 @@ def test_codes_matmulnbits_cannot_run_are_refused(tmp_path: Path) -> None:
         _export(tmp_path / "a", _packed(bits=3), weights="int4")
     with pytest.raises(KnowpressError, match="the model holds packed codes"):
         _export(tmp_path / "b", _packed(), weights="int8")
-    with pytest.raises(KnowpressError, match="block size 48 must be a power of two"):
+    with pytest.raises(ValidationError, match="48 is not a power of two"):
         _export(tmp_path / "c", weights="int4", block_size=48)
+    with pytest.raises(KnowpressError, match="q_proj: block size 8 must be a power of two >= 16"):
+        _export(tmp_path / "d", _packed(group=8), weights="int4")
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
