@@ -2,7 +2,8 @@
 
 Exports one teacher (default: the cached ``bios-dense-small``, Llama 4 x 192) three ways
 through ``knowpress.export`` — float32, int8 dynamic, int4 ``MatMulNBits`` (RTN, block 32,
-symmetric, ``accuracy_level`` 4; and at level 0 to show what level 4 buys on CPU) — and
+symmetric, ``accuracy_level`` 4; at level 0 to show what level 4 buys on CPU; and with
+``store: float16`` for the tensors left float) — and
 times greedy decoding of the same prompts with the same KV-cache loop shape on each graph
 (onnxruntime, ``export/session.py``) and on the PyTorch float32 model in eager mode
 (``DynamicCache``, one token per forward). Per row: first-token latency (prefill + the first
@@ -39,6 +40,12 @@ GRAPHS = {
     "onnx int8 dynamic": {"weights": "int8", "parity": {"greedy_equal": False}},
     "onnx int4 acc4": {"weights": "int4", "accuracy_level": 4, "ignore": []},
     "onnx int4 acc0": {"weights": "int4", "accuracy_level": 0, "ignore": []},
+    "onnx int4 acc4 f16": {
+        "weights": "int4",
+        "accuracy_level": 4,
+        "ignore": [],
+        "store": "float16",
+    },
 }
 
 

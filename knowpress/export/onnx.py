@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from knowpress.errors import KnowpressError
@@ -222,6 +223,57 @@ def finalize(path: Path) -> None:
     for node in graph.node:
         del node.metadata_props[:]
     save(model, path)
+
+
+HALF_MIN = 1024  # float tensors at least this large are stored in float16 with store: float16
+
+
+def store_half(path: Path) -> int:
+    """Every float32 initializer of ``HALF_MIN``+ elements that is not a ``MatMulNBits``
+    scale becomes float16 on disk behind a ``Cast`` to float32 (onnxruntime folds the cast
+    once at load: the math stays float32); returns how many. In place."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from knowpress.export.nbits import save
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    scales = {n.input[2] for n in graph.node if n.op_type == "MatMulNBits"}
+    keep, casts = [], []
+    for init in graph.initializer:
+        if (
+            init.data_type != TensorProto.FLOAT
+            or init.name in scales
+            or int(np.prod(init.dims)) < HALF_MIN
+        ):
+            keep.append(init)
+            continue
+        half = numpy_helper.from_array(
+            numpy_helper.to_array(init).astype(np.float16), f"{init.name}.float16"
+        )
+        keep.append(half)
+        casts.append(
+            helper.make_node(
+                "Cast", [half.name], [init.name], to=TensorProto.FLOAT, name=f"{init.name}.Cast"
+            )
+        )
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for node in casts:
+        graph.node.insert(0, node)
+    save(model, path)
+    return len(casts)
+
+
+@torch.no_grad()
+def round_half(model: torch.nn.Module, skip: set[str]) -> None:
+    """The PyTorch side of ``store_half``: the same tensors rounded to float16 and back, so
+    parity compares the weights the graph holds (``skip``: parameter names MatMulNBits
+    holds as codes)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.numel() >= HALF_MIN and name not in skip:
+            tensor.data = tensor.data.half().float()
 
 
 def share_transposed(graph: Any) -> int:

@@ -27,6 +27,8 @@ from knowpress.export.onnx import (
     as_float32,
     check_exportable,
     export_graph,
+    round_half,
+    store_half,
 )
 from knowpress.models.io import atomic_write_text
 
@@ -95,6 +97,8 @@ def _graph(model: Any, graph: Path, config: Any, progress: Any) -> tuple[Any, di
             f"weights {config.weights}: the model holds packed codes; "
             "export weights: int4 to carry them into MatMulNBits"
         )
+    if config.store == "float16":
+        round_half(model, {f"{t.name}.weight" for t in targets.values()})
     progress.log(f"[dim]export: torch.onnx (dynamo) of {model.config.model_type}[/dim]")
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its steps
         spec = export_graph(model, graph)
@@ -147,6 +151,8 @@ def export_model(
     as_float32(model)
     graph = Path(folder) / GRAPH_FILE
     spec, info = _graph(model, graph, config, progress)
+    if config.store == "float16":
+        info["float16_tensors"] = store_half(graph)
     result = _parity(model, graph, spec, config, progress)
     label = weights_label(config, info)
     write_bundle(Path(folder), model, tokenizer, spec, label, policy)

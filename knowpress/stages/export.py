@@ -8,6 +8,7 @@
   symmetric: true
   accuracy_level: 4        # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (fast on CPU)
   ignore: [lm_head]        # float linears left float (globs)
+  store: float32           # float16: tensors left float stored half size (cast in the graph)
   parity: {prompts: 4, new_tokens: 8, greedy_equal: true}
   tensorrt: null           # {precision: fp16} builds model.engine (CUDA + tensorrt only)
 ```
@@ -63,6 +64,9 @@ class ExportConfig(StageConfig):
     symmetric: bool = True
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="name globs")
+    #: float tensors of 1024+ elements the graph keeps float (embeddings, linears left
+    #: float): stored as float16 and cast to float32 in the graph, or stored float32
+    store: Literal["float32", "float16"] = "float32"
     parity: ParitySpec = Field(default_factory=ParitySpec)
     tensorrt: TensorRTSpec | None = None
 

@@ -159,3 +159,13 @@ def test_moe_int4_quantizes_its_linears_and_keeps_fused_experts_float(
     # DeepSeek's kv_b_proj reads the rank-16 latent: block 32 cannot divide it
     assert bool(metrics["kept_float"]) == (arch == "deepseek_v3")
     assert "kept float32" in metrics["weights"] or arch != "deepseek_v3"
+
+
+def test_store_float16_halves_the_float_tensors_and_keeps_parity(tmp_path: Path) -> None:
+    _export(tmp_path / "f32", weights="int4", accuracy_level=0)
+    _, half = _export(tmp_path / "f16", weights="int4", accuracy_level=0, store="float16")
+    assert half["float16_tensors"] >= 1  # the embedding (lm_head is its Transpose)
+    saved = _bytes(tmp_path / "f32") - _bytes(tmp_path / "f16")
+    assert saved >= 0.95 * 128 * 64 * 2  # the float32 embedding [128, 64] at half the bytes
+    assert half["parity_max_rel_logits"] < 1e-4 and half["parity_greedy_equal"]
+    assert "Cast" in _ops(tmp_path / "f16")
