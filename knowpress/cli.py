@@ -1,4 +1,4 @@
-"""``compress`` (alias ``knowpress``): apply | check | eval | world | list.
+"""``compress`` (alias ``knowpress``): apply | check | eval | export | world | list.
 
 Exit codes: 0 success, 1 gate failed, 2 user error (bad recipe, missing or corrupt files,
 disk full, ...: one line each), 3 internal error (a bug: one line, the traceback with
@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from knowpress.cli_eval import cmd_eval
+from knowpress.cli_export import add_parser as add_export_parser
 from knowpress.errors import KnowpressError, short
 from knowpress.evaluate.gate import describe_bounds
 from knowpress.interrupts import terminate_as_interrupt
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-q", "--quiet", action="store_true")
     wsub.add_parser("list", parents=[common], help="list presets")
     p.set_defaults(func=cmd_world)
+
+    add_export_parser(sub, common)
 
     help_list = "registered stages, methods, tasks and presets"
     p = sub.add_parser("list", parents=[common], help=help_list)

@@ -207,6 +207,12 @@ def check_stages(recipe: Recipe, model: PreTrainedModel | None) -> list[list[str
     facts = []
     packed_by = uneven_by = None
     for index, config in enumerate(recipe.stages):
+        if index and type(recipe.stages[index - 1]).final:
+            raise KnowpressError(
+                f"stages.{index} ({config.kind}) follows stages.{index - 1} "
+                f"({recipe.stages[index - 1].kind}), whose artifact no stage can load: "
+                f"put the {recipe.stages[index - 1].kind} stage last"
+            )
         if type(config).trains_weights and packed_by is not None:
             raise KnowpressError(
                 f"stages.{index} ({config.kind}): changes float weights, and stages.{packed_by} "

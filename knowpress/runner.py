@@ -308,7 +308,12 @@ class Runner:
                 except KnowpressError as exc:
                     raise KnowpressError(f"stages.{index} ({config.kind}): {exc}") from None
             seconds = time.perf_counter() - start
-            fmt = save_model(ctx.model, ctx.tokenizer, tmp, dtype=_torch_dtype(self.deploy_dtype))
+            save = getattr(stage, "save", None)  # a stage writing its own artifact (export)
+            dtype = _torch_dtype(self.deploy_dtype)
+            if callable(save):
+                fmt = save(ctx, tmp)
+            else:
+                fmt = save_model(ctx.model, ctx.tokenizer, tmp, dtype=dtype)
             verify = getattr(stage, "verify", None)
             if callable(verify):  # the stage checks what was written, before it is installed
                 try:

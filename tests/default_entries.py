@@ -31,6 +31,7 @@ STAGES: dict[str, dict[str, Any]] = {
     "recalibrate_routers": {"kind": "recalibrate_routers"},
     "compress_kv": {"kind": "compress_kv", "policy": {"name": "streaming", "budget": 16}},
     "skip_experts": {"kind": "skip_experts", "policy": {"name": "odp", "beta": 0.5}},
+    "export": {"kind": "export", "weights": "int4", "accuracy_level": 4},
 }
 #: stage kind -> the preset it runs on when not ``test-tiny`` (MoE stages need an MoE teacher)
 STAGE_MODELS: dict[str, str] = {
@@ -107,11 +108,13 @@ KV_POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
     ),
 }
 
-#: artifact format -> how a test folder of that format is written ("plain" | "packed")
+#: artifact format -> how a test folder of that format is written ("plain" | "packed" |
+#: "compressed-tensors" | "onnx": the export stage's bundle)
 RUNTIME_FORMATS: dict[str, str] = {
     "hf": "plain",
     "hf-packed": "packed",
     "hf-compressed-tensors": "compressed-tensors",
+    "onnx": "onnx",
 }
 
 #: distill loss -> its config (the defaults a recipe gets, the matrix in tests/distill)

@@ -1,7 +1,7 @@
 """``load_runtime``: the runtime that scores an artifact, chosen by its manifest.
 
 The manifest's ``format`` picks a loader from :data:`RUNTIME_FORMATS` (``hf`` and
-``hf-packed``: a ``TorchRuntime``; an export stage registers ``onnx``); its ``runtime``
+``hf-packed``: a ``TorchRuntime``; ``onnx``: ``export/ort.OrtRuntime``); its ``runtime``
 section restores the attached policies by slot (``kv_policy`` -> ``compress/kv``). A folder
 without a manifest (a teacher, a user's model, a hub id) is ``hf`` or, with
 ``knowpress_quant.json``, ``hf-packed``. The runner and ``compress eval`` load every model
@@ -103,6 +103,15 @@ def _torch(location: str, manifest: Manifest | None, options: RuntimeOptions) ->
 RUNTIME_FORMATS.register("hf")(_torch)
 RUNTIME_FORMATS.register("hf-packed")(_torch)
 RUNTIME_FORMATS.register("hf-compressed-tensors")(_torch)
+
+
+def _onnx(location: str, manifest: Manifest | None, options: RuntimeOptions) -> Runtime:
+    from knowpress.export.ort import load_onnx  # onnxruntime only when an ONNX row is scored
+
+    return load_onnx(location, manifest, options)
+
+
+RUNTIME_FORMATS.register("onnx")(_onnx)
 
 
 def artifact_format(location: str | Path) -> tuple[str, Manifest | None]:

@@ -3,6 +3,7 @@
 from knowpress.stages import (  # noqa: F401
     compress_kv,
     distill,
+    export,
     prune_experts,
     quantize,
     recalibrate_routers,

@@ -26,6 +26,11 @@ PROMPTS = ["w1 w2 w3", "w7 w9"]
 
 def _folder(kind: str, path: Path) -> tuple[Path, torch.nn.Module]:
     model = tiny_llama()
+    if kind == "onnx":  # the export stage's folder, scored by onnxruntime
+        from knowpress.testing.export import export_folder
+
+        export_folder(tiny_llama(), tiny_tokenizer(), path)
+        return path, model
     if kind == "packed":
         targets = select(model, None, ["lm_head"])
         RTN(name="rtn", bits=4, group_size=32).apply(model, targets, None, Progress(False))  # type: ignore[arg-type]
@@ -38,7 +43,8 @@ def _folder(kind: str, path: Path) -> tuple[Path, torch.nn.Module]:
 def test_each_format_loads_the_runtime_that_scores_it_as_stored(fmt: str, tmp_path: Path) -> None:
     folder, model = _folder(rows.RUNTIME_FORMATS[fmt], tmp_path / fmt)
     runtime = load_runtime(folder)
-    assert isinstance(runtime, TorchRuntime) and runtime.kv_policy is None
+    assert runtime.name == ("onnxruntime" if fmt == "onnx" else "torch")
+    assert runtime.kv_policy is None
     expected = TorchRuntime(model, tiny_tokenizer()).greedy(PROMPTS, max_new_tokens=4)
     assert runtime.greedy(PROMPTS, max_new_tokens=4) == expected
     assert runtime.parameter_count() == TorchRuntime(model, tiny_tokenizer()).parameter_count()

@@ -1,0 +1,313 @@
+"""ONNX export of a causal decoder with its KV cache as graph inputs and outputs.
+
+Through ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript; optimum-onnx pins
+transformers<4.58). The graph, for ``L`` layers::
+
+    input_ids [batch, sequence] int64, attention_mask [batch, total_sequence] int64,
+    position_ids [batch, sequence] int64,
+    past_key_values.{i}.key|value [batch, kv_heads, past_sequence, head_dim] float32
+      -> logits [batch, sequence, vocab] float32,
+         present.{i}.key|value [batch, kv_heads, past_sequence + sequence, head_dim]
+
+``total_sequence = past_sequence + sequence``; a prefill passes ``past_sequence = 0``. The
+mask is the 2-D padding mask over past and current tokens (the causal part is in the
+graph), ``position_ids`` are the rotary positions, so a caller that evicts past tokens
+(``session.py``: streaming) keeps positions running on from the tokens seen. Key and value
+head dims may differ (DeepSeek-V3's MLA caches ``qk_nope + qk_rope`` keys, ``v_head_dim``
+values). Weights go to external data (``model.onnx.data``) so graphs over 2 GB load.
+
+MoE: transformers 5's fused experts dispatch through ``grouped_mm`` (``histc`` +
+``transformers.grouped_mm_fallback``), which has no ONNX translation; exporting after
+``model.set_experts_implementation("batched_mm")`` (a gather of each token's experts and a
+batched matmul) works and is what is done here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from knowpress.errors import KnowpressError
+
+DENSE = ("llama",)
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+OPSET = 20
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What a runtime needs to drive the graph (``knowpress_export.json``)."""
+
+    model_type: str
+    layers: int
+    kv_heads: list[int]
+    key_dims: list[int]
+    value_dims: list[int]
+    vocab_size: int
+    max_positions: int
+    parameter_count: int
+    bos_token_id: int | None
+    eos_token_id: int | list[int] | None
+    pad_token_id: int | None
+
+    def dump(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def supported() -> tuple[str, ...]:
+    from knowpress.models.moe import ARCHITECTURES
+
+    return (*DENSE, *ARCHITECTURES)
+
+
+def check_exportable(config: Any) -> None:
+    """One line naming the architecture when the exporter does not handle it."""
+    kind = getattr(config, "model_type", None)
+    if kind not in supported():
+        raise KnowpressError(
+            f"model_type {kind!r}: ONNX export supports {', '.join(supported())}; "
+            "export another architecture with its own exporter"
+        )
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise KnowpressError(
+            f"model_type {kind!r} with sliding_window {config.sliding_window}: the exported "
+            "graph has full-attention KV inputs; export a model without a sliding window"
+        )
+
+
+class KVDecoder(torch.nn.Module):
+    """The flat-tensor signature of the module docstring around a transformers decoder."""
+
+    def __init__(self, model: torch.nn.Module, layers: int) -> None:
+        super().__init__()
+        self.model, self.layers = model, layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: tuple[torch.Tensor, ...],
+    ) -> tuple[Any, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        present = []
+        for layer in out.past_key_values.layers[: self.layers]:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in kv)]
+    return inputs, ["logits", *(f"present.{n}" for n in kv)]
+
+
+@torch.no_grad()
+def graph_spec(model: torch.nn.Module) -> GraphSpec:
+    """Shapes of the cache the model writes (read off a 2-token forward, so MLA and GQA are
+    whatever the model does) and the ids a runtime needs."""
+    from knowpress.models.sizes import parameter_count
+
+    config = model.config.get_text_config(decoder=True)
+    ids = torch.tensor([[1, 1]], device=next(model.parameters()).device)
+    layers = model(input_ids=ids, use_cache=True).past_key_values.layers
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) or config.eos_token_id
+    return GraphSpec(
+        model_type=config.model_type,
+        layers=len(layers),
+        kv_heads=[int(layer.keys.shape[1]) for layer in layers],
+        key_dims=[int(layer.keys.shape[3]) for layer in layers],
+        value_dims=[int(layer.values.shape[3]) for layer in layers],
+        vocab_size=int(config.vocab_size),
+        max_positions=int(config.max_position_embeddings),
+        parameter_count=parameter_count(model),
+        bos_token_id=config.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=config.pad_token_id,
+    )
+
+
+def example_inputs(spec: GraphSpec, batch: int = 2, seq: int = 3, past: int = 4) -> tuple[Any, ...]:
+    ids = torch.ones((batch, seq), dtype=torch.long)
+    mask = torch.ones((batch, past + seq), dtype=torch.long)
+    pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    kv = []
+    for heads, kd, vd in zip(spec.kv_heads, spec.key_dims, spec.value_dims, strict=True):
+        kv += [torch.zeros(batch, heads, past, kd), torch.zeros(batch, heads, past, vd)]
+    return ids, mask, pos, tuple(kv)
+
+
+@torch.no_grad()
+def as_float32(model: torch.nn.Module) -> None:
+    """Float parameters and buffers to float32 on the CPU, in place (not ``.float()``:
+    transformers refuses it on a model loaded through a quantizer)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to("cpu", torch.float32)
+        else:
+            tensor.data = tensor.data.cpu()
+    model.eval()
+
+
+def export_graph(model: torch.nn.Module, path: Path) -> GraphSpec:
+    """Export ``model`` (float32, CPU, eval) to ``path`` (graph + ``DATA_FILE`` beside it)."""
+    from torch.export import Dim
+
+    config = model.config.get_text_config(decoder=True)
+    check_exportable(config)
+    if hasattr(model, "set_experts_implementation") and config.model_type != "llama":
+        model.set_experts_implementation("batched_mm")  # grouped_mm has no ONNX translation
+    as_float32(model)
+    spec = graph_spec(model)
+    batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
+    dynamic = (
+        {0: batch, 1: seq},
+        {0: batch, 1: Dim.AUTO},
+        {0: batch, 1: seq},
+        tuple({0: batch, 2: past} for _ in range(2 * spec.layers)),
+    )
+    inputs, outputs = io_names(spec.layers)
+    try:
+        program = torch.onnx.export(
+            KVDecoder(model, spec.layers).eval(),
+            example_inputs(spec),
+            dynamic_shapes=dynamic,
+            input_names=inputs,
+            output_names=outputs,
+            dynamo=True,
+            opset_version=OPSET,
+            external_data=True,
+            verbose=False,
+        )
+    except Exception as exc:  # torch.export's errors are pages long: name the model, cut it
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise KnowpressError(
+            f"model_type {config.model_type!r}: torch.onnx export failed ({first[:200]})"
+        ) from None
+    program.save(str(path), external_data=True)
+    finalize(path)
+    return spec
+
+
+def finalize(path: Path) -> None:
+    """Tidy the exported graph in place: the mask's free axis (torch.export's ``s<n>``)
+    named ``total_sequence``; a tied output head, which the exporter stores as a second,
+    transposed copy of the embedding, read through a ``Transpose`` of the embedding instead
+    (onnxruntime folds it once at load; the file holds the matrix once); per-node stack
+    traces (``metadata_props``) dropped."""
+    import onnx
+
+    from knowpress.export.nbits import save
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    graph.input[1].type.tensor_type.shape.dim[1].dim_param = "total_sequence"
+    share_transposed(graph)
+    for node in graph.node:
+        del node.metadata_props[:]
+    save(model, path)
+
+
+HALF_MIN = 1024  # float tensors at least this large are stored in float16 with store: float16
+
+
+def store_half(path: Path) -> int:
+    """Every float32 initializer of ``HALF_MIN``+ elements that is not a ``MatMulNBits``
+    scale becomes float16 on disk behind a ``Cast`` to float32 (onnxruntime folds the cast
+    once at load: the math stays float32); returns how many. In place."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from knowpress.export.nbits import save
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    scales = {n.input[2] for n in graph.node if n.op_type == "MatMulNBits"}
+    keep, casts = [], []
+    for init in graph.initializer:
+        if (
+            init.data_type != TensorProto.FLOAT
+            or init.name in scales
+            or int(np.prod(init.dims)) < HALF_MIN
+        ):
+            keep.append(init)
+            continue
+        half = numpy_helper.from_array(
+            numpy_helper.to_array(init).astype(np.float16), f"{init.name}.float16"
+        )
+        keep.append(half)
+        casts.append(
+            helper.make_node(
+                "Cast", [half.name], [init.name], to=TensorProto.FLOAT, name=f"{init.name}.Cast"
+            )
+        )
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for node in casts:
+        graph.node.insert(0, node)
+    save(model, path)
+    return len(casts)
+
+
+@torch.no_grad()
+def round_half(model: torch.nn.Module, skip: set[str]) -> None:
+    """The PyTorch side of ``store_half``: the same tensors rounded to float16 and back, so
+    parity compares the weights the graph holds (``skip``: parameter names MatMulNBits
+    holds as codes)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.numel() >= HALF_MIN and name not in skip:
+            tensor.data = tensor.data.half().float()
+
+
+def share_transposed(graph: Any) -> int:
+    """Replace every 2-D constant that is the transpose of another initializer by a
+    ``Transpose`` node of that initializer; returns how many were replaced."""
+    import hashlib
+
+    from onnx import helper, numpy_helper
+
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer if len(i.dims) == 2}
+    digest = {hashlib.sha1(a.tobytes()).hexdigest(): n for n, a in arrays.items()}
+    other_uses = {i for n in graph.node if n.op_type != "MatMul" for i in n.input}
+    aliases: dict[str, str] = {}
+    for name, array in arrays.items():  # only a MatMul-only copy is replaced (not a Gather's)
+        if name in other_uses or array.shape[0] == array.shape[1]:
+            continue
+        source = digest.get(hashlib.sha1(array.T.copy().tobytes()).hexdigest())
+        if source is not None and source != name and source not in aliases:
+            aliases[name] = source
+    if not aliases:
+        return 0
+    nodes = [
+        helper.make_node(
+            "Transpose", [src], [f"{name}.shared"], perm=[1, 0], name=f"{name}.Transpose"
+        )
+        for name, src in aliases.items()
+    ]
+    for node in graph.node:
+        for i, value in enumerate(node.input):
+            if value in aliases:
+                node.input[i] = f"{value}.shared"
+    keep = [i for i in graph.initializer if i.name not in aliases]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for node in nodes:  # before every consumer: graphs are topologically sorted
+        graph.node.insert(0, node)
+    return len(aliases)

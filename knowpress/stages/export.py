@@ -1,0 +1,124 @@
+"""``kind: export`` — a deployable ONNX bundle, scored by onnxruntime with every task.
+
+```yaml
+- kind: export
+  format: onnx
+  weights: int4            # float32 | int4 (MatMulNBits) | int8 (dynamic)
+  block_size: 32           # int4 re-quantization of float linears (RTN)
+  symmetric: true
+  accuracy_level: 4        # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (fast on CPU)
+  ignore: [lm_head]        # float linears left float (globs)
+  store: float32           # float16: tensors left float stored half size (cast in the graph)
+  parity: {prompts: 4, new_tokens: 8, greedy_equal: true}
+  tensorrt: null           # {precision: fp16} builds model.engine (CUDA + tensorrt only)
+```
+
+The stage folder *is* the edge bundle (``export/bundle.py``): graph + external data,
+tokenizer, configs, ``genai_config.json``, README; its manifest format is ``onnx``, so the
+runner scores it through ``export/ort.py``'s ``OrtRuntime`` (the attached KV policy applied
+in the onnxruntime loop). Linears the quantize stage packed are carried code for code
+(``export/nbits.py``). Export is the last stage: nothing loads an ONNX artifact as a model.
+Details: parity (max |Δlogits|, greedy equality), MatMulNBits counts (carried /
+re-quantized), file bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from knowpress.config import FrozenConfig
+from knowpress.context import Context
+from knowpress.errors import KnowpressError
+from knowpress.progress import Progress
+from knowpress.stage import STAGES, StageConfig
+
+
+class ParitySpec(FrozenConfig):
+    prompts: int = Field(4, ge=1, le=64)
+    new_tokens: int = Field(8, ge=1, le=256)
+    max_rel_logits: float | None = Field(None, gt=0, description="max |Δlogits| / max |logits|")
+    greedy_equal: bool = True
+
+
+class TensorRTSpec(FrozenConfig):
+    precision: Literal["fp16", "bf16"] = "fp16"
+    opt_batch: int = Field(1, ge=1)
+    max_batch: int = Field(8, ge=1)
+    opt_sequence: int = Field(128, ge=1)
+
+
+@STAGES.register("export")
+class ExportConfig(StageConfig):
+    summary = "ONNX bundle with KV cache (float32 / int4 MatMulNBits / int8), scored by onnxruntime"
+    paper = "onnxruntime MatMulNBits; StreamingLLM arXiv:2309.17453 for the loop's policy"
+    #: the runner saves nothing itself for a stage that writes its own artifact
+    final: ClassVar[bool] = True
+
+    kind: Literal["export"]
+    format: Literal["onnx"] = "onnx"
+    weights: Literal["float32", "int4", "int8"] = "int4"
+    block_size: int = Field(32, ge=16)
+    symmetric: bool = True
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="name globs")
+    #: float tensors of 1024+ elements the graph keeps float (embeddings, linears left
+    #: float): stored as float16 and cast to float32 in the graph, or stored float32
+    store: Literal["float32", "float16"] = "float32"
+    parity: ParitySpec = Field(default_factory=ParitySpec)
+    tensorrt: TensorRTSpec | None = None
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"{value} is not a power of two (MatMulNBits: 16, 32, 64, 128)")
+        return value
+
+    def build(self) -> Export:
+        return Export(self)
+
+    def check(self, model: Any, deploy_dtype: str) -> list[str]:
+        from knowpress.export.onnx import check_exportable
+
+        check_exportable(model.config.get_text_config(decoder=True))
+        if self.tensorrt is not None:
+            from knowpress.export.tensorrt import check
+
+            check(self.weights)
+        return [
+            f"export onnx, weights {self.weights}"
+            + (
+                f" (block {self.block_size}, accuracy_level {self.accuracy_level})"
+                if self.weights == "int4"
+                else ""
+            )
+        ]
+
+
+class Export:
+    def __init__(self, config: ExportConfig) -> None:
+        self.config = config
+
+    def run(self, ctx: Context, progress: Progress) -> Context:
+        from knowpress.export.pipeline import export_model
+
+        if ctx.expert_skip is not None:
+            raise KnowpressError(
+                "expert_skip cannot run in the onnxruntime loop; "
+                "export before skip_experts or without it"
+            )
+        assert ctx.stage_dir is not None
+        ctx.metrics.update(
+            export_model(
+                ctx.model, ctx.tokenizer, ctx.stage_dir, self.config, ctx.kv_policy, progress
+            )
+        )
+        ctx.artifacts.update({"onnx_graph": "model.onnx", "onnx_data": "model.onnx.data"})
+        return ctx
+
+    def save(self, ctx: Context, folder: Path) -> str:
+        """The bundle is already in ``folder`` (``run``): no model save; the format."""
+        return "onnx"

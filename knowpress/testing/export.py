@@ -1,0 +1,24 @@
+"""Export a tiny model into an ``onnx`` artifact folder (graph, bundle, manifest) for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from knowpress.models.artifact import build_manifest, write_manifest
+from knowpress.progress import Progress
+
+
+def export_folder(model: Any, tokenizer: Any, path: Path, policy: Any = None,
+                  **options: Any) -> dict[str, Any]:  # fmt: skip
+    """``stages.export.ExportConfig(**options)`` applied to ``model`` into ``path`` with a
+    manifest of format ``onnx`` (``policy`` attached as ``runtime.kv_policy``); the metrics."""
+    from knowpress.export.pipeline import export_model
+    from knowpress.stages.export import ExportConfig
+
+    config = ExportConfig(kind="export", **({"weights": "float32"} | options))
+    path.mkdir(parents=True, exist_ok=True)
+    metrics = export_model(model, tokenizer, path, config, policy, Progress(enabled=False))
+    runtime = {} if policy is None else {"kv_policy": policy.model_dump(mode="json")}
+    write_manifest(path, build_manifest(path, format="onnx", dtype="float32", runtime=runtime))
+    return metrics
