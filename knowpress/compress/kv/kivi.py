@@ -7,9 +7,9 @@ Per layer, the newest tokens wait in full precision (the residual); once more th
 never touched again (append-only, as KIVI streams): keys ``[n, D]`` in blocks of
 ``group_size`` tokens, one asymmetric min/max scale and zero per channel per block (key
 outliers live in channels); values in groups of ``group_size`` channels of each token. Codes
-are packed ``bits`` wide (2, 3 or 4; KIVI itself uses 2 and 4), scales and zeros in fp16. Attention reads the dequantized
-history + the residual. Bytes per token ≈ ``2 · layers · kv_heads · head_dim ·
-(bits/8 + 2·2/group_size)`` once the history dominates the residual.
+are packed ``bits`` wide (2, 3 or 4; KIVI itself uses 2 and 4), scales and zeros in fp16.
+Attention reads the dequantized history + the residual. Bytes per token ≈
+``2 · layers · kv_heads · head_dim · (bits/8 + 2·2/group_size)`` once the history dominates.
 
 ```yaml
 runtime policy: {name: kivi, bits: 2, group_size: 32, residual: 128}
