@@ -32,11 +32,16 @@ from pydantic import SerializeAsAny, field_validator
 
 from knowpress.compress.kv.base import KV_POLICIES, EvictionPolicy, KVPolicy
 from knowpress.compress.kv.evicting import policy_cache
-from knowpress.compress.kv.kivi import KIVIPolicy, _nbytes, head_dim_groups, quantize
-from knowpress.compress.quant.packing import unpack
+from knowpress.compress.kv.kivi import KIVIPolicy, _nbytes, dequantize, encode, head_dim_groups
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
+
+
+def block_dtype(blocks: int) -> torch.dtype:
+    """The narrowest dtype for key-block ids: uint8 while ≤ 256 blocks are alive."""
+    return torch.uint8 if blocks <= 256 else torch.int16
+
 
 STORE = ("kcodes", "kblock", "kscale", "kzero", "vcodes", "vscale", "vzero")
 
@@ -64,13 +69,13 @@ class QuantizedStorage:
         return self._tail
 
     def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """History keys and values ``[B, H, n, D]``."""
+        """History keys and values ``[B, H, n, D]`` (each token's key block's scale/zero)."""
         d = self.kscale.shape[-1]
         block = self.kblock.long()[..., None].expand(*self.kblock.shape, d)
         scale, zero = self.kscale.gather(2, block), self.kzero.gather(2, block)
-        keys = unpack(self.kcodes, self.bits, d).to(dtype) * scale.to(dtype) + zero.to(dtype)
-        codes = unpack(self.vcodes, self.bits, self.group).to(dtype)
-        values = codes * self.vscale.to(dtype) + self.vzero.to(dtype)
+        keys = dequantize((self.kcodes, scale, zero, tuple(scale.shape)), self.bits, dtype)
+        values = dequantize((self.vcodes, self.vscale, self.vzero,
+                             (*self.vscale.shape[:-1], self.group)), self.bits, dtype)  # fmt: skip
         return keys, values.flatten(-2)
 
     def joined(self, key_states: torch.Tensor,
@@ -109,7 +114,7 @@ class QuantizedStorage:
             setattr(self, name, take(getattr(self, name)))
         used, block = torch.unique(self.kblock.long(), return_inverse=True)
         self.kscale, self.kzero = self.kscale[:, :, used], self.kzero[:, :, used]
-        self.kblock = block.to(torch.uint8 if len(used) <= 256 else torch.int16)
+        self.kblock = block.to(block_dtype(len(used)))
 
     def _flush(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep ``keys``/``values`` as the tail, quantizing whole groups beyond ``residual``."""
@@ -120,12 +125,11 @@ class QuantizedStorage:
         self.keys, self.values = keys[..., n:, :], values[..., n:, :]
 
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        b, h, n, d = keys.shape
-        g = self.group
-        kcodes, kscale, kzero, _ = quantize(keys.reshape(b, h, n // g, g, d), self.bits, 3)
-        vcodes, vscale, vzero, _ = quantize(values.reshape(b, h, n, d // g, g), self.bits, 4)
+        b, h, n, _ = keys.shape
+        (kcodes, kscale, kzero, _), (vcodes, vscale, vzero, _) = encode(
+            keys, values, self.bits, self.group)  # fmt: skip
         blocks = 0 if self.kscale is None else self.kscale.shape[2]
-        block = (blocks + torch.arange(n, device=keys.device) // g).expand(b, h, n)
+        block = (blocks + torch.arange(n, device=keys.device) // self.group).expand(b, h, n)
         new = {"kcodes": kcodes.reshape(b, h, n, -1), "kblock": block,
                "kscale": kscale[:, :, :, 0], "kzero": kzero[:, :, :, 0],
                "vcodes": vcodes, "vscale": vscale, "vzero": vzero}  # fmt: skip
@@ -133,8 +137,7 @@ class QuantizedStorage:
             old = getattr(self, name)
             setattr(self, name, tensor if old is None else torch.cat([old.to(tensor.dtype),
                                                                       tensor], dim=2))  # fmt: skip
-        total = self.kscale.shape[2]
-        self.kblock = self.kblock.to(torch.uint8 if total <= 256 else torch.int16)
+        self.kblock = self.kblock.to(block_dtype(self.kscale.shape[2]))
 
     def nbytes(self) -> int:
         """Codes, block ids, scales and zeros of the history, plus the full-precision tail."""

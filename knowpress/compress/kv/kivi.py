@@ -50,6 +50,14 @@ def dequantize(chunk: Chunk, bits: int, dtype: torch.dtype) -> torch.Tensor:
     return (codes.to(dtype) * scale.to(dtype) + zero.to(dtype)).to(dtype)
 
 
+def encode(keys: torch.Tensor, values: torch.Tensor, bits: int, group: int) -> tuple[Chunk, Chunk]:
+    """KIVI codes of ``n`` tokens (``[B, H, n, D]``, n a multiple of ``group``): keys in
+    blocks of ``group`` tokens per channel, values in groups of ``group`` channels."""
+    b, h, n, d = keys.shape
+    return (quantize(keys.reshape(b, h, n // group, group, d), bits, 3),
+            quantize(values.reshape(b, h, n, d // group, group), bits, 4))  # fmt: skip
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -67,12 +75,8 @@ class KIVILayer(DynamicLayer):
         return self.seen + query_length, 0
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[Any, ...]:
-        """One chunk of ``n`` tokens (``[B, H, n, D]``, n a multiple of the group): keys in
-        blocks of ``group`` tokens per channel, values in groups of ``group`` channels."""
-        b, h, n, d = keys.shape
-        g = self.group
-        return (quantize(keys.reshape(b, h, n // g, g, d), self.bits, 3),
-                quantize(values.reshape(b, h, n, d // g, g), self.bits, 4))  # fmt: skip
+        """One chunk of ``n`` tokens (``encode``; GEAR adds its low-rank and sparse parts)."""
+        return encode(keys, values, self.bits, self.group)
 
     def decode(self, chunk: tuple[Any, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """``(keys, values)`` ``[B, H, n, D]`` of an encoded chunk."""
