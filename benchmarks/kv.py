@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import save_figure, write_presets
+from results_io import earlier, save_figure, write_presets
 
 from knowpress.compress.kv import policy_from_json
 from knowpress.errors import KnowpressError
@@ -314,11 +314,11 @@ def carry_rows(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> N
     """``--add``: keep each preset's earlier rows that this run did not measure again (each
     is relative to the full cache of the run that measured it; same teacher key)."""
     for entry in fresh:
-        for old in previous:
-            if old["preset"] == entry["preset"] and old["preset_key"] == entry["preset_key"]:
-                seen = {(r["label"], r["budget"]) for r in entry["rows"]}
-                entry["rows"] = [r for r in old["rows"] if (r["label"], r["budget"]) not in seen
-                                 ] + entry["rows"]  # fmt: skip
+        old = earlier(previous, entry)
+        if old is not None:
+            seen = {(r["label"], r["budget"]) for r in entry["rows"]}
+            entry["rows"] = [r for r in old["rows"] if (r["label"], r["budget"]) not in seen
+                             ] + entry["rows"]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import grouped_bars, save_figure, write_presets
+from results_io import earlier, grouped_bars, save_figure, write_presets
 from scoring import Scorer
 
 from knowpress.compress.moe import EXPERT_PRUNERS, expert_stats
@@ -219,9 +219,7 @@ PARTS = {"pruning": measure, "precision": precision, "skipping": skipping}
 def _carry_parts(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> None:
     """Parts not re-run keep their earlier figures (same preset and teacher key)."""
     for result in fresh:
-        old = next((p for p in previous if p["preset"] == result["preset"]
-                    and p.get("preset_key") == result["preset_key"]), None)  # fmt: skip
-        for key, value in (old or {}).items():
+        for key, value in (earlier(previous, result) or {}).items():
             if key not in result or (key == "rows" and not result["rows"]):
                 result[key] = value
 

@@ -34,6 +34,12 @@ def merge(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[d
     return sorted([*kept, *fresh], key=lambda row: order.index(row["preset"]))
 
 
+def earlier(previous: list[dict[str, Any]], entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``previous`` entry measured on ``entry``'s preset with the same teacher key."""
+    return next((p for p in previous if p["preset"] == entry["preset"]
+                 and p.get("preset_key") == entry["preset_key"]), None)  # fmt: skip
+
+
 def write_presets(
     path: Path,
     fresh: list[dict[str, Any]],
