@@ -32,6 +32,9 @@ class RuntimeOptions:
     dtype: str = "float32"
     batch_size: int = 64
     trust_remote_code: bool = False
+    #: the dtype the deployed model holds float tensors (and its KV cache) in, for a folder
+    #: without a manifest (a manifest's own ``dtype`` wins)
+    deploy_dtype: str = "bfloat16"
 
 
 Loader = Callable[[str, "Manifest | None", RuntimeOptions], "Runtime"]
@@ -92,7 +95,9 @@ def _torch(location: str, manifest: Manifest | None, options: RuntimeOptions) ->
         trust_remote_code=options.trust_remote_code,
         device=options.device,
     )
-    runtime = TorchRuntime(model, tokenizer, batch_size=options.batch_size, kv_policy=policy)
+    kv_dtype = manifest.dtype if manifest is not None else options.deploy_dtype
+    runtime = TorchRuntime(model, tokenizer, batch_size=options.batch_size, kv_policy=policy,
+                           kv_dtype=kv_dtype)  # fmt: skip
     skip = expert_skip_of(manifest, where)
     if skip is not None:
         skip.attach(model)
@@ -130,7 +135,8 @@ def artifact_format(location: str | Path) -> tuple[str, Manifest | None]:
 def load_runtime(location: str | Path, **options: Any) -> Runtime:
     """The runtime that scores the artifact at ``location`` (a folder or a hub id).
 
-    ``options``: ``device``, ``dtype`` (compute dtype), ``batch_size``, ``trust_remote_code``.
+    ``options``: ``device``, ``dtype`` (compute dtype), ``batch_size``, ``trust_remote_code``,
+    ``deploy_dtype`` (KV bytes are counted in it when the folder has no manifest).
     """
     fmt, manifest = artifact_format(location)
     try:

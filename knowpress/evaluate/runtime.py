@@ -64,12 +64,38 @@ class Runtime(Protocol):
 
     def parameter_count(self) -> int: ...
 
-    def kv_bytes_per_token(self) -> float: ...
+    def kv_bytes_per_token(self) -> float:
+        """Bytes the cache holds after a ``KV_PROBE_TOKENS`` prefill, per token, its
+        full-precision keys and values counted in ``describe()["kv_dtype"]``."""
+        ...
 
     def describe(self) -> dict[str, Any]:
-        """``runtime``, ``device``, ``dtype`` and ``kv_policy`` (name or None), for reports;
+        """``runtime``, ``device``, ``dtype``, ``kv_policy`` (name or None) and ``kv_dtype``
+        (the dtype the deployed cache holds full-precision keys and values in), for reports;
         plus ``expert_skip`` when a policy skips MoE experts."""
         ...
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a dtype named like ``bfloat16`` / ``torch.float32``."""
+    return getattr(torch, name.removeprefix("torch.")).itemsize
+
+
+def split_contexts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], contexts: Sequence[str | None]
+) -> list[tuple[list[int], list[int]]]:
+    """Each prompt's token ids as ``(context, question)``: the prompt's tokens up to where
+    they stop matching its context's own tokens (at least one token is left for the
+    question); both runtimes prefill the first part under the policy, then read the rest."""
+    full = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    heads = tokenizer([c or "" for c in contexts], add_special_tokens=True)["input_ids"]
+    out = []
+    for ids, head, context in zip(full, heads, contexts, strict=True):
+        n = 0
+        while context and n < min(len(ids) - 1, len(head)) and ids[n] == head[n]:
+            n += 1
+        out.append((ids[:n], ids[n:]))
+    return out
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -102,6 +128,7 @@ class TorchRuntime:
         tokenizer: PreTrainedTokenizerBase,
         batch_size: int = 64,
         kv_policy: KVPolicy | None = None,
+        kv_dtype: str | None = None,
     ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token; set tokenizer.pad_token first")
@@ -109,6 +136,8 @@ class TorchRuntime:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.kv_policy = kv_policy
+        #: the deploy dtype full-precision keys and values are counted in (default: the model's)
+        self.kv_dtype = kv_dtype or str(model.dtype).removeprefix("torch.")
         self.expert_skip: Any = None  # an attached ExpertSkip (compress/moe/skip.py)
         self._kv_bytes: float | None = None
 
@@ -136,7 +165,9 @@ class TorchRuntime:
     @torch.inference_mode()
     def kv_bytes_per_token(self) -> float:
         """Bytes the cache holds after a prefill of ``KV_PROBE_TOKENS`` tokens, per token:
-        measured on the cache the attached policy (or the default full cache) builds."""
+        measured on the cache the attached policy (or the default full cache) builds, its
+        full-precision keys and values counted in ``kv_dtype`` (the deploy dtype, whatever
+        the compute dtype: a cache computed in float32 on a CPU deploys in bfloat16)."""
         if self._kv_bytes is None:
             from knowpress.compress.kv.full import FullCache
 
@@ -146,7 +177,7 @@ class TorchRuntime:
             ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0))
             cache = policy.make_cache(self.model)
             self.model(input_ids=ids.to(_device(self.model)), past_key_values=cache, use_cache=True)
-            self._kv_bytes = policy.cache_bytes(cache) / n
+            self._kv_bytes = policy.cache_bytes(cache, dtype_bytes(self.kv_dtype)) / n
         return self._kv_bytes
 
     def describe(self) -> dict[str, Any]:
@@ -155,6 +186,7 @@ class TorchRuntime:
             "device": str(_device(self.model)),
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "kv_policy": None if self.kv_policy is None else self.kv_policy.name,
+            "kv_dtype": self.kv_dtype,
             **({} if self.expert_skip is None else
                {"expert_skip": f"{self.expert_skip.name} beta={self.expert_skip.beta:g}"}),
         }  # fmt: skip
@@ -220,21 +252,11 @@ class TorchRuntime:
 
     def _prefilled(self, prompts: list[str], contexts: Sequence[str | None]
                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:  # fmt: skip
-        """``[pad, context | pad, question]`` ids and mask, and a policy cache already holding
-        each row's context: the prompt's tokens up to where they stop matching the context's
-        own tokens (at least one token is left for the question)."""
-        tok = self.tokenizer
-        full = tok(prompts, add_special_tokens=True)["input_ids"]
-        heads = tok([c or "" for c in contexts], add_special_tokens=True)["input_ids"]
-        cut = []
-        for ids, head, context in zip(full, heads, contexts, strict=True):
-            n = 0
-            while context and n < min(len(ids) - 1, len(head)) and ids[n] == head[n]:
-                n += 1
-            cut.append(n)
-        ctx_ids, ctx_mask = self._padded([ids[:n] for ids, n in zip(full, cut, strict=True)],
-                                         "left", allow_empty=True)  # fmt: skip
-        q_ids, q_mask = self._padded([ids[n:] for ids, n in zip(full, cut, strict=True)], "left")
+        """``[pad, context | pad, question]`` ids and mask (``split_contexts``), and a policy
+        cache already holding each row's context."""
+        parts = split_contexts(self.tokenizer, prompts, contexts)
+        ctx_ids, ctx_mask = self._padded([c for c, _ in parts], "left", allow_empty=True)
+        q_ids, q_mask = self._padded([q for _, q in parts], "left")
         cache = self._cache()
         if ctx_ids.shape[1]:
             positions = (ctx_mask.cumsum(-1) - 1).clamp_min(0)

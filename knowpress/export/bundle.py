@@ -18,14 +18,16 @@ from knowpress.models.io import atomic_write_text
 
 README = """# {name}: ONNX decoder with KV cache (exported by knowpress)
 
-Weights: {weights}. KV policy: {policy}. Files: `model.onnx` + `model.onnx.data`
+Weights: {weights}. {policy}
+
+Files: `model.onnx` + `model.onnx.data`
 (keep them side by side), `tokenizer.json`, `genai_config.json` (onnxruntime-genai layout:
 `og.Model(folder)` once your onnxruntime-genai accepts it), `generation_config.json`.
 
 Graph: `input_ids [batch, sequence]`, `attention_mask [batch, past + sequence]` (1 real,
 0 pad), `position_ids [batch, sequence]`, `past_key_values.{{i}}.key|value [batch,
 kv_heads, past, head_dim]` -> `logits [batch, sequence, vocab]`, `present.{{i}}.key|value`
-(past + sequence). A prefill passes `past = 0`.
+(past + sequence). A prefill passes `past = 0`.{io}
 
 Greedy decoding with onnxruntime and numpy alone (ids from `tokenizer.json` with any
 tokenizer library, e.g. `tokenizers.Tokenizer.from_file`):
@@ -42,6 +44,8 @@ layers = config["decoder"]["num_hidden_layers"]
 past = {{i.name: np.zeros([1 if d == "batch" else 0 if d == "past_sequence" else d
                           for d in i.shape], np.float32)
         for i in session.get_inputs() if i.name.startswith("past_key_values")}}
+heads = {{i.name: i.name.split(".")[1] for i in session.get_inputs()
+         if i.name.startswith("past_valid")}}  # only in graphs exported with a policy
 ids = [int(t) for t in (sys.argv[2] if len(sys.argv) > 2 else "{prompt}").split()]
 mask, out = [], []
 step = np.array([ids], np.int64)
@@ -50,6 +54,8 @@ for _ in range(int(sys.argv[3]) if len(sys.argv) > 3 else 8):
     mask += [1] * step.shape[1]
     feed = {{"input_ids": step, "attention_mask": np.array([mask], np.int64),
             "position_ids": np.arange(start, len(mask), dtype=np.int64)[None], **past}}
+    feed.update({{name: np.ones(past[f"past_key_values.{{i}}.key"].shape[:3], bool)
+                 for name, i in heads.items()}})  # every past slot live
     logits, *present = session.run(None, feed)
     past = {{f"past_key_values.{{i}}.{{kv}}": present[2 * i + j]
             for i in range(layers) for j, kv in enumerate(("key", "value"))}}
@@ -61,10 +67,30 @@ for _ in range(int(sys.argv[3]) if len(sys.argv) > 3 else 8):
 print(" ".join(map(str, out)))
 ```
 
-Run: `python run.py FOLDER "1 17 42" 8` prints the greedy token ids. This loop keeps the
-whole past; knowpress scored the bundle with the KV policy above applied after every step
-(streaming: each row's first `sinks` and last `budget - sinks` tokens kept, positions running on).
+Run: `python run.py FOLDER "1 17 42" 8` prints the greedy token ids. {loop}
 """
+
+NO_POLICY = (
+    "KV policy: none. knowpress scored this bundle in an onnxruntime loop that keeps the "
+    "whole past, as the loop below does."
+)
+POLICY = (
+    "KV policy: `{policy}`. knowpress scored this bundle with that policy applied in its "
+    "onnxruntime loop (`knowpress.export.session.OnnxDecoder`: after every graph call the "
+    "policy's cache layers keep or quantize the new keys and values, and what they hold is "
+    "fed back as the past), so the report's figures hold for that loop."
+)
+LOOP_NO_POLICY = "It keeps the whole past, as knowpress scored the bundle."
+LOOP_POLICY = (
+    "It keeps the whole past: it does not apply the KV policy above, so its answers can "
+    "differ from the report's; run the policy with `knowpress.export.ort.OrtRuntime`."
+)
+IO = {
+    "queries": "`queries.{i} [batch, heads, sequence, head_dim]` (outputs: the post-rotary "
+    "queries the policy scores tokens with)",
+    "past_valid": "`past_valid.{i} [batch, kv_heads, past]` (bool inputs: each head's mask "
+    "over its past; all true keeps every slot)",
+}
 
 
 def _first(value: Any) -> Any:
@@ -132,10 +158,18 @@ def write_bundle(
     text = json.dumps(genai_config(spec, model.config, generation), indent=1)
     atomic_write_text(folder / "genai_config.json", text)
     prompt = " ".join(str(i) for i in [spec.bos_token_id or 1, 5, 6, 7])
+    io = ""
+    if spec.io:
+        io = ("\nFor its KV policy the graph also has " + "; ".join(IO[n] for n in spec.io)
+              + ". onnxruntime-genai does not drive these.")  # fmt: skip
     readme = README.format(
         name=spec.model_type,
         weights=weights,
         prompt=prompt,
-        policy="none" if policy is None else json.dumps(policy.model_dump()),
+        policy=NO_POLICY
+        if policy is None
+        else POLICY.format(policy=json.dumps(policy.model_dump(mode="json"))),
+        loop=LOOP_NO_POLICY if policy is None else LOOP_POLICY,
+        io=io,
     )
     atomic_write_text(folder / "README.md", readme)

@@ -12,7 +12,9 @@ transformers<4.58). The graph, for ``L`` layers::
 ``total_sequence = past_sequence + sequence``; a prefill passes ``past_sequence = 0``. The
 mask is the 2-D padding mask over past and current tokens (the causal part is in the
 graph), ``position_ids`` are the rotary positions, so a caller that evicts past tokens
-(``session.py``: streaming) keeps positions running on from the tokens seen. Key and value
+(``session.py``: the KV policy's layers) keeps positions running on from the tokens seen.
+Exported with a KV policy, the graph also has the I/O that policy needs in the loop
+(``policy_io.py``: ``queries.{i}`` outputs, ``past_valid.{i}`` inputs). Key and value
 head dims may differ (DeepSeek-V3's MLA caches ``qk_nope + qk_rope`` keys, ``v_head_dim``
 values). Weights go to external data (``model.onnx.data``) so graphs over 2 GB load.
 
@@ -24,7 +26,7 @@ batched matmul) works and is what is done here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,10 @@ class GraphSpec:
     bos_token_id: int | None
     eos_token_id: int | list[int] | None
     pad_token_id: int | None
+    #: each layer's attention scaling (what a policy scoring attention multiplies q·k by)
+    scaling: list[float] = field(default_factory=list)
+    #: the KV-policy I/O the graph carries (``policy_io.py``)
+    io: list[str] = field(default_factory=list)
 
     def dump(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,11 +87,15 @@ def check_exportable(config: Any) -> None:
 
 
 class KVDecoder(torch.nn.Module):
-    """The flat-tensor signature of the module docstring around a transformers decoder."""
+    """The flat-tensor signature of the module docstring around a transformers decoder;
+    ``io``: the KV-policy I/O it adds (``policy_io.py``)."""
 
-    def __init__(self, model: torch.nn.Module, layers: int) -> None:
+    def __init__(self, model: torch.nn.Module, layers: int, io: frozenset[str]) -> None:
         super().__init__()
-        self.model, self.layers = model, layers
+        from knowpress.export.policy_io import attention_modules
+
+        self.model, self.layers, self.io = model, layers, io
+        self.attention = attention_modules(model) if io else []
 
     def forward(
         self,
@@ -93,40 +103,58 @@ class KVDecoder(torch.nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         past: tuple[torch.Tensor, ...],
+        valid: tuple[torch.Tensor, ...] = (),
     ) -> tuple[Any, ...]:
         from transformers import DynamicCache
+
+        from knowpress.export.policy_io import QUERIES, close_slots, open_slots
 
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        slots = open_slots(self.attention, valid)
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        finally:
+            close_slots(self.attention)
         present = []
         for layer in out.past_key_values.layers[: self.layers]:
             present += [layer.keys, layer.values]
-        return (out.logits, *present)
+        queries = [slot["queries"] for slot in slots] if QUERIES in self.io else []
+        return (out.logits, *present, *queries)
 
 
-def io_names(layers: int) -> tuple[list[str], list[str]]:
+def io_names(layers: int, io: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+    from knowpress.export.policy_io import PAST_VALID, QUERIES
+
     kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
     inputs = ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in kv)]
-    return inputs, ["logits", *(f"present.{n}" for n in kv)]
+    outputs = ["logits", *(f"present.{n}" for n in kv)]
+    if PAST_VALID in io:
+        inputs += [f"past_valid.{i}" for i in range(layers)]
+    if QUERIES in io:
+        outputs += [f"queries.{i}" for i in range(layers)]
+    return inputs, outputs
 
 
 @torch.no_grad()
 def graph_spec(model: torch.nn.Module) -> GraphSpec:
     """Shapes of the cache the model writes (read off a 2-token forward, so MLA and GQA are
     whatever the model does) and the ids a runtime needs."""
+    from knowpress.export.policy_io import attention_modules
     from knowpress.models.sizes import parameter_count
 
     config = model.config.get_text_config(decoder=True)
     ids = torch.tensor([[1, 1]], device=next(model.parameters()).device)
     layers = model(input_ids=ids, use_cache=True).past_key_values.layers
+    head_dim = int(layers[0].keys.shape[3])
+    scaling = [float(getattr(m, "scaling", head_dim**-0.5)) for m in attention_modules(model)]
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) or config.eos_token_id
     return GraphSpec(
@@ -141,17 +169,23 @@ def graph_spec(model: torch.nn.Module) -> GraphSpec:
         bos_token_id=config.bos_token_id,
         eos_token_id=eos,
         pad_token_id=config.pad_token_id,
+        scaling=scaling,
     )
 
 
 def example_inputs(spec: GraphSpec, batch: int = 2, seq: int = 3, past: int = 4) -> tuple[Any, ...]:
+    from knowpress.export.policy_io import PAST_VALID
+
     ids = torch.ones((batch, seq), dtype=torch.long)
     mask = torch.ones((batch, past + seq), dtype=torch.long)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     kv = []
     for heads, kd, vd in zip(spec.kv_heads, spec.key_dims, spec.value_dims, strict=True):
         kv += [torch.zeros(batch, heads, past, kd), torch.zeros(batch, heads, past, vd)]
-    return ids, mask, pos, tuple(kv)
+    valid = ()
+    if PAST_VALID in spec.io:
+        valid = tuple(torch.ones(batch, heads, past, dtype=torch.bool) for heads in spec.kv_heads)
+    return ids, mask, pos, tuple(kv), valid
 
 
 @torch.no_grad()
@@ -166,36 +200,46 @@ def as_float32(model: torch.nn.Module) -> None:
     model.eval()
 
 
-def export_graph(model: torch.nn.Module, path: Path) -> GraphSpec:
-    """Export ``model`` (float32, CPU, eval) to ``path`` (graph + ``DATA_FILE`` beside it)."""
+def export_graph(model: torch.nn.Module, path: Path, io: frozenset[str] = frozenset()) -> GraphSpec:
+    """Export ``model`` (float32, CPU, eval) to ``path`` (graph + ``DATA_FILE`` beside it),
+    with the KV-policy I/O ``io`` (``policy_io.py``)."""
     from torch.export import Dim
+
+    from knowpress.export.policy_io import KNOWN, traced_with
 
     config = model.config.get_text_config(decoder=True)
     check_exportable(config)
+    if io - KNOWN:
+        raise KnowpressError(f"graph I/O {sorted(io - KNOWN)} is unknown to this exporter")
     if hasattr(model, "set_experts_implementation") and config.model_type != "llama":
         model.set_experts_implementation("batched_mm")  # grouped_mm has no ONNX translation
     as_float32(model)
-    spec = graph_spec(model)
+    spec = replace(graph_spec(model), io=sorted(io))
     batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
+    example = example_inputs(spec)
     dynamic = (
         {0: batch, 1: seq},
         {0: batch, 1: Dim.AUTO},
         {0: batch, 1: seq},
         tuple({0: batch, 2: past} for _ in range(2 * spec.layers)),
+        tuple({0: batch, 2: past} for _ in example[4]),
     )
-    inputs, outputs = io_names(spec.layers)
+    if not example[4]:  # torch.onnx turns an empty tuple's shapes into a list: leave it out
+        example, dynamic = example[:4], dynamic[:4]
+    inputs, outputs = io_names(spec.layers, io)
     try:
-        program = torch.onnx.export(
-            KVDecoder(model, spec.layers).eval(),
-            example_inputs(spec),
-            dynamic_shapes=dynamic,
-            input_names=inputs,
-            output_names=outputs,
-            dynamo=True,
-            opset_version=OPSET,
-            external_data=True,
-            verbose=False,
-        )
+        with traced_with(model, io):
+            program = torch.onnx.export(
+                KVDecoder(model, spec.layers, io).eval(),
+                example,
+                dynamic_shapes=dynamic,
+                input_names=inputs,
+                output_names=outputs,
+                dynamo=True,
+                opset_version=OPSET,
+                external_data=True,
+                verbose=False,
+            )
     except Exception as exc:  # torch.export's errors are pages long: name the model, cut it
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise KnowpressError(

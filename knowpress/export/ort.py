@@ -2,10 +2,12 @@
 the deployed file itself (registered for the manifest format ``onnx`` by
 ``evaluate/loader.py``).
 
-Greedy and sampled generation run ``session.OnnxDecoder``'s KV-cache loop (prefill once,
-then one token per step, batched, left-padded); ``nll`` and ``next_token_logprobs`` are one
-forward over right-padded rows from an empty past. The attached KV policy acts in that loop
-(``full``, ``streaming``); any other is refused in one line.
+The same protocol as ``TorchRuntime``, on ``session.OnnxDecoder``'s KV-cache loop, where the
+attached KV policy acts through its own cache layers: generation prefills once, then one
+token per step, batched and left-padded; ``greedy`` with ``contexts`` prefills each context
+under the policy first and reads the question after it (``runtime.split_contexts``);
+``nll`` and ``next_token_logprobs`` read right-padded rows in one forward without a policy,
+or in chunks of ``score_chunk`` tokens through the policy's cache with one.
 """
 
 from __future__ import annotations
@@ -19,19 +21,23 @@ import numpy as np
 import torch
 
 from knowpress.errors import KnowpressError
-from knowpress.evaluate.runtime import KV_PROBE_TOKENS, NLL
-from knowpress.export.session import (
-    OnnxDecoder,
-    check_policy,
-    left_padded,
-    right_padded,
+from knowpress.evaluate.runtime import (
+    KV_PROBE_TOKENS,
+    NLL,
+    TorchRuntime,
+    dtype_bytes,
+    split_contexts,
 )
+from knowpress.export.session import OnnxDecoder, State, left_padded, right_padded
 
 EXPORT_FILE = "knowpress_export.json"
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
+              "tensor(bfloat16)": "bfloat16"}  # fmt: skip
 
 
 class OrtRuntime:
     name = "onnxruntime"
+    score_chunk = TorchRuntime.score_chunk
 
     def __init__(
         self,
@@ -42,7 +48,6 @@ class OrtRuntime:
         batch_size: int = 64,
         providers: list[str] | None = None,
     ) -> None:
-        check_policy(policy, str(folder))
         if tokenizer.pad_token_id is None:
             raise KnowpressError(f"{folder}: the tokenizer has no pad token; set one and re-export")
         self.folder, self.tokenizer, self.record = Path(folder), tokenizer, record
@@ -52,6 +57,9 @@ class OrtRuntime:
         self.decoder = OnnxDecoder(graph, self.spec, policy, providers)
         eos = self.spec["eos_token_id"]
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        past = {i.name: i.type for i in self.decoder.session.get_inputs()}
+        #: the graph's past dtype: what the deployed loop holds keys and values in
+        self.kv_dtype = ORT_DTYPES.get(past.get("past_key_values.0.key", ""), "float32")
         self._kv_bytes: float | None = None
 
     @property
@@ -63,13 +71,15 @@ class OrtRuntime:
 
     def kv_bytes_per_token(self) -> float:
         """Bytes of the past the loop holds after a ``KV_PROBE_TOKENS`` prefill, per token
-        (the same probe as ``TorchRuntime``: seeded random ids, the policy applied)."""
+        (the same probe as ``TorchRuntime``: seeded random ids, the policy applied; keys and
+        values in the graph's past dtype)."""
         if self._kv_bytes is None:
             n = min(KV_PROBE_TOKENS, self.max_positions)
             gen = torch.Generator().manual_seed(0)
             ids = torch.randint(0, self.spec["vocab_size"], (1, n), generator=gen).numpy()
             _, state = self.decoder.forward(ids, np.ones_like(ids), self.decoder.empty(1))
-            self._kv_bytes = self.decoder.cache_bytes(state) / n
+            held = self.decoder.cache_bytes(state, dtype_bytes(self.kv_dtype))
+            self._kv_bytes = held / n
         return self._kv_bytes
 
     def describe(self) -> dict[str, Any]:
@@ -79,6 +89,7 @@ class OrtRuntime:
             "device": "cuda" if "CUDAExecutionProvider" in providers else "cpu",
             "dtype": "float32",
             "kv_policy": None if self.kv_policy is None else self.kv_policy.name,
+            "kv_dtype": self.kv_dtype,
             "weights": self.record.get("weights", "float32"),
         }
 
@@ -86,13 +97,30 @@ class OrtRuntime:
         for start in range(0, len(items), self.batch_size):
             yield list(items[start : start + self.batch_size])
 
+    def _prefill(self, prompts: list[list[int]],
+                 contexts: list[list[int]] | None) -> tuple[np.ndarray, State]:  # fmt: skip
+        """Logits after each row's prompt: ``contexts`` (when given) prefilled first under
+        the policy, the prompts (then the questions) after them, all left-padded."""
+        pad = self.tokenizer.pad_token_id
+        state = self.decoder.empty(len(prompts))
+        if contexts is not None and max(map(len, contexts)):
+            ids, valid = left_padded(contexts, pad)
+            _, state = self.decoder.forward(ids, valid, state)
+        ids, valid = left_padded(prompts, pad)
+        return self.decoder.forward(ids, valid, state)
+
     def _generate(
-        self, prompts: list[list[int]], max_new_tokens: int, pick: Callable[..., Any], stop: bool
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        pick: Callable[..., Any],
+        stop: bool,
+        contexts: list[list[int]] | None = None,
     ) -> list[list[int]]:
         """New tokens per prompt: ``pick(last_logits [B, V]) -> [B]``; with ``stop`` a row ends
-        at its end-of-sequence token (kept out of the result)."""
-        ids, valid = left_padded(prompts, self.tokenizer.pad_token_id)
-        logits, state = self.decoder.forward(ids, valid, self.decoder.empty(len(prompts)))
+        at its end-of-sequence token (kept out of the result; the row is fed pads after it,
+        as ``generate`` does)."""
+        logits, state = self._prefill(prompts, contexts)
         out: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(len(prompts), bool)
         for step in range(max_new_tokens):
@@ -110,19 +138,29 @@ class OrtRuntime:
             logits, state = self.decoder.forward(token, np.ones_like(token), state)
         return out
 
-    def greedy_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    def greedy_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   contexts: Sequence[Sequence[int]] | None = None) -> list[list[int]]:  # fmt: skip
+        """Greedy new ids per prompt; with ``contexts`` each prompt is the question that
+        follows its context (prefilled first)."""
+        rows = [list(map(int, p)) for p in prompts]
+        heads = None if contexts is None else [list(map(int, c)) for c in contexts]
         out = []
-        for chunk in self._chunks([list(map(int, p)) for p in prompts]):
-            out += self._generate(chunk, max_new_tokens, lambda x: x.argmax(-1), stop=True)
+        for start in range(0, len(rows), self.batch_size):
+            span = slice(start, start + self.batch_size)
+            out += self._generate(rows[span], max_new_tokens, lambda x: x.argmax(-1), stop=True,
+                                  contexts=None if heads is None else heads[span])  # fmt: skip
         return out
 
     def greedy(self, prompts: Sequence[str], max_new_tokens: int,
                contexts: Sequence[str | None] | None = None) -> list[str]:  # fmt: skip
-        """Greedy answers. ``contexts`` are accepted for the protocol but not split off: the
-        whole prompt is prefilled in one forward, so under streaming the question reads the
-        uncompressed context (``TorchRuntime`` compresses the context first)."""
-        encoded = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-        new = self.greedy_ids(encoded, max_new_tokens)
+        """Greedy answers; with a KV policy and ``contexts``, each context is prefilled (and
+        compressed) before its question is read, as ``TorchRuntime.greedy`` does."""
+        if self.kv_policy is not None and contexts is not None and any(contexts):
+            parts = split_contexts(self.tokenizer, prompts, contexts)
+            new = self.greedy_ids([q for _, q in parts], max_new_tokens, [c for c, _ in parts])
+        else:
+            encoded = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+            new = self.greedy_ids(encoded, max_new_tokens)
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     def sample(
@@ -144,9 +182,22 @@ class OrtRuntime:
             out += [p + n for p, n in zip(chunk, new, strict=True)]
         return out
 
+    def _logits(self, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Logits ``[B, L, V]`` of right-padded rows: one forward, or chunk by chunk through
+        the policy's cache (each chunk attends to what the policy kept)."""
+        state = self.decoder.empty(len(ids))
+        if self.kv_policy is None:
+            return self.decoder.forward(ids, valid, state)[0]
+        parts = []
+        for start in range(0, ids.shape[1], self.score_chunk):
+            end = start + self.score_chunk
+            logits, state = self.decoder.forward(ids[:, start:end], valid[:, start:end], state)
+            parts.append(logits)
+        return np.concatenate(parts, axis=1)
+
     def _logprobs(self, rows: list[list[int]]) -> list[torch.Tensor]:
         ids, valid = right_padded(rows, self.tokenizer.pad_token_id)
-        logits, _ = self.decoder.forward(ids, valid, self.decoder.empty(len(rows)))
+        logits = self._logits(ids, valid)
         logp = torch.log_softmax(torch.from_numpy(logits[:, :-1]).float(), dim=-1)
         return [logp[row, : len(seq) - 1] for row, seq in enumerate(rows)]
 
@@ -175,11 +226,21 @@ class OrtRuntime:
 def read_record(folder: Path) -> dict[str, Any]:
     path = Path(folder) / EXPORT_FILE
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise KnowpressError(
             f"{path}: unreadable export record ({exc}); re-run the export"
         ) from None
+    graph = record.get("graph") if isinstance(record, dict) else None
+    needed = ("layers", "kv_heads", "key_dims", "value_dims", "vocab_size", "max_positions")
+    if (
+        not isinstance(graph, dict)
+        or any(k not in graph for k in needed)
+        or not isinstance(record.get("files"), dict)
+        or "graph" not in record["files"]
+    ):
+        raise KnowpressError(f"{path}: not a knowpress export record; re-run the export")
+    return record
 
 
 def load_onnx(location: str, manifest: Any, options: Any) -> OrtRuntime:

@@ -85,8 +85,10 @@ def weights_label(config: Any, info: dict[str, Any]) -> str:
     )
 
 
-def _graph(model: Any, graph: Path, config: Any, progress: Any) -> tuple[Any, dict[str, Any]]:
-    """Export ``model`` to ``graph`` with the configured weights; (GraphSpec, weights info)."""
+def _graph(model: Any, graph: Path, config: Any, progress: Any,
+           graph_io: frozenset[str]) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """Export ``model`` to ``graph`` with the configured weights and the KV-policy I/O
+    ``io``; (GraphSpec, weights info)."""
     targets: dict[str, Any] = {}
     if config.weights == "int4":
         targets, kept = nbits.prepare(
@@ -101,7 +103,7 @@ def _graph(model: Any, graph: Path, config: Any, progress: Any) -> tuple[Any, di
         round_half(model, {f"{t.name}.weight" for t in targets.values()})
     progress.log(f"[dim]export: torch.onnx (dynamo) of {model.config.model_type}[/dim]")
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its steps
-        spec = export_graph(model, graph)
+        spec = export_graph(model, graph, graph_io)
     if config.weights == "int4":
         info = nbits.rewrite(graph, targets, config.accuracy_level)
         if kept:
@@ -141,16 +143,19 @@ def export_model(
 ) -> dict[str, Any]:
     """Write the bundle into ``folder`` (being written atomically by the caller); returns
     the metrics (parity, weights, files). ``config``: a ``stages.export.ExportConfig``."""
+    from knowpress.compress.kv.base import CacheShape
     from knowpress.export.bundle import write_bundle
-    from knowpress.export.session import check_policy
 
-    check_policy(policy, "export")
     check_exportable(model.config.get_text_config(decoder=True))
+    graph_io: frozenset[str] = frozenset()
+    if policy is not None:
+        policy.check(CacheShape.of(model), "onnxruntime")
+        graph_io = policy.graph_io()
     undispatch(model)
     refuse_unholdable(model)
     as_float32(model)
     graph = Path(folder) / GRAPH_FILE
-    spec, info = _graph(model, graph, config, progress)
+    spec, info = _graph(model, graph, config, progress, graph_io)
     if config.store == "float16":
         info["float16_tensors"] = store_half(graph)
     result = _parity(model, graph, spec, config, progress)

@@ -1,11 +1,13 @@
 """Attention probabilities for score-based eviction, without eager attention for the model.
 
 transformers 5.23 hands a cache layer no queries (``update`` gets keys and values only), so
-a pre-hook on each attention module stashes its ``hidden_states`` and rotary
-``position_embeddings`` in the cache, and the layer recomputes the queries
-``RoPE(q_norm(q_proj(h)))`` and ``softmax(q·kᵀ · scaling)`` over the keys it is about to
-return, masked to the causal past and real (unpadded) tokens. Supported: the Llama-style
-attention of llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe (per-head q_norm).
+on a torch model a pre-hook on each attention module stashes its ``hidden_states`` and
+rotary ``position_embeddings`` in the cache, and ``PolicyCache.queries`` recomputes the
+queries ``RoPE(q_norm(q_proj(h)))``; the onnxruntime loop reads them from the graph's
+``queries`` outputs instead. ``attend`` is ``softmax(q·kᵀ · scaling)`` over the keys a layer
+is about to return, masked to the causal past and real (unpadded) tokens. Recomputed on
+torch: the Llama-style attention of llama, mistral, mixtral, qwen2, qwen2_moe, qwen3,
+qwen3_moe (per-head q_norm).
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ from knowpress.errors import KnowpressError
 SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 
 
-def attention_modules(model: Any) -> list[Any]:
-    """Each decoder layer's ``self_attn`` (an unsupported model is one clear line)."""
-    kind = getattr(model.config, "model_type", "?")
+def check_supported(kind: str, policy: str) -> None:
+    """One line when queries cannot be recomputed for ``kind`` on a torch model."""
     if kind not in SUPPORTED:
         raise KnowpressError(
-            f"score-based KV eviction recomputes attention for {', '.join(SUPPORTED)}; "
-            f"model_type {kind!r} is not one of them: use streaming or kivi"
+            f"{policy}: score-based KV eviction recomputes attention for "
+            f"{', '.join(SUPPORTED)}; model_type {kind!r} is not one of them: use streaming "
+            "or kivi, or score the exported ONNX graph (it outputs its queries)"
         )
+
+
+def attention_modules(model: Any, policy: str = "score-based KV eviction") -> list[Any]:
+    """Each decoder layer's ``self_attn`` (an unsupported model is one clear line)."""
+    check_supported(getattr(model.config, "model_type", "?"), policy)
     return [layer.self_attn for layer in model.model.layers]
 
 
@@ -54,13 +61,3 @@ def attend(states: torch.Tensor, scaling: float, keys: torch.Tensor, query_pos: 
     allowed = (key_pos[:, :, None, :] <= query_pos[:, None, :, None]) & key_valid[:, :, None, :]
     scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
     return scores.softmax(-1).nan_to_num(0.0).sum(2)
-
-
-def probabilities(module: Any, hidden: torch.Tensor, rotary: Any, keys: torch.Tensor,
-                  query_pos: torch.Tensor, key_pos: torch.Tensor,
-                  key_valid: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """``[B, H_kv, q, S]``: the current forward's attention over ``keys [B, H_kv, S, D]``
-    (``attend`` of its recomputed ``queries``); ``query_pos [B, q]``, ``key_pos``/
-    ``key_valid`` ``[B, H_kv, S]``."""
-    states = queries(module, hidden, rotary, keys.shape[1])
-    return attend(states, module.scaling, keys, query_pos, key_pos, key_valid)

@@ -30,9 +30,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import SerializeAsAny, field_validator
 
-from knowpress.compress.kv.base import KV_POLICIES, EvictionPolicy, KVPolicy
+from knowpress.compress.kv.base import (
+    KV_POLICIES,
+    CacheShape,
+    EvictionPolicy,
+    KVPolicy,
+    Probe,
+    float_nbytes,
+)
 from knowpress.compress.kv.evicting import policy_cache
-from knowpress.compress.kv.kivi import KIVIPolicy, _nbytes, dequantize, encode, head_dim_groups
+from knowpress.compress.kv.kivi import KIVIPolicy, _nbytes, check_group, dequantize, encode
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
@@ -139,12 +146,14 @@ class QuantizedStorage:
                                                                       tensor], dim=2))  # fmt: skip
         self.kblock = self.kblock.to(block_dtype(self.kscale.shape[2]))
 
-    def nbytes(self) -> int:
-        """Codes, block ids, scales and zeros of the history, plus the full-precision tail."""
+    def nbytes(self, float_bytes: int | None = None) -> int:
+        """Codes, block ids, scales and zeros of the history, plus the full-precision tail
+        (at ``float_bytes`` per value: the deploy dtype's width)."""
         tensors = [getattr(self, name) for name in STORE]
+        tail = 0
         if self.is_initialized and self.keys.dim() == 4:
-            tensors += [self.keys, self.values]
-        return sum(_nbytes(t) for t in tensors if t is not None)
+            tail = sum(float_nbytes(t, float_bytes) for t in (self.keys, self.values))
+        return sum(_nbytes(t) for t in tensors if t is not None) + tail
 
     def reset(self) -> None:
         super().reset()  # type: ignore[misc]
@@ -192,13 +201,23 @@ class ComposePolicy(KVPolicy):
         return self.model_copy(update={"policies": [self.eviction.with_budget(budget),
                                                     self.storage]})  # fmt: skip
 
+    def check(self, shape: CacheShape, runtime: str = "torch") -> None:
+        check_group(shape, self.storage.group_size, "compose: kivi")
+        self.eviction.check(shape, runtime)
+
+    def graph_io(self) -> frozenset[str]:
+        return self.eviction.graph_io()
+
+    def layers(self, shape: CacheShape, probe: Probe | None = None) -> list[Any]:
+        kivi, eviction = self.storage, self.eviction
+        check_group(shape, kivi.group_size, "compose: kivi")
+        layers = []
+        for _ in range(shape.layers):
+            layer = quantized(eviction.layer_class)(*eviction.layer_args())
+            layer.init_store(kivi.bits, kivi.group_size, kivi.residual)
+            layers.append(layer)
+        return layers
+
     def make_cache(self, model: PreTrainedModel) -> Cache:
-        kivi = self.storage
-        head_dim_groups(model, kivi.group_size, "compose: kivi")
-
-        def layer() -> Any:
-            inner = quantized(self.eviction.layer_class)(*self.eviction.layer_args())
-            inner.init_store(kivi.bits, kivi.group_size, kivi.residual)
-            return inner
-
-        return policy_cache(model, layer, attention=self.eviction.attention)
+        return policy_cache(model, self.layers(CacheShape.of(model)),
+                            attention=self.eviction.attention)  # fmt: skip

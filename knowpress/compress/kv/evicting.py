@@ -31,9 +31,11 @@ ATTENTION_HOOK = "_knowpress_kv_attention_hook"
 
 
 class PolicyCache(Cache):
-    """A cache of evicting layers; ``valid`` = the current forward's 2-D mask (bool)."""
+    """A cache of evicting layers; ``valid`` = the 2-D mask (bool) over every position seen
+    up to the end of the current forward (a torch model's pre-hook, or the onnxruntime loop,
+    sets it)."""
 
-    def __init__(self, layers: list[EvictingLayer]) -> None:
+    def __init__(self, layers: list[Any]) -> None:
         super().__init__(layers=layers)
         self.valid: torch.Tensor | None = None
         # layer index -> (attention module, hidden states, (cos, sin)) of the current forward,
@@ -41,6 +43,14 @@ class PolicyCache(Cache):
         self.attention_inputs: dict[int, tuple[Any, torch.Tensor, Any]] = {}
         for index, layer in enumerate(layers):
             layer.owner, layer.index = self, index
+
+    def queries(self, index: int, kv_heads: int) -> tuple[torch.Tensor, float]:
+        """The current forward's post-rotary queries of layer ``index``, ``[B, H_kv, G, q,
+        D]`` float32, and the attention scaling (recomputed from the hooked inputs)."""
+        from knowpress.compress.kv.attention import queries
+
+        module, hidden, rotary = self.attention_inputs[index]
+        return queries(module, hidden, rotary, kv_heads), float(module.scaling)
 
 
 class EvictingLayer(DynamicLayer):
@@ -87,6 +97,16 @@ class EvictingLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.seen
+
+    def past(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """What the next forward attends to before its own tokens: keys, values ``[B, H, S,
+        D]`` and which slots hold a real token ``[B, H, S]`` (None before the first update).
+        The onnxruntime loop feeds these to its graph as the past."""
+        if not self.is_initialized or self.keys.dim() != 4:
+            return None
+        keys, values, pos, *live = self.joined(self.keys[..., :0, :], self.values[..., :0, :])
+        valid = self._valid(pos)
+        return keys, values, (valid & live[0]) if live else valid
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # type: ignore[override]
         stored = self.stored()
@@ -185,8 +205,8 @@ def _stash_attention(module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
             module, kwargs["hidden_states"], kwargs.get("position_embeddings"))  # fmt: skip
 
 
-def policy_cache(model: Any, layer: Any, attention: bool = False) -> PolicyCache:
-    """A ``PolicyCache`` with ``layer()`` for each decoder layer of ``model`` (full attention
+def policy_cache(model: Any, layers: list[Any], attention: bool = False) -> PolicyCache:
+    """A ``PolicyCache`` of ``layers`` (one per decoder layer of ``model``, full attention
     only); the mask hook (and with ``attention`` the attention-input hooks) go on ``model``
     once."""
     config = model.config.get_text_config(decoder=True)
@@ -204,4 +224,4 @@ def policy_cache(model: Any, layer: Any, attention: bool = False) -> PolicyCache
         for module in attention_modules(model):
             module.register_forward_pre_hook(_stash_attention, with_kwargs=True)
         setattr(model, ATTENTION_HOOK, True)
-    return PolicyCache([layer() for _ in range(config.num_hidden_layers)])
+    return PolicyCache(layers)

@@ -11,9 +11,9 @@ runtime policy: {name: full}
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from knowpress.compress.kv.base import KV_POLICIES, KVPolicy
+from knowpress.compress.kv.base import KV_POLICIES, CacheShape, KVPolicy, Probe
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
@@ -25,6 +25,11 @@ class FullCache(KVPolicy):
     paper = "—"
 
     name: Literal["full"]
+
+    def layers(self, shape: CacheShape, probe: Probe | None = None) -> list[Any]:
+        from transformers.cache_utils import DynamicLayer
+
+        return [DynamicLayer() for _ in range(shape.layers)]
 
     def make_cache(self, model: PreTrainedModel) -> Cache:
         from transformers import DynamicCache

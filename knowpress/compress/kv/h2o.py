@@ -3,10 +3,11 @@ Efficient Generative Inference of Large Language Models", arXiv:2306.14048).
 
 Each KV head of each layer accumulates, for every cached token, the attention it received
 from every query so far (``A_j = Σ_queries softmax(q·kᵀ)_j``, summed over the query heads
-sharing the KV head; recomputed from the hooked attention inputs, ``attention.py``). After
-every forward the head keeps its last ``⌈recent · budget⌉`` tokens and fills the rest of its
-``budget`` with the others of largest ``A`` (the heavy hitters); the rest is evicted, so the
-cache holds ``budget`` tokens per head.
+sharing the KV head; queries recomputed from the hooked attention inputs on torch, read
+from the graph's outputs on onnxruntime, ``attention.py``). After every forward the head
+keeps its last ``⌈recent · budget⌉`` tokens and fills the rest of its ``budget`` with the
+others of largest ``A`` (the heavy hitters); the rest is evicted, so the cache holds
+``budget`` tokens per head.
 
 ```yaml
 runtime policy: {name: h2o, budget: 128, recent: 0.5}
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from knowpress.compress.kv.attention import probabilities
+from knowpress.compress.kv.attention import attend
 from knowpress.compress.kv.base import KV_POLICIES, EvictionPolicy
 from knowpress.compress.kv.evicting import EvictingLayer
 
@@ -36,10 +37,10 @@ class H2OLayer(EvictingLayer):
 
     def observe(self, pos: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor) -> None:
         assert self.owner is not None
-        module, hidden, rotary = self.owner.attention_inputs[self.index]
-        q = hidden.shape[1]
+        states, scaling = self.owner.queries(self.index, keys.shape[1])
+        q = states.shape[3]
         query_valid = valid[:, 0, -q:]
-        probs = probabilities(module, hidden, rotary, keys, pos[:, 0, -q:], pos, valid)
+        probs = attend(states, scaling, keys, pos[:, 0, -q:], pos, valid)
         added = (probs * query_valid[:, None, :, None]).sum(2)  # [B, H, S]
         old = self.score if self.score is not None else added.new_zeros(*added.shape[:2], 0)
         grown = torch.cat([old, old.new_zeros(*old.shape[:2], added.shape[-1] - old.shape[-1])], -1)

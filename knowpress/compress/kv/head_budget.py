@@ -37,10 +37,25 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field, SerializeAsAny, field_validator
 
-from knowpress.compress.kv.attention import SUPPORTED, attention_modules
-from knowpress.compress.kv.base import KV_POLICIES, Budget, EvictionPolicy, KVPolicy
+from knowpress.compress.kv.attention import attention_modules, check_supported
+from knowpress.compress.kv.base import (
+    KV_POLICIES,
+    PAST_VALID,
+    QUERIES,
+    Budget,
+    CacheShape,
+    EvictionPolicy,
+    KVPolicy,
+    Probe,
+    float_nbytes,
+)
 from knowpress.compress.kv.evicting import EvictingLayer, policy_cache
-from knowpress.compress.kv.head_importance import allocate, retrieval_scores
+from knowpress.compress.kv.head_importance import (
+    allocate,
+    check_probe,
+    retrieval_scores,
+    torch_probe,
+)
 from knowpress.errors import KnowpressError
 
 if TYPE_CHECKING:
@@ -48,7 +63,6 @@ if TYPE_CHECKING:
 
 ATTENTION = "knowpress_head_budget"
 STASH = "_knowpress_head_mask"  # on an attention module: (keys returned, live [B, H, S])
-SCORES = "_knowpress_head_importance"  # on a model: {(probes, length): [layers, kv_heads]}
 
 
 def head_budget_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
@@ -69,14 +83,15 @@ def head_mask(stored: torch.Tensor, mask: torch.Tensor | None,
     """``[B, H_q, q, S + q]`` bool: ``stored [B, H_kv, S]`` (live, real) over the stored
     slots, the model's mask (its last q columns: causal, padding) over the new tokens."""
     b, heads, q, _ = query.shape
-    old = stored.repeat_interleave(heads // stored.shape[1], dim=1)[:, :, None, :]
+    group = torch.arange(heads, device=stored.device) // (heads // stored.shape[1])
+    old = stored.index_select(1, group)[:, :, None, :]  # a gather: exports with an empty past
     if mask is None:  # sdpa skipped the mask: no padding, causal within the new tokens
         new = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
     elif mask.dtype != torch.bool:
         raise KnowpressError("head_budget: attention masks must be boolean (sdpa's)")
     else:
         new = mask[..., -q:]
-    full = torch.cat([old.expand(b, heads, q, -1), new.expand(b, heads, q, q)], dim=-1)
+    full = torch.cat([old.expand(b, heads, q, old.shape[-1]), new.expand(b, heads, q, q)], dim=-1)
     return full | ~full.any(-1, keepdim=True)  # a query with no key (a pad): as sdpa_mask
 
 
@@ -100,10 +115,12 @@ def use_head_attention(model: Any) -> None:
 
 class HeadBudgetLayer(EvictingLayer):
     """Keeps ``allocation(capacity())[index][h]`` tokens in KV head ``h``, ranked by the
-    wrapped ``inner`` layer; stored flat (see the module docstring)."""
+    wrapped ``inner`` layer; stored flat (see the module docstring). ``modules``: a torch
+    model's attention modules, which read the per-head mask this layer stashes; None in the
+    onnxruntime loop, whose graph reads ``past()``'s mask as its ``past_valid`` input."""
 
     def __init__(self, inner: EvictingLayer, budget: int | float, allocation: Any,
-                 modules: list[Any]) -> None:  # fmt: skip
+                 modules: list[Any] | None) -> None:  # fmt: skip
         self.inner = inner
         super().__init__(budget)
         self.allocation, self.modules = allocation, modules
@@ -129,10 +146,20 @@ class HeadBudgetLayer(EvictingLayer):
     def stored(self) -> int:
         return max(self.counts) if self.counts else 0
 
-    def nbytes(self) -> int:
+    def nbytes(self, float_bytes: int | None = None) -> int:
         if not self.counts:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        return sum(float_nbytes(t, float_bytes) for t in (self.keys, self.values))
+
+    def past(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Keys, values ``[B, H, max_h n_h, D]`` (each head's dead slots first) and which
+        slots hold a live real token ``[B, H, S]``."""
+        if not self.counts:
+            return None
+        b, h = self.keys.shape[0], len(self.counts)
+        empty = [t.new_zeros(b, h, 0, t.shape[-1]) for t in (self.keys, self.values)]
+        keys, values, pos, live = self.joined(*empty)
+        return keys, values, self._valid(pos) & live
 
     def joined(self, key_states: torch.Tensor,
                value_states: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
@@ -157,9 +184,10 @@ class HeadBudgetLayer(EvictingLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        q, module = key_states.shape[-2], self.modules[self.index]
-        if module.config._attn_implementation != ATTENTION:  # else dead slots would be read
-            raise KnowpressError(
+        q = key_states.shape[-2]
+        module = None if self.modules is None else self.modules[self.index]
+        if module is not None and module.config._attn_implementation != ATTENTION:
+            raise KnowpressError(  # else dead slots would be read
                 f"head_budget: the model's attention became {module.config._attn_implementation!r}"
                 f" after its cache was built; keep {ATTENTION!r} while the cache is in use"
             )
@@ -170,8 +198,8 @@ class HeadBudgetLayer(EvictingLayer):
         self.inner.seen = self.seen
         valid = self._valid(pos) & live
         self.inner.observe(pos, valid, keys)
-        # this forward attends to every live real slot; the new tokens get the model's mask
-        module.__dict__[STASH] = (keys, valid[..., : keys.shape[2] - q])
+        if module is not None:  # this forward attends to every live real slot, new ones masked
+            module.__dict__[STASH] = (keys, valid[..., : keys.shape[2] - q])  # by the model
         sizes = live.sum(-1)  # [H]: n_h + q
         budget = self.allocation(self.capacity(), self.seen)[self.index].to(sizes.device)
         keep = torch.where(sizes > budget + self.inner.slack(), budget, sizes)
@@ -243,26 +271,29 @@ class HeadBudgetPolicy(KVPolicy):
         return _member(value)
 
     def with_budget(self, budget: int | float) -> KVPolicy:
-        return self.model_copy(update={"budget": budget})
+        return self.model_validate({**self.model_dump(), "budget": budget})
 
-    def importance(self, model: PreTrainedModel) -> torch.Tensor:
-        """``[layers, kv_heads]`` copy scores, measured once per model (kept on the model)."""
-        memo = model.__dict__.setdefault(SCORES, {})
+    def graph_io(self) -> frozenset[str]:
+        return frozenset({QUERIES, PAST_VALID})  # probes read queries; heads mask their past
+
+    def check(self, shape: CacheShape, runtime: str = "torch") -> None:
+        if runtime == "torch":
+            check_supported(shape.model_type, "head_budget")
+        check_probe(shape, self.probe_length)
+        self.policy.check(shape, runtime)
+
+    def importance(self, probe: Probe, shape: CacheShape) -> torch.Tensor:
+        """``[layers, kv_heads]`` copy scores, measured once per model (``probe.memo``)."""
         key = (self.probes, self.probe_length)
-        if key not in memo:
-            memo[key] = retrieval_scores(model, self.probes, self.probe_length)
-        return memo[key]
+        if key not in probe.memo:
+            probe.memo[key] = retrieval_scores(probe, shape, self.probes, self.probe_length)
+        return probe.memo[key]
 
-    def make_cache(self, model: PreTrainedModel) -> Cache:
-        kind = getattr(model.config, "model_type", "?")
-        if kind not in SUPPORTED:
-            raise KnowpressError(
-                f"head_budget measures head importance by recomputing attention for "
-                f"{', '.join(SUPPORTED)}; model_type {kind!r} is not one of them"
-            )
-        use_head_attention(model)  # before the probes: an unusable attention is one line
-        modules = attention_modules(model)
-        importance, floor, memo = self.importance(model), self.floor, {}
+    def layers(self, shape: CacheShape, probe: Probe | None = None,
+               modules: list[Any] | None = None) -> list[Any]:  # fmt: skip
+        if probe is None:
+            raise KnowpressError("head_budget measures its heads first: it needs a probe")
+        importance, floor, memo = self.importance(probe, shape), self.floor, {}
         n_heads = importance.numel()
 
         def allocation(capacity: int, seen: int) -> torch.Tensor:
@@ -273,9 +304,13 @@ class HeadBudgetPolicy(KVPolicy):
             return memo[key]
 
         inner = self.policy.with_budget(self.budget)
+        return [HeadBudgetLayer(inner.layer_class(*inner.layer_args()),  # type: ignore[attr-defined]
+                                self.budget, allocation, modules)
+                for _ in range(shape.layers)]  # fmt: skip
 
-        def layer() -> HeadBudgetLayer:
-            ranked = inner.layer_class(*inner.layer_args())  # type: ignore[attr-defined]
-            return HeadBudgetLayer(ranked, self.budget, allocation, modules)
-
-        return policy_cache(model, layer, attention=inner.attention)
+    def make_cache(self, model: PreTrainedModel) -> Cache:
+        shape = CacheShape.of(model)
+        self.check(shape)
+        use_head_attention(model)  # before the probes: an unusable attention is one line
+        layers = self.layers(shape, torch_probe(model), attention_modules(model, self.name))
+        return policy_cache(model, layers, attention=self.policy.attention)

@@ -10,8 +10,9 @@ and KV head ``h`` (with ``G`` query heads ``g``)::
 
     s_{l,h} = mean_{probes, i ∈ [L, 2L), g} softmax(q_{i,g} · Kᵀ · scaling)_{i − L + 1}
 
-recomputed from the probe forward's hooked attention inputs (``attention.queries``/
-``attend``), so the model keeps its attention implementation.
+from one probe forward of the runtime (``Probe``: on torch the queries are recomputed from
+the hooked attention inputs, ``attention.queries``; the exported graph outputs them), so the
+model keeps its attention implementation and both runtimes score heads alike.
 
 Allocation (HeadKV, Fu et al. 2024, "Not All Heads Matter: A Head-Level KV Cache
 Compression Method with Integrated Retrieval and Reasoning", arXiv:2410.19258): with ``N``
@@ -27,25 +28,16 @@ from typing import Any
 import torch
 
 from knowpress.compress.kv.attention import attend, attention_modules, queries
+from knowpress.compress.kv.base import CacheShape, Probe, ProbeResult
 from knowpress.errors import KnowpressError
 
+SCORES = "_knowpress_head_importance"  # on a model: {(probes, length): [layers, kv_heads]}
 
-def probe_ids(model: Any, probes: int, length: int, seed: int = 0) -> torch.Tensor:
+
+def probe_ids(shape: CacheShape, probes: int, length: int, seed: int = 0) -> torch.Tensor:
     """``[probes, 2·length]`` token ids: ``length`` distinct non-special tokens, twice."""
-    config = model.config.get_text_config(decoder=True)
-    limit = getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and 2 * length > limit:
-        raise KnowpressError(
-            f"head_budget: probe_length {length} makes {2 * length}-token probes, past the "
-            f"model's max_position_embeddings {limit}; lower probe_length"
-        )
-    special = {getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
-    allowed = torch.tensor([t for t in range(config.vocab_size) if t not in special])
-    if length > len(allowed):
-        raise KnowpressError(
-            f"head_budget: probe_length {length} exceeds the {len(allowed)} non-special tokens "
-            "of the vocabulary (a probe's tokens are distinct); lower probe_length"
-        )
+    check_probe(shape, length)
+    allowed = torch.tensor([t for t in range(shape.vocab_size) if t not in shape.special_ids])
     generator = torch.Generator().manual_seed(seed)
     rows = [allowed[torch.randperm(len(allowed), generator=generator)[:length]]
             for _ in range(probes)]  # fmt: skip
@@ -53,41 +45,73 @@ def probe_ids(model: Any, probes: int, length: int, seed: int = 0) -> torch.Tens
     return torch.cat([first, first], dim=1)
 
 
+def check_probe(shape: CacheShape, length: int) -> None:
+    """The probes fit the model: ``2·length`` positions, ``length`` distinct tokens."""
+    limit = shape.max_positions
+    if limit is not None and 2 * length > limit:
+        raise KnowpressError(
+            f"head_budget: probe_length {length} makes {2 * length}-token probes, past the "
+            f"model's max_position_embeddings {limit}; lower probe_length"
+        )
+    usable = shape.vocab_size - len([t for t in shape.special_ids if t < shape.vocab_size])
+    if length > usable:
+        raise KnowpressError(
+            f"head_budget: probe_length {length} exceeds the {usable} non-special tokens "
+            "of the vocabulary (a probe's tokens are distinct); lower probe_length"
+        )
+
+
+def torch_probe(model: Any) -> Probe:
+    """A ``Probe`` on a torch model: one forward with hooks on each attention module, the
+    queries recomputed from its inputs (``attention.queries``); the memo lives on the model."""
+
+    @torch.inference_mode()
+    def run(ids: torch.Tensor) -> ProbeResult:
+        from transformers import DynamicCache
+
+        modules = attention_modules(model, "head_budget")
+        inputs: dict[int, tuple[torch.Tensor, Any]] = {}
+
+        def stash(module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+            inputs[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"])
+
+        handles = [m.register_forward_pre_hook(stash, with_kwargs=True) for m in modules]
+        cache = DynamicCache(config=model.config)
+        try:
+            model.model(input_ids=ids.to(model.device), past_key_values=cache, use_cache=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        out = []
+        for index, module in enumerate(modules):
+            keys = cache.layers[index].keys
+            hidden, rotary = inputs[index]
+            out.append((queries(module, hidden, rotary, keys.shape[1]), keys, module.scaling))
+        return out
+
+    return Probe(run, model.__dict__.setdefault(SCORES, {}))
+
+
 @torch.inference_mode()
-def retrieval_scores(model: Any, probes: int, length: int, seed: int = 0) -> torch.Tensor:
-    """``[layers, kv_heads]`` float32 (CPU): the copy score ``s_{l,h}`` of each KV head."""
-    from transformers import DynamicCache
-
-    modules = attention_modules(model)
-    ids = probe_ids(model, probes, length, seed).to(model.device)
-    inputs: dict[int, tuple[torch.Tensor, Any]] = {}
-
-    def stash(module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-        inputs[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"])
-
-    handles = [m.register_forward_pre_hook(stash, with_kwargs=True) for m in modules]
-    cache = DynamicCache(config=model.config)
-    try:
-        model.model(input_ids=ids, past_key_values=cache, use_cache=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+def retrieval_scores(probe: Probe, shape: CacheShape, probes: int, length: int,
+                     seed: int = 0) -> torch.Tensor:  # fmt: skip
+    """``[layers, kv_heads]`` float32 (CPU): the copy score ``s_{l,h}`` of each KV head, from
+    one probe forward of the runtime (torch or the exported graph)."""
+    ids = probe_ids(shape, probes, length, seed)
     p, n = ids.shape
-    query_pos = torch.arange(length, n, device=ids.device).expand(p, length)  # second copy
+    query_pos = torch.arange(length, n).expand(p, length)  # second copy
     target = (query_pos - length + 1)[:, None, :, None]  # [P, 1, L, 1]: the token to copy
     scores = []
-    for index, module in enumerate(modules):
-        keys = cache.layers[index].keys  # [P, H_kv, 2L, D], rotary applied
+    for states, keys, scaling in probe.run(ids):
+        keys = keys.float().cpu()
+        states = states.float().cpu()[:, :, :, length:]  # [P, H_kv, G, L, D]
         heads = keys.shape[1]
-        hidden, (cos, sin) = inputs[index]
-        rotary = (cos[:, length:], sin[:, length:])
-        states = queries(module, hidden[:, length:], rotary, heads)  # [P, H_kv, G, L, D]
-        key_pos = torch.arange(n, device=ids.device).expand(p, heads, n)
+        key_pos = torch.arange(n).expand(p, heads, n)
         every = torch.ones_like(key_pos, dtype=torch.bool)
-        probs = attend(states, module.scaling, keys, query_pos, key_pos, every)  # [P, H, L, 2L]
+        probs = attend(states, scaling, keys, query_pos, key_pos, every)  # [P, H, L, 2L]
         copied = probs.gather(-1, target.expand(p, heads, length, 1))[..., 0]
         scores.append(copied.mean((0, 2)) / states.shape[2])  # mean over probes, i and G
-    return torch.stack(scores).float().cpu()
+    return torch.stack(scores).float()
 
 
 def allocate(importance: torch.Tensor, capacity: int, floor: float,

@@ -18,18 +18,15 @@ runtime policy: {name: kivi, bits: 2, group_size: 32, residual: 128}
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 
-from knowpress.compress.kv.base import KV_POLICIES, KVPolicy
+from knowpress.compress.kv.base import KV_POLICIES, CacheShape, KVPolicy, Probe, float_nbytes
 from knowpress.compress.quant.packing import pack, unpack
 from knowpress.errors import KnowpressError
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
 
 Chunk = tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]
@@ -74,6 +71,15 @@ class KIVILayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # type: ignore[override]
         return self.seen + query_length, 0
 
+    def past(self) -> tuple[torch.Tensor, torch.Tensor, None] | None:
+        """The dequantized history + the residual ``[B, H, seen, D]`` (every position seen, in
+        order: the row's own mask says which are real), for the onnxruntime loop."""
+        if not self.is_initialized or self.keys.dim() != 4:
+            return None
+        history = [self.decode(c, self.keys.dtype) for c in self.chunks]
+        return (torch.cat([*(k for k, _ in history), self.keys], -2),
+                torch.cat([*(v for _, v in history), self.values], -2), None)  # fmt: skip
+
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[Any, ...]:
         """One chunk of ``n`` tokens (``encode``; GEAR adds its low-rank and sparse parts)."""
         return encode(keys, values, self.bits, self.group)
@@ -106,10 +112,13 @@ class KIVILayer(DynamicLayer):
         self.keys, self.values = keys, values
         return out
 
-    def nbytes(self) -> int:
-        """The encoded history (packed codes, fp16 scales and zeros, ...) plus the residual."""
+    def nbytes(self, float_bytes: int | None = None) -> int:
+        """The encoded history (packed codes, fp16 scales and zeros, ...) plus the residual
+        (at ``float_bytes`` per value: the deploy dtype's width)."""
         residual = [t for t in (self.keys, self.values) if t is not None and t.dim() == 4]
-        return sum(self.chunk_bytes(c) for c in self.chunks) + sum(map(_nbytes, residual))
+        return sum(self.chunk_bytes(c) for c in self.chunks) + sum(
+            float_nbytes(t, float_bytes) for t in residual
+        )
 
     def reset(self) -> None:
         super().reset()
@@ -119,17 +128,15 @@ class KIVILayer(DynamicLayer):
         raise KnowpressError("a quantized KV cache cannot be cropped (assisted decoding)")
 
 
-def head_dim_groups(model: PreTrainedModel, group_size: int, name: str) -> int:
-    """The model's number of decoder layers, after checking ``group_size`` divides its head
-    dim (one line naming the divisors' field otherwise)."""
-    config = model.config.get_text_config(decoder=True)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim % group_size:
+def check_group(shape: CacheShape, group_size: int, name: str) -> None:
+    """``group_size`` divides the model's head dim (one line naming the divisors otherwise)."""
+    if shape.head_dim % group_size:
+        divisors = [d for d in (64, 32, 16, 8, 4, 2) if shape.head_dim % d == 0]
         raise KnowpressError(
-            f"{name}: group_size {group_size} does not divide the head dim {head_dim}; "
-            f"use a divisor of {head_dim}"
+            f"{name}: group_size {group_size} does not divide the head dim {shape.head_dim}; "
+            f"set group_size to a divisor of {shape.head_dim}"
+            + (f" ({', '.join(map(str, divisors))})" if divisors else "")
         )
-    return int(config.num_hidden_layers)
 
 
 @KV_POLICIES.register("kivi")
@@ -145,6 +152,9 @@ class KIVIPolicy(KVPolicy):
     def layer(self) -> KIVILayer:
         return KIVILayer(self.bits, self.group_size, self.residual)
 
-    def make_cache(self, model: PreTrainedModel) -> Cache:
-        layers = head_dim_groups(model, self.group_size, self.name)
-        return Cache(layers=[self.layer() for _ in range(layers)])
+    def check(self, shape: CacheShape, runtime: str = "torch") -> None:
+        check_group(shape, self.group_size, self.name)
+
+    def layers(self, shape: CacheShape, probe: Probe | None = None) -> list[Any]:
+        self.check(shape)
+        return [self.layer() for _ in range(shape.layers)]

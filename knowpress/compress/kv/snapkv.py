@@ -6,7 +6,8 @@ The last ``window`` queries vote for the tokens before them: for KV head h,
 votes are pooled along the sequence (``max`` or ``avg``, kernel ``kernel``, stride 1) so a
 kept token brings its neighbours; each head keeps the window itself plus the ``budget −
 window`` tokens of largest pooled vote. Queries are recomputed from the hooked attention
-inputs (``attention.py``), so the model keeps its sdpa attention.
+inputs on torch (the model keeps its sdpa attention) and read from the exported graph's
+outputs on onnxruntime (``attention.py``).
 
 SnapKV compresses the prompt once, its question being the window; here the window slides
 (the last ``window`` queries seen, kept per layer: ``[B, H_kv, G, window, D]``), so decoding
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from knowpress.compress.kv.attention import attend, queries
+from knowpress.compress.kv.attention import attend
 from knowpress.compress.kv.base import KV_POLICIES, EvictionPolicy
 from knowpress.compress.kv.evicting import EvictingLayer
 
@@ -49,10 +50,8 @@ class SnapKVLayer(EvictingLayer):
     def observe(self, pos: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor) -> None:
         """Append this forward's queries to the observation window (the last ``window``)."""
         assert self.owner is not None
-        module, hidden, rotary = self.owner.attention_inputs[self.index]
-        q = hidden.shape[1]
-        states = queries(module, hidden, rotary, keys.shape[1])
-        self.scaling = module.scaling
+        states, self.scaling = self.owner.queries(self.index, keys.shape[1])
+        q = states.shape[3]
         new_pos, new_valid = pos[:, 0, -q:], valid[:, 0, -q:]
         if self.window_queries is not None:
             states = torch.cat([self.window_queries, states], dim=3)

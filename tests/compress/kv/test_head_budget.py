@@ -10,8 +10,15 @@ from kv_helpers import MODELS, generate, left_padded, sharpen
 from transformers import DynamicCache
 
 from knowpress.compress.kv import KV_POLICIES
-from knowpress.compress.kv.head_budget import ATTENTION, SCORES
-from knowpress.compress.kv.head_importance import allocate, probe_ids, retrieval_scores
+from knowpress.compress.kv.base import CacheShape
+from knowpress.compress.kv.head_budget import ATTENTION
+from knowpress.compress.kv.head_importance import (
+    SCORES,
+    allocate,
+    probe_ids,
+    retrieval_scores,
+    torch_probe,
+)
 from knowpress.errors import KnowpressError
 from knowpress.testing.models import tiny_llama
 
@@ -40,8 +47,9 @@ def test_allocation_sums_exactly_and_follows_importance() -> None:
 @torch.inference_mode()
 def test_probe_scores_equal_eager_attention_at_the_copy_positions(arch: str) -> None:
     model = sharpen(MODELS[arch]())
-    scores = retrieval_scores(model, probes=3, length=10)
-    ids = probe_ids(model, 3, 10)
+    shape = CacheShape.of(model)
+    scores = retrieval_scores(torch_probe(model), shape, probes=3, length=10)
+    ids = probe_ids(shape, 3, 10)
     assert torch.equal(ids[:, :10], ids[:, 10:]) and len(set(ids[0].tolist())) == 10
     model.config._attn_implementation = "eager"
     weights = model(input_ids=ids, output_attentions=True).attentions  # [P, Hq, 20, 20] each
@@ -58,7 +66,7 @@ def test_a_head_with_zero_queries_scores_uniform_attention() -> None:
     model = sharpen(MODELS["llama"]())
     with torch.no_grad():  # KV head 1 of layer 0: query heads 2 and 3 see every key alike
         model.model.layers[0].self_attn.q_proj.weight[2 * 16 :] = 0
-    scores = retrieval_scores(model, probes=2, length=12)
+    scores = retrieval_scores(torch_probe(model), CacheShape.of(model), probes=2, length=12)
     uniform = (1.0 / torch.arange(13, 25, dtype=torch.float64)).mean()  # query i sees i + 1
     assert scores[0, 1].item() == pytest.approx(uniform.item(), rel=1e-5)
     assert scores[0, 0].item() != pytest.approx(uniform.item(), rel=1e-2)
@@ -72,7 +80,7 @@ def test_each_head_keeps_its_allocation_and_bytes_count_only_kept_tokens(arch: s
     hb = policy({"name": "snapkv", "window": 3, "kernel": 3}, budget=6, floor=0.2)
     cache = hb.make_cache(model)
     generate(model, ids, mask, cache, n=5)
-    budgets = allocate(hb.importance(model), 6, 0.2)
+    budgets = allocate(hb.importance(torch_probe(model), CacheShape.of(model)), 6, 0.2)
     assert model.config._attn_implementation == ATTENTION
     assert budgets.float().mean() == 6 and len(budgets.unique()) > 1
     c, held = model.config, 0
