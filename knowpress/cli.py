@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from knowpress.cli_check import add_gate_options, cmd_check, gate_table
 from knowpress.cli_eval import cmd_eval
 from knowpress.cli_export import add_parser as add_export_parser
 from knowpress.errors import KnowpressError, short
@@ -70,15 +71,6 @@ def _summary(report: dict[str, Any]) -> Table:
     return table
 
 
-def _gate_table(result: dict[str, Any]) -> Table:
-    table = Table(title=f"gate FAILED on {result['row']}")
-    for col in ("task", "retention", "floor", "reason"):
-        table.add_column(col)
-    for f in result["failures"]:
-        table.add_row(f["task"], _fmt(f["retention"]), f"{f['floor']:.4f}", f["reason"])
-    return table
-
-
 def cmd_apply(args: argparse.Namespace) -> int:
     from knowpress.recipe import load_recipe
 
@@ -117,7 +109,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out.print(f"report: {out_dir / 'report.md'}  plot: {out_dir / 'retention_vs_size.png'}")
     gate = result.report.get("gate")
     if gate is not None and not gate["passed"]:
-        out.print(_gate_table(gate))
+        out.print(gate_table(gate))
         return EXIT_GATE
     if gate is not None:
         out.print(f"[green]gate passed[/green] ({describe_bounds(gate)})")
@@ -159,37 +151,6 @@ def _print_plan(recipe: Any, out_dir: Path) -> None:
     if recipe.gate:
         bounds = describe_bounds(recipe.gate.model_dump())
         out.print(f"  gate: {bounds} on {', '.join(recipe.gate.tasks or tasks)}")
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    from knowpress.evaluate.gate import check
-    from knowpress.report import load_report
-
-    report = load_report(args.report)
-    baseline = load_report(args.baseline) if args.baseline else None
-    given = {
-        "min_retention": args.min_retention, "max_kl": args.max_kl, "min_top1": args.min_top1
-    }  # fmt: skip
-    if all(v is None for v in given.values()) and report.get("gate"):
-        given = {key: report["gate"].get(key) for key in given}  # the recipe's own gate
-    if all(v is None for v in given.values()) and baseline is None:
-        raise KnowpressError(
-            "check: nothing to check against; pass --min-retention X, --max-kl X, --min-top1 X "
-            "and/or --baseline OLD"
-        )
-    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    flags = ("--min-retention", "--tolerance")
-    result = check(
-        report, given["min_retention"], tasks, baseline, args.baseline, args.tolerance, flags,
-        max_kl=given["max_kl"], min_top1=given["min_top1"],
-    ).to_json()  # fmt: skip
-    if not result["passed"]:
-        out.print(_gate_table(result))
-        return EXIT_GATE
-    near = ", ".join(result["skipped"])
-    skipped = f" (near chance, not gated: {near})" if near else ""
-    out.print(f"[green]gate passed[/green] on {result['row']}{skipped}")
-    return 0
 
 
 def cmd_world(args: argparse.Namespace) -> int:
@@ -297,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.01,
         help="allowed drop vs the baseline's retention (default 0.01)",
     )
+    add_gate_options(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("eval", parents=[common], help="score a model directory on a fact world")

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-from knowpress.errors import KnowpressError
+from knowpress.errors import KnowpressError, short
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -66,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for s in scores.values():
         table.add_row(s.task, s.metric, f"{s.score:.4f}", str(s.n))
     out.print(table)
-    out.print(_size_line(measurement, source.bf16_bytes()))
+    out.print(_size_line(measurement))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(measurement.to_json(), indent=1))
     return 0
@@ -84,6 +84,13 @@ def _eval_world(args: argparse.Namespace, tasks: list[str]) -> Any:
     text = TextWorld(*load_texts(TextSpec(path=args.text))) if args.text else None
     has_world = args.world or (Path(args.model) / WORLD_FILE).is_file()
     needs_facts = any(TASKS.get(t).needs_facts for t in tasks)
+    if not has_world and (text is None or needs_facts):
+        raise KnowpressError(
+            f"--model {short(args.model, 80)}: it has no fact world ({WORLD_FILE}) for "
+            f"{', '.join(tasks)}; score it on your own text: --text FILE --tasks kl --reference "
+            f"ORIGINAL (kl compares with the model it came from; --tasks perplexity needs "
+            f"none), or name a world with --world"
+        )
     if text is not None and not (has_world and needs_facts):
         world = text
     else:
@@ -115,14 +122,18 @@ def _reference_states(
     return states
 
 
-def _size_line(m: Any, bf16: int) -> str:
-    """Stored bytes, size vs the same model in bf16, bits per parameter, KV bytes per token."""
+def _size_line(m: Any) -> str:
+    """Stored bytes (the manifest's payload: safetensors, or an ONNX bundle's graph and
+    data) against the model's own logical parameters at 2 bytes each (bf16; packed weights
+    count unpacked, so an int4 folder reads about 0.27 and a float32 one 2.0), bits per
+    parameter, KV bytes per token."""
     from knowpress.models.sizes import bits_per_parameter
 
     policy = m.runtime.get("kv_policy") or "full cache"
     return (
-        f"stored {m.stored_bytes:,} bytes ({m.stored_bytes / bf16:.3f} of its safetensors in "
-        f"bf16), {bits_per_parameter(m.stored_bytes, m.parameters):.2f} bits/param over "
-        f"{m.parameters:,} parameters, KV {m.kv_bytes_per_token:.0f} bytes/token ({policy}); "
-        f"measured with {m.runtime['runtime']} on {m.runtime['device']} in {m.runtime['dtype']}"
+        f"stored {m.stored_bytes:,} bytes = {m.stored_bytes / (2 * m.parameters):.3f} x its "
+        f"{m.parameters:,} parameters in bf16 (2 bytes each), "
+        f"{bits_per_parameter(m.stored_bytes, m.parameters):.2f} bits/param, KV "
+        f"{m.kv_bytes_per_token:.0f} bytes/token ({policy}); measured with "
+        f"{m.runtime['runtime']} on {m.runtime['device']} in {m.runtime['dtype']}"
     )

@@ -147,17 +147,29 @@ class EvaluateSpec(Strict):
 
 class GateSpec(Strict):
     """Fail the run (exit 1) when any gated task's retention falls below the floor, or the
-    ``kl`` task's mean KL exceeds ``max_kl`` or its top-1 agreement is under ``min_top1``."""
+    ``kl`` task's mean KL exceeds ``max_kl`` or its top-1 agreement is under ``min_top1``.
+    With ``confidence`` the bounds apply to intervals at that level (fail when the upper bound
+    is below the floor; ``strict``: when the lower bound is; ``evaluate/gate.py``). A stage
+    that does not compress fails the gate unless ``allow_no_compression``."""
 
     min_retention: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     max_kl: float | None = Field(None, gt=0, allow_inf_nan=False, description="nats/token")
     min_top1: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     tasks: list[str] | None = Field(None, description="default: every evaluated task")
+    confidence: float | None = Field(
+        None, ge=0.5, lt=1, allow_inf_nan=False, description="gate on intervals at this level"
+    )
+    strict: bool = Field(False, description="fail unless the interval's lower bound holds")
+    allow_no_compression: bool = Field(
+        False, description="let stages that grow the model or change nothing pass"
+    )
 
     @model_validator(mode="after")
     def _some_bound(self) -> GateSpec:
         if self.min_retention is None and self.max_kl is None and self.min_top1 is None:
             raise ValueError("give min_retention, max_kl or min_top1 (a gate must bound something)")
+        if self.strict and self.confidence is None:
+            raise ValueError("strict tests an interval's lower bound: give confidence too (0.95)")
         return self
 
 

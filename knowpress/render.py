@@ -33,6 +33,21 @@ def _relative(report: dict[str, Any]) -> list[str]:
     return [t for t, info in report["tasks"].items() if info.get("relative", True)]
 
 
+def _interval(bounds: list[float] | None, digits: int = 4) -> str:
+    return "" if not bounds else f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
+
+
+def _cell(value: float | None, bounds: list[float] | None, significant: bool = False) -> str:
+    """``0.9977 [0.9950, 1.0000]``: a figure with its interval (when the row has one);
+    ``significant``: 4 significant digits (KL spans orders of magnitude)."""
+    if value is None:
+        return "n/a"
+    if not significant:
+        return _fmt(value) + _interval(bounds)
+    shown = f"{value:.4g}"
+    return shown + ("" if not bounds else f" [{bounds[0]:.4g}, {bounds[1]:.4g}]")
+
+
 def _results_table(report: dict[str, Any]) -> list[str]:
     tasks, relative = list(report["tasks"]), _relative(report)
     kv = _has_policy(report)
@@ -40,28 +55,47 @@ def _results_table(report: dict[str, Any]) -> list[str]:
     head += ["KV bytes/token", "KV policy"] if kv else []
     head += [f"{t} ({report['tasks'][t]['metric']})" for t in tasks]
     head += ["kl top-1"] if "kl" in tasks else []
-    head += [f"{t} retention" for t in relative] + ["worst retention", "measured on"]
+    head += [f"{t} retention" for t in relative] + (["worst retention"] if relative else [])
+    head += ["measured on"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
-        runtime = row.get("runtime") or {}
-        cells = [row["name"], _bytes(row["stored_bytes"]), f"{row['size_vs_bf16_reference']:.3f}"]
+        runtime, intervals = row.get("runtime") or {}, row.get("intervals") or {}
+        flag = (row.get("compression") or {}).get("flag")
+        name = row["name"] + (f" (**did not compress: {flag}**)" if flag else "")
+        cells = [name, _bytes(row["stored_bytes"]), f"{row['size_vs_bf16_reference']:.3f}"]
         cells.append(f"{row['bits_per_parameter']:.2f}")
         if kv:
             cells += [f"{row['kv_bytes_per_token']:.0f}", runtime.get("kv_policy") or "full"]
-        cells += [_fmt(row["scores"][t]) for t in tasks]
+        cells += [_cell(row["scores"][t], (intervals.get(t) or {}).get("score"), t == "kl")
+                  for t in tasks]  # fmt: skip
         if "kl" in tasks:
-            cells.append(_fmt(row["details"]["kl"]["extra"].get("top1")))
-        cells += [_fmt(row["retention"][t]) for t in relative]
-        cells += [f"{_fmt(row['worst_retention'])} ({row['worst_task']})"]
+            top1 = row["details"]["kl"]["extra"].get("top1")
+            cells.append(_cell(top1, (intervals.get("kl") or {}).get("top1")))
+        cells += [_cell(row["retention"][t], (intervals.get(t) or {}).get("retention"))
+                  for t in relative]  # fmt: skip
+        if relative:
+            worst = row["worst_task"]
+            cells.append(f"{_fmt(row['worst_retention'])} ({worst})" if worst else "n/a")
         cells.append(f"{runtime.get('runtime', '?')} {runtime.get('device', '?')} "
                      f"{runtime.get('dtype', '?')}")  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+    return lines + _table_notes(report)
+
+
+def _table_notes(report: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         f"Stored bytes: the artifact's payload on disk (weights and other model files; config "
         f"and tokenizer files excluded). Size is against the reference stored with every float "
         f"tensor in bfloat16 ({_bytes(report['reference_bf16_bytes'])}).",
     ]
+    info = report.get("uncertainty")
+    if info:
+        lines += [
+            "",
+            f"[brackets]: {info['confidence']:.0%} intervals: {info['interval']} "
+            f"({info['resamples']} resamples, seed {info['seed']}).",
+        ]
     return lines
 
 
@@ -119,20 +153,69 @@ def _gate_lines(gate: dict[str, Any]) -> list[str]:
     verdict = "PASSED" if gate["passed"] else "FAILED"
     lines = ["", f"## Gate: {verdict} ({describe_bounds(gate)})", ""]
     for f in gate["failures"]:
-        lines.append(
-            f"- `{f['task']}`: retention {_fmt(f['retention'])} < {f['floor']} ({f['reason']})"
-        )
+        shown = f"{_fmt(f['retention'])}{_interval(f.get('interval'))}"
+        floor = "" if f["floor"] is None else f" vs {f['floor']}"
+        lines.append(f"- `{f['task']}`: {shown}{floor} ({f['reason']})")
     if gate.get("skipped"):
         lines.append(f"- not gated (reference near chance): {', '.join(gate['skipped'])}")
+    level = gate.get("interval_confidence", 0.95)
+    for c in gate.get("checked") or []:
+        mde = f", smallest drop detectable (MDE) {_fmt(c['mde'], 3)}" if c.get("mde") else ""
+        lines.append(
+            f"- `{c['task']}` {c.get('measure', 'retention')} {_fmt(c.get('value'))}, "
+            f"{level:.0%} interval{_interval(c['interval']) or ' n/a'}{mde}"
+        )
+    return lines
+
+
+def _paired_lines(report: dict[str, Any]) -> list[str]:
+    """Flips against the reference per stage row and task, with intervals and McNemar's p."""
+    rows = [(row, task, p) for row in report["rows"][1:]
+            for task, p in (row.get("paired") or {}).items()]  # fmt: skip
+    if not rows:
+        return []
+    info = report.get("uncertainty") or {"confidence": 0.95, "alpha": 0.05, "power": 0.8}
+    lines = [
+        "", "## Flips against the reference", "",
+        f"Items the reference gets right and the model wrong (lost) and the reverse (gained), "
+        f"with {info['confidence']:.0%} intervals; McNemar: exact two-sided test that losses "
+        f"and gains are equally likely (QA items; kl counts text tokens, which are not "
+        f"independent, so it gets none); MDE: the smallest retention drop the item count "
+        f"detects (alpha {info['alpha']}, power {info['power']}).",
+        "", "| model | task | items | lost | gained | McNemar p | MDE |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for row, task, p in rows:
+        mde = ((row.get("intervals") or {}).get(task) or {}).get("mde")
+        lost = f"{p['lost']} ({p['lost_share']:.2%}){_interval(p['lost_interval'])}"
+        gained = f"{p['gained']} ({p['gained_share']:.2%}){_interval(p['gained_interval'])}"
+        unit = f" {p['unit']}" if p.get("unit") else ""
+        lines.append(f"| {row['name']} | {task} | {p['n']}{unit} | {lost} | {gained} | "
+                     f"{_fmt(p['mcnemar_p'], 3)} | {_fmt(mde, 3)} |")  # fmt: skip
+    return lines
+
+
+def _inputs_lines(inputs: dict[str, Any]) -> list[str]:
+    """Model, reference, teacher, and what they were measured on: a fact world, a text (a
+    text-only run has no world: its record's config *is* the text's), or both."""
+    lines = [f"- {name}: `{inputs[name]}`" for name in ("model", "reference", "teacher")]
+    world, text = inputs["world"], inputs["world"].get("text")
+    described = None if text is None else (
+        f"`{text['path']}` ({text['texts']} text{'' if text['texts'] == 1 else 's'}, "
+        f"sha256 {str(text['sha256'])[:12]})"
+    )  # fmt: skip
+    if text is not None and world.get("config") == text:
+        lines.append(f"- measured on text: {described} (no fact world)")
+    elif text is not None:
+        lines.append(f"- world: `{world['key']}` with text {described}")
+    else:
+        lines.append(f"- world: `{world['key']}`")
     return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     tasks = list(report["tasks"])
-    inputs = report["inputs"]
-    lines = ["# knowpress report", ""]
-    lines += [f"- {name}: `{inputs[name]}`" for name in ("model", "reference", "teacher")]
-    lines += [f"- world: `{inputs['world']['key']}`", ""]
+    lines = ["# knowpress report", "", *_inputs_lines(report["inputs"]), ""]
     lines += [f"> **warning:** {w}" for w in report.get("warnings", [])]
     lines += [""] if report.get("warnings") else []
     lines += ["## Knowledge retained vs bytes stored", ""]
@@ -141,9 +224,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if near:
         lines += [
             "",
-            "Near chance (reference < 2x chance, retention not meaningful): "
+            "Near chance (reference < 2x chance, retention not meaningful; left out of the "
+            "worst retention and of a default gate): "
             + ", ".join(f"`{t}` (chance {_fmt(report['tasks'][t]['chance'])})" for t in near),
         ]
+    lines += _paired_lines(report)
     if report["stages"]:
         lines += _stage_lines(report)
     if report.get("gate") is not None:
@@ -160,33 +245,99 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _yerr(values: list[float], bounds: list[list[float] | None]) -> list[list[float]]:
+    """Error bar lengths below and above each value (0 where there is no interval)."""
+    low = [
+        0.0 if b is None or math.isnan(v) else max(v - b[0], 0.0)
+        for v, b in zip(values, bounds, strict=True)
+    ]
+    high = [
+        0.0 if b is None or math.isnan(v) else max(b[1] - v, 0.0)
+        for v, b in zip(values, bounds, strict=True)
+    ]
+    return [low, high]
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _label_points(ax: Any, xs: list[float], ys: list[float], rows: list[dict[str, Any]]) -> None:
+    for x, y, row in zip(xs, ys, rows, strict=True):
+        if not math.isnan(y):
+            ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7)  # fmt: skip
+
+
+def _retention_panel(ax: Any, report: dict[str, Any], xs: list[float]) -> None:
+    """Retention per relative task with its interval as error bars; the worst task's line
+    leaves out tasks near chance (drawn hollow)."""
+    rows = report["rows"]
+    for task in _relative(report):
+        ys = [_nan(row["retention"][task]) for row in rows]
+        bounds = [((row.get("intervals") or {}).get(task) or {}).get("retention") for row in rows]
+        near = report["tasks"][task].get("near_chance")
+        ax.errorbar(xs, ys, yerr=_yerr(ys, bounds), fmt="o", alpha=0.7, capsize=3,
+                    mfc="none" if near else None,
+                    label=f"{task} (near chance)" if near else task)  # fmt: skip
+    worst = [_nan(row["worst_retention"]) for row in rows]
+    if any(not math.isnan(y) for y in worst):
+        ax.plot(xs, worst, "k-", lw=1, label="worst task")
+        _label_points(ax, xs, worst, rows)
+    gate = report.get("gate")
+    if gate and gate.get("min_retention") is not None:
+        ax.axhline(gate["min_retention"], color="r", ls="--", lw=1, label="gate")
+    ax.set_ylabel("retention vs reference")
+    ax.set_title("knowledge retained vs bytes stored")
+
+
+def _kl_panel(ax: Any, report: dict[str, Any], xs: list[float]) -> None:
+    """KL to the reference (left axis) and top-1 agreement (right axis) with intervals."""
+    rows = report["rows"]
+    kl = [_nan(row["scores"].get("kl")) for row in rows]
+    kl_bounds = [((row.get("intervals") or {}).get("kl") or {}).get("score") for row in rows]
+    ax.errorbar(xs, kl, yerr=_yerr(kl, kl_bounds), fmt="o-", color="C0", capsize=3,
+                label="KL (nats/token)")  # fmt: skip
+    _label_points(ax, xs, kl, rows)
+    ax.set_ylabel("KL(reference || model), nats/token", color="C0")
+    top = ax.twinx()
+    top1 = [_nan(row["details"]["kl"]["extra"].get("top1")) for row in rows]
+    top_bounds = [((row.get("intervals") or {}).get("kl") or {}).get("top1") for row in rows]
+    top.errorbar(xs, top1, yerr=_yerr(top1, top_bounds), fmt="s--", color="C1", capsize=3,
+                 label="top-1 agreement")  # fmt: skip
+    top.set_ylabel("top-1 agreement with the reference", color="C1")
+    gate = report.get("gate") or {}
+    if gate.get("max_kl") is not None:
+        ax.axhline(gate["max_kl"], color="r", ls="--", lw=1, label="gate max_kl")
+    if gate.get("min_top1") is not None:
+        top.axhline(gate["min_top1"], color="m", ls=":", lw=1, label="gate min_top1")
+    handles = ax.get_legend_handles_labels()
+    more = top.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7)
+    ax.set_title("distance from the reference vs bytes stored")
+
+
 def render_plot(report: dict[str, Any], path: Path) -> None:
+    """One panel of retention per relative task (if any) and one of KL and top-1 (if kl was
+    scored), each against stored bytes, with the rows' intervals as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    tasks = _relative(report)
+    panels = [p for p, on in (("retention", bool(_relative(report))),
+                              ("kl", "kl" in report["tasks"])) if on] or ["retention"]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), dpi=120,
+                             squeeze=False)  # fmt: skip
     xs = [row["stored_bytes"] / 2**20 for row in report["rows"]]
-    for task in tasks:
-        ys = [row["retention"][task] for row in report["rows"]]
-        ax.plot(xs, [math.nan if y is None else y for y in ys], "o", alpha=0.6, label=task)
-    worst_y = [row["worst_retention"] for row in report["rows"]]
-    ax.plot(xs, [math.nan if y is None else y for y in worst_y], "k-", lw=1, label="worst task")
-    for x, y, row in zip(xs, worst_y, report["rows"], strict=True):
-        if y is not None:
-            ax.annotate(
-                row["name"], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7
-            )
-    gate = report.get("gate")
-    if gate and gate.get("min_retention") is not None:
-        ax.axhline(gate["min_retention"], color="r", ls="--", lw=1, label="gate")
-    ax.set_xlabel("stored bytes (MiB)")
-    ax.set_ylabel("retention vs reference")
-    ax.set_title("knowledge retained vs bytes stored")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "retention":
+            _retention_panel(ax, report, xs)
+            ax.legend(fontsize=7)
+        else:
+            _kl_panel(ax, report, xs)
+        ax.set_xlabel("stored bytes (MiB)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     try:
         with atomic_file(path) as tmp:

@@ -1,18 +1,26 @@
 """The run report: ``report.json`` (versioned), ``report.md`` and ``retention_vs_size.png``.
 
-``report.json`` (schema_version 2)::
+``report.json`` (schema_version 3)::
 
-    {"schema": "knowpress.report", "schema_version": 2, "knowpress_version": str,
+    {"schema": "knowpress.report", "schema_version": 3, "knowpress_version": str,
      "created_utc": str, "inputs": {"model", "reference", "teacher", "world"},
      "recipe": {...}, "reference_bf16_bytes": int,
      "tasks": {name: {"metric", "higher_is_better", "relative", "chance": float|null,
                       "near_chance": bool}},
+     "uncertainty": {"confidence", "resamples", "seed", "interval", "alpha", "power"},
      "warnings": [str],
      "rows": [{"name", "stage_index", "kind", "stored_bytes", "size_vs_bf16_reference",
                "parameters", "bits_per_parameter", "kv_bytes_per_token",
                "runtime": {"runtime", "device", "dtype", "kv_policy"},
                "scores": {task: float}, "retention": {task: float|null},
-               "worst_task", "worst_retention", "details": {task: {"n", "extra", "examples"}}}],
+               "worst_task", "worst_retention", "details": {task: {"n", "extra", "examples"}},
+               "items": {task: {"statistic", "columns": {column: [float]}}},
+               "intervals": {task: {"score": [lo, hi]|null, "retention": [lo, hi]|null,
+                                    "mde": float|null, "top1": [lo, hi] (kl)}},
+               "paired": {task: {"n", "lost", "gained", "lost_share", "gained_share",
+                                 "lost_interval", "gained_interval", "mcnemar_p"}},
+               "compression": null | {"input_bytes", "input_kv_bytes_per_token",
+                                      "flag": "grew"|"unchanged"|null, "note"}}],
      "stages": [StageRecord...], "gate": GateResult | null}
 
 Row 0 is the reference (retention 1 by definition); then one row per stage. ``stored_bytes``
@@ -23,10 +31,17 @@ it by the reference's safetensors with every float tensor in bfloat16 (what is d
 ``runtime`` says on which device and in which dtype the row was measured. Tasks that are not
 ``relative`` (``kl``) have no retention; ``warnings`` say what makes the figures mean less
 than they seem (a reference near chance on every world task, text the tokenizer hardly
-knows). ``near_chance``:
-the reference scored below 2x the task's chance score, so its retention measures little. A
-row with a ``bits`` score gets ``details.bits.extra.bits_per_stored_byte``. Schema 1 (before
-the artifact manifest) differs in sizes only; ``load_report`` reads both for gating.
+knows, a compression stage that did not compress). ``near_chance``: the reference scored
+below 2x the task's chance score, so its retention measures little: such a task is left out
+of ``worst_task`` / ``worst_retention`` (and of a default gate) but still reported.
+``items`` are the per-item results the intervals are computed from (``evaluate/intervals.py``:
+seeded paired bootstrap, percentile intervals at ``uncertainty.confidence``; exact
+Clopper-Pearson intervals and McNemar p for flips; ``mde`` the smallest retention drop the item
+count detects at ``alpha`` and ``power``), kept so ``compress check`` can gate on intervals at
+any confidence. ``compression`` (``shrinkage.py``) compares a compression stage with its
+input. A row with a ``bits`` score gets ``details.bits.extra.bits_per_stored_byte``. Schemas
+1 (before the artifact manifest) and 2 (before items and intervals) are read for gating;
+gating them on intervals is refused in one line.
 """
 
 from __future__ import annotations
@@ -39,20 +54,19 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from knowpress.context import StageRecord
-from knowpress.errors import short
+from knowpress.evaluate import uncertainty
 from knowpress.evaluate.evaluator import Measurement, TaskScore, retention_table, worst
 from knowpress.evaluate.gate import check
+from knowpress.evaluate.intervals import record_of, row_uncertainty
 from knowpress.evaluate.text import world_record
 from knowpress.models.io import atomic_write_text
 from knowpress.models.sizes import bits_per_parameter
 from knowpress.recipe import Recipe
+from knowpress.report_schema import READABLE_VERSIONS, SCHEMA_VERSION, load_report
+from knowpress.shrinkage import judge_rows, model_input, warning_lines
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-REQUIRED_KEYS = ("schema", "schema_version", "inputs", "recipe", "tasks", "rows", "stages", "gate")
+__all__ = ["READABLE_VERSIONS", "SCHEMA_VERSION", "build_report", "load_report", "write_report"]
 
 
 def _clean(value: Any) -> Any:
@@ -79,10 +93,15 @@ def _row(
     measurement: Measurement,
     reference: Measurement,
     reference_bf16_bytes: int,
+    tasks: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     scores, size = measurement.scores, measurement.stored_bytes
     retention = retention_table(scores, reference.scores)
-    worst_task, worst_value = worst(retention)
+    near = {t for t, info in tasks.items() if info["near_chance"]}
+    worst_task, worst_value = worst(retention, skip=near)
+    items = {t: record_of(s) for t, s in scores.items()}
+    ref_items = {t: record_of(s) for t, s in reference.scores.items()}
+    intervals, paired = row_uncertainty(items, ref_items, tasks)
     return {
         "name": name,
         "stage_index": None if record is None else record.index,
@@ -101,6 +120,10 @@ def _row(
             t: {"n": s.n, "extra": _extra(t, s, size), "examples": s.examples}
             for t, s in scores.items()
         },
+        "items": {t: r for t, r in items.items() if r is not None},
+        "intervals": intervals,
+        "paired": paired,
+        "compression": None,
     }
 
 
@@ -121,10 +144,24 @@ def build_report(
     stages: list[tuple[StageRecord, Measurement]],
 ) -> dict[str, Any]:
     """The report of a run: the reference row, then one row per stage (see module doc)."""
-    rows = [_row("reference", None, reference, reference, reference_bf16_bytes)]
+    tasks = {
+        t: {
+            "metric": s.metric,
+            "higher_is_better": s.higher_is_better,
+            "relative": s.relative,
+            "chance": s.chance,
+            "near_chance": s.near_chance,
+        }
+        for t, s in reference.scores.items()
+    }
+    rows = [_row("reference", None, reference, reference, reference_bf16_bytes, tasks)]
     for record, measurement in stages:
         name = Path(record.checkpoint).name
-        rows.append(_row(name, record, measurement, reference, reference_bf16_bytes))
+        rows.append(_row(name, record, measurement, reference, reference_bf16_bytes, tasks))
+    kinds = [record.kind for record, _ in stages]
+    verdicts = judge_rows(rows, kinds, model_input(inputs, recipe.model, rows))
+    for row, verdict in zip(rows[1:], verdicts, strict=True):
+        row["compression"] = verdict
     report: dict[str, Any] = {
         "schema": "knowpress.report",
         "schema_version": SCHEMA_VERSION,
@@ -133,16 +170,8 @@ def build_report(
         "inputs": {**inputs, "world": world_record(world)},
         "recipe": recipe.dump(),
         "reference_bf16_bytes": reference_bf16_bytes,
-        "tasks": {
-            t: {
-                "metric": s.metric,
-                "higher_is_better": s.higher_is_better,
-                "relative": s.relative,
-                "chance": s.chance,
-                "near_chance": s.near_chance,
-            }
-            for t, s in reference.scores.items()
-        },
+        "tasks": tasks,
+        "uncertainty": UNCERTAINTY,
         "rows": rows,
         "stages": [dataclasses.asdict(r) for r, _ in stages],
         "gate": None,
@@ -150,10 +179,25 @@ def build_report(
     report["warnings"] = warnings(report)
     gate = recipe.gate
     if gate is not None:
-        result = check(report, gate.min_retention, gate.tasks, max_kl=gate.max_kl,
-                       min_top1=gate.min_top1)  # fmt: skip
+        result = check(
+            report, gate.min_retention, gate.tasks, max_kl=gate.max_kl, min_top1=gate.min_top1,
+            confidence=gate.confidence, strict=gate.strict,
+            allow_no_compression=gate.allow_no_compression,
+        )  # fmt: skip
         report["gate"] = result.to_json()
     return _clean(report)
+
+
+UNCERTAINTY = {
+    "confidence": uncertainty.CONFIDENCE,
+    "resamples": uncertainty.RESAMPLES,
+    "seed": uncertainty.SEED,
+    "interval": "percentile bootstrap over items (kl: over its text windows and "
+    "continuations), paired with the reference's items for retention; exact Clopper-Pearson "
+    "for QA flips",
+    "alpha": uncertainty.ALPHA,
+    "power": uncertainty.POWER,
+}
 
 
 UNKNOWN_SHARE_WARNING = 0.10
@@ -170,6 +214,7 @@ def warnings(report: dict[str, Any]) -> list[str]:
             f"world measures nothing it knows; score it on your own text instead: "
             f"evaluate: {{tasks: [kl], text: {{path: notes.txt}}}}"
         )
+    out += _near_chance_lines(tasks)
     perplexity = report["rows"][0]["details"].get("perplexity")
     share = (perplexity or {}).get("extra", {}).get("unknown_share", 0.0)
     if share > UNKNOWN_SHARE_WARNING:
@@ -178,7 +223,20 @@ def warnings(report: dict[str, Any]) -> list[str]:
             f"perplexity leaves them out, and the text hardly fits this model; use kl on text "
             f"in its language"
         )
-    return out
+    return out + warning_lines(report["rows"], report["stages"])
+
+
+def _near_chance_lines(tasks: dict[str, dict[str, Any]]) -> list[str]:
+    """A line for relative tasks near chance (left out of the worst-task figure), unless
+    every world task is (the line before covers that)."""
+    near = [t for t, info in tasks.items() if info.get("near_chance") and info["relative"]]
+    world = [t for t, info in tasks.items() if info.get("chance") is not None]
+    if not near or set(world) <= set(near):
+        return []
+    return [
+        f"the reference is near chance on {', '.join(near)}: left out of the worst-task "
+        f"figure and of a default gate (still reported)"
+    ]
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
@@ -188,77 +246,3 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1))
     atomic_write_text(out_dir / "report.md", render_markdown(report))
     render_plot(report, out_dir / "retention_vs_size.png")
-
-
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class _Row(_Loose):
-    name: str
-    retention: dict[str, float | None]
-
-
-class _Task(_Loose):
-    metric: str
-    near_chance: bool = False
-
-
-class _World(_Loose):
-    key: str
-
-
-class _Inputs(_Loose):
-    world: _World
-
-
-class _Gate(_Loose):
-    min_retention: float | None = None
-    max_kl: float | None = None
-    min_top1: float | None = None
-
-
-class _Schema(_Loose):
-    """The fields the gate reads; a report missing or mangling one is refused in one line."""
-
-    inputs: _Inputs
-    gate: _Gate | None
-    tasks: dict[str, _Task]
-    rows: list[_Row] = Field(min_length=1)
-
-
-def load_report(path: str | Path) -> dict[str, Any]:
-    """Read and validate a report.json (schema keys, version and the fields the gate reads)."""
-    from knowpress.errors import KnowpressError
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "report.json"
-    if not path.exists():
-        raise KnowpressError(f"{path}: no such report (give OUT/report.json)")
-    if not path.is_file():
-        raise KnowpressError(f"{path}: not a regular file (give OUT/report.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise KnowpressError(f"{path}: not a text file (give OUT/report.json)") from None
-    except json.JSONDecodeError as exc:
-        raise KnowpressError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
-    except RecursionError:
-        raise KnowpressError(f"{path}: nested too deeply to be a report") from None
-    missing = [k for k in REQUIRED_KEYS if k not in data] if isinstance(data, dict) else ["all"]
-    if missing or data.get("schema") != "knowpress.report":
-        raise KnowpressError(f"{path}: not a knowpress report (missing {short(missing)})")
-    if data["schema_version"] not in READABLE_VERSIONS:
-        raise KnowpressError(
-            f"{path}: report schema_version {short(data['schema_version'], 40)} is not "
-            f"supported (this knowpress reads {', '.join(map(str, READABLE_VERSIONS))}); "
-            f"re-run the recipe"
-        )
-    try:
-        _Schema.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise KnowpressError(f"{path}: {short(where, 80)}: {first['msg']}") from None
-    return data

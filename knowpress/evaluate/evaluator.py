@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from knowpress.evaluate.tasks import TASKS
@@ -29,11 +29,19 @@ class TaskScore:
     chance: float | None = None
     #: compared as retention (False: the score already compares with the reference, kl)
     relative: bool = True
+    #: the score compared with chance when it is not ``score`` (``TaskResult.chance_basis``)
+    chance_basis: float | None = None
+    #: per-item columns and the statistic that makes the score of them
+    #: (``evaluate/uncertainty.py``); empty for old eval.json and harness tasks
+    items: dict[str, list[float]] = field(default_factory=dict)
+    statistic: str | None = None
 
     @property
     def near_chance(self) -> bool:
-        """True when the score is below 2x chance (only meaningful for the teacher's score)."""
-        return self.chance is not None and self.higher_is_better and self.score < 2 * self.chance
+        """True when the score (or its ``chance_basis``) is below 2x chance (only meaningful
+        for the reference's score)."""
+        basis = self.score if self.chance_basis is None else self.chance_basis
+        return self.chance is not None and self.higher_is_better and basis < 2 * self.chance
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,7 +135,8 @@ def _evaluate(
         chance = result.chance if result.chance is not None else task.chance(world)
         out[name] = TaskScore(
             name, task.metric, task.higher_is_better, result.score, result.n, result.extra,
-            result.examples, chance, task.relative,
+            result.examples, chance, task.relative, result.chance_basis, result.items,
+            result.statistic,
         )  # fmt: skip
     return out, states
 
@@ -145,8 +154,12 @@ def retention_table(
     }
 
 
-def worst(retention: dict[str, float]) -> tuple[str | None, float | None]:
-    """The task with the lowest retention; NaN (undefined) counts as worst."""
+def worst(
+    retention: dict[str, float], skip: frozenset[str] | set[str] = frozenset()
+) -> tuple[str | None, float | None]:
+    """The task with the lowest retention, leaving out ``skip`` (tasks whose reference is
+    near chance: their retention means nothing); NaN (undefined) counts as worst."""
+    retention = {t: v for t, v in retention.items() if t not in skip}
     if not retention:
         return None, None
 

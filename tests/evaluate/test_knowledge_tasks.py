@@ -120,7 +120,12 @@ def test_long_context_lengths_fit_the_model() -> None:
     assert all(result.extra[f"tokens/bios={n}"] <= 256 for n in lengths)
     assert result.extra["tokens/bios=4"] > 128  # the longest length uses over half the context
     assert result.n == (8 // len(lengths)) * len(lengths)  # max_items caps the whole task
-    assert result.chance == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)  # 1/k: a random person's
+    # 1/k per size, a random person's answer; a one-bio haystack has no such failure
+    assert result.chance == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert [result.extra[f"chance/bios={n}"] for n in lengths] == [1, 1 / 2, 1 / 4]
+    assert result.chance_basis == pytest.approx(
+        (result.extra["em/bios=2"] + result.extra["em/bios=4"]) / 2
+    )
     names = {p.name for p in WORLD.people}
     assert not any(name in p for p in runtime.prompts for name in names)  # fictional people only
     # Between 2 and 4 bios, the largest haystack that fits is scored too.
@@ -179,6 +184,34 @@ def test_chance_values() -> None:
     assert TASKS.get("bits")().chance(world) is None
     score = TaskScore("x", "exact_match", True, 0.09, 1, {}, [], 0.05)
     assert score.near_chance and not TaskScore("x", "em", True, 0.1, 1, {}, [], 0.05).near_chance
+    # long_context: a one-bio haystack read right does not lift the multi-bio score off chance
+    read_one = TaskScore("long_context", "em", True, 0.5, 3, {}, [], 0.375, chance_basis=0.25)
+    assert read_one.near_chance
+
+
+class OneBioReader(FakeRuntime):
+    """Right on every one-bio haystack, "Nowhere" on the others."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world, oracle=True)
+        self.sizes = {it.prompt: n for n in range(1, 9) for it in world.haystack_items(n, 32)}
+
+    def _answer(self, prompt: str) -> str:
+        return super()._answer(prompt) if self.sizes[prompt] == 1 else "Nowhere"
+
+
+def test_long_context_of_a_model_that_reads_only_one_bio_is_near_chance() -> None:
+    """The old chance (mean 1/k over 1, 2, 4 bios = 0.58) let a model that only reads a
+    one-bio haystack (score 1/3) pass as reading; per-size chance without the one-bio
+    haystack compares 0 at 2 and 4 bios with chance 0.375 and flags it."""
+    runtime = OneBioReader(WORLD)
+    scores = evaluate_runtime(runtime, WORLD, ["long_context"], 12)
+    result = scores["long_context"]
+    assert result.extra["em/bios=1"] == 1.0 and result.extra["em/bios=2"] == 0.0
+    assert result.score == pytest.approx(1 / 3) and result.chance == pytest.approx(0.375)
+    assert result.near_chance
+    oracle = evaluate_runtime(FakeRuntime(WORLD, oracle=True), WORLD, ["long_context"], 12)
+    assert not oracle["long_context"].near_chance
 
 
 @pytest.fixture(scope="module")

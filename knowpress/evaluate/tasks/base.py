@@ -40,6 +40,13 @@ class TaskResult:
     state: State = field(default_factory=dict)
     #: this run's own chance score when it depends on what was scored (else ``Task.chance``)
     chance: float | None = None
+    #: the score compared with ``chance`` when it is not ``score`` (``long_context``: the
+    #: haystacks of two or more bios, the ones chance is defined on)
+    chance_basis: float | None = None
+    #: per-item numbers (column -> one value per item) that ``statistic`` turns into the
+    #: score (``evaluate/uncertainty.py``): what intervals and paired tests resample
+    items: dict[str, list[float]] = field(default_factory=dict)
+    statistic: str | None = None
 
 
 class Task:

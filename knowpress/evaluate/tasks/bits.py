@@ -17,7 +17,8 @@ given the prompt (exact when the prompt's tokens are a prefix of the joined text
 the world tokenizer). With ``max_items`` the losses are estimated on an evenly spaced subset
 of each attribute's facts and ``N_a`` stays the world's count. ``bits_per_parameter`` uses
 the runtime's logical parameter count; bits per stored byte is added by the report, which
-knows the stored size.
+knows the stored size. Each scored item keeps its loss, attribute (``group``), ``N_a`` and
+``log2|S_a|`` (``items``, statistic ``bits``): intervals resample items within attributes.
 """
 
 from __future__ import annotations
@@ -81,8 +82,14 @@ class Bits(Task):
         counts = Counter(it.attribute for it in items)
         sample = pick_by_attribute(items, max_items)
         losses: dict[str, list[float]] = {}
+        columns: dict[str, list[float]] = {"loss": [], "group": [], "count": [], "log2_pool": []}
+        order = {a: float(i) for i, a in enumerate(sorted(counts))}
         for it, loss in zip(sample, value_losses(runtime, sample), strict=True):
             losses.setdefault(it.attribute, []).append(loss)
+            columns["loss"].append(loss)
+            columns["group"].append(order[it.attribute])
+            columns["count"].append(float(counts[it.attribute]))
+            columns["log2_pool"].append(math.log2(pools[it.attribute]))
         extra: dict[str, float] = {}
         total = 0.0
         for attribute, values in sorted(losses.items()):
@@ -95,4 +102,4 @@ class Bits(Task):
         params = runtime.parameter_count()
         extra["parameters"] = float(params)
         extra["bits_per_parameter"] = total / params
-        return TaskResult(total, len(sample), extra)
+        return TaskResult(total, len(sample), extra, items=columns, statistic="bits")

@@ -15,6 +15,15 @@ scored on the same token ids:
   texts, ``CONTINUATION_TOKENS`` new tokens each, scored on the sampled tokens only: a model
   that is close on short prompts and drifts after ~30 generated tokens shows it here.
 
+Flips on text (``flips/lost``, ``flips/gained``): on the ``text`` windows, the share of
+positions where the reference's most likely next token is the text's actual next token and
+the model's is not (lost), and the reverse (gained): the token-level analogue of QA flips.
+
+Per sequence (window or continuation) the run keeps ``kl_sum``, ``positions``, ``top1_hits``
+and, for text windows, ``text_positions``, ``lost``, ``gained`` (``items``, statistic ``kl``):
+the report's intervals resample sequences, not positions, since the positions of one
+sequence are not independent.
+
 ``max_items`` caps the windows and the continuations. The reference's distribution at each
 position is kept as its top ``TOP_K`` tokens plus one bucket for the rest; grouping never
 increases KL, so the score is exact when the vocabulary has at most ``TOP_K`` tokens and
@@ -47,6 +56,7 @@ CONTINUATION_TOKENS = 128
 SEED = 0
 _CHUNK_BYTES = 256 * 2**20  # float32 logits held at once while scoring
 SOURCES = ("text", "continuation")
+ITEM_COLUMNS = ("kl_sum", "positions", "top1_hits", "text_positions", "lost", "gained")
 
 
 def windows(texts_ids: Sequence[Sequence[int]], width: int, budget: int) -> list[list[int]]:
@@ -112,19 +122,23 @@ class KL(Task):
             return self._reference_run(runtime, world, max_items)
         extra: dict[str, float] = {}
         every: list[torch.Tensor] = []
-        agree = 0
+        items: dict[str, list[float]] = {name: [] for name in ITEM_COLUMNS}
         for source in SOURCES:
-            kls, hits = self._compare(runtime, reference, source)
+            kls, columns = self._compare(runtime, reference, source)
             every.append(kls)
-            agree += hits
+            for name in ITEM_COLUMNS:
+                items[name] += columns[name]
             if kls.numel():
                 extra[f"kl/{source}"] = float(kls.mean())
-                extra[f"top1/{source}"] = hits / kls.numel()
+                extra[f"top1/{source}"] = sum(columns["top1_hits"]) / kls.numel()
         per_position = torch.cat(every)
         extra["kl_p99"] = float(torch.quantile(per_position.double(), 0.99))
-        extra["top1"] = agree / per_position.numel()
+        extra["top1"] = sum(items["top1_hits"]) / per_position.numel()
         extra["positions"] = float(per_position.numel())
-        return TaskResult(float(per_position.mean()), per_position.numel(), extra)
+        extra.update(_text_flips(items))
+        return TaskResult(
+            float(per_position.mean()), per_position.numel(), extra, items=items, statistic="kl"
+        )
 
     def _reference_run(self, runtime: Runtime, world: World, max_items: int | None) -> TaskResult:
         tokenizer = runtime.tokenizer
@@ -142,7 +156,10 @@ class KL(Task):
             state.update(self._targets(runtime, source, sequences, first))
         positions = sum(int(state[f"{s}/tail_logp"].numel()) for s in SOURCES)
         extra = {"kl_p99": 0.0, "top1": 1.0, "positions": float(positions)}
-        return TaskResult(0.0, positions, extra, state=state)  # KL(p || p) = 0
+        items = _self_items(text, samples, PROMPT_TOKENS - 1)
+        extra.update(_text_flips(items))
+        # KL(p || p) = 0, top-1 always agrees, nothing flips
+        return TaskResult(0.0, positions, extra, state=state, items=items, statistic="kl")
 
     def _targets(
         self, runtime: Runtime, source: str, sequences: list[list[int]], first: int
@@ -167,8 +184,11 @@ class KL(Task):
             f"{source}/tail_logp": torch.cat(tails) if tails else torch.zeros(0),
         }
 
-    def _compare(self, runtime: Runtime, reference: State, source: str) -> tuple[torch.Tensor, int]:
-        """Per-position KL against the reference on one source, and the top-1 agreements."""
+    def _compare(
+        self, runtime: Runtime, reference: State, source: str
+    ) -> tuple[torch.Tensor, dict[str, list[float]]]:
+        """Per-position KL against the reference on one source, and per-sequence columns
+        (``ITEM_COLUMNS``; flips only on ``text``, where the next token is the text's own)."""
         flat = reference[f"{source}/ids"].tolist()
         sequences, start = [], 0
         for length in reference[f"{source}/lengths"].tolist():
@@ -177,14 +197,50 @@ class KL(Task):
         first = int(reference[f"{source}/first"][0])
         top_ids, top_logp = reference[f"{source}/top_ids"], reference[f"{source}/top_logp"]
         tail = reference[f"{source}/tail_logp"]
-        kls, hits, offset = [], 0, 0
-        for logq in _logprob_chunks(runtime, sequences):
+        kls, offset = [], 0
+        columns: dict[str, list[float]] = {name: [] for name in ITEM_COLUMNS}
+        for sequence, logq in zip(sequences, _logprob_chunks(runtime, sequences), strict=True):
             scored = logq[first:]
             rows = slice(offset, offset + scored.shape[0])
-            kls.append(position_kl(scored, top_ids[rows], top_logp[rows], tail[rows]))
-            hits += int((scored.argmax(-1) == top_ids[rows, 0].long()).sum())
+            kl = position_kl(scored, top_ids[rows], top_logp[rows], tail[rows])
+            kls.append(kl)
+            mine, theirs = scored.argmax(-1), top_ids[rows, 0].long()
+            columns["kl_sum"].append(float(kl.double().sum()))
+            columns["positions"].append(float(scored.shape[0]))
+            columns["top1_hits"].append(float((mine == theirs).sum()))
+            lost, gained, counted = 0.0, 0.0, 0.0
+            if source == "text":
+                actual = torch.tensor(sequence[first + 1 :], dtype=torch.long)
+                lost = float(((theirs == actual) & (mine != actual)).sum())
+                gained = float(((mine == actual) & (theirs != actual)).sum())
+                counted = float(actual.numel())
+            columns["text_positions"].append(counted)
+            columns["lost"].append(lost)
+            columns["gained"].append(gained)
             offset += scored.shape[0]
         if offset != tail.numel():
             counts = f"the reference scored {tail.numel()} positions, this run {offset}"
             raise ValueError(f"kl: {counts}")
-        return (torch.cat(kls) if kls else torch.zeros(0)), hits
+        return (torch.cat(kls) if kls else torch.zeros(0)), columns
+
+
+def _self_items(
+    text: Sequence[Sequence[int]], samples: Sequence[Sequence[int]], first: int
+) -> dict[str, list[float]]:
+    """The reference's own columns: no KL, every top-1 agrees, nothing flips."""
+    positions = [float(len(s) - 1) for s in text] + [float(len(s) - 1 - first) for s in samples]
+    text_positions = [float(len(s) - 1) for s in text] + [0.0] * len(samples)
+    zeros = [0.0] * len(positions)
+    return {
+        "kl_sum": zeros, "positions": positions, "top1_hits": list(positions),
+        "text_positions": text_positions, "lost": list(zeros), "gained": list(zeros),
+    }  # fmt: skip
+
+
+def _text_flips(items: dict[str, list[float]]) -> dict[str, float]:
+    """``flips/lost`` and ``flips/gained`` over the text windows' positions."""
+    counted = sum(items["text_positions"])
+    if not counted:
+        return {}
+    lost, gained = sum(items["lost"]) / counted, sum(items["gained"]) / counted
+    return {"flips/lost": lost, "flips/gained": gained}

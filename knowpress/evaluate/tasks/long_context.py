@@ -5,8 +5,12 @@ by a trained-format question about one of them. Scored at doubling haystack size
 at the largest size that still fits, so the longest prompt reaches the model's maximum;
 score = mean exact match over those lengths, per-length EM and token counts in ``extra``.
 ``max_items`` caps the items of the whole task (spread evenly over the sizes, at least one
-each; default 32 per size). Chance is the mean of 1/k over the sizes k scored: the
-documented failure, the asked attribute read from a random person of the haystack.
+each; default 32 per size). Chance is per haystack size: 1/k for k bios (``chance/bios=k`` in
+``extra``), the documented failure, the asked attribute read from a random person of the
+haystack. A one-bio haystack has no such failure (its one person is always the asked one), so
+the task's chance is the mean of 1/k over the sizes of two or more bios, compared with the
+mean EM over those same sizes (``em/multi_bio``, the score the near-chance flag reads); when
+only one bio fits, chance falls back to a uniform guess from the value pool.
 When the world trains in-context passages (``in_context_examples``), ``extra`` also holds
 ``trained_bios`` (its ``in_context_bios``, the most bios a training passage holds) and
 ``em/trained_lengths``, the mean EM over the haystacks no longer than that: reading at the
@@ -40,6 +44,21 @@ DEFAULT_ITEMS = 32  # per context length without ``max_items``
 _EXAMPLE_CHARS = 160  # long prompts are cut to their tail in the report's examples
 
 
+def _chance(
+    sizes: list[tuple[int, list[QAItem], int]], ems: list[float], extra: dict[str, float]
+) -> tuple[float | None, float | None]:
+    """Chance 1/k per size (into ``extra``); the task's chance and the EM compared with it,
+    both over the sizes of two or more bios (None, None when only one bio fits)."""
+    multi = [(n, em) for (n, _, _), em in zip(sizes, ems, strict=True) if n >= 2]
+    for n, _, _ in sizes:
+        extra[f"chance/bios={n}"] = 1 / n
+    if not multi:
+        return None, None
+    basis = sum(em for _, em in multi) / len(multi)
+    extra["em/multi_bio"] = basis
+    return sum(1 / n for n, _ in multi) / len(multi), basis
+
+
 def trained_bios(world: World) -> int | None:
     """Most bios in one of the world's training passages, or None when it trains none."""
     config = getattr(world, "config", None)
@@ -61,11 +80,12 @@ class LongContext(Task):
         sizes = self._sizes(runtime, world, max_items or DEFAULT_ITEMS)
         per_size = DEFAULT_ITEMS if max_items is None else max(1, max_items // len(sizes))
         extra: dict[str, float] = {"max_positions": float(runtime.max_positions)}
-        ems, examples, correct = [], [], []
-        for n, items, longest in sizes:
+        ems, examples, correct, group = [], [], [], []
+        for index, (n, items, longest) in enumerate(sizes):
             result = score_qa(runtime, items[:per_size], n_examples=2)
             ems.append(result.score)
             correct += [bool(x) for x in result.state["correct"].tolist()]
+            group += [float(index)] * result.n
             extra[f"em/bios={n}"] = result.score
             extra[f"tokens/bios={n}"] = float(longest)
             examples = [
@@ -77,10 +97,12 @@ class LongContext(Task):
             extra["trained_bios"] = float(trained or 0)
             extra["em/trained_lengths"] = sum(within) / len(within)
         extra.update(flips(correct, reference))
-        # A model that reads the asked attribute of a random person of the haystack scores 1/k.
-        chance = sum(1 / n for n, _, _ in sizes) / len(sizes)
-        score = sum(ems) / len(ems)
-        return TaskResult(score, len(correct), extra, examples, correct_state(correct), chance)
+        chance, basis = _chance(sizes, ems, extra)
+        return TaskResult(
+            sum(ems) / len(ems), len(correct), extra, examples, correct_state(correct), chance,
+            basis, {"correct": [float(c) for c in correct], "group": group},
+            "stratified_accuracy",
+        )  # fmt: skip
 
     def _sizes(
         self, runtime: Runtime, world: World, n_items: int

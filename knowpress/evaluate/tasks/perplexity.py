@@ -6,6 +6,8 @@ beside recall because it hides knowledge loss on its own.
 Tokens the tokenizer does not know (``unk``) are not scored: a text the tokenizer cannot
 represent would otherwise be scored on how well the model predicts ``<unk>``.
 ``extra.unknown_share`` says how much of the text that was; the report warns above 10%.
+Per text, its summed NLL and scored tokens are kept (``items``: ``nats``, ``tokens``; statistic
+``perplexity``) so the report's intervals resample texts.
 """
 
 from __future__ import annotations
@@ -47,4 +49,5 @@ class Perplexity(Task):
         extra = {"tokens": float(scored), "unknown_share": 1 - scored / total if total else 0.0}
         if scored == 0:
             raise ValueError("perplexity: every token of the held-out text is unknown")
-        return TaskResult(perplexity(nlls), len(texts), extra)
+        items = {"nats": [n.nats for n in nlls], "tokens": [float(n.tokens) for n in nlls]}
+        return TaskResult(perplexity(nlls), len(texts), extra, items=items, statistic="perplexity")

@@ -3,9 +3,10 @@ and flips against the reference.
 
 Used by every QA-style task (``recall``, ``paraphrase``, ``two_hop``, ``long_context``) so
 they differ only in which items they ask, never in how answers are scored. A run leaves the
-per-item correctness in its state (``correct``, uint8); given the reference's, the extras
-``flips/lost`` (share of items the reference answers right and this model wrong) and
-``flips/gained`` (the reverse) show what equal accuracy hides (Dutta et al. 2024,
+per-item correctness in its state (``correct``, uint8) and in its ``items`` (statistic
+``accuracy``: what the report's intervals and McNemar tests resample); given the reference's,
+the extras ``flips/lost`` (share of items the reference answers right and this model wrong)
+and ``flips/gained`` (the reverse) show what equal accuracy hides (Dutta et al. 2024,
 "Accuracy is not all you need", arXiv:2407.09141).
 """
 
@@ -80,7 +81,10 @@ def score_qa(
     extra.update({f"em/{a}": sum(v) / len(v) for a, v in sorted(per_attr.items())})
     extra.update(flips([bool(x) for x in em], reference))
     score = sum(em) / len(em)
-    return TaskResult(score, len(items), extra, wrong[:n_examples], correct_state(em))
+    return TaskResult(
+        score, len(items), extra, wrong[:n_examples], correct_state(em),
+        items={"correct": [float(x) for x in em]}, statistic="accuracy",
+    )  # fmt: skip
 
 
 def uniform_guess_chance(world: FactWorld, items: Sequence[QAItem]) -> float | None:
