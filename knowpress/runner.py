@@ -54,9 +54,10 @@ from knowpress.models.io import atomic_dir, atomic_write_text, load_model, save_
 from knowpress.outdir import OutputFolder, resume_dir, stage_dir
 from knowpress.preflight import (
     check_folders,
-    check_sources,
+    check_inputs,
     check_stages,
     check_tasks,
+    run_inputs,
     run_world,
     structure_model,
 )
@@ -153,7 +154,9 @@ class Runner:
         return measurement, bf16
 
     def run(self) -> RunResult:
-        with OutputFolder(self.out_dir, resume=self.resume, force=self.force) as folder:
+        inputs = run_inputs(self.recipe)  # OUT may not overlap what the run reads
+        with OutputFolder(self.out_dir, resume=self.resume, force=self.force,
+                          inputs=inputs) as folder:  # fmt: skip
             sources, world = self.prepare()
             folder.first_write(knowpress_version())  # a forced run replaces the old one here
             text = yaml.safe_dump(self.recipe.dump(), sort_keys=False)
@@ -174,7 +177,7 @@ class Runner:
         check_folders(sources)
         world = run_world(recipe, [source.local_dir for source in sources.values()])
         check_tasks(world, recipe.evaluate.tasks)
-        check_sources({"model": model_src, "reference": reference_src}, world)
+        check_inputs(recipe, sources, world)
         check_stages(recipe, structure_model(recipe.model, model_src.location))
         return sources, world
 
