@@ -14,40 +14,27 @@ from knowpress.errors import KnowpressError, short
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from knowpress.cli import _quiet_libraries, err, out
+    from knowpress.cli import err, out
     from knowpress.device import resolve_device
     from knowpress.evaluate.evaluator import evaluate_runtime, measure
-    from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, run_lm_eval
+    from knowpress.evaluate.lm_eval_bridge import run_lm_eval
     from knowpress.evaluate.loader import load_runtime
     from knowpress.models.io import atomic_write_text
     from knowpress.progress import Progress
+    from knowpress.quiet import hide_library_output
     from knowpress.recipe import ModelSpec
     from knowpress.sources import resolve_source
 
-    _quiet_libraries()
+    hide_library_output()
     tasks = [t for t in args.tasks.split(",") if t]
     if not tasks and not args.lm_eval:
         raise KnowpressError("--tasks is empty and no --lm-eval tasks: nothing to evaluate")
-    harness = None
-    if args.lm_eval:
-        try:
-            harness = LmEvalSpec(
-                tasks=[t for t in args.lm_eval.split(",") if t],
-                include_path=args.lm_eval_include,
-                limit=args.lm_eval_limit,
-                num_fewshot=args.lm_eval_fewshot,
-            )
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            flags = {"limit": "--lm-eval-limit", "num_fewshot": "--lm-eval-fewshot"}
-            flag = flags.get(str(first["loc"][0]), "--lm-eval")
-            raise KnowpressError(f"{flag}: {first['msg']}") from None
+    harness = _harness(args)
     if args.json and Path(args.json).is_dir():
         raise KnowpressError(f"--json: {args.json} is a folder; give the path of a file to write")
     spec = ModelSpec(path=args.model, trust_remote_code=args.trust_remote_code)
     source = resolve_source(spec, field="--model")
+    check_artifact(source.location, "--model")
     world = _eval_world(args, tasks) if tasks else None
     device = str(resolve_device(args.device, "--device"))
     options = {"device": device, "batch_size": args.batch_size,
@@ -60,16 +47,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if harness is not None:
         scores.update(run_lm_eval(runtime, harness))
     measurement = measure(runtime, scores, source.stored_bytes())
+    size = _size_line(measurement)  # before printing: all or nothing
     table = Table(title=f"{args.model}")
     for col in ("task", "metric", "score", "items"):
         table.add_column(col)
     for s in scores.values():
         table.add_row(s.task, s.metric, f"{s.score:.4f}", str(s.n))
     out.print(table)
-    out.print(_size_line(measurement))
+    out.print(size)
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(measurement.to_json(), indent=1))
     return 0
+
+
+def _harness(args: argparse.Namespace) -> Any:
+    """The --lm-eval tasks as a validated spec, checked against the harness's task index
+    before any model loads (None without --lm-eval)."""
+    from pydantic import ValidationError
+
+    from knowpress.cli import err
+    from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, check_harness_tasks
+
+    if not args.lm_eval:
+        return None
+    try:
+        harness = LmEvalSpec(
+            tasks=[t for t in args.lm_eval.split(",") if t],
+            include_path=args.lm_eval_include,
+            limit=args.lm_eval_limit,
+            num_fewshot=args.lm_eval_fewshot,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        flags = {"limit": "--lm-eval-limit", "num_fewshot": "--lm-eval-fewshot",
+                 "include_path": "--lm-eval-include"}  # fmt: skip
+        flag = flags.get(str(first["loc"][0]), "--lm-eval")
+        raise KnowpressError(f"{flag}: {first['msg']}") from None
+    note = check_harness_tasks(harness)
+    if note:
+        err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    return harness
+
+
+def check_artifact(location: str, flag: str) -> None:
+    """A stage folder is scored only while its payload is what its manifest recorded (size
+    and sha256): a row of another file's bytes would not measure what is stored."""
+    from knowpress.models.artifact import changed_files, read_manifest
+
+    folder = Path(location)
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    if manifest is None:
+        return
+    problems = changed_files(folder, manifest)
+    if problems:
+        raise KnowpressError(
+            f"{flag}: {folder}: {problems[0]}; its scores would not measure the stored "
+            f"artifact, so re-run the stage that wrote it"
+        )
 
 
 def _eval_world(args: argparse.Namespace, tasks: list[str]) -> Any:
@@ -81,7 +115,7 @@ def _eval_world(args: argparse.Namespace, tasks: list[str]) -> Any:
     from knowpress.world import load_world
     from knowpress.world.teacher import WORLD_FILE
 
-    text = TextWorld(*load_texts(TextSpec(path=args.text))) if args.text else None
+    text = TextWorld(*load_texts(TextSpec(path=args.text), "--text")) if args.text else None
     has_world = args.world or (Path(args.model) / WORLD_FILE).is_file()
     needs_facts = any(TASKS.get(t).needs_facts for t in tasks)
     if not has_world and (text is None or needs_facts):
@@ -116,6 +150,7 @@ def _reference_states(
                 f"--tasks: {absolute[0]} compares with a reference model; pass --reference DIR"
             )
         return None
+    check_artifact(args.reference, "--reference")
     reference = load_runtime(args.reference, **options)
     _, states = evaluate_reference(reference, world, tasks, args.max_items, progress)
     del reference

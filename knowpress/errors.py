@@ -7,6 +7,7 @@ naming the field or path and the fix. The CLI prints these without a traceback.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 #: the most characters of a user's value an error line repeats
@@ -21,6 +22,18 @@ def short(value: Any, limit: int = ECHO_CHARS) -> str:
     return f"{text[:limit]}... ({len(text):,} characters)"
 
 
+def yaml_value(value: Any) -> str:
+    """A value as a recipe wrote it, with its YAML type: ``true (a boolean)``, ``4.0 (a
+    decimal)``; containers by kind, strings quoted and cut to :data:`ECHO_CHARS`."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, int | float):
+        return f"{value!r} ({'a whole number' if isinstance(value, int) else 'a decimal'})"
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return "null" if value is None else short(repr(value))
+
+
 class KnowpressError(Exception):
     """An error the user can fix; ``str(err)`` is the message to show."""
 
@@ -33,3 +46,21 @@ class RecipeError(KnowpressError):
         self.source = source
         prefix = f"{source}: " if source else ""
         super().__init__("\n".join(prefix + line for line in lines))
+
+
+_FULL_MARKS = ("No space left", "StorageFull", "code: 28", "[Errno 28]", "ENOSPC")
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk: an ``OSError``
+    with ``ENOSPC``, or a library's own error saying so (safetensors' ``StorageFull``,
+    onnx / protobuf messages)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and errno.ENOSPC in (exc.errno, *exc.args[:1]):
+            return True
+        if any(mark in str(exc) for mark in _FULL_MARKS):
+            return True
+        exc = exc.__cause__ if exc.__suppress_context__ else exc.__cause__ or exc.__context__
+    return False

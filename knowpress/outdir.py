@@ -2,11 +2,17 @@
 
 Rules (``compress apply -o OUT``):
 
-- A knowpress run folder holds :data:`RUN_MARKER` (folders of older versions: ``recipe.yaml``).
+- A knowpress run folder holds :data:`RUN_MARKER`, which only knowpress writes (a file named
+  ``recipe.yaml`` marks nothing: a project folder holds one too).
 - An existing non-empty OUT is an error unless ``--resume`` (it must be a run) or
   ``--force``, which only ever replaces a run folder, and only once the new run reaches its
   first write (sources resolved, world loaded, plan checked): a run that fails before that
   leaves the old one as it was. User files in a folder that is not a run are never deleted.
+- OUT is never an input of the run, a folder holding one, or a folder inside one
+  (:func:`check_not_input`: the model, reference, teacher, a stage's own models, text and
+  calibration files, caches): a forced run would delete what it reads.
+- ``compress export -o OUT`` follows the same rules with its own marker: ``--force``
+  replaces only an export bundle (:func:`is_export_bundle`), never its input model folder.
 - While a run writes OUT it holds an exclusive ``flock`` on ``OUT/.knowpress.lock`` (released
   by the kernel when the process ends, however it ends); a second run on the same OUT gets
   one line naming the holder's PID.
@@ -27,19 +33,57 @@ from types import TracebackType
 from knowpress.errors import KnowpressError
 
 RUN_MARKER = "knowpress_run.json"
+EXPORT_MARKER = "knowpress_export.json"
 LOCK_FILE = ".knowpress.lock"
-_LEGACY_MARKER = "recipe.yaml"
 
 
 def is_run(folder: Path) -> bool:
-    return (folder / RUN_MARKER).is_file() or (folder / _LEGACY_MARKER).is_file()
+    return (folder / RUN_MARKER).is_file()
+
+
+def is_export_bundle(folder: Path) -> bool:
+    """A folder ``compress export`` (or an export stage) wrote: its ``knowpress_export.json``
+    beside a manifest of format ``onnx``."""
+    from knowpress.models.artifact import read_manifest
+
+    if not (folder / EXPORT_MARKER).is_file():
+        return False
+    try:
+        manifest = read_manifest(folder)
+    except KnowpressError:
+        return False
+    return manifest is not None and manifest.format == "onnx"
+
+
+def check_not_input(out: Path, inputs: dict[str, Path], flag: str = "-o") -> None:
+    """``out`` is none of ``inputs`` (field -> path), no folder holding one and no folder
+    inside one: writing (or with ``--force`` clearing) it would change what the command
+    reads."""
+    target = Path(out).expanduser().resolve()
+    for field, path in inputs.items():
+        source = Path(path).expanduser().resolve()
+        if target == source:
+            relation = "is"
+        elif target in source.parents:
+            relation = "holds"
+        elif source in target.parents:
+            relation = "is inside"
+        else:
+            continue
+        raise KnowpressError(
+            f"{flag} {out}: {relation} {field} {path}, an input of this command; write the "
+            f"output somewhere else (choose another {flag})"
+        )
 
 
 class OutputFolder:
     """Context manager taking ``out_dir`` for one run (see the module docstring)."""
 
-    def __init__(self, out_dir: Path, *, resume: bool, force: bool) -> None:
+    def __init__(
+        self, out_dir: Path, *, resume: bool, force: bool, inputs: dict[str, Path] | None = None
+    ) -> None:
         self.path, self.resume, self.force = Path(out_dir), resume, force
+        self.inputs = inputs or {}
         self._fd: int | None = None
         self._created = False
         self._cleared = False
@@ -48,6 +92,7 @@ class OutputFolder:
         path = self.path
         if path.exists() and not path.is_dir():
             raise KnowpressError(f"output {path} is a file; choose a folder with -o")
+        check_not_input(path, self.inputs)
         if not path.exists():
             path.mkdir(parents=True)
             self._created = True

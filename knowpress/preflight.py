@@ -61,6 +61,39 @@ def _fact_world(recipe: Recipe, folders: list[Path | None]) -> Any:
     return None
 
 
+_PATH_FIELDS = ("path", "include_path")
+_WORLD_FIELDS = ("model", "reference", "teacher", "evaluate")
+
+
+def run_inputs(recipe: Recipe) -> dict[str, Path]:
+    """Local files and folders a run reads or caches into (field -> path): every ``path``
+    and ``include_path`` in the recipe that exists here (sources, text, calibration, a
+    stage's own models and teacher cache, harness tasks), a folder ``evaluate.world``
+    names, and the cached teachers of the world presets it uses."""
+    from knowpress.world import PRESETS
+    from knowpress.world.teacher import teacher_dir
+
+    found: dict[str, Path] = {}
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                here = f"{where}.{key}" if where else str(key)
+                if key in _PATH_FIELDS and isinstance(value, str):
+                    found[here] = Path(value).expanduser()
+                elif key == "world" and where in _WORLD_FIELDS and isinstance(value, str):
+                    is_preset = value in PRESETS and not Path(value).exists()
+                    found[here] = teacher_dir(value) if is_preset else Path(value).expanduser()
+                else:
+                    walk(value, here)
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}.{index}")
+
+    walk(recipe.model_dump(mode="json"), "")
+    return {field: path for field, path in found.items() if path.exists()}
+
+
 def check_tasks(world: Any, tasks: list[str]) -> None:
     """Every task can score ``world`` (e.g. ``two_hop`` needs company facts)."""
     from knowpress.evaluate.tasks import TASKS
@@ -119,24 +152,102 @@ def check_sources(named: dict[str, Source], world: Any) -> None:
                 f"{field}: {source.location} knows world {trained}, but this run measures world "
                 f"{key}; score a fact-world teacher on its own world (drop evaluate.world)"
             )
-    model, reference = named["model"], named["reference"]
-    if model.location != reference.location:
-        ours, theirs = _vocabulary(model), _vocabulary(reference)
-        if ours != theirs:
-            raise KnowpressError(
-                f"reference: its tokenizer is not the model's ({len(theirs):,} vs {len(ours):,} "
-                f"tokens, {len(set(ours.items()) ^ set(theirs.items())):,} differ); retention "
-                f"must compare the same token space: give a reference with the model's tokenizer"
-            )
+    why = "retention must compare the same token space"
+    same_vocabulary("reference", named["model"], named["reference"], why)
 
 
-def _vocabulary(source: Source) -> dict[str, int]:
+def same_vocabulary(field: str, model: Source, other: Source, why: str) -> None:
+    """``other``'s tokenizer is the model's (skipped when either cannot be read offline)."""
+    if model.location == other.location:
+        return
+    ours, theirs = _vocabulary(model), _vocabulary(other)
+    if ours is not None and theirs is not None and ours != theirs:
+        raise KnowpressError(
+            f"{field}: its tokenizer is not the model's ({len(theirs):,} vs {len(ours):,} "
+            f"tokens, {len(set(ours.items()) ^ set(theirs.items())):,} differ); {why}: give "
+            f"a {field.rsplit('.', 1)[-1]} with the model's tokenizer"
+        )
+
+
+def _vocabulary(source: Source) -> dict[str, int] | None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        source.location, trust_remote_code=source.spec.trust_remote_code
-    )
-    return dict(tokenizer.get_vocab())
+    location = built_location(source)
+    if location is None:  # a preset not built yet: its tokenizer is the world's
+        from knowpress.world import PRESETS, build_tokenizer
+        from knowpress.world.teacher import make_world
+
+        preset = PRESETS.get(str(source.spec.world))
+        return dict(build_tokenizer(make_world(preset.world)).get_vocab())
+    trust = source.spec.trust_remote_code
+    once = Path(location).is_dir() or _offline_only()
+    for local in (True,) if once else (True, False):
+        try:  # a hub id: the cached tokenizer, else the hub's (when it can be reached)
+            tokenizer = AutoTokenizer.from_pretrained(
+                location, trust_remote_code=trust, local_files_only=local
+            )
+        except (OSError, ValueError):
+            continue
+        return dict(tokenizer.get_vocab())
+    return None
+
+
+def built_location(source: Source) -> str | None:
+    """Where ``source`` can be read now: its location, or for a world preset resolved
+    without building (``--dry-run``) the cached teacher, None when not built yet."""
+    if source.spec.world is None or not source.location.startswith("<world:"):
+        return source.location
+    from knowpress.world.teacher import is_complete, teacher_dir
+
+    built = teacher_dir(source.spec.world)
+    return str(built) if is_complete(built) else None
+
+
+def check_inputs(recipe: Recipe, named: dict[str, Source], world: Any) -> list[str]:
+    """Before the first write and in ``--dry-run``: the sources against the world and the
+    model's vocabulary (``check_sources``); for stages that need a teacher, its vocabulary
+    and structure (``StageConfig.check_teacher``: e.g. ``moe_teacher`` on a dense teacher);
+    every model a stage loads itself (``StageConfig.sources``: Delta-KD's bases); the
+    ``lm_eval`` tasks against the harness's index. Returns notes for the plan."""
+    from knowpress.sources import resolve_source
+
+    check_sources({"model": named["model"], "reference": named["reference"]}, world)
+    model = named["model"]
+    teaching = [(i, s) for i, s in enumerate(recipe.stages) if type(s).needs_teacher]
+    if teaching:
+        teacher = named["teacher"]
+        same_vocabulary("teacher", model, teacher, "distillation compares next-token "
+                        "distributions")  # fmt: skip
+        structure = structure_model(recipe.model, built_location(model))
+        taught = structure_model(teacher.spec, built_location(teacher))
+        for index, config in teaching:
+            if structure is not None and taught is not None:
+                _prefixed(index, config, lambda c=config: c.check_teacher(structure, taught))
+    for index, config in enumerate(recipe.stages):
+        for field, spec in config.sources().items():
+            where = f"stages.{index}.{field}"
+            source = resolve_source(spec, build=False, field=f"{where}.path")
+            check_folders({where: source})
+            same_vocabulary(where, model, source, "its logits are combined with the model's")
+    if recipe.evaluate.lm_eval is not None:
+        from knowpress.evaluate.lm_eval_bridge import check_harness_tasks
+
+        note = check_harness_tasks(recipe.evaluate.lm_eval)
+        return [note] if note else []
+    return []
+
+
+def _prefixed(index: int, config: Any, check: Any) -> None:
+    try:
+        check()
+    except KnowpressError as exc:
+        raise KnowpressError(f"stages.{index} ({config.kind}): {exc}") from None
+
+
+def _offline_only() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def structure_model(spec: ModelSpec, location: str | None) -> PreTrainedModel | None:
@@ -150,20 +261,30 @@ def structure_model(spec: ModelSpec, location: str | None) -> PreTrainedModel | 
 
     trust = spec.trust_remote_code
     folder = Path(location) if location and Path(location).is_dir() else None
+    if folder is not None:
+        try:
+            with torch.device("meta"):
+                if (folder / QUANT_FILE).is_file():
+                    return packed_skeleton(folder, torch.float32, trust)
+                config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
+                return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+        except KnowpressError:
+            raise
+        except Exception as exc:  # transformers' checks of the config's values
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise KnowpressError(
+                f"{folder / 'config.json'}: transformers cannot build the model it describes "
+                f"({first[:200]}); fix the config"
+            ) from None
     with torch.device("meta"):
-        if folder is not None and (folder / QUANT_FILE).is_file():
-            return packed_skeleton(folder, torch.float32, trust)
-        if folder is not None:
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
-        elif spec.world is not None:
+        if spec.world is not None:
             return _preset_model(spec.world)
-        else:
-            try:
-                config = AutoConfig.from_pretrained(
-                    spec.path, trust_remote_code=trust, local_files_only=True
-                )
-            except (OSError, ValueError):
-                return None
+        try:
+            config = AutoConfig.from_pretrained(
+                spec.path, trust_remote_code=trust, local_files_only=True
+            )
+        except (OSError, ValueError):
+            return None
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
 
 
@@ -178,11 +299,11 @@ def _preset_model(name: str) -> PreTrainedModel:
     return make_model(preset, tokenizer)
 
 
-def dry_run(recipe: Recipe) -> tuple[Any, list[list[str]] | None]:
-    """What ``--dry-run`` resolves without weights or training: the world, the tasks on it,
-    and each stage against the model's structure (None when the structure is not at hand)."""
+def dry_run(recipe: Recipe) -> tuple[Any, list[list[str]] | None, list[str]]:
+    """What ``--dry-run`` resolves without weights or training: the sources (folders,
+    vocabularies, the teacher's structure), the world, the tasks on it, and each stage
+    against the model's structure (None when the structure is not at hand); plus notes."""
     from knowpress.sources import resolve_source
-    from knowpress.world.teacher import is_complete, teacher_dir
 
     specs = {"model": recipe.model, "reference": recipe.reference, "teacher": recipe.teacher}
     sources = {
@@ -190,14 +311,14 @@ def dry_run(recipe: Recipe) -> tuple[Any, list[list[str]] | None]:
         for name, spec in specs.items()
         if spec is not None
     }
+    sources.setdefault("reference", sources["model"])
+    sources.setdefault("teacher", sources["reference"])
+    check_folders(sources)
     world = run_world(recipe, [source.local_dir for source in sources.values()])
     check_tasks(world, recipe.evaluate.tasks)
-    location = sources["model"].location
-    if recipe.model.world is not None:
-        built = teacher_dir(recipe.model.world)
-        location = str(built) if is_complete(built) else None
-    model = structure_model(recipe.model, location)
-    return world, None if model is None else check_stages(recipe, model)
+    notes = check_inputs(recipe, sources, world)
+    model = structure_model(recipe.model, built_location(sources["model"]))
+    return world, None if model is None else check_stages(recipe, model), notes
 
 
 def check_stages(recipe: Recipe, model: PreTrainedModel | None) -> list[list[str]]:

@@ -39,7 +39,7 @@ from pydantic import (
 )
 
 from knowpress.config import FrozenConfig
-from knowpress.errors import KnowpressError, RecipeError, short
+from knowpress.errors import KnowpressError, RecipeError, short, yaml_value
 from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, report_name
 from knowpress.evaluate.text import TextSpec
 from knowpress.registry import Registry, close_matches
@@ -258,10 +258,18 @@ def _dotted(loc: tuple[Any, ...], data: Any) -> str:
             data = data[key]
         elif isinstance(data, dict) and key in (data.get("kind"), data.get("name")):
             continue
+        elif data is not None and not isinstance(data, dict | list):
+            continue  # a union member's tag under a scalar (``int`` of ``int | float``)
         else:
             data = None
         parts.append(short(str(key), 60))
     return ".".join(parts) or "<recipe>"
+
+
+_EXPECTED = {
+    "int_type": "a whole number", "float_type": "a number", "bool_type": "true or false",
+    "string_type": "a string",
+}  # fmt: skip
 
 
 def _error_line(err: Any, data: Any) -> str:
@@ -282,12 +290,15 @@ def _error_line(err: Any, data: Any) -> str:
         return f"{path}: unknown field; remove it or check its spelling"
     if kind == "missing":
         return f"{path}: required field is missing"
+    if kind in _EXPECTED:
+        return f"{path}: expected {_EXPECTED[kind]}, got {yaml_value(err.get('input'))}"
     message = err["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
     if kind.startswith("literal_error"):
         got = err.get("input")
-        return f"{path}: {short(message)} (got {short(repr(got))})"
+        shown = f"{str(got).lower()}, a boolean" if isinstance(got, bool) else short(repr(got))
+        return f"{path}: {short(message)} (got {shown})"
     return f"{path}: {short(message)}"
 
 

@@ -48,6 +48,16 @@ class StageConfig(FrozenConfig):
         """True when the result needs knowpress's loader (per-layer shapes in the manifest)."""
         return False
 
+    def sources(self) -> dict[str, Any]:
+        """Models this stage loads besides the run's (``field -> ModelSpec``, e.g. Delta-KD's
+        ``loss.teacher_base``): resolved, checked and compared with the model's vocabulary
+        before the first write (``preflight.check_inputs``). The default: none."""
+        return {}
+
+    def check_teacher(self, model: Any, teacher: Any) -> None:
+        """For a stage that ``needs_teacher``: what can fail against the teacher's structure
+        (meta device) and the model's, before any work; raise ``KnowpressError``."""
+
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         """Resolve what can fail against the model's structure alone (``model`` may live on
         the meta device: shapes, no weights) before any work; raise ``KnowpressError`` with

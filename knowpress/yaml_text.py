@@ -1,7 +1,9 @@
 """Recipe YAML: ``yaml.SafeLoader`` plus the checks a CI gate's input needs.
 
 - A key given twice in one mapping is an error naming the key and both lines (YAML itself
-  keeps the last, so a second ``gate:`` would silently replace the first).
+  keeps the last, so a second ``gate:`` would silently replace the first). Merge keys
+  (``<<: *base``, YAML 1.1) work as in PyYAML: the mapping's own keys override the merged
+  ones, which is not a duplicate; a key twice among its own keys still is.
 - Aliases may not expand the document past :data:`MAX_VALUES` values, nor nest it past
   :data:`MAX_DEPTH` levels (a 550-byte "billion laughs" recipe otherwise expands to 10^9).
 - Only plain data: ``!!python/...`` and other non-standard tags are refused by SafeLoader.
@@ -22,10 +24,21 @@ MAX_VALUES = 100_000
 MAX_DEPTH = 64
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _StrictLoader(yaml.SafeLoader):
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def _check_duplicates(self, node: yaml.MappingNode) -> None:
+        """A key given twice among the mapping's own keys (merged ``<<`` keys may be
+        overridden: that is what merging is for)."""
         seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG:
+                merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else []
+                for base in [value_node, *merged]:
+                    if isinstance(base, yaml.MappingNode):
+                        self._check_duplicates(base)
+                continue
             key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
             line = key_node.start_mark.line + 1
             try:
@@ -36,7 +49,10 @@ class _StrictLoader(yaml.SafeLoader):
                 twice = f"key {short(key)!r} is given twice (lines {first} and {line})"
                 raise RecipeError([f"<yaml>: {twice}; keep one"])
             seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self._check_duplicates(node)
+        return super().construct_mapping(node, deep=deep)  # merges ``<<: *base`` keys
 
 
 def _size(value: Any, depth: int, memo: dict[int, int]) -> int:

@@ -30,7 +30,7 @@ def calibration_texts(spec: CalibrationSpec, world: Any) -> list[str]:
     if spec.path is not None:
         from knowpress.evaluate.text import TextSpec, load_texts
 
-        return load_texts(TextSpec(path=spec.path, field=spec.field))[0]
+        return load_texts(TextSpec(path=spec.path, field=spec.field), "data.calibration")[0]
     if spec.dataset is not None:
         return _dataset_texts(spec)
     if spec.world == "heldout":

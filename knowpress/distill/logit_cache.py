@@ -39,6 +39,19 @@ class TeacherCacheSpec(FrozenConfig):
     top_k: int = Field(64, ge=1, description="teacher log-probs kept per token, plus a tail bucket")
 
 
+def check_cache_path(spec: TeacherCacheSpec) -> str | None:
+    """Why the cache cannot live at ``spec.path`` (a file there, or a file on the way), or
+    None: the folder is created when the first step is cached."""
+    path = Path(spec.path).expanduser()
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            what = "is a file" if part == path else f"goes through the file {part}"
+            return f"teacher_cache.path: {spec.path} {what}; give a folder for the cache"
+        if part.is_dir():
+            return None
+    return None
+
+
 def _digest(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:32]
 
@@ -63,7 +76,8 @@ def bin_student(logits: torch.Tensor, indices: torch.Tensor, temperature: float)
 
 class TeacherCache:
     def __init__(self, spec: TeacherCacheSpec, temperature: float) -> None:
-        self.folder, self.k, self.temperature = Path(spec.path), spec.top_k, temperature
+        self.folder, self.k = Path(spec.path).expanduser(), spec.top_k
+        self.temperature = temperature
         self.hits = self.misses = 0
 
     def _file(self, step: int) -> Path:

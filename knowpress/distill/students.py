@@ -20,6 +20,7 @@ The student is an ordinary transformers model of its own (smaller) config.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Literal
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from knowpress.config import FrozenConfig
-from knowpress.errors import KnowpressError
+from knowpress.errors import KnowpressError, yaml_value
 
 
 class StudentSpec(FrozenConfig):
@@ -42,6 +43,31 @@ class StudentSpec(FrozenConfig):
     seed: int = 0
 
 
+#: config fields that count something (layers, heads, channels): whole numbers >= 1
+_COUNT = re.compile(r"num_.*|.*_(size|dim|heads|layers|experts|per_tok|positions|embeddings)")
+
+
+def _override_problem(key: str, value: Any, current: Any) -> str | None:
+    """Why ``value`` cannot replace the config field ``key`` (now ``current``), or None:
+    the same YAML type as the model's own value (an int field takes whole numbers, a float
+    field numbers, a bool field true/false), and counts at least 1."""
+    where = f"student.config.{key}"
+    if _COUNT.fullmatch(key) and isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{where}: expected a whole number >= 1, got {yaml_value(value)}"
+        return None
+    if current is None or value is None:
+        return None
+    wanted = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,),
+              dict: (dict,)}.get(type(current))  # fmt: skip
+    if wanted is None:
+        return None
+    if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
+        shown = yaml_value(current)
+        return f"{where}: expected a value like the model's own {shown}, got {yaml_value(value)}"
+    return None
+
+
 def check_student(spec: StudentSpec, config: Any) -> str | None:
     """Why ``spec`` cannot be made from a model of ``config``, or None (no weights needed)."""
     if spec.make == "config":
@@ -50,6 +76,10 @@ def check_student(spec: StudentSpec, config: Any) -> str | None:
             return f"student.config: {unknown[0]!r} is not a field of {type(config).__name__}"
         if not spec.config:
             return "student.config: give the fields to change (e.g. num_hidden_layers: 1)"
+        for key, value in spec.config.items():
+            problem = _override_problem(key, value, getattr(config, key))
+            if problem:
+                return problem
     if spec.make == "depth" and spec.keep is None:
         return "student.keep: the share of layers to keep is required for make: depth"
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)

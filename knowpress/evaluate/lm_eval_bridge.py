@@ -120,6 +120,55 @@ def headline(metrics: dict[str, Any]) -> tuple[str, float, bool]:
     return name, plain[name], name not in _LOWER_IS_BETTER
 
 
+_MANAGERS: dict[str | None, Any] = {}  # include_path -> the harness's task index (built once)
+
+
+def _task_manager(spec: LmEvalSpec, task_manager_cls: Any) -> Any:
+    """The harness's task index (its built-in tasks plus ``include_path``), built offline
+    once per process: indexing its ~15,000 task YAMLs takes seconds."""
+    if spec.include_path is not None and not Path(spec.include_path).is_dir():
+        raise KnowpressError(
+            f"evaluate.lm_eval.include_path: {spec.include_path} is not a directory of task YAMLs"
+        )
+    if spec.include_path not in _MANAGERS:
+        with _offline(spec.offline):
+            _MANAGERS[spec.include_path] = task_manager_cls(include_path=spec.include_path)
+    return _MANAGERS[spec.include_path]
+
+
+def _check_known(spec: LmEvalSpec, manager: Any) -> None:
+    from knowpress.registry import close_matches
+
+    unknown = [t for t in spec.tasks if t not in manager.all_tasks]
+    if unknown:
+        where = spec.include_path or "the harness's built-in tasks"
+        hint = close_matches(unknown[0], list(manager.all_tasks))
+        did = f" (did you mean {' or '.join(repr(h) for h in hint)}?)" if hint else ""
+        raise KnowpressError(
+            f"evaluate.lm_eval.tasks: {', '.join(unknown)} not found in {where}{did}; check "
+            "the name or set evaluate.lm_eval.include_path to a folder with their YAMLs"
+        )
+
+
+def check_harness_tasks(spec: LmEvalSpec) -> str | None:
+    """Before the first write and in ``--dry-run``: every task is in the harness's index
+    (``KnowpressError`` otherwise). Returns a note, not an error, when the index cannot be
+    built here (the tasks are then checked when they run)."""
+    _, _, task_manager_cls = _import_harness()
+    try:
+        manager = _task_manager(spec, task_manager_cls)
+    except KnowpressError:
+        raise
+    except Exception as exc:  # the harness's own indexing failed (offline, a broken YAML)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (
+            f"lm_eval tasks not checked: the harness's task index cannot be built here "
+            f"({first[:200]}); they are checked when they run"
+        )
+    _check_known(spec, manager)
+    return None
+
+
 def run_lm_eval(runtime: Any, spec: LmEvalSpec) -> dict[str, TaskScore]:
     """Score ``runtime``'s model on ``spec.tasks``; report names ``lm_eval/<task>``.
 
@@ -142,19 +191,9 @@ def run_lm_eval(runtime: Any, spec: LmEvalSpec) -> dict[str, TaskScore]:
             f"{runtime.kv_policy.name!r}; drop evaluate.lm_eval for this recipe"
         )
     model, tokenizer = runtime.model, runtime.tokenizer
-    if spec.include_path is not None and not Path(spec.include_path).is_dir():
-        raise KnowpressError(
-            f"evaluate.lm_eval.include_path: {spec.include_path} is not a directory of task YAMLs"
-        )
+    manager = _task_manager(spec, task_manager_cls)
+    _check_known(spec, manager)
     with _offline(spec.offline):
-        manager = task_manager_cls(include_path=spec.include_path)
-        unknown = [t for t in spec.tasks if t not in manager.all_tasks]
-        if unknown:
-            where = spec.include_path or "the harness's built-in tasks"
-            raise KnowpressError(
-                f"evaluate.lm_eval.tasks: {', '.join(unknown)} not found in {where}; "
-                "set evaluate.lm_eval.include_path to a folder with their YAMLs"
-            )
         lm = hflm(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
         try:
             results = lm_eval.simple_evaluate(

@@ -68,35 +68,44 @@ def _records(raw: str, path: Path, field: str) -> list[str]:
 
 
 def _field(row: Any, path: Path, number: int, field: str) -> str:
-    if isinstance(row, str):
-        return row
-    if not isinstance(row, dict) or not isinstance(row.get(field), str):
+    if isinstance(row, dict) and isinstance(row.get(field), str):
+        row = row[field]
+    if not isinstance(row, str):
         raise KnowpressError(
             f"{path}:{number}: no string field {short(field, 40)!r} (set evaluate.text.field)"
         )
-    return row[field]
+    if "\x00" in row:  # a \u0000 escape: tokenizers stop or fail on it
+        raise KnowpressError(f"{path}:{number}: the text holds a NUL character (\\u0000)")
+    return row
 
 
-def load_texts(spec: TextSpec) -> tuple[list[str], TextConfig]:
-    """The non-empty texts of ``spec.path`` and the record of what was read."""
+def load_texts(spec: TextSpec, what: str = "evaluate.text") -> tuple[list[str], TextConfig]:
+    """The non-empty texts of ``spec.path`` and the record of what was read; ``what`` names
+    the setting in error lines (``evaluate.text``, ``data.calibration``, ``--text``)."""
     path = Path(spec.path).expanduser()
+    where = f"{what}.path" if what[0].isalpha() else what
     if not path.is_file():
-        what = "is not a regular file" if path.exists() else "does not exist"
-        raise KnowpressError(f"evaluate.text.path: {spec.path} {what} (give a .txt or .jsonl)")
+        problem = "is not a regular file" if path.exists() else "does not exist"
+        raise KnowpressError(f"{where}: {spec.path} {problem} (give a .txt or .jsonl)")
     if path.stat().st_size > MAX_TEXT_BYTES:
-        raise KnowpressError(f"evaluate.text.path: {spec.path} is over 200 MB; give a sample")
+        raise KnowpressError(f"{where}: {spec.path} is over 200 MB; give a sample")
     data = path.read_bytes()
+    if b"\x00" in data:
+        raise KnowpressError(
+            f"{where}: {spec.path} is not a text file (a NUL byte at offset {data.index(0)}); "
+            f"give UTF-8 text"
+        )
     try:
         raw = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise KnowpressError(f"{path}: not UTF-8 text (offset {exc.start})") from None
+        raise KnowpressError(f"{where}: {path} is not UTF-8 text (offset {exc.start})") from None
     if path.suffix in (".jsonl", ".json"):
         texts = [t.strip() for t in _records(raw, path, spec.field)]
     else:
         texts = [p.strip() for p in raw.replace("\r\n", "\n").split("\n\n")]
     texts = [t for t in texts if t]
     if not texts:
-        raise KnowpressError(f"evaluate.text.path: {spec.path} holds no text")
+        raise KnowpressError(f"{where}: {spec.path} holds no text")
     config = TextConfig(
         path=str(path),
         field=spec.field,

@@ -29,7 +29,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from knowpress.errors import KnowpressError
+from knowpress.errors import KnowpressError, disk_full, short
+from knowpress.registry import close_matches
 
 QUANT_FILE = "knowpress_quant.json"
 PACKED_VERSION = 2  # 2: zero points packed at the code width
@@ -89,11 +90,19 @@ def atomic_file(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        follow_umask(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and disk_full(exc):  # named by the file it replaces
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
         raise
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file written through a temporary (``mkstemp``: 0600) the mode a plain
+    ``open`` would: 0666 minus the umask."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -149,13 +158,6 @@ def _deploy_state(model: PreTrainedModel, dtype: torch.dtype) -> dict[str, torch
     return state
 
 
-def _disk_full(exc: BaseException) -> bool:
-    text = str(exc)
-    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or any(
-        mark in text for mark in ("No space left", "StorageFull", "code: 28")
-    )
-
-
 def _set_dtype(directory: Path, dtype: torch.dtype | None) -> None:
     if dtype is not None:
         config = json.loads((directory / "config.json").read_text())
@@ -205,12 +207,14 @@ def save_model(
         model.save_pretrained(directory, safe_serialization=True, state_dict=state,
                               save_original_format=ct or not modules)  # fmt: skip
     except Exception as exc:
-        if _disk_full(exc):  # safetensors reports ENOSPC as its own error type
+        if disk_full(exc):  # safetensors reports ENOSPC as its own error type
             raise OSError(errno.ENOSPC, "No space left on device", str(directory)) from None
         raise
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+    for written in directory.glob("*.safetensors*"):  # transformers writes them 0600
+        follow_umask(written)
     if ct:
         tokenizer.save_pretrained(directory)
         _set_dtype(directory, dtype)
@@ -245,6 +249,7 @@ def check_local(path: Path, source: str | Path) -> None:
         config = None
     if not isinstance(config, dict):
         raise KnowpressError(f"{path / 'config.json'}: not a JSON object (a model config)")
+    _check_model_type(path / "config.json", config)
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise KnowpressError(
@@ -257,6 +262,30 @@ def check_local(path: Path, source: str | Path) -> None:
         raise KnowpressError(
             f"model path {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); save "
             f"the model's tokenizer into it with tokenizer.save_pretrained('{path}')"
+        )
+
+
+def _check_model_type(file: Path, config: dict[str, object]) -> None:
+    """``model_type`` names an architecture this transformers knows (a packed folder: its
+    ``knowpress_model_type``), unless the folder brings its own code (``auto_map``)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    from knowpress.models.packed import REAL_AUTO_MAP_KEY, REAL_TYPE_KEY
+
+    if "auto_map" in config or REAL_AUTO_MAP_KEY in config:
+        return  # remote code: trust_remote_code decides
+    kind = config.get(REAL_TYPE_KEY, config.get("model_type"))
+    if not isinstance(kind, str) or not kind:
+        raise KnowpressError(
+            f'{file}: no model_type (the architecture, e.g. "llama"); add it to config.json'
+        )
+    if kind not in CONFIG_MAPPING:
+        hint = close_matches(kind[:100], list(CONFIG_MAPPING.keys()))
+        did = f" (did you mean {' or '.join(repr(h) for h in hint)}?)" if hint else ""
+        raise KnowpressError(
+            f"{file}: model_type {short(kind, 80)!r} is not an architecture transformers "
+            f"{transformers.__version__} knows{did}; fix model_type or upgrade transformers"
         )
 
 

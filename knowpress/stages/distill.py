@@ -30,7 +30,7 @@ from pydantic import Field
 from knowpress.context import Context
 from knowpress.distill import DISTILL_LOSSES
 from knowpress.distill.data import DistillData
-from knowpress.distill.logit_cache import TeacherCacheSpec
+from knowpress.distill.logit_cache import TeacherCacheSpec, check_cache_path
 from knowpress.distill.losses import ForwardKL
 from knowpress.distill.moe_teacher import MoETeacherSpec, check_moe_teacher
 from knowpress.distill.students import (
@@ -40,7 +40,7 @@ from knowpress.distill.students import (
     student_config,
 )
 from knowpress.distill.trainer import OnPolicySpec, Trainer, TrainSpec
-from knowpress.errors import KnowpressError
+from knowpress.errors import KnowpressError, short
 from knowpress.models.io import packed_modules
 from knowpress.models.sizes import parameter_count
 from knowpress.progress import Progress
@@ -78,13 +78,44 @@ class DistillConfig(StageConfig):
         import torch
 
         config = student_config(self.student, model.config)
-        with torch.device("meta"):
-            return type(model)(config)
+        try:
+            with torch.device("meta"):
+                return type(model)(config)
+        except Exception as exc:  # transformers' own checks of the overridden config
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise KnowpressError(
+                f"student: a {type(model).__name__} cannot be built with these shapes "
+                f"({short(first, 200)}); change student.config"
+            ) from None
+
+    def sources(self) -> dict[str, Any]:
+        specs = {name: getattr(self.loss, name) for name in type(self.loss).extra_models}
+        return {f"loss.{name}": spec for name, spec in specs.items() if spec is not None}
+
+    def check_teacher(self, model: Any, teacher: Any) -> None:
+        ours, theirs = model.config.vocab_size, teacher.config.vocab_size
+        if ours != theirs:
+            raise KnowpressError(
+                f"teacher: its vocabulary ({theirs:,} tokens) is not the model's ({ours:,}); "
+                f"distillation compares next-token distributions: give a teacher with the "
+                f"model's tokenizer"
+            )
+        if self.moe_teacher is not None:
+            problem = check_moe_teacher(self.moe_teacher, teacher.config)
+            if problem:
+                raise KnowpressError(f"{problem}; drop moe_teacher or give an MoE teacher")
 
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         problem = check_student(self.student, model.config)
         if problem:
             raise KnowpressError(problem)
+        student = self.structure_after(model)
+        if student.config.num_hidden_layers < 1:
+            raise KnowpressError("student: keeps 0 decoder layers; keep at least one")
+        if self.teacher_cache is not None:
+            problem = check_cache_path(self.teacher_cache)
+            if problem:
+                raise KnowpressError(problem)
         if packed_modules(model):
             raise KnowpressError(
                 "distill trains float weights, and the model has packed layers from an "
@@ -119,17 +150,9 @@ class Distill:
         teacher = ctx.teacher
         if teacher is None:
             raise KnowpressError("distill: no teacher was loaded (recipe.teacher)")
-        if teacher.config.vocab_size != ctx.model.config.vocab_size:
-            raise KnowpressError(
-                f"distill: the teacher's vocabulary ({teacher.config.vocab_size}) differs from "
-                f"the model's ({ctx.model.config.vocab_size}); logit distillation needs one"
-            )
-        if cfg.moe_teacher is not None:
-            problem = check_moe_teacher(cfg.moe_teacher, teacher.config)
-            if problem:
-                raise KnowpressError(problem)
-            if cfg.moe_teacher.router_lr > 0:  # trains the routers of a copy, not the teacher
-                teacher = copy.deepcopy(teacher)
+        cfg.check_teacher(ctx.model, teacher)
+        if cfg.moe_teacher is not None and cfg.moe_teacher.router_lr > 0:
+            teacher = copy.deepcopy(teacher)  # trains the routers of a copy, not the teacher
         teacher.eval().requires_grad_(False)
         data = _data(ctx, cfg.train)
         pruned = cfg.student.make in ("depth", "width")  # importance needs calibration tokens

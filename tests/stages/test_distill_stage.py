@@ -106,5 +106,6 @@ def test_delta_kd_runs_with_its_base_models_and_refuses_another_vocabulary(
     tiny_llama(vocab_size=40).save_pretrained(other)
     tiny_tokenizer(40).save_pretrained(other)
     stage["loss"] = {"name": "delta_kd", "teacher_base": {"path": str(other)}}
-    with pytest.raises(KnowpressError, match=r"loss\.teacher_base: its vocabulary \(40\) differs"):
+    with pytest.raises(KnowpressError, match=r"stages\.0\.loss\.teacher_base: its tokenizer"):
         apply(_recipe(stage), tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()  # refused before the first write

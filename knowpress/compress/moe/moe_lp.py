@@ -34,6 +34,9 @@ from knowpress.models.moe import MoEBlock, expert_mlp, moe_blocks
 
 
 class MoELPSpec(FrozenConfig):
+    summary = "bits per routed expert by integer programming over error x routing weight"
+    paper = "Huang et al. 2024 (MC-MoE, PMQ), arXiv:2410.06270"
+
     name: Literal["moe_lp"]
     avg_bits: float = Field(gt=0, description="mean bits over the routed experts' weights")
     candidates: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [2, 3, 4])
