@@ -63,10 +63,13 @@ from knowpress.evaluate.text import world_record
 from knowpress.models.io import atomic_write_text
 from knowpress.models.sizes import bits_per_parameter
 from knowpress.recipe import Recipe
-from knowpress.report_schema import READABLE_VERSIONS, SCHEMA_VERSION, load_report
+from knowpress.report_schema import READABLE_VERSIONS, REQUIRED_KEYS, SCHEMA_VERSION, load_report
 from knowpress.shrinkage import judge_rows, model_input, warning_lines
 
-__all__ = ["READABLE_VERSIONS", "SCHEMA_VERSION", "build_report", "load_report", "write_report"]
+__all__ = [
+    "READABLE_VERSIONS", "REQUIRED_KEYS", "SCHEMA_VERSION", "build_report", "load_report",
+    "write_report",
+]  # fmt: skip
 
 
 def _clean(value: Any) -> Any:

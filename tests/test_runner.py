@@ -62,7 +62,13 @@ def test_layout_and_report_schema(finished_run: Path) -> None:
         assert (out / name).is_file(), name
     report = load_report(out / "report.json")
     assert all(key in report for key in REQUIRED_KEYS)
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
+    for row in report["rows"]:  # every figure carries its interval, every stage its check
+        for task in ("recall", "perplexity"):
+            low, high = row["intervals"][task]["retention"]
+            assert low <= row["retention"][task] <= high
+        assert row["items"]["recall"]["statistic"] == "accuracy"
+    assert [row["compression"]["flag"] for row in report["rows"][1:]] == [None, None]
     assert [row["name"] for row in report["rows"]] == ["reference", "01-quantize", "02-quantize"]
     reference = report["rows"][0]
     assert reference["scores"]["recall"] >= 0.9  # the test teacher knows its facts
