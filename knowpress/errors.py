@@ -34,6 +34,16 @@ def yaml_value(value: Any) -> str:
     return "null" if value is None else short(repr(value))
 
 
+def error_summary(exc: BaseException, limit: int = ECHO_CHARS) -> str:
+    """A library error in one line: its first line (with the next when the first ends in a
+    colon, as in "Validation error for field 'x':"), or its type's name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return short(text, limit)
+
+
 class KnowpressError(Exception):
     """An error the user can fix; ``str(err)`` is the message to show."""
 

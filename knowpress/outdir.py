@@ -93,28 +93,37 @@ class OutputFolder:
         if path.exists() and not path.is_dir():
             raise KnowpressError(f"output {path} is a file; choose a folder with -o")
         check_not_input(path, self.inputs)
-        if not path.exists():
+        if path.is_dir():
+            self._check_rules()  # a folder that is refused gets no lock file either
+        else:
             path.mkdir(parents=True)
             self._created = True
         self._lock()
-        content = [p for p in path.iterdir() if p.name != LOCK_FILE]
-        if content and self.resume and not is_run(path):
+        try:
+            self._check_rules()  # again under the lock: another run may have written it
+        except KnowpressError:
             self._release()
+            raise
+        sweep_temporaries(path)
+        return self
+
+    def _check_rules(self) -> None:
+        """A non-empty OUT needs --resume or --force, both only on a knowpress run."""
+        path = self.path
+        if not any(p.name != LOCK_FILE for p in path.iterdir()):
+            return
+        if self.resume and not is_run(path):
             raise KnowpressError(f"--resume: {path} is not a knowpress run (no {RUN_MARKER})")
-        if content and self.force and not is_run(path):
-            self._release()
+        if self.force and not is_run(path):
             raise KnowpressError(
                 f"--force: {path} is not a knowpress run (no {RUN_MARKER}); knowpress only "
                 f"replaces its own runs, so empty it yourself or choose another -o"
             )
-        if content and not (self.resume or self.force):
-            self._release()
+        if not (self.resume or self.force):
             raise KnowpressError(
                 f"output folder {path} already exists; pass --resume to continue it or --force "
                 f"to replace it (or choose another with -o)"
             )
-        sweep_temporaries(path)
-        return self
 
     def first_write(self, version: str) -> None:
         """Called just before the run writes anything: a forced run clears the old one."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from knowpress.errors import KnowpressError
+from knowpress.errors import KnowpressError, error_summary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -271,10 +271,9 @@ def structure_model(spec: ModelSpec, location: str | None) -> PreTrainedModel | 
         except KnowpressError:
             raise
         except Exception as exc:  # transformers' checks of the config's values
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise KnowpressError(
                 f"{folder / 'config.json'}: transformers cannot build the model it describes "
-                f"({first[:200]}); fix the config"
+                f"({error_summary(exc)}); fix the config"
             ) from None
     with torch.device("meta"):
         if spec.world is not None:

@@ -43,6 +43,17 @@ def method(**fields: Any) -> list[dict[str, Any]]:
     return stage(method={**GOOD["stages"][0]["method"], **fields})
 
 
+DISTILL: dict[str, Any] = {"kind": "distill", "train": {"steps": 2, "batch_size": 4}}
+
+
+def student(**config: Any) -> dict[str, Any]:
+    return DISTILL | {"student": {"make": "config", "config": config}}
+
+
+MERGE = recipe(stages=[]).replace("stages: []\n", "") + (
+    "stages:\n- kind: quantize\n  method: &m {name: rtn, bits: 8, group_size: 32}\n"
+    "- kind: quantize\n  method: {<<: *m, bits: 4}\n"
+)
 LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
 )
@@ -105,6 +116,31 @@ RECIPES: list[tuple[str, Text, str]] = [
     ("ignore all", recipe(stages=stage(ignore=["*"])), "targets minus ignore leave no tensor"),
     ("bad regex", recipe(stages=stage(targets=["re:("])), "'re:(' is not a valid regex"),
     ("teacher str", recipe(teacher="bigger"), "teacher: expected 'same' or a mapping"),
+    # floats, ints and booleans are told apart (config.py: strict numbers)
+    ("bits true", recipe(stages=method(bits=True)), "bits: Input should be 2, 3, 4 or 8 (got true"),
+    ("group 32.0", recipe(stages=method(group_size=32.0)), "expected a whole number, got 32.0"),
+    ("floor true", recipe(gate={"min_retention": True}), "min_retention: expected a number, got t"),
+    ("version true", recipe(version=True), "version: Input should be 1 (got true, a boolean)"),
+    ("trust 1", recipe(model={"world": "test-tiny", "trust_remote_code": 1}), "true or false"),
+    ("items true", recipe(evaluate={"max_items": True}), "max_items: expected a whole number"),
+    ("steps true", recipe(stages=[DISTILL | {"train": {"steps": True}}]), "train.steps: expected"),
+    ("lr true", recipe(stages=[DISTILL | {"train": {"lr": True}}]), "train.lr: expected a number"),
+    ("symmetric 1", recipe(stages=method(symmetric=1)), "symmetric: expected true or false"),
+    # merge keys merge; a key twice among a mapping's own keys is still refused
+    ("merge twice", MERGE.replace("bits: 4}", "bits: 4, bits: 2}"), "key 'bits' is given twice"),
+    # a distill student that cannot be built, or keeps no layer: refused before any work
+    ("student str", recipe(stages=[student(num_hidden_layers="two")]), ".num_hidden_layers: exp"),
+    ("student 0 layers", recipe(stages=[student(num_hidden_layers=0)]), "number >= 1, got 0"),
+    ("student float", recipe(stages=[student(hidden_size=32.5)]), "hidden_size: expected a whole"),
+    ("student bool", recipe(stages=[student(tie_word_embeddings=1)]), "like the model's own"),
+    ("student heads", recipe(stages=[student(num_attention_heads=3)]), "with these values cannot"),
+    ("cache is a file", recipe(stages=[DISTILL | {"teacher_cache": {"path": __file__}}]), "a file"),
+    ("moe dense", recipe(stages=[DISTILL | {"moe_teacher": {"augment": 2}}]), "teacher is dense"),
+    (
+        "lm_eval task typo",
+        recipe(evaluate={"tasks": ["recall"], "lm_eval": {"tasks": ["hellaswagg"]}}),
+        "lm_eval.tasks: hellaswagg not found in the harness's built-in tasks (did you mean",
+    ),
 ]
 
 
@@ -179,6 +215,16 @@ def _other_world(folder: Path) -> None:
     (folder / "knowpress_world.json").write_text(json.dumps({**record, "world_key": "0ther"}))
 
 
+def _model_type(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llamma"}))
+
+
+def _config_value(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": "four"}))
+
+
 def _other_tokenizer(folder: Path) -> None:
     from knowpress.testing.models import tiny_tokenizer
 
@@ -195,6 +241,8 @@ FOLDERS: list[tuple[str, Callable[[Path], None], str, str]] = [
     ("config list", _config_list, "model", "config.json: not a JSON object"),
     ("no tokenizer", _no_tokenizer, "model", "no tokenizer files"),
     ("no config", _no_config, "model", "no config.json"),
+    ("unknown model_type", _model_type, "model", "model_type 'llamma' is not an architecture"),
+    ("config value", _config_value, "model", "expected int, got str (value: 'four'); fix"),
     ("truncated reference", _truncated, "reference", "truncated or corrupt safetensors"),
     ("reference of another world", _other_world, "reference", "knows world 0ther"),
     ("reference of another vocabulary", _other_tokenizer, "reference", "tokenizer is not the"),
@@ -264,7 +312,7 @@ def test_output_folder_rules_are_one_line(
         code, err = run(["apply", str(path), "-q", *extra], capsys)
         assert code == EXIT_USER and expected in _one_error_line(err)
     assert (user / "thesis.tex").read_text() == "years of work"
-    assert sorted(p.name for p in user.iterdir()) == [".knowpress.lock", "thesis.tex"]
+    assert sorted(p.name for p in user.iterdir()) == ["thesis.tex"]  # not even a lock file
     for bad, expected in [(tmp_path, "not a regular file"), (tmp_path / "no.yaml", "not found")]:
         code, err = run(["apply", str(bad), "-q"], capsys)
         assert code == EXIT_USER and expected in _one_error_line(err)

@@ -88,6 +88,19 @@ def check_student(spec: StudentSpec, config: Any) -> str | None:
     return None
 
 
+def forward_problem(model_class: Any, config: Any) -> str | None:
+    """Why a ``model_class`` of ``config`` cannot run a 4-token forward (built and run on
+    the meta device: shapes only, no memory), or None."""
+    from knowpress.errors import error_summary
+
+    try:
+        with torch.device("meta"):
+            model_class(config)(input_ids=torch.zeros((1, 4), dtype=torch.long))
+    except Exception as exc:  # shape mismatches transformers' config checks let through
+        return error_summary(exc)
+    return None
+
+
 def student_config(spec: StudentSpec, config: Any) -> Any:
     """The student's config, from the shapes alone (what ``make_student`` will build)."""
     config = copy.deepcopy(config)

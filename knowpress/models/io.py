@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from knowpress.errors import KnowpressError, disk_full, short
+from knowpress.errors import KnowpressError, disk_full, error_summary, short
 from knowpress.registry import close_matches
 
 QUANT_FILE = "knowpress_quant.json"
@@ -287,6 +287,11 @@ def _check_model_type(file: Path, config: dict[str, object]) -> None:
             f"{file}: model_type {short(kind, 80)!r} is not an architecture transformers "
             f"{transformers.__version__} knows{did}; fix model_type or upgrade transformers"
         )
+    values = {k: v for k, v in config.items() if k not in ("model_type", REAL_TYPE_KEY)}
+    try:  # the values' own types and ranges, as transformers checks them
+        CONFIG_MAPPING[kind].from_dict(values)
+    except Exception as exc:
+        raise KnowpressError(f"{file}: {error_summary(exc)}; fix the value") from None
 
 
 def _expert_counts(path: Path) -> list[int] | None:

@@ -36,11 +36,12 @@ from knowpress.distill.moe_teacher import MoETeacherSpec, check_moe_teacher
 from knowpress.distill.students import (
     StudentSpec,
     check_student,
+    forward_problem,
     make_student,
     student_config,
 )
 from knowpress.distill.trainer import OnPolicySpec, Trainer, TrainSpec
-from knowpress.errors import KnowpressError, short
+from knowpress.errors import KnowpressError, error_summary
 from knowpress.models.io import packed_modules
 from knowpress.models.sizes import parameter_count
 from knowpress.progress import Progress
@@ -82,10 +83,9 @@ class DistillConfig(StageConfig):
             with torch.device("meta"):
                 return type(model)(config)
         except Exception as exc:  # transformers' own checks of the overridden config
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise KnowpressError(
                 f"student: a {type(model).__name__} cannot be built with these shapes "
-                f"({short(first, 200)}); change student.config"
+                f"({error_summary(exc)}); change student.config"
             ) from None
 
     def sources(self) -> dict[str, Any]:
@@ -112,6 +112,13 @@ class DistillConfig(StageConfig):
         student = self.structure_after(model)
         if student.config.num_hidden_layers < 1:
             raise KnowpressError("student: keeps 0 decoder layers; keep at least one")
+        if self.student.make == "config":  # values a config accepts but a forward refuses
+            problem = forward_problem(type(student), student.config)
+            if problem and forward_problem(type(model), model.config) is None:
+                raise KnowpressError(
+                    f"student.config: a {type(model).__name__} with these values cannot run "
+                    f"({problem}); change student.config"
+                )
         if self.teacher_cache is not None:
             problem = check_cache_path(self.teacher_cache)
             if problem:
