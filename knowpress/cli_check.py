@@ -80,27 +80,36 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _bounds(bounds: list[float] | None) -> str:
-    return "n/a" if not bounds else f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
+def _sig(value: float | None) -> str:
+    """3 significant digits: an MDE spans 1e-4 (perplexity) to 0.5 (a few items)."""
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _bounds(bounds: list[float] | None, digits: int = 4) -> str:
+    return "n/a" if not bounds else f"[{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
 
 
 def checked_table(result: dict[str, Any]) -> Table:
-    """Each gated figure with its interval, MDE, flips (lost / gained) and McNemar's p."""
+    """Each gated figure with its interval, MDE, flips (lost / gained) and McNemar's p, narrow
+    enough for an 80-column terminal."""
     from knowpress.evaluate.gate import describe_bounds
 
     level = f"{result.get('interval_confidence', 0.95):.0%}"
-    table = Table(title=f"gate on {result['row']} ({describe_bounds(result)})")
-    for col in ("task", "measure", "value", f"{level} interval", "MDE", "lost / gained",
-                "McNemar p"):  # fmt: skip
-        table.add_column(col, justify="left" if col in ("task", "measure") else "right")
+    table = Table(
+        title=f"gate on {result['row']} ({describe_bounds(result)})",
+        caption=f"value: retention (kl: nats/token, kl/top1: agreement); {level} CI: paired "
+        f"bootstrap; MDE: smallest retention drop detectable; flips: items lost/gained vs the "
+        f"reference (tok: text tokens); p: exact McNemar",
+    )
+    for col in ("task", "value", f"{level} CI", "MDE", "flips -/+", "p"):
+        table.add_column(col, justify="left" if col == "task" else "right", no_wrap=True)
     for c in result["checked"]:
         flips = c.get("flips") or {}
-        lost = f"{flips['lost']} / {flips['gained']}" if flips else "n/a"
+        lost = f"{flips['lost']}/{flips['gained']}" if flips else "n/a"
         if flips.get("unit"):
-            lost += f" of {flips['n']} {flips['unit']}"
-        table.add_row(c["task"], c.get("measure", "retention"), _fmt(c.get("value")),
-                      _bounds(c.get("interval")), _fmt(c.get("mde"), 3), lost,
-                      _fmt(flips.get("mcnemar_p"), 3))  # fmt: skip
+            lost += " tok"
+        table.add_row(c["task"], _fmt(c.get("value")), _bounds(c.get("interval"), 3),
+                      _sig(c.get("mde")), lost, _fmt(flips.get("mcnemar_p"), 3))  # fmt: skip
     return table
 
 

@@ -160,7 +160,7 @@ def _gate_lines(gate: dict[str, Any]) -> list[str]:
         lines.append(f"- not gated (reference near chance): {', '.join(gate['skipped'])}")
     level = gate.get("interval_confidence", 0.95)
     for c in gate.get("checked") or []:
-        mde = f", smallest drop detectable (MDE) {_fmt(c['mde'], 3)}" if c.get("mde") else ""
+        mde = f", smallest drop detectable (MDE) {c['mde']:.3g}" if c.get("mde") else ""
         lines.append(
             f"- `{c['task']}` {c.get('measure', 'retention')} {_fmt(c.get('value'))}, "
             f"{level:.0%} interval{_interval(c['interval']) or ' n/a'}{mde}"
@@ -187,12 +187,18 @@ def _paired_lines(report: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
     for row, task, p in rows:
         mde = ((row.get("intervals") or {}).get(task) or {}).get("mde")
-        lost = f"{p['lost']} ({p['lost_share']:.2%}){_interval(p['lost_interval'])}"
-        gained = f"{p['gained']} ({p['gained_share']:.2%}){_interval(p['gained_interval'])}"
+        lost = f"{p['lost']} ({_share(p['lost_share'], p['lost_interval'])})"
+        gained = f"{p['gained']} ({_share(p['gained_share'], p['gained_interval'])})"
         unit = f" {p['unit']}" if p.get("unit") else ""
+        shown = "n/a" if mde is None else f"{mde:.3g}"
         lines.append(f"| {row['name']} | {task} | {p['n']}{unit} | {lost} | {gained} | "
-                     f"{_fmt(p['mcnemar_p'], 3)} | {_fmt(mde, 3)} |")  # fmt: skip
+                     f"{_fmt(p['mcnemar_p'], 3)} | {shown} |")  # fmt: skip
     return lines
+
+
+def _share(share: float, bounds: list[float] | None) -> str:
+    """``0.21% [0.00%, 0.51%]``."""
+    return f"{share:.2%}" + ("" if not bounds else f" [{bounds[0]:.2%}, {bounds[1]:.2%}]")
 
 
 def _inputs_lines(inputs: dict[str, Any]) -> list[str]:
@@ -269,6 +275,18 @@ def _label_points(ax: Any, xs: list[float], ys: list[float], rows: list[dict[str
                         fontsize=7)  # fmt: skip
 
 
+def _gate_line(ax: Any, value: float, label: str, **style: Any) -> None:
+    """A gate bound as a horizontal line; one far outside the data (more than the data's span
+    away) is named in the legend instead of squashing the points against an axis."""
+    low, high = ax.get_ylim()
+    span = max(high - low, 1e-9)
+    if low - span <= value <= high + span:
+        ax.axhline(value, lw=1, label=f"{label} {value:g}", **style)
+        return
+    ax.plot([], [], lw=1, label=f"{label} {value:g} (off the axis)", **style)
+    ax.set_ylim(low, high)
+
+
 def _retention_panel(ax: Any, report: dict[str, Any], xs: list[float]) -> None:
     """Retention per relative task with its interval as error bars; the worst task's line
     leaves out tasks near chance (drawn hollow)."""
@@ -286,7 +304,7 @@ def _retention_panel(ax: Any, report: dict[str, Any], xs: list[float]) -> None:
         _label_points(ax, xs, worst, rows)
     gate = report.get("gate")
     if gate and gate.get("min_retention") is not None:
-        ax.axhline(gate["min_retention"], color="r", ls="--", lw=1, label="gate")
+        _gate_line(ax, gate["min_retention"], "gate", color="r", ls="--")
     ax.set_ylabel("retention vs reference")
     ax.set_title("knowledge retained vs bytes stored")
 
@@ -308,18 +326,20 @@ def _kl_panel(ax: Any, report: dict[str, Any], xs: list[float]) -> None:
     top.set_ylabel("top-1 agreement with the reference", color="C1")
     gate = report.get("gate") or {}
     if gate.get("max_kl") is not None:
-        ax.axhline(gate["max_kl"], color="r", ls="--", lw=1, label="gate max_kl")
+        _gate_line(ax, gate["max_kl"], "gate max_kl", color="r", ls="--")
     if gate.get("min_top1") is not None:
-        top.axhline(gate["min_top1"], color="m", ls=":", lw=1, label="gate min_top1")
+        _gate_line(top, gate["min_top1"], "gate min_top1", color="m", ls=":")
     handles = ax.get_legend_handles_labels()
     more = top.get_legend_handles_labels()
-    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7)
+    # KL rises and top-1 falls towards few bytes (left): the right middle is usually free
+    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="center right")
     ax.set_title("distance from the reference vs bytes stored")
 
 
-def render_plot(report: dict[str, Any], path: Path) -> None:
-    """One panel of retention per relative task (if any) and one of KL and top-1 (if kl was
-    scored), each against stored bytes, with the rows' intervals as error bars."""
+def plot_figure(report: dict[str, Any]) -> Any:
+    """The figure of ``retention_vs_size.png``: one panel of retention per relative task (if
+    any) and one of KL and top-1 (if kl was scored), each against stored bytes, with the
+    rows' intervals as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -339,6 +359,14 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("stored bytes (MiB)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def render_plot(report: dict[str, Any], path: Path) -> None:
+    """Write :func:`plot_figure` to ``path`` (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(report)
     try:
         with atomic_file(path) as tmp:
             fig.savefig(tmp)

@@ -203,3 +203,19 @@ def test_sigterm_during_a_build_removes_its_temporary_directory(tmp_path: Path) 
     assert "interrupted: training is saved every minute; rerun to continue" in stderr
     assert not list(teachers.glob(".tmp-*"))
     assert not [p for p in teachers.iterdir() if p.is_dir()]
+
+
+def test_check_prints_each_gated_task_with_its_interval(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = json.loads((run_dir / "report.json").read_text())
+    row = report["rows"][-1]
+    capsys.readouterr()
+    assert main(["check", str(run_dir), "--min-retention", "0.5", "--confidence", "0.95"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "95% CI" in out and "MDE" in out and "exact McNemar" in out
+    low, high = row["intervals"]["recall"]["retention"]
+    assert f"[{low:.3f}, {high:.3f}]" in out  # the report's interval, recomputed at 0.95
+    assert main(["check", str(run_dir), "--min-retention", "0.5", "--confidence", "0.8"]) == 0
+    narrower = " ".join(capsys.readouterr().out.split())
+    assert "80% CI" in narrower

@@ -530,3 +530,101 @@ def test_an_internal_error_is_exit_3_with_the_traceback_behind_debug(
     assert "--debug" in line
     code, err = run(["apply", str(path), "-o", str(tmp_path / "b"), "-q", "--debug"], capsys)
     assert code == EXIT_BUG and "Traceback" in err and "ZeroDivisionError" in err
+
+
+# Issue 27 (gating that means it): report fields the gate reads are typed strictly (a boolean
+# or a string is not a number), gate options it cannot mean are usage errors (exit 2).
+def _retention_true(d: dict[str, Any]) -> None:
+    d["rows"][-1]["retention"]["recall"] = True
+
+
+def _score_text(d: dict[str, Any]) -> None:
+    d["rows"][-1]["scores"]["recall"] = "0.9"
+
+
+def _kl_text(d: dict[str, Any]) -> None:
+    d["tasks"]["kl"] = {"metric": "kl_nats_per_token", "higher_is_better": False,
+                        "relative": False, "chance": None, "near_chance": False}  # fmt: skip
+    for row in d["rows"]:
+        row["scores"]["kl"] = "0.1"
+        row["details"]["kl"] = {"n": 1, "extra": {"top1": 0.9}, "examples": []}
+
+
+def _top1_true(d: dict[str, Any]) -> None:
+    _kl_text(d)
+    for row in d["rows"]:
+        row["scores"]["kl"] = 0.01
+        row["details"]["kl"]["extra"]["top1"] = True
+
+
+def _near_chance_text(d: dict[str, Any]) -> None:
+    d["tasks"]["recall"]["near_chance"] = "no"
+
+
+def _schema_true(d: dict[str, Any]) -> None:
+    d["schema_version"] = True
+
+
+def _item_true(d: dict[str, Any]) -> None:
+    d["rows"][-1]["items"]["recall"]["columns"]["correct"][0] = True
+
+
+def _flag_word(d: dict[str, Any]) -> None:
+    d["rows"][-1]["compression"] = {"flag": "maybe", "note": None}
+
+
+def _gate_confidence_text(d: dict[str, Any]) -> None:
+    d["gate"]["confidence"] = "0.95"
+
+
+def _schema_2(d: dict[str, Any]) -> None:
+    d["schema_version"] = 2
+    for row in d["rows"]:
+        del row["items"]
+
+
+STRICT_REPORTS: list[tuple[str, Callable[[dict[str, Any]], Any], list[str], str]] = [
+    ("retention true", _retention_true, [], "rows.1.retention.recall: Input should be a valid num"),
+    ("score text", _score_text, [], "rows.1.scores.recall: Input should be a valid number"),
+    ("kl text", _kl_text, ["--max-kl", "0.5"], "rows.0.scores.kl: Input should be a valid number"),
+    ("top1 true", _top1_true, ["--min-top1", "0.5"], "rows.0.details.kl.extra.top1: Input should"),
+    ("near chance text", _near_chance_text, [], "tasks.recall.near_chance: Input should be a"),
+    ("schema true", _schema_true, [], "schema_version True is not supported"),
+    ("item true", _item_true, [], "rows.1.items.recall.columns.correct.0: Input should be a valid"),
+    ("flag word", _flag_word, [], "rows.1.compression.flag: Input should be 'grew' or 'unchanged'"),
+    ("gate confidence text", _gate_confidence_text, [], "gate.confidence: Input should be a valid"),
+    ("max-kl, no kl", lambda d: None, ["--max-kl", "0.5"], "--max-kl: the report has no kl task"),
+    ("min-top1, no kl", lambda d: None, ["--min-top1", "0.5"], "--min-top1: the report has no kl"),
+    ("confidence 1.5", lambda d: None, ["--confidence", "1.5"], "--confidence: 1.5 is not a conf"),
+    ("confidence nan", lambda d: None, ["--confidence", "nan"], "--confidence: nan is not a conf"),
+    ("confidence word", lambda d: None, ["--confidence", "high"], "invalid float value: 'high'"),
+    ("strict alone", lambda d: None, ["--strict"], "--strict tests the interval's lower bound"),
+    ("old report", _schema_2, ["--confidence", "0.95"], "keeps no per-item results"),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "extra", "expected"),
+    [c[1:] for c in STRICT_REPORTS],
+    ids=[c[0] for c in STRICT_REPORTS],
+)
+def test_a_report_or_gate_option_the_gate_cannot_read_is_one_line_exit_2(
+    edit: Callable[[dict[str, Any]], Any], extra: list[str], expected: str, report_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    path = _edited(report_path, tmp_path, edit)
+    code, err = run(["check", path, *extra], capsys)
+    assert code == EXIT_USER and expected in _one_error_line(err)
+
+
+def test_interval_options_gate_a_real_report(
+    report_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same report through --confidence and --strict: exit 0 or 1, never an error, and
+    the table of intervals printed either way."""
+    for extra in (["--confidence", "0.95"], ["--confidence", "0.9", "--strict"]):
+        capsys.readouterr()
+        code = main(["check", str(report_path), "--min-retention", "0.5", *extra])
+        captured = capsys.readouterr()
+        assert code in (0, EXIT_GATE) and "Traceback" not in captured.err
+        assert "CI" in captured.out and "exact McNemar" in captured.out
