@@ -194,11 +194,11 @@ def _error(line: str) -> None:
 def _rerun_advice(args: argparse.Namespace) -> str:
     """How to continue after a disk filled up, by command."""
     if args.command == "apply":
-        return "rerun with --resume: finished stages are kept"
+        return "rerun with --resume (finished stages are kept)"
     if args.command == "world" and args.world_cmd == "build":
         without = " without --force" if args.force else ""
-        return f"rerun{without}: training continues from its last save (every minute)"
-    return "nothing was left half-written; run it again"
+        return f"rerun{without} (training continues from its last save, made every minute)"
+    return "run it again (nothing was left half-written)"
 
 
 def _os_error_line(exc: BaseException, args: argparse.Namespace) -> str:

@@ -55,10 +55,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
+        full = _full_disk(exc, tmp, final)  # before the temporary's bytes are freed
         if old is not None and old.exists() and not final.exists():
             os.replace(old, final)  # interrupted between the two renames: put the old one back
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from None
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -93,10 +96,34 @@ def atomic_file(path: Path) -> Iterator[Path]:
         follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
+        full = _full_disk(exc, tmp, path)  # named by the file it replaces
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, Exception) and disk_full(exc):  # named by the file it replaces
-            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        if full is not None:
+            raise full from None
         raise
+
+
+#: free bytes under which an ``OSError`` without an errno counts as a full disk (numpy's
+#: ``tofile`` under onnx's external-data writer says only "problem writing element N")
+NEARLY_FULL = 1 << 20
+
+
+def _full_disk(exc: BaseException, written: Path, final: Path) -> OSError | None:
+    """``OSError(ENOSPC, final)`` when ``exc`` means the disk filled up while ``written`` was
+    written (a library's own error type or message, or an errno-less ``OSError`` on a disk
+    left with under :data:`NEARLY_FULL` bytes); else None."""
+    if not isinstance(exc, Exception):
+        return None
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and exc.filename:
+        return None  # names its file already (an atomic_file inside an atomic_dir)
+    full = disk_full(exc)
+    if not full and isinstance(exc, OSError) and exc.errno is None:
+        try:
+            stats = os.statvfs(written if written.exists() else written.parent)
+            full = stats.f_bavail * stats.f_frsize < NEARLY_FULL
+        except OSError:
+            full = False
+    return OSError(errno.ENOSPC, "No space left on device", str(final)) if full else None
 
 
 def follow_umask(path: Path) -> None:
