@@ -303,8 +303,9 @@ def _retention_panel(ax: Any, report: dict[str, Any], xs: list[float]) -> None:
         ax.plot(xs, worst, "k-", lw=1, label="worst task")
         _label_points(ax, xs, worst, rows)
     gate = report.get("gate")
-    if gate and gate.get("min_retention") is not None:
-        _gate_line(ax, gate["min_retention"], "gate", color="r", ls="--")
+    if gate and gate.get("min_retention") is not None:  # always drawn: retention's scale is 0..1
+        ax.axhline(gate["min_retention"], color="r", ls="--", lw=1,
+                   label=f"gate {gate['min_retention']:g}")  # fmt: skip
     ax.set_ylabel("retention vs reference")
     ax.set_title("knowledge retained vs bytes stored")
 
