@@ -40,10 +40,13 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def _summary(report: dict[str, Any]) -> Table:
     """Retention per task (scores are in report.md; ``kl`` shows its nats/token, being a
-    comparison already), sized to fit a terminal."""
+    comparison already, and its top-1), sized to fit a terminal; no worst column without a
+    relative task (a kl-only run), and a flag on a stage that did not compress."""
     tasks = list(report["tasks"])
+    relative = any(info.get("relative", True) for info in report["tasks"].values())
+    extra = (["kl top-1"] if "kl" in tasks else []) + (["worst"] if relative else [])
     table = Table(title="knowledge retained vs bytes stored (retention vs reference)")
-    for col in ["model", "MiB", "vs bf16 ref", "bits/param", *tasks, "worst"]:
+    for col in ["model", "MiB", "vs bf16 ref", "bits/param", *tasks, *extra]:
         if col == "model":
             table.add_column(col, no_wrap=True)
         else:
@@ -51,14 +54,19 @@ def _summary(report: dict[str, Any]) -> Table:
     for row in report["rows"]:
         size = row.get("size_vs_bf16_reference", row.get("size_ratio"))
         bits = row.get("bits_per_parameter")
-        cells = [row["name"], f"{row['stored_bytes'] / 2**20:.2f}", _fmt(size, 3), _fmt(bits, 2)]
+        flag = (row.get("compression") or {}).get("flag")
+        name = row["name"] + (f" [yellow]({flag})[/yellow]" if flag else "")
+        cells = [name, f"{row['stored_bytes'] / 2**20:.2f}", _fmt(size, 3), _fmt(bits, 2)]
         cells += [
             _fmt(row["retention"][t], 3) if t in row["retention"] else _fmt(row["scores"][t], 4)
             for t in tasks
         ]
-        worst = row["worst_retention"]
-        color = "green" if worst is not None and worst >= 0.95 else "yellow"
-        cells.append(f"[{color}]{_fmt(worst, 3)}[/{color}]")
+        if "kl" in tasks:
+            cells.append(_fmt(row["details"]["kl"]["extra"].get("top1"), 3))
+        if relative:
+            worst = row["worst_retention"]
+            color = "green" if worst is not None and worst >= 0.95 else "yellow"
+            cells.append(f"[{color}]{_fmt(worst, 3)}[/{color}]")
         table.add_row(*cells)
     return table
 

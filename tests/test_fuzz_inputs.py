@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -225,6 +226,16 @@ def _config_value(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": "four"}))
 
 
+def _changed_since_manifest(folder: Path) -> None:
+    from knowpress.models.artifact import build_manifest, write_manifest
+
+    write_manifest(folder, build_manifest(folder, format="hf", dtype="float32"))
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a weight's last byte: same size, header intact
+    weights.write_bytes(bytes(data))
+
+
 def _other_tokenizer(folder: Path) -> None:
     from knowpress.testing.models import tiny_tokenizer
 
@@ -243,6 +254,8 @@ FOLDERS: list[tuple[str, Callable[[Path], None], str, str]] = [
     ("no config", _no_config, "model", "no config.json"),
     ("unknown model_type", _model_type, "model", "model_type 'llamma' is not an architecture"),
     ("config value", _config_value, "model", "expected int, got str (value: 'four'); fix"),
+    ("changed stage", _changed_since_manifest, "model", "changed since it was written (sha256"),
+    ("changed reference", _changed_since_manifest, "reference", "model.safetensors changed"),
     ("truncated reference", _truncated, "reference", "truncated or corrupt safetensors"),
     ("reference of another world", _other_world, "reference", "knows world 0ther"),
     ("reference of another vocabulary", _other_tokenizer, "reference", "tokenizer is not the"),
@@ -628,3 +641,27 @@ def test_interval_options_gate_a_real_report(
         captured = capsys.readouterr()
         assert code in (0, EXIT_GATE) and "Traceback" not in captured.err
         assert "CI" in captured.out and "exact McNemar" in captured.out
+
+
+def test_eval_of_a_folder_without_a_world_points_to_its_own_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plain HF folder (no knowpress_world.json): one line suggesting --text/--tasks kl, not
+    "build a teacher"; with a text it is scored, its size against its own parameters."""
+    from knowpress.testing.models import tiny_llama, tiny_tokenizer
+
+    model = tmp_path / "model"
+    tiny_llama(seed=3).save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    code, err = run(["eval", "--model", str(model), "-q"], capsys)
+    line = _one_error_line(err)
+    assert code == EXIT_USER and "--text FILE --tasks kl --reference ORIGINAL" in line
+    assert "build_teacher" not in line
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(" ".join(f"w{(i * j) % 50}" for j in range(30)) for i in range(8)))
+    capsys.readouterr()
+    argv = ["eval", "--model", str(model), "--text", str(text), "--tasks", "perplexity", "-q"]
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "parameters in bf16 (2 bytes each)" in out and "of its safetensors" not in out
+    assert re.search(r"= 2\.0\d\d x its", out)  # a float32 folder: twice its bf16 parameters
