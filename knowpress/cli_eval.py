@@ -20,6 +20,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from knowpress.evaluate.lm_eval_bridge import run_lm_eval
     from knowpress.evaluate.loader import load_runtime
     from knowpress.models.io import atomic_write_text
+    from knowpress.preflight import check_artifact
     from knowpress.progress import Progress
     from knowpress.quiet import hide_library_output
     from knowpress.recipe import ModelSpec
@@ -34,7 +35,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise KnowpressError(f"--json: {args.json} is a folder; give the path of a file to write")
     spec = ModelSpec(path=args.model, trust_remote_code=args.trust_remote_code)
     source = resolve_source(spec, field="--model")
-    check_artifact(source.location, "--model")
+    check_artifact(Path(source.location), "--model")
     world = _eval_world(args, tasks) if tasks else None
     device = str(resolve_device(args.device, "--device"))
     options = {"device": device, "batch_size": args.batch_size,
@@ -89,23 +90,6 @@ def _harness(args: argparse.Namespace) -> Any:
     return harness
 
 
-def check_artifact(location: str, flag: str) -> None:
-    """A stage folder is scored only while its payload is what its manifest recorded (size
-    and sha256): a row of another file's bytes would not measure what is stored."""
-    from knowpress.models.artifact import changed_files, read_manifest
-
-    folder = Path(location)
-    manifest = read_manifest(folder) if folder.is_dir() else None
-    if manifest is None:
-        return
-    problems = changed_files(folder, manifest)
-    if problems:
-        raise KnowpressError(
-            f"{flag}: {folder}: {problems[0]}; its scores would not measure the stored "
-            f"artifact, so re-run the stage that wrote it"
-        )
-
-
 def _eval_world(args: argparse.Namespace, tasks: list[str]) -> Any:
     """The world ``compress eval`` scores on: --world or the model's own, with --text as its
     held-out text (or alone, for text-only tasks)."""
@@ -150,7 +134,9 @@ def _reference_states(
                 f"--tasks: {absolute[0]} compares with a reference model; pass --reference DIR"
             )
         return None
-    check_artifact(args.reference, "--reference")
+    from knowpress.preflight import check_artifact
+
+    check_artifact(Path(args.reference), "--reference")
     reference = load_runtime(args.reference, **options)
     _, states = evaluate_reference(reference, world, tasks, args.max_items, progress)
     del reference

@@ -136,6 +136,21 @@ def check_folders(named: dict[str, Source]) -> None:
                 check_local(folder, source.location)
             except KnowpressError as exc:
                 raise KnowpressError(f"{field}: {exc}") from None
+            check_artifact(folder, field)
+
+
+def check_artifact(folder: Path, field: str) -> None:
+    """A stage folder is read only while its payload is what its manifest recorded (sizes and
+    sha256): scores of other bytes would not measure what the stage stored."""
+    from knowpress.models.artifact import changed_files, read_manifest
+
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    problems = changed_files(folder, manifest) if manifest is not None else []
+    if problems:
+        raise KnowpressError(
+            f"{field}: {folder}: {problems[0]}; its scores would not measure the stored "
+            f"artifact, so re-run the stage that wrote it"
+        )
 
 
 def check_sources(named: dict[str, Source], world: Any) -> None:

@@ -226,6 +226,16 @@ def _config_value(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": "four"}))
 
 
+def _changed_since_manifest(folder: Path) -> None:
+    from knowpress.models.artifact import build_manifest, write_manifest
+
+    write_manifest(folder, build_manifest(folder, format="hf", dtype="float32"))
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a weight's last byte: same size, header intact
+    weights.write_bytes(bytes(data))
+
+
 def _other_tokenizer(folder: Path) -> None:
     from knowpress.testing.models import tiny_tokenizer
 
@@ -244,6 +254,8 @@ FOLDERS: list[tuple[str, Callable[[Path], None], str, str]] = [
     ("no config", _no_config, "model", "no config.json"),
     ("unknown model_type", _model_type, "model", "model_type 'llamma' is not an architecture"),
     ("config value", _config_value, "model", "expected int, got str (value: 'four'); fix"),
+    ("changed stage", _changed_since_manifest, "model", "changed since it was written (sha256"),
+    ("changed reference", _changed_since_manifest, "reference", "model.safetensors changed"),
     ("truncated reference", _truncated, "reference", "truncated or corrupt safetensors"),
     ("reference of another world", _other_world, "reference", "knows world 0ther"),
     ("reference of another vocabulary", _other_tokenizer, "reference", "tokenizer is not the"),
