@@ -8,6 +8,8 @@ naming the field or path and the fix. The CLI prints these without a traceback.
 from __future__ import annotations
 
 import errno
+import os
+from pathlib import Path
 from typing import Any
 
 #: the most characters of a user's value an error line repeats
@@ -74,3 +76,26 @@ def disk_full(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ if exc.__suppress_context__ else exc.__cause__ or exc.__context__
     return False
+
+
+#: free bytes under which an ``OSError`` without an errno counts as a full disk (numpy's
+#: ``tofile`` under onnx's external-data writer says only "problem writing element N")
+NEARLY_FULL = 1 << 20
+
+
+def full_disk_error(exc: BaseException, written: Path, final: Path) -> OSError | None:
+    """``OSError(ENOSPC, final)`` when ``exc`` means the disk filled up while ``written`` was
+    written (a library's own error type or message, or an errno-less ``OSError`` on a disk
+    left with under :data:`NEARLY_FULL` bytes); else None."""
+    if not isinstance(exc, Exception):
+        return None
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and exc.filename:
+        return None  # names its file already (an atomic_file inside an atomic_dir)
+    full = disk_full(exc)
+    if not full and isinstance(exc, OSError) and exc.errno is None:
+        try:
+            stats = os.statvfs(written if written.exists() else written.parent)
+            full = stats.f_bavail * stats.f_frsize < NEARLY_FULL
+        except OSError:
+            full = False
+    return OSError(errno.ENOSPC, "No space left on device", str(final)) if full else None

@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from knowpress.errors import KnowpressError, disk_full, error_summary, short
+from knowpress.errors import KnowpressError, disk_full, error_summary, full_disk_error, short
 from knowpress.registry import close_matches
 
 QUANT_FILE = "knowpress_quant.json"
@@ -56,7 +56,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             os.replace(final, old)
         os.replace(tmp, final)
     except BaseException as exc:
-        full = _full_disk(exc, tmp, final)  # before the temporary's bytes are freed
+        full = full_disk_error(exc, tmp, final)  # before the temporary's bytes are freed
         if old is not None and old.exists() and not final.exists():
             os.replace(old, final)  # interrupted between the two renames: put the old one back
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,34 +96,11 @@ def atomic_file(path: Path) -> Iterator[Path]:
         follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
-        full = _full_disk(exc, tmp, path)  # named by the file it replaces
+        full = full_disk_error(exc, tmp, path)  # named by the file it replaces
         tmp.unlink(missing_ok=True)
         if full is not None:
             raise full from None
         raise
-
-
-#: free bytes under which an ``OSError`` without an errno counts as a full disk (numpy's
-#: ``tofile`` under onnx's external-data writer says only "problem writing element N")
-NEARLY_FULL = 1 << 20
-
-
-def _full_disk(exc: BaseException, written: Path, final: Path) -> OSError | None:
-    """``OSError(ENOSPC, final)`` when ``exc`` means the disk filled up while ``written`` was
-    written (a library's own error type or message, or an errno-less ``OSError`` on a disk
-    left with under :data:`NEARLY_FULL` bytes); else None."""
-    if not isinstance(exc, Exception):
-        return None
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and exc.filename:
-        return None  # names its file already (an atomic_file inside an atomic_dir)
-    full = disk_full(exc)
-    if not full and isinstance(exc, OSError) and exc.errno is None:
-        try:
-            stats = os.statvfs(written if written.exists() else written.parent)
-            full = stats.f_bavail * stats.f_frsize < NEARLY_FULL
-        except OSError:
-            full = False
-    return OSError(errno.ENOSPC, "No space left on device", str(final)) if full else None
 
 
 def follow_umask(path: Path) -> None:
@@ -209,8 +186,6 @@ def save_model(
     model's); packed codes, scales and zero points keep their own. The in-memory model is
     not changed. transformers' shard-writing tqdm bar is hidden meanwhile.
     """
-    from transformers.utils import logging as hf_logging
-
     from knowpress.models import ct_format
     from knowpress.models.packed import mark_packed
 
@@ -226,22 +201,9 @@ def save_model(
         state = {k: v for k, v in (state or model.state_dict()).items()
                  if packed_tensor_of(k, set(modules)) is None}  # fmt: skip
         state.update(ct_format.ct_state(modules))
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        # A knowpress-packed folder keeps the in-memory tensor names (knowpress loads it as it
-        # is); others are written in the architecture's original layout for stock transformers.
-        model.save_pretrained(directory, safe_serialization=True, state_dict=state,
-                              save_original_format=ct or not modules)  # fmt: skip
-    except Exception as exc:
-        if disk_full(exc):  # safetensors reports ENOSPC as its own error type
-            raise OSError(errno.ENOSPC, "No space left on device", str(directory)) from None
-        raise
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-    for written in directory.glob("*.safetensors*"):  # transformers writes them 0600
-        follow_umask(written)
+    # A knowpress-packed folder keeps the in-memory tensor names (knowpress loads it as it
+    # is); others are written in the architecture's original layout for stock transformers.
+    _save_weights(model, directory, state, original_format=ct or not modules)
     if ct:
         tokenizer.save_pretrained(directory)
         _set_dtype(directory, dtype)
@@ -260,6 +222,28 @@ def save_model(
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         atomic_write_text(directory / "config.json", text)
     return "hf-packed" if plan else "hf"
+
+
+def _save_weights(model: PreTrainedModel, directory: Path, state: dict[str, torch.Tensor] | None,
+                  original_format: bool) -> None:  # fmt: skip
+    """``save_pretrained`` of the weights, its tqdm bar hidden, ENOSPC as one ``OSError``,
+    the files given the umask's mode (transformers writes them 0600)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state,
+                              save_original_format=original_format)  # fmt: skip
+    except Exception as exc:
+        if disk_full(exc):  # safetensors reports ENOSPC as its own error type
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory)) from None
+        raise
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+    for written in directory.glob("*.safetensors*"):
+        follow_umask(written)
 
 
 def check_local(path: Path, source: str | Path) -> None:
