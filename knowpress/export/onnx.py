@@ -90,7 +90,9 @@ class KVDecoder(torch.nn.Module):
     """The flat-tensor signature of the module docstring around a transformers decoder;
     ``io``: the KV-policy I/O it adds (``policy_io.py``)."""
 
-    def __init__(self, model: torch.nn.Module, layers: int, io: frozenset[str]) -> None:
+    def __init__(
+        self, model: torch.nn.Module, layers: int, io: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__()
         from knowpress.export.policy_io import attention_modules
 

@@ -19,7 +19,8 @@ mask is the past part of ``attention_mask``. Policies that score tokens by atten
 the graph's ``queries.{i}`` outputs (post-rotary, ``[B, H_q, q, D]``) through
 ``GraphCache.queries``. Positions are each row's count of real tokens seen (``seen``), so
 pads and evictions shift nothing (kept keys keep the rotary positions they were written
-with).
+with); pads sit at position 0, as ``generate`` puts them (a quantized cache stores pad keys
+beside real ones in a block, so both runtimes must write the same ones).
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ class OnnxDecoder:
         cache = state.cache
         cache.valid = torch.from_numpy(state.history.astype(bool))
         feed, past_mask = self._past(cache, state.history)
-        positions = np.maximum(state.seen[:, None] + np.cumsum(valid, axis=1) - 1, 0)
+        # a real token's position is the real tokens before it; a pad's is 0, as generate does
+        positions = np.where(valid > 0, state.seen[:, None] + np.cumsum(valid, axis=1) - 1, 0)
         feed |= {
             "input_ids": ids.astype(np.int64),
             "attention_mask": np.concatenate([past_mask, valid], axis=1),

@@ -61,7 +61,21 @@ def test_runtime_answers_what_tasks_ask(tmp_path: Path) -> None:
     assert runtime.kv_bytes_per_token() == 2 * 2 * 2 * 16 * 4
     assert runtime.describe() == {
         "runtime": "torch", "device": "cpu", "dtype": "float32", "kv_policy": None,
+        "kv_dtype": "float32",
     }  # fmt: skip
+    # computed in float32, deployed in bfloat16: the cache is counted at 2 bytes a value
+    deployed = TorchRuntime(tiny_llama(layers=2), tiny_tokenizer(), kv_dtype="bfloat16")
+    assert deployed.kv_bytes_per_token() == 2 * 2 * 2 * 16 * 2
+    assert deployed.describe()["kv_dtype"] == "bfloat16"
+
+
+def test_a_folder_without_manifest_counts_its_cache_in_the_deploy_dtype(tmp_path: Path) -> None:
+    model = tiny_llama(layers=2)
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    assert load_runtime(tmp_path / "m").kv_bytes_per_token() == 2 * 2 * 2 * 16 * 2  # bf16
+    wide = load_runtime(tmp_path / "m", deploy_dtype="float32")
+    assert wide.kv_bytes_per_token() == 2 * 2 * 2 * 16 * 4
 
 
 def _with_runtime(folder: Path, runtime: dict[str, object]) -> None:

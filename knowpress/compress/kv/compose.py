@@ -110,7 +110,8 @@ class QuantizedStorage:
             self._gather_store(index[..., :m])
         rest = index[..., m:, None].expand(b, h, index.shape[-1] - m, d)
         self.pos = pos.gather(-1, index)
-        self._flush(keys.gather(2, rest), values.gather(2, rest))
+        valid = self._valid(self.pos[..., m:])  # pads stay out of the key blocks' ranges
+        self._flush(keys.gather(2, rest), values.gather(2, rest), valid)
 
     def _gather_store(self, index: torch.Tensor) -> None:
         def take(t: torch.Tensor) -> torch.Tensor:
@@ -123,18 +124,19 @@ class QuantizedStorage:
         self.kscale, self.kzero = self.kscale[:, :, used], self.kzero[:, :, used]
         self.kblock = block.to(block_dtype(len(used)))
 
-    def _flush(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Keep ``keys``/``values`` as the tail, quantizing whole groups beyond ``residual``."""
+    def _flush(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep ``keys``/``values`` as the tail, quantizing whole groups beyond ``residual``
+        (``valid [B, H, s]``: which are real tokens)."""
         s = keys.shape[-2]
         n = max(0, s - self.residual) // self.group * self.group
         if n:
-            self._append(keys[..., :n, :], values[..., :n, :])
+            self._append(keys[..., :n, :], values[..., :n, :], valid[..., :n])
         self.keys, self.values = keys[..., n:, :], values[..., n:, :]
 
-    def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
         b, h, n, _ = keys.shape
         (kcodes, kscale, kzero, _), (vcodes, vscale, vzero, _) = encode(
-            keys, values, self.bits, self.group)  # fmt: skip
+            keys, values, self.bits, self.group, valid)  # fmt: skip
         blocks = 0 if self.kscale is None else self.kscale.shape[2]
         block = (blocks + torch.arange(n, device=keys.device) // self.group).expand(b, h, n)
         new = {"kcodes": kcodes.reshape(b, h, n, -1), "kblock": block,

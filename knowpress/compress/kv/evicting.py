@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from knowpress.errors import KnowpressError
 
 HOOK = "_knowpress_kv_mask_hook"
+PAD_KEY = 1e12  # below every policy's priority (they stay within ±1e10)
 ATTENTION_HOOK = "_knowpress_kv_attention_hook"
 
 
@@ -43,6 +44,22 @@ class PolicyCache(Cache):
         self.attention_inputs: dict[int, tuple[Any, torch.Tensor, Any]] = {}
         for index, layer in enumerate(layers):
             layer.owner, layer.index = self, index
+
+    def slot_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """``mask [B, seen + q]`` with its stored tail (the columns transformers lines up
+        with the stored slots, ``get_mask_sizes``) replaced by whether each stored slot holds
+        a real token. The tail of the positions seen is not that when pads sit between kept
+        tokens (a context, then a left-padded question). Every head and layer keeps the same
+        pads (``EvictingLayer.update``), so layer 0's head 0 speaks for all."""
+        layer = self.layers[0]
+        if not isinstance(layer, EvictingLayer) or layer.pos is None or layer.pos.dim() != 3:
+            return None
+        stored, seen = layer.stored(), layer.seen
+        if not stored or mask.shape[-1] < seen:
+            return None
+        out = mask.clone()
+        out[:, seen - stored : seen] = mask.gather(-1, layer.pos[:, 0].to(mask.device))
+        return out
 
     def queries(self, index: int, kv_heads: int) -> tuple[torch.Tensor, float]:
         """The current forward's post-rotary queries of layer ``index``, ``[B, H_kv, G, q,
@@ -148,7 +165,11 @@ class EvictingLayer(DynamicLayer):
         if keys.shape[-2] <= budget + self.slack():
             self.keep(keys, values, pos, None)
             return keys, values
-        score = self.priority(pos, valid, keys).masked_fill(~valid, float("-inf"))  # pads first
+        # pads go first, and the earliest pads are the ones kept when some must be: every head
+        # then keeps the same set of pads, so one row mask describes all heads (float64: the
+        # pad keys stay below any priority and distinct by position)
+        score = torch.where(valid, self.priority(pos, valid, keys).double(),
+                            -PAD_KEY - pos.double())  # fmt: skip
         tail = self.protected()
         if 0 < tail <= budget:
             score[..., -tail:] = float("inf")
@@ -191,11 +212,18 @@ class EvictingLayer(DynamicLayer):
         self._each_state(lambda t: t[indices])
 
 
-def _stash_mask(_model: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+def _stash_mask(_model: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    """Stash the 2-D mask for the layers (``valid``) and hand the model one whose stored
+    tail says which stored slots are real (``PolicyCache.slot_mask``)."""
     cache = kwargs.get("past_key_values")
-    if isinstance(cache, PolicyCache):
-        mask = kwargs.get("attention_mask")
-        cache.valid = mask.bool() if mask is not None and mask.ndim == 2 else None
+    if not isinstance(cache, PolicyCache):
+        return None
+    mask = kwargs.get("attention_mask")
+    cache.valid = mask.bool() if mask is not None and mask.ndim == 2 else None
+    if cache.valid is None:
+        return None
+    aligned = cache.slot_mask(mask)
+    return None if aligned is None else (args, {**kwargs, "attention_mask": aligned})
 
 
 def _stash_attention(module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
@@ -213,7 +241,7 @@ def policy_cache(model: Any, layers: list[Any], attention: bool = False) -> Poli
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
         raise KnowpressError(
-            f"KV eviction supports full-attention models; this one has {sorted(kinds)} layers"
+            f"KV policies support full-attention models; this one has {sorted(kinds)} layers"
         )
     if not getattr(model, HOOK, False):
         model.register_forward_pre_hook(_stash_mask, with_kwargs=True)

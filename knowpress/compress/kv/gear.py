@@ -73,13 +73,20 @@ class GEARLayer(KIVILayer):
         super().__init__(bits, group, residual)
         self.rank, self.outliers = rank, outliers
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[Any, ...]:
-        """KIVI's chunk of the inliers, then per K and V the outliers and low-rank factors."""
+    def encode(self, keys: torch.Tensor, values: torch.Tensor,
+               valid: torch.Tensor | None = None) -> tuple[Any, ...]:  # fmt: skip
+        """KIVI's chunk of the inliers, then per K and V the outliers and low-rank factors;
+        pads (``valid [B, 1, n]`` false) are zeros: never outliers, no part of the SVD."""
+        real = torch.ones_like(keys[..., :1], dtype=torch.bool)
+        if valid is not None:
+            real = valid.to(torch.bool)[..., None]
+            keys, values = keys.masked_fill(~real, 0.0), values.masked_fill(~real, 0.0)
         k_in, k_sparse = split_outliers(keys, self.outliers)
         v_in, v_sparse = split_outliers(values, self.outliers)
-        chunk = super().encode(k_in, v_in)
+        chunk = super().encode(k_in, v_in, valid)
         k_hat, v_hat = super().decode(chunk, keys.dtype)
-        return (*chunk, low_rank(k_in - k_hat, self.rank), low_rank(v_in - v_hat, self.rank),
+        k_err, v_err = ((k_in - k_hat) * real, (v_in - v_hat) * real)
+        return (*chunk, low_rank(k_err, self.rank), low_rank(v_err, self.rank),
                 k_sparse, v_sparse)  # fmt: skip
 
     def decode(self, chunk: tuple[Any, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

@@ -18,7 +18,7 @@ runtime policy: {name: kivi, bits: 2, group_size: 32, residual: 128}
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
@@ -28,14 +28,25 @@ from knowpress.compress.kv.base import KV_POLICIES, CacheShape, KVPolicy, Probe,
 from knowpress.compress.quant.packing import pack, unpack
 from knowpress.errors import KnowpressError
 
+if TYPE_CHECKING:
+    from transformers import Cache, PreTrainedModel
+
 Chunk = tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]
 ]  # packed, scale, zero, shape
 
 
-def quantize(x: torch.Tensor, bits: int, dim: int) -> Chunk:
-    """Asymmetric min/max codes of ``x`` with one scale and zero along ``dim`` (kept 1)."""
-    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+def quantize(x: torch.Tensor, bits: int, dim: int, valid: torch.Tensor | None = None) -> Chunk:
+    """Asymmetric min/max codes of ``x`` with one scale and zero along ``dim`` (kept 1);
+    ``valid`` (broadcastable to ``x``) leaves padding out of the min/max, so a row's codes
+    do not depend on what its batch's pads happen to hold (a group of pads alone: zero)."""
+    if valid is None:
+        lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    else:
+        lo = x.masked_fill(~valid, float("inf")).amin(dim, keepdim=True)
+        hi = x.masked_fill(~valid, float("-inf")).amax(dim, keepdim=True)
+        empty = ~valid.expand_as(x).any(dim, keepdim=True)
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
     scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
     codes = ((x - lo) / scale).round().clamp(0, 2**bits - 1).to(torch.uint8)
     return pack(codes, bits), scale.half(), lo.half(), tuple(codes.shape)
@@ -47,11 +58,20 @@ def dequantize(chunk: Chunk, bits: int, dtype: torch.dtype) -> torch.Tensor:
     return (codes.to(dtype) * scale.to(dtype) + zero.to(dtype)).to(dtype)
 
 
-def encode(keys: torch.Tensor, values: torch.Tensor, bits: int, group: int) -> tuple[Chunk, Chunk]:
+def encode(keys: torch.Tensor, values: torch.Tensor, bits: int, group: int,
+           valid: torch.Tensor | None = None) -> tuple[Chunk, Chunk]:  # fmt: skip
     """KIVI codes of ``n`` tokens (``[B, H, n, D]``, n a multiple of ``group``): keys in
-    blocks of ``group`` tokens per channel, values in groups of ``group`` channels."""
+    blocks of ``group`` tokens per channel, values in groups of ``group`` channels;
+    ``valid [B, H or 1, n]`` marks real tokens (padding is left out of the key blocks'
+    ranges; a pad's own value groups hold zeros)."""
     b, h, n, d = keys.shape
-    return (quantize(keys.reshape(b, h, n // group, group, d), bits, 3),
+    if valid is None:
+        return (quantize(keys.reshape(b, h, n // group, group, d), bits, 3),
+                quantize(values.reshape(b, h, n, d // group, group), bits, 4))  # fmt: skip
+    real = valid.to(torch.bool)[..., None]  # [B, H|1, n, 1]
+    keys, values = keys.masked_fill(~real, 0.0), values.masked_fill(~real, 0.0)
+    blocks = real.reshape(b, real.shape[1], n // group, group, 1)
+    return (quantize(keys.reshape(b, h, n // group, group, d), bits, 3, blocks),
             quantize(values.reshape(b, h, n, d // group, group), bits, 4))  # fmt: skip
 
 
@@ -80,9 +100,19 @@ class KIVILayer(DynamicLayer):
         return (torch.cat([*(k for k, _ in history), self.keys], -2),
                 torch.cat([*(v for _, v in history), self.values], -2), None)  # fmt: skip
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[Any, ...]:
-        """One chunk of ``n`` tokens (``encode``; GEAR adds its low-rank and sparse parts)."""
-        return encode(keys, values, self.bits, self.group)
+    def encode(self, keys: torch.Tensor, values: torch.Tensor,
+               valid: torch.Tensor | None = None) -> tuple[Any, ...]:  # fmt: skip
+        """One chunk of ``n`` tokens (``encode``; GEAR adds its low-rank and sparse parts);
+        ``valid [B, 1, n]``: which are real tokens."""
+        return encode(keys, values, self.bits, self.group, valid)
+
+    def columns(self, start: int, n: int) -> torch.Tensor | None:
+        """``[B, 1, n]``: which of the columns ``start .. start + n`` are real (the runtime's
+        2-D mask, ``PolicyCache.valid``; None when the cache has none)."""
+        mask = getattr(getattr(self, "owner", None), "valid", None)
+        if mask is None or mask.shape[-1] < start + n:
+            return None
+        return mask[:, None, start : start + n]
 
     def decode(self, chunk: tuple[Any, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """``(keys, values)`` ``[B, H, n, D]`` of an encoded chunk."""
@@ -107,7 +137,8 @@ class KIVILayer(DynamicLayer):
                torch.cat([*(v for _, v in history), values], -2))  # fmt: skip
         n = max(0, keys.shape[-2] - self.residual) // self.group * self.group
         if n:
-            self.chunks.append(self.encode(keys[..., :n, :], values[..., :n, :]))
+            valid = self.columns(self.seen - keys.shape[-2], n)
+            self.chunks.append(self.encode(keys[..., :n, :], values[..., :n, :], valid))
             keys, values = keys[..., n:, :], values[..., n:, :]
         self.keys, self.values = keys, values
         return out
@@ -158,3 +189,8 @@ class KIVIPolicy(KVPolicy):
     def layers(self, shape: CacheShape, probe: Probe | None = None) -> list[Any]:
         self.check(shape)
         return [self.layer() for _ in range(shape.layers)]
+
+    def make_cache(self, model: PreTrainedModel) -> Cache:
+        from knowpress.compress.kv.evicting import policy_cache
+
+        return policy_cache(model, self.layers(CacheShape.of(model)))  # the mask hook: pads
