@@ -40,11 +40,12 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def _summary(report: dict[str, Any]) -> Table:
     """Retention per task (scores are in report.md; ``kl`` shows its nats/token, being a
-    comparison already, and its top-1), sized to fit a terminal; no worst column without a
-    relative task (a kl-only run), and a flag on a stage that did not compress."""
+    comparison already), sized to fit a terminal; a stage that did not compress is flagged.
+    A kl-only run (no relative task) shows kl's top-1 where the worst retention would be."""
     tasks = list(report["tasks"])
     relative = any(info.get("relative", True) for info in report["tasks"].values())
-    extra = (["kl top-1"] if "kl" in tasks else []) + (["worst"] if relative else [])
+    top1 = "kl" in tasks and not relative
+    extra = ["kl top-1"] if top1 else ["worst"]
     table = Table(title="knowledge retained vs bytes stored (retention vs reference)")
     for col in ["model", "MiB", "vs bf16 ref", "bits/param", *tasks, *extra]:
         if col == "model":
@@ -61,9 +62,9 @@ def _summary(report: dict[str, Any]) -> Table:
             _fmt(row["retention"][t], 3) if t in row["retention"] else _fmt(row["scores"][t], 4)
             for t in tasks
         ]
-        if "kl" in tasks:
+        if top1:
             cells.append(_fmt(row["details"]["kl"]["extra"].get("top1"), 3))
-        if relative:
+        else:
             worst = row["worst_retention"]
             color = "green" if worst is not None and worst >= 0.95 else "yellow"
             cells.append(f"[{color}]{_fmt(worst, 3)}[/{color}]")
