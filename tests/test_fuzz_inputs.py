@@ -665,3 +665,23 @@ def test_eval_of_a_folder_without_a_world_points_to_its_own_text(
     out = " ".join(capsys.readouterr().out.split())
     assert "parameters in bf16 (2 bytes each)" in out and "of its safetensors" not in out
     assert re.search(r"= 2\.0\d\d x its", out)  # a float32 folder: twice its bf16 parameters
+
+
+GATES: list[tuple[str, dict[str, Any], str]] = [
+    ("confidence true", {"min_retention": 0.9, "confidence": True}, "gate.confidence: expected a"),
+    ("confidence 1", {"min_retention": 0.9, "confidence": 1}, "gate.confidence: Input should be"),
+    ("confidence 0.2", {"min_retention": 0.9, "confidence": 0.2}, "gate.confidence: Input should"),
+    ("strict word", {"min_retention": 0.9, "confidence": 0.95, "strict": "yes"}, "gate.strict:"),
+    ("strict alone", {"min_retention": 0.9, "strict": True}, "give confidence too"),
+    ("allow 1", {"min_retention": 0.9, "allow_no_compression": 1}, "gate.allow_no_compression:"),
+]
+
+
+@pytest.mark.parametrize(("gate", "expected"), [c[1:] for c in GATES], ids=[c[0] for c in GATES])
+def test_a_gate_setting_the_recipe_cannot_mean_is_one_line(
+    gate: dict[str, Any], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe(gate=gate))
+    code, err = run(["apply", str(path), "-o", str(tmp_path / "out"), "--dry-run"], capsys)
+    assert code == EXIT_USER and expected in _one_error_line(err)
