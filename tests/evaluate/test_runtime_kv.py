@@ -69,3 +69,34 @@ def test_token_by_token_scoring_sees_what_the_streaming_cache_kept() -> None:
     logits = model(input_ids=torch.tensor([seq]), attention_mask=bias).logits
     theirs = torch.log_softmax(logits[0, :-1].float(), -1)
     assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"name": "streaming", "sinks": 1, "budget": 5},
+        {"name": "h2o", "budget": 5},
+        {"name": "snapkv", "budget": 5, "window": 2, "kernel": 3},
+        {
+            "name": "compose",
+            "policies": [
+                {"name": "streaming", "sinks": 1, "budget": 6},
+                {"name": "kivi", "bits": 4, "group_size": 2, "residual": 2},
+            ],
+        },
+    ],
+)
+def test_a_row_answers_as_it_would_alone_whatever_its_batch_pads(policy: dict) -> None:
+    """[pad, context | pad, question]: the kept context tokens of a row with a short
+    question are attended (the stored slots' mask is their own, not the tail of the
+    positions seen), ties and pads are ranked by position and snapkv pools over real
+    tokens only: the batch changes nothing. (KIVI/GEAR blocks follow the columns, so their
+    grouping moves with padding; tests/compress/kv checks pads never enter their ranges.)"""
+    model, tok = _model(), tiny_tokenizer()
+    runtime = TorchRuntime(model, tok, kv_policy=policy_from_json(policy, "t"))
+    long_q = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w30 w31 w32 w33 w34 w35 w36 w37"
+    batch = runtime.greedy([PROMPTS[2], long_q], 6, contexts=[CONTEXTS[2], "w1 w2"])
+    alone = runtime.greedy([PROMPTS[2]], 6, contexts=[CONTEXTS[2]])
+    assert batch[0] == alone[0]
+    pads = runtime.greedy([PROMPTS[2], "w40 " + long_q], 6, contexts=[CONTEXTS[2], "w40 w1 w2"])
+    assert pads[0] == alone[0]

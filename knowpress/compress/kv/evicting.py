@@ -173,7 +173,10 @@ class EvictingLayer(DynamicLayer):
         tail = self.protected()
         if 0 < tail <= budget:
             score[..., -tail:] = float("inf")
-        index = score.topk(budget, dim=-1).indices.sort(-1).values  # position order
+        # ties go to the earlier slot (a stable sort over slots in position order), so the
+        # choice does not depend on where a batch's pads put a token
+        index = score.sort(dim=-1, descending=True, stable=True).indices[..., :budget]
+        index = index.sort(-1).values  # position order
         self.kept(index)
         self.keep(keys, values, pos, index)
         return keys, values

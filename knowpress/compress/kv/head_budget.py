@@ -49,7 +49,7 @@ from knowpress.compress.kv.base import (
     Probe,
     float_nbytes,
 )
-from knowpress.compress.kv.evicting import EvictingLayer, policy_cache
+from knowpress.compress.kv.evicting import PAD_KEY, EvictingLayer, policy_cache
 from knowpress.compress.kv.head_importance import (
     allocate,
     check_probe,
@@ -206,8 +206,9 @@ class HeadBudgetLayer(EvictingLayer):
         if torch.equal(keep, sizes):
             score = torch.zeros(pos.shape, device=keys.device)
         else:
-            score = self.inner.priority(pos, valid, keys).float()
-        score = score.masked_fill(~valid, torch.finfo(torch.float32).min)  # pads first
+            score = self.inner.priority(pos, valid, keys)
+        # pads first, the earliest kept when some must be (as EvictingLayer.update ranks)
+        score = torch.where(valid, score.double(), -PAD_KEY - pos.double())
         self.select(keys, values, pos, score.masked_fill(~live, float("-inf")), keep)
         return keys, values
 
@@ -218,7 +219,7 @@ class HeadBudgetLayer(EvictingLayer):
         b, h, s, d = keys.shape
         k = int(keep.max())
         slot = torch.arange(k, device=keys.device)
-        top = score.topk(k, dim=-1).indices
+        top = score.sort(dim=-1, descending=True, stable=True).indices[..., :k]  # ties: earlier
         top = top.masked_fill(slot >= keep[:, None], s).sort(-1).values  # kept ones first
         front = (k - keep)[:, None]  # [H, 1] dead slots of the next layout
         held = slot >= front  # [H, K]

@@ -50,7 +50,7 @@ class RKVLayer(SnapKVLayer):
 
     def priority(self, pos: torch.Tensor, valid: torch.Tensor,
                  keys: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        votes = self.votes(pos, valid, keys) * valid
+        votes = self.votes(pos, valid, keys).masked_fill(~valid, 0.0)
         importance = votes / votes.sum(-1, keepdim=True).clamp_min(1e-12)
         score = self.lam * importance - (1 - self.lam) * redundancy(keys, valid)
         return score + 1e9 * self.in_window(pos).float()

@@ -3,11 +3,11 @@ Knows What You are Looking for Before Generation", arXiv:2404.14469).
 
 The last ``window`` queries vote for the tokens before them: for KV head h,
 ``v_j = Σ_{queries i in the window} Σ_{query heads of h} softmax(q_i·kᵀ · scaling)_j``;
-votes are pooled along the sequence (``max`` or ``avg``, kernel ``kernel``, stride 1) so a
-kept token brings its neighbours; each head keeps the window itself plus the ``budget −
-window`` tokens of largest pooled vote. Queries are recomputed from the hooked attention
-inputs on torch (the model keeps its sdpa attention) and read from the exported graph's
-outputs on onnxruntime (``attention.py``).
+votes are pooled along the head's real tokens (``max`` or ``avg``, kernel ``kernel``,
+stride 1; padding taken out first) so a kept token brings its neighbours; each head keeps
+the window itself plus the ``budget − window`` tokens of largest pooled vote. Queries are
+recomputed from the hooked attention inputs on torch (the model keeps its sdpa attention)
+and read from the exported graph's outputs on onnxruntime (``attention.py``).
 
 SnapKV compresses the prompt once, its question being the window; here the window slides
 (the last ``window`` queries seen, kept per layer: ``[B, H_kv, G, window, D]``), so decoding
@@ -31,6 +31,27 @@ from pydantic import Field, model_validator
 from knowpress.compress.kv.attention import attend
 from knowpress.compress.kv.base import KV_POLICIES, EvictionPolicy
 from knowpress.compress.kv.evicting import EvictingLayer
+
+
+def pool(votes: torch.Tensor, valid: torch.Tensor, kernel: int, how: str) -> torch.Tensor:
+    """``votes [B, H, S]`` pooled along each head's real tokens in order (stride 1, ``kernel``
+    wide, centred): pads are taken out first, so a token's neighbours are the real tokens
+    beside it whatever padding a batch puts between them (a context, then a left-padded
+    question). Pads get -inf."""
+    order = (~valid).long().argsort(dim=-1, stable=True)  # real tokens first, in slot order
+    real = valid.gather(-1, order).float()
+    flat = votes.gather(-1, order) * real
+    b, h, s = flat.shape
+    pad = kernel // 2
+    if how == "max":
+        shown = flat.masked_fill(real == 0, float("-inf")).reshape(b * h, 1, s)
+        pooled = F.max_pool1d(shown, kernel, stride=1, padding=pad)[..., :s]
+    else:  # the mean over the real tokens in the window
+        total = F.avg_pool1d(flat.reshape(b * h, 1, s), kernel, stride=1, padding=pad)[..., :s]
+        count = F.avg_pool1d(real.reshape(b * h, 1, s), kernel, stride=1, padding=pad)[..., :s]
+        pooled = total / count.clamp_min(1e-12)
+    pooled = pooled.reshape(b, h, s).masked_fill(real == 0, float("-inf"))
+    return torch.empty_like(pooled).scatter(-1, order, pooled)
 
 
 class SnapKVLayer(EvictingLayer):
@@ -65,16 +86,9 @@ class SnapKVLayer(EvictingLayer):
         """``[B, H, S]`` pooled attention of the window's real queries to each token."""
         assert self.window_queries is not None and self.window_valid is not None
         probs = attend(self.window_queries, self.scaling, keys, self.window_pos, pos, valid)
-        votes = (probs * self.window_valid[:, None, :, None]).sum(2)
-        b, h, s = votes.shape
-        flat = votes.reshape(b * h, 1, s)
-        pad = self.kernel // 2
-        if self.pooling == "max":
-            pooled = F.max_pool1d(flat, self.kernel, stride=1, padding=pad)
-        else:
-            pooled = F.avg_pool1d(flat, self.kernel, stride=1, padding=pad,
-                                  count_include_pad=False)  # fmt: skip
-        return pooled[..., :s].reshape(b, h, s)
+        return pool(
+            (probs * self.window_valid[:, None, :, None]).sum(2), valid, self.kernel, self.pooling
+        )
 
     def in_window(self, pos: torch.Tensor) -> torch.Tensor:
         """``[B, H, S]``: the token is one of the window's (real) positions."""

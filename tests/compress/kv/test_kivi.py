@@ -46,6 +46,9 @@ def test_the_cache_holds_the_promised_bytes_after_decoding() -> None:
                  + 2 * 2 * heads * quantized * (d // 4)  # value scale + zero per token and group
                  + 2 * heads * residual * d * 4)  # fp32 residual K and V  # fmt: skip
     assert policy.cache_bytes(cache) == c.num_hidden_layers * per_layer
+    # deployed in bfloat16: the residual at 2 bytes a value, codes and fp16 scales unchanged
+    deployed = per_layer - 2 * heads * residual * d * 2
+    assert policy.cache_bytes(cache, float_bytes=2) == c.num_hidden_layers * deployed
     assert all(layer.get_seq_length() == seen for layer in cache.layers)
 
 
@@ -63,3 +66,34 @@ def test_a_group_size_not_dividing_the_head_dim_is_one_line() -> None:
     policy = KV_POLICIES.get("kivi")(name="kivi", group_size=5)
     with pytest.raises(KnowpressError, match="group_size 5 does not divide the head dim"):
         policy.make_cache(tiny_llama())
+
+
+@pytest.mark.parametrize(
+    "block",
+    [{"name": "kivi", "bits": 2, "group_size": 4, "residual": 0},
+     {"name": "gear", "bits": 2, "group_size": 4, "residual": 0, "rank": 1, "outliers": 0.05}],
+)  # fmt: skip
+def test_pads_never_enter_the_quantized_ranges(block: dict) -> None:
+    """Two batches that differ only in what their pads hold read back the same real tokens:
+    a row's codes do not depend on its batch's padding."""
+    from knowpress.compress.kv import policy_from_json
+    from knowpress.compress.kv.base import CacheShape
+    from knowpress.compress.kv.evicting import PolicyCache
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 2, 8, 16, generator=g), torch.randn(2, 2, 8, 16, generator=g)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, :3] = False  # row 1: three pads, then five real tokens
+    reads = []
+    for garbage in (0.0, 50.0):
+        k, v = keys.clone(), values.clone()
+        k[1, :, :3], v[1, :, :3] = garbage, -garbage
+        policy = policy_from_json(block, "t")
+        cache = PolicyCache(policy.layers(CacheShape(1, 16, 32)))
+        cache.valid = valid
+        cache.layers[0].update(k, v)
+        assert cache.layers[0].chunks  # everything was quantized
+        reads.append(cache.layers[0].past())
+    (k0, v0, _), (k1, v1, _) = reads
+    assert torch.equal(k0[1, :, 3:], k1[1, :, 3:]) and torch.equal(v0[1, :, 3:], v1[1, :, 3:])
+    assert torch.equal(k0[0], k1[0]) and _sqnr(keys[1, :, 3:], k0[1, :, 3:]) > 3
