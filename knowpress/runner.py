@@ -110,6 +110,7 @@ class Runner:
             dtype=spec.compute_dtype,
             batch_size=self.recipe.evaluate.batch_size,
             trust_remote_code=spec.trust_remote_code,
+            deploy_dtype=self.deploy_dtype,
         )
 
     def _measure(self, runtime: Runtime, world: Any, label: str, stored: int) -> Measurement:
