@@ -331,16 +331,38 @@ def dry_run(recipe: Recipe) -> tuple[Any, list[list[str]] | None, list[str]]:
     world = run_world(recipe, [source.local_dir for source in sources.values()])
     check_tasks(world, recipe.evaluate.tasks)
     notes = check_inputs(recipe, sources, world)
-    model = structure_model(recipe.model, built_location(sources["model"]))
-    return world, None if model is None else check_stages(recipe, model), notes
+    location = built_location(sources["model"])
+    model = structure_model(recipe.model, location)
+    plan = None if model is None else check_stages(recipe, model, attached_policies(location))
+    return world, plan, notes
 
 
-def check_stages(recipe: Recipe, model: PreTrainedModel | None) -> list[list[str]]:
-    """Each stage's ``check`` against the model's structure; per-stage plan lines."""
+def attached_policies(location: str | None) -> dict[str, Any]:
+    """The runtime policies a model folder's manifest attaches (a stage folder as input)."""
+    from knowpress.evaluate.loader import expert_skip_of, kv_policy_of
+    from knowpress.models.artifact import MANIFEST_FILE, read_manifest
+
+    folder = Path(location) if location and Path(location).is_dir() else None
+    manifest = read_manifest(folder) if folder is not None else None
+    if manifest is None:
+        return {}
+    where = str(folder / MANIFEST_FILE)
+    found = {
+        "kv_policy": kv_policy_of(manifest, where),
+        "expert_skip": expert_skip_of(manifest, where),
+    }
+    return {slot: policy for slot, policy in found.items() if policy is not None}
+
+
+def check_stages(recipe: Recipe, model: PreTrainedModel | None,
+                 attached: dict[str, Any] | None = None) -> list[list[str]]:  # fmt: skip
+    """Each stage's ``check`` against the model's structure and its ``check_runtime``
+    against the policies attached before it (``attached``: the input's); plan lines."""
     if model is None:
         return [[] for _ in recipe.stages]
     facts = []
     packed_by = uneven_by = None
+    attached = dict(attached or {})
     for index, config in enumerate(recipe.stages):
         if index and type(recipe.stages[index - 1]).final:
             raise KnowpressError(
@@ -363,8 +385,10 @@ def check_stages(recipe: Recipe, model: PreTrainedModel | None) -> list[list[str
         if config.uneven_structure():
             uneven_by = index
         try:
+            config.check_runtime(attached, model)
             facts.append(config.check(model, recipe.model.dtype))
             model = config.structure_after(model)
+            attached |= config.attaches()
         except KnowpressError as exc:
             raise KnowpressError(f"stages.{index} ({config.kind}): {exc}") from None
     return facts

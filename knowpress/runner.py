@@ -53,6 +53,7 @@ from knowpress.models.artifact import build_manifest, changed_files, read_manife
 from knowpress.models.io import atomic_dir, atomic_write_text, load_model, save_model
 from knowpress.outdir import OutputFolder, resume_dir, stage_dir
 from knowpress.preflight import (
+    attached_policies,
     check_folders,
     check_inputs,
     check_stages,
@@ -179,7 +180,8 @@ class Runner:
         world = run_world(recipe, [source.local_dir for source in sources.values()])
         check_tasks(world, recipe.evaluate.tasks)
         check_inputs(recipe, sources, world)
-        check_stages(recipe, structure_model(recipe.model, model_src.location))
+        check_stages(recipe, structure_model(recipe.model, model_src.location),
+                     attached_policies(model_src.location))  # fmt: skip
         return sources, world
 
     def _execute(self, sources: dict[str, Source], world: Any) -> RunResult:

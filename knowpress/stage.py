@@ -58,6 +58,15 @@ class StageConfig(FrozenConfig):
         """For a stage that ``needs_teacher``: what can fail against the teacher's structure
         (meta device) and the model's, before any work; raise ``KnowpressError``."""
 
+    def attaches(self) -> dict[str, Any]:
+        """Runtime policies this stage attaches (slot -> policy: ``kv_policy``,
+        ``expert_skip``), carried into every later artifact. The default: none."""
+        return {}
+
+    def check_runtime(self, attached: dict[str, Any], model: Any) -> None:
+        """What can fail against the runtime policies the artifact carries when this stage
+        runs (``attached``: slot -> policy), before any work. The default checks nothing."""
+
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         """Resolve what can fail against the model's structure alone (``model`` may live on
         the meta device: shapes, no weights) before any work; raise ``KnowpressError`` with

@@ -137,6 +137,44 @@ RECIPES: list[tuple[str, Text, str]] = [
     ("student heads", recipe(stages=[student(num_attention_heads=3)]), "with these values cannot"),
     ("cache is a file", recipe(stages=[DISTILL | {"teacher_cache": {"path": __file__}}]), "a file"),
     ("moe dense", recipe(stages=[DISTILL | {"moe_teacher": {"augment": 2}}]), "teacher is dense"),
+    # KV policies: a budget is an int token count or a share in (0, 1), never a bool or 1.0
+    (
+        "kv budget 1.0",
+        recipe(stages=[{"kind": "compress_kv", "policy": {"name": "streaming"}, "budget": 1.0}]),
+        "1.0 is not a share in (0, 1)",
+    ),
+    (
+        "kv budget true",
+        recipe(stages=[{"kind": "compress_kv", "policy": {"name": "streaming"}, "budget": True}]),
+        "True is not a budget",
+    ),
+    (
+        "policy budget true",
+        recipe(stages=[{"kind": "compress_kv", "policy": {"name": "h2o", "budget": True}}]),
+        "True is not a budget",
+    ),
+    # a KV policy that cannot fit the model is refused before the reference is scored
+    (
+        "kivi group",
+        recipe(stages=[{"kind": "compress_kv", "policy": {"name": "kivi", "group_size": 64}}]),
+        "group_size 64 does not divide the head dim 32",
+    ),
+    (
+        "probe too long",
+        recipe(
+            stages=[
+                {
+                    "kind": "compress_kv",
+                    "policy": {
+                        "name": "head_budget",
+                        "policy": {"name": "snapkv"},
+                        "probe_length": 200,
+                    },
+                }
+            ]
+        ),
+        "probe_length 200 makes 400-token probes",
+    ),
     (
         "lm_eval task typo",
         recipe(evaluate={"tasks": ["recall"], "lm_eval": {"tasks": ["hellaswagg"]}}),

@@ -81,8 +81,10 @@ def test_layout_and_report_schema(finished_run: Path) -> None:
         assert manifest is not None and manifest.format == "hf-compressed-tensors"
         assert list(manifest.files) == ["model.safetensors"] and manifest.dtype == "bfloat16"
     assert not list((out / "stages").glob(".tmp-*"))
+    # computed in float32 on the CPU; the cache counted as deployed, in bfloat16
     assert all(row["runtime"] == {"runtime": "torch", "device": "cpu", "dtype": "float32",
-                                  "kv_policy": None} for row in report["rows"])  # fmt: skip
+                                  "kv_policy": None, "kv_dtype": "bfloat16"}
+               for row in report["rows"])  # fmt: skip
 
 
 def test_sizes_are_stored_bytes_and_shrink(finished_run: Path) -> None:

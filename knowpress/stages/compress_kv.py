@@ -11,7 +11,10 @@ artifact run with it (saved in the manifest as ``runtime.kv_policy``).
 quantization-only policy (kivi, gear) has none and is refused with one line.
 
 The weights are unchanged. Details: the cache bytes per token after a prefill of
-``KV_PROBE_TOKENS`` tokens with the policy and with the full cache, and their ratio.
+``KV_PROBE_TOKENS`` tokens with the policy and with the full cache, both with full-precision
+keys and values in the deploy dtype (``model.dtype``, bfloat16 by default), and their ratio.
+The policy is checked against the model before any work (``KVPolicy.check``: a KIVI group
+that does not divide the head dim, probes longer than the context, ...).
 """
 
 from __future__ import annotations
@@ -58,8 +61,14 @@ class CompressKVConfig(StageConfig):
     def build(self) -> CompressKV:
         return CompressKV(self)
 
+    def attaches(self) -> dict[str, Any]:
+        return {"kv_policy": self.effective_policy}
+
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
+        from knowpress.compress.kv.base import CacheShape
+
         policy = self.effective_policy
+        policy.check(CacheShape.of(model), "torch")  # the runtime that scores this stage
         return [f"KV policy {policy.name}: " + ", ".join(
             f"{k} {v}" for k, v in policy.model_dump().items() if k != "name")]  # fmt: skip
 
@@ -72,10 +81,12 @@ class CompressKV:
         from knowpress.evaluate.runtime import TorchRuntime
 
         policy = self.config.effective_policy
-        full = TorchRuntime(ctx.model, ctx.tokenizer).kv_bytes_per_token()
-        held = TorchRuntime(ctx.model, ctx.tokenizer, kv_policy=policy).kv_bytes_per_token()
+        dtype = ctx.recipe.model.dtype  # both caches counted as deployed
+        full = TorchRuntime(ctx.model, ctx.tokenizer, kv_dtype=dtype).kv_bytes_per_token()
+        held = TorchRuntime(ctx.model, ctx.tokenizer, kv_policy=policy,
+                            kv_dtype=dtype).kv_bytes_per_token()  # fmt: skip
         ctx.kv_policy = policy
-        ctx.metrics.update(kv_bytes_per_token=held, full_kv_bytes_per_token=full,
+        ctx.metrics.update(kv_bytes_per_token=held, full_kv_bytes_per_token=full, kv_dtype=dtype,
                            kv_ratio=round(held / full, 5) if full else None)  # fmt: skip
         progress.log(f"[dim]compress_kv: {policy.name}, {held / full:.3f} of the full cache[/dim]")
         return ctx

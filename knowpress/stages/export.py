@@ -80,6 +80,19 @@ class ExportConfig(StageConfig):
     def build(self) -> Export:
         return Export(self)
 
+    def check_runtime(self, attached: dict[str, Any], model: Any) -> None:
+        """The policies the artifact carries must run in the onnxruntime loop."""
+        from knowpress.compress.kv.base import CacheShape
+
+        if attached.get("expert_skip") is not None:
+            raise KnowpressError(
+                "expert_skip cannot run in the onnxruntime loop; "
+                "export before skip_experts or without it"
+            )
+        policy = attached.get("kv_policy")
+        if policy is not None:
+            policy.check(CacheShape.of(model), "onnxruntime")
+
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         from knowpress.export.onnx import check_exportable
 

@@ -35,6 +35,9 @@ class SkipExpertsConfig(StageConfig):
     def build(self) -> SkipExperts:
         return SkipExperts(self)
 
+    def attaches(self) -> dict[str, Any]:
+        return {"expert_skip": self.policy}
+
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         blocks = moe_blocks(model)
         return [f"{self.policy.name}: skip experts below {self.policy.beta:g} x the top weight "
