@@ -16,7 +16,9 @@ items for every policy, each measured against the full cache in the same run:
 - KL(full ‖ policy) per token on the longest haystack prompts, scored chunk by chunk through
   the policy's cache (``TorchRuntime.score_chunk``);
 - KV bytes per token (``kv_bytes_per_token``: the cache's real bytes after a 512-token
-  prefill) and its ratio to the full cache; ``kv_ratio_longest`` the same ratio on the
+  prefill, full-precision keys and values counted in ``--kv-dtype``, the deploy dtype:
+  bfloat16 by default, whatever the float32 compute) and its ratio to the full cache in that
+  dtype; ``kv_ratio_longest`` the same ratio on the
   longest haystack prompt itself (a quantized cache keeps a partial group in full
   precision, so it depends on the length);
 - decode tokens/s relative to the full cache: the longest haystack prompts prefilled, then
@@ -45,7 +47,7 @@ from results_io import earlier, save_figure, write_presets
 from knowpress.compress.kv import policy_from_json
 from knowpress.errors import KnowpressError
 from knowpress.evaluate.metrics import normalize_answer
-from knowpress.evaluate.runtime import TorchRuntime
+from knowpress.evaluate.runtime import TorchRuntime, dtype_bytes
 from knowpress.evaluate.tasks.long_context import LongContext
 from knowpress.evaluate.tasks.qa import score_qa
 from knowpress.models.io import load_model
@@ -146,18 +148,20 @@ def speed_vs_full(model: Any, tok: Any, policy: Any, prompts: list[str], tokens:
 
 
 @torch.inference_mode()
-def held_bytes(model: Any, policy: Any, ids: list[int]) -> int:
-    """Bytes the policy's cache holds after prefilling ``ids`` (one prompt, no padding)."""
+def held_bytes(model: Any, policy: Any, ids: list[int], kv_dtype: str) -> int:
+    """Bytes the policy's cache holds after prefilling ``ids`` (one prompt, no padding),
+    full-precision keys and values in ``kv_dtype``."""
     cache = policy.make_cache(model)
     model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
-    return policy.cache_bytes(cache)
+    return policy.cache_bytes(cache, dtype_bytes(kv_dtype))
 
 
 def measure_policy(model: Any, tok: Any, block: dict[str, Any], sizes: list[Any],
                    bios: list[Any], kl_ids: list[list[int]], full_lp: list[torch.Tensor] | None,
                    args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
     policy = policy_from_json(block, "benchmark")
-    runtime = TorchRuntime(model, tok, batch_size=args.batch, kv_policy=policy)
+    runtime = TorchRuntime(model, tok, batch_size=args.batch, kv_policy=policy,
+                           kv_dtype=args.kv_dtype)  # fmt: skip
     em, start = {}, time.perf_counter()
     for n, items, _ in sizes:
         em[n] = score_qa(runtime, items[: args.items]).score
@@ -169,7 +173,7 @@ def measure_policy(model: Any, tok: Any, block: dict[str, Any], sizes: list[Any]
     row = {"em": em, "seconds": round(seconds, 2),
            "bio_recital": recital(runtime, bios, args.bio_tokens),
            "kv_bytes_per_token": runtime.kv_bytes_per_token(),
-           "kv_bytes_longest": held_bytes(model, policy, kl_ids[0])}  # fmt: skip
+           "kv_bytes_longest": held_bytes(model, policy, kl_ids[0], args.kv_dtype)}  # fmt: skip
     if "prompt" in args.protocols:
         row["prompt_em"] = prompt_em
     if full_lp is not None:
@@ -203,7 +207,8 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"label": label, "budget": budget, "policy": block, **row})
         print(_line(rows[-1]), flush=True)
     return {"preset": name, "preset_key": PRESETS.get(name).key(), "teacher": str(path),
-            "items_per_size": args.items, "bios": args.bios, "bio_tokens": args.bio_tokens,
+            "kv_dtype": args.kv_dtype, "items_per_size": args.items, "bios": args.bios,
+            "bio_tokens": args.bio_tokens,
             "sizes": {str(n): longest for n, _, longest in sizes}, "rows": rows}  # fmt: skip
 
 
@@ -298,6 +303,12 @@ def main() -> None:
     )
     parser.add_argument("--speed-tokens", type=int, default=32, help="tokens timed per prompt")
     parser.add_argument(
+        "--kv-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="the deploy dtype full-precision keys and values are counted in",
+    )
+    parser.add_argument(
         "--protocols",
         nargs="+",
         default=["context", "prompt"],
@@ -312,10 +323,11 @@ def main() -> None:
 
 def carry_rows(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> None:
     """``--add``: keep each preset's earlier rows that this run did not measure again (each
-    is relative to the full cache of the run that measured it; same teacher key)."""
+    is relative to the full cache of the run that measured it; same teacher key and KV
+    dtype: rows from before ``kv_dtype`` counted float32 caches)."""
     for entry in fresh:
         old = earlier(previous, entry)
-        if old is not None:
+        if old is not None and old.get("kv_dtype", "float32") == entry["kv_dtype"]:
             seen = {(r["label"], r["budget"]) for r in entry["rows"]}
             entry["rows"] = [r for r in old["rows"] if (r["label"], r["budget"]) not in seen
                              ] + entry["rows"]  # fmt: skip
