@@ -230,11 +230,9 @@ def warnings(report: dict[str, Any]) -> list[str]:
 
 
 def _near_chance_lines(tasks: dict[str, dict[str, Any]]) -> list[str]:
-    """A line for relative tasks near chance (left out of the worst-task figure), unless
-    every world task is (the line before covers that)."""
+    """A line naming the relative tasks near chance: left out of the worst-task figure."""
     near = [t for t, info in tasks.items() if info.get("near_chance") and info["relative"]]
-    world = [t for t, info in tasks.items() if info.get("chance") is not None]
-    if not near or set(world) <= set(near):
+    if not near:
         return []
     return [
         f"the reference is near chance on {', '.join(near)}: left out of the worst-task "

@@ -260,3 +260,44 @@ def test_report_marks_near_chance_and_bits_per_byte(tiny_teacher_dir: Path, tmp_
     assert "Near chance" not in render_markdown(report)
     report["tasks"]["recall"]["near_chance"] = True
     assert "Near chance (reference < 2x chance" in render_markdown(report)
+
+
+def test_a_task_near_chance_is_reported_but_left_out_of_the_worst_figure(
+    tiny_teacher_dir: Path, tmp_path: Path
+) -> None:
+    """The run's own measurements rebuilt into a report where the reference's recall is near
+    chance (chance raised above half its score): recall keeps its column and retention, but
+    the worst task is bits, a line says why, and a default gate does not gate recall."""
+    import dataclasses
+    import json
+
+    from knowpress.context import StageRecord
+    from knowpress.evaluate.evaluator import Measurement
+    from knowpress.report import build_report
+
+    spec = {"version": 1, "model": {"world": "test-tiny"},
+            "stages": [{"kind": "quantize", "method": {"name": "rtn", "bits": 2}}],
+            "evaluate": {"tasks": ["recall", "bits"], "max_items": 16},
+            "gate": {"min_retention": 0.01}}  # fmt: skip
+    recipe = validate_recipe(spec)
+    out = tmp_path / "out"
+    apply(recipe, out)
+
+    def measured(folder: Path) -> Measurement:
+        return Measurement.from_json(json.loads((folder / "eval.json").read_text())["measurement"])
+
+    reference, stage = measured(out / "reference"), measured(out / "stages" / "01-quantize")
+    recall = reference.scores["recall"]
+    reference.scores["recall"] = dataclasses.replace(recall, chance=recall.score)
+    stage.scores["recall"] = dataclasses.replace(stage.scores["recall"], score=0.0)  # worst
+    record = StageRecord(**json.loads((out / "stages" / "01-quantize" / "knowpress_stage.json")
+                                      .read_text()))  # fmt: skip
+    report = build_report(recipe=recipe, inputs={"model": "m", "reference": "m", "teacher": "m"},
+                          world=load_world(tiny_teacher_dir), reference=reference,
+                          reference_bf16_bytes=10**6, stages=[(record, stage)])  # fmt: skip
+    row = report["rows"][1]
+    assert report["tasks"]["recall"]["near_chance"] and row["retention"]["recall"] == 0.0
+    assert row["worst_task"] == "bits" and row["worst_retention"] == row["retention"]["bits"]
+    assert any("near chance on recall: left out of the worst-task" in w for w in report["warnings"])
+    assert report["gate"]["passed"] and report["gate"]["skipped"] == ["recall"]
+    assert "left out of the worst retention" in render_markdown(report)
