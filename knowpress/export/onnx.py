@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from knowpress.errors import KnowpressError
+from knowpress.errors import KnowpressError, error_summary
 
 DENSE = ("llama",)
 GRAPH_FILE = "model.onnx"
@@ -243,9 +243,8 @@ def export_graph(model: torch.nn.Module, path: Path, io: frozenset[str] = frozen
                 verbose=False,
             )
     except Exception as exc:  # torch.export's errors are pages long: name the model, cut it
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise KnowpressError(
-            f"model_type {config.model_type!r}: torch.onnx export failed ({first[:200]})"
+            f"model_type {config.model_type!r}: torch.onnx export failed ({error_summary(exc)})"
         ) from None
     program.save(str(path), external_data=True)
     finalize(path)

@@ -34,7 +34,7 @@ import torch
 
 from knowpress.compress.kv.base import PAST_VALID, QUERIES, CacheShape, Probe
 from knowpress.compress.kv.evicting import PolicyCache
-from knowpress.errors import KnowpressError
+from knowpress.errors import KnowpressError, error_summary
 
 
 class GraphCache(PolicyCache):
@@ -104,10 +104,9 @@ class OnnxDecoder:
         try:
             self.session = ort.InferenceSession(str(graph), options, providers=wanted)
         except Exception as exc:  # onnxruntime's own exception types (protobuf, external data)
-            first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
             raise KnowpressError(
-                f"{graph}: onnxruntime cannot load this graph ({first[:160]}); the graph or its "
-                "external data file is damaged or incomplete: re-export it"
+                f"{graph}: onnxruntime cannot load this graph ({error_summary(exc, 160)}); the "
+                "graph or its external data file is damaged or incomplete: re-export it"
             ) from None
         if self.session.get_providers()[0] != wanted[0]:  # onnxruntime falls back silently
             raise KnowpressError(
