@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from knowpress.errors import short
 
@@ -40,8 +40,24 @@ class _Details(_Loose):
 
 
 class _Items(_Loose):
+    """Per-item results: a known statistic, the columns it reads, all of one length."""
+
     statistic: str
     columns: dict[str, list[float]]
+
+    @model_validator(mode="after")
+    def _readable(self) -> _Items:
+        from knowpress.evaluate.uncertainty import COLUMNS
+
+        if self.statistic not in COLUMNS:
+            raise ValueError(f"statistic {short(self.statistic, 40)!r} is not one of "
+                             f"{', '.join(COLUMNS)}")  # fmt: skip
+        missing = [c for c in COLUMNS[self.statistic] if c not in self.columns]
+        if missing:
+            raise ValueError(f"columns: {self.statistic} needs {', '.join(missing)}")
+        if len({len(values) for values in self.columns.values()}) > 1:
+            raise ValueError("columns differ in length (one value per item in each)")
+        return self
 
 
 class _Compression(_Loose):
@@ -125,5 +141,6 @@ def load_report(path: str | Path) -> dict[str, Any]:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise KnowpressError(f"{path}: {short(where, 80)}: {first['msg']}") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise KnowpressError(f"{path}: {short(where, 80)}: {message}") from None
     return data

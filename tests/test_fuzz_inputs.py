@@ -620,6 +620,18 @@ def _item_true(d: dict[str, Any]) -> None:
     d["rows"][-1]["items"]["recall"]["columns"]["correct"][0] = True
 
 
+def _statistic_word(d: dict[str, Any]) -> None:
+    d["rows"][-1]["items"]["recall"]["statistic"] = "median"
+
+
+def _columns_uneven(d: dict[str, Any]) -> None:
+    d["rows"][-1]["items"]["perplexity"]["columns"]["tokens"].pop()
+
+
+def _column_missing(d: dict[str, Any]) -> None:
+    del d["rows"][0]["items"]["recall"]["columns"]["correct"]
+
+
 def _flag_word(d: dict[str, Any]) -> None:
     d["rows"][-1]["compression"] = {"flag": "maybe", "note": None}
 
@@ -643,6 +655,9 @@ STRICT_REPORTS: list[tuple[str, Callable[[dict[str, Any]], Any], list[str], str]
     ("schema true", _schema_true, [], "schema_version True is not supported"),
     ("item true", _item_true, [], "rows.1.items.recall.columns.correct.0: Input should be a valid"),
     ("flag word", _flag_word, [], "rows.1.compression.flag: Input should be 'grew' or 'unchanged'"),
+    ("statistic word", _statistic_word, [], "rows.1.items.recall: statistic 'median' is not one"),
+    ("columns uneven", _columns_uneven, [], "rows.1.items.perplexity: columns differ in length"),
+    ("column missing", _column_missing, [], "rows.0.items.recall: columns: accuracy needs correct"),
     ("gate confidence text", _gate_confidence_text, [], "gate.confidence: Input should be a valid"),
     ("max-kl, no kl", lambda d: None, ["--max-kl", "0.5"], "--max-kl: the report has no kl task"),
     ("min-top1, no kl", lambda d: None, ["--min-top1", "0.5"], "--min-top1: the report has no kl"),

@@ -107,7 +107,7 @@ def task_paired(
     if record is None:
         return None
     columns = record["columns"]
-    if "lost" in columns and "text_positions" in columns:  # kl: flips on text tokens
+    if {"lost", "gained", "text_positions"} <= columns.keys():  # kl: flips on text tokens
         return _text_flips(record, confidence)
     if reference is None or record["statistic"] not in BINARY:
         return None

@@ -107,6 +107,18 @@ STATISTICS: dict[str, Callable[[Columns, Strata], np.ndarray]] = {
 }
 
 
+#: the columns each statistic reads (a report's items are checked against them on load)
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "accuracy": ("correct",),
+    "stratified_accuracy": ("correct", "group"),
+    "perplexity": ("nats", "tokens"),
+    "kl": ("kl_sum", "positions"),
+    "top1": ("top1_hits", "positions"),
+    "share": ("num", "den"),
+    "bits": ("loss", "group", "count", "log2_pool"),
+}
+
+
 @dataclass(frozen=True)
 class Interval:
     """``low``/``high`` at ``confidence``; ``se`` the replicates' standard deviation."""
