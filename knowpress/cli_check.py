@@ -33,7 +33,9 @@ def add_gate_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
-    """Thresholds and settings: the options given; without thresholds, the recipe's gate."""
+    """Thresholds and settings: the options given; without thresholds, the recipe's gate
+    (bounds, confidence, strict). The recipe's ``allow_no_compression`` always holds: it says
+    a stage is not meant to compress, whatever the bounds."""
     given = {key: getattr(args, key, None) for key in (*THRESHOLDS, *SETTINGS)}
     recipe_gate = report.get("gate") or {}
     if all(given[key] is None for key in THRESHOLDS) and recipe_gate:
@@ -41,7 +43,8 @@ def _settings(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any
             if given[key] is None:
                 given[key] = recipe_gate.get(key)
     given["strict"] = bool(given["strict"])
-    given["allow_no_compression"] = bool(given["allow_no_compression"])
+    allowed = given["allow_no_compression"] or recipe_gate.get("allow_no_compression")
+    given["allow_no_compression"] = bool(allowed)
     return given
 
 

@@ -75,7 +75,8 @@ def test_a_kv_budget_above_every_context_fails_unless_allowed(
     assert main(["apply", str(recipe), "-o", str(tmp_path / "b"), "-q"]) == 0
     allowed = json.loads((tmp_path / "b" / "report.json").read_text())
     assert allowed["rows"][1]["compression"]["flag"] == "unchanged"  # still said
-    assert main(["check", str(tmp_path / "b")]) == 0  # the recipe's allowance is kept
+    assert main(["check", str(tmp_path / "b")]) == 0  # the recipe's allowance is kept,
+    assert main(["check", str(tmp_path / "b"), "--min-retention", "0.1"]) == 0  # bounds or not
 
 
 def _row(stored: int, kv: float, policy: str | None = None) -> dict[str, Any]:
