@@ -32,8 +32,9 @@ def add_parser(sub: Any, common: Any, handler: Any) -> None:
     )  # fmt: skip
     p.add_argument("--asymmetric", action="store_true", help="int4 with zero points")
     p.add_argument(
-        "--accuracy-level", type=int, choices=range(5), default=4,
-        help="MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (default, fast on CPU)",
+        "--accuracy-level", choices=["0", "1", "2", "3", "4", "auto"], default="auto",
+        help="MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (fast on CPU); "
+        "auto (default): 4, and 0 when parity fails at 4",
     )  # fmt: skip
     p.add_argument(
         "--ignore", default="lm_head", help="comma-separated globs of linears kept float"
@@ -61,13 +62,17 @@ def _config(args: argparse.Namespace) -> Any:
     try:
         return ExportConfig(
             kind="export", weights=args.weights, block_size=args.block_size,
-            symmetric=not args.asymmetric, accuracy_level=args.accuracy_level,
+            symmetric=not args.asymmetric, accuracy_level=_level(args.accuracy_level),
             ignore=[g for g in args.ignore.split(",") if g], store=args.store,
         )  # fmt: skip
     except ValidationError as exc:
         error = exc.errors()[0]
         flag = str(error["loc"][0]).replace("_", "-")
         raise KnowpressError(f"--{flag}: {error['msg']}") from None
+
+
+def _level(value: str) -> int | str:
+    return value if value == "auto" else int(value)
 
 
 def check_target(target: Path, model: Path, force: bool) -> None:

@@ -99,16 +99,24 @@ def _onnx_greedy(decoder: OnnxDecoder, rows: list[list[int]], steps: int) -> np.
     return np.stack(out, axis=1)
 
 
-def gate(result: dict[str, Any], max_rel: float, greedy: bool) -> None:
-    """One line when the exported graph does not compute what PyTorch computes."""
+def failure(result: dict[str, Any], max_rel: float, greedy: bool) -> str | None:
+    """Why the exported graph does not compute what PyTorch computes, or None."""
     if result["max_rel_logits"] > max_rel:
-        raise KnowpressError(
-            f"parity: max |Δlogits| {result['max_abs_logits']:.3g} is "
+        return (
+            f"max |Δlogits| {result['max_abs_logits']:.3g} is "
             f"{result['max_rel_logits']:.3g} of the logit scale, above parity.max_rel_logits "
             f"{max_rel:g}; the exported graph does not compute what the PyTorch model does"
         )
     if greedy and not result["greedy_equal"]:
-        raise KnowpressError(
-            "parity: greedy tokens differ from PyTorch (agreement "
+        return (
+            "greedy tokens differ from PyTorch (agreement "
             f"{result['greedy_agreement']:.3f}); set parity.greedy_equal: false to accept it"
         )
+    return None
+
+
+def gate(result: dict[str, Any], max_rel: float, greedy: bool) -> None:
+    """One line when the exported graph does not compute what PyTorch computes."""
+    problem = failure(result, max_rel, greedy)
+    if problem:
+        raise KnowpressError(f"parity: {problem}")

@@ -72,17 +72,45 @@ def undispatch(model: torch.nn.Module) -> None:
 
 
 def weights_label(config: Any, info: dict[str, Any]) -> str:
+    dequantized = len(info.get("dequantized", ()))
     if config.weights == "int8":
-        return "int8 dynamic (MatMulInteger)"
+        then = f"; {dequantized} packed linears dequantized first" if dequantized else ""
+        return f"int8 dynamic (MatMulInteger{then})"
     if config.weights != "int4":
-        return "float32"
+        return f"float32 ({dequantized} packed linears dequantized)" if dequantized else "float32"
     kept = f", {len(info['kept_float'])} kept float32" if info.get("kept_float") else ""
+    reblocked = f", {len(info['reblocked'])} re-blocked" if info.get("reblocked") else ""
     kind = "symmetric" if config.symmetric else "asymmetric"
+    level = f"accuracy_level {info['accuracy_level']}"
+    if config.accuracy_level == "auto":
+        level += " (auto" + (": 4 failed parity)" if info["accuracy_level"] != 4 else ")")
     return (
-        f"int4 MatMulNBits (block {config.block_size}, {kind}, accuracy_level "
-        f"{config.accuracy_level}; {info['carried']} carried, {info['requantized']} "
-        f"re-quantized{kept})"
+        f"int4 MatMulNBits (block {config.block_size}, {kind}, {level}; {info['carried']} "
+        f"carried{reblocked}, {info['requantized']} re-quantized{kept})"
     )
+
+
+def _first_level(config: Any) -> int:
+    return 4 if config.accuracy_level == "auto" else config.accuracy_level
+
+
+def _log_layout(info: dict[str, Any], progress: Any) -> None:
+    """One line per path a packed linear took other than a plain carry."""
+    reblocked, kept = info["reblocked"], info["kept_float"]
+    if reblocked:
+        first = next(iter(reblocked.items()))
+        progress.log(
+            f"[dim]export: {len(reblocked)} packed linears re-blocked (codes carried unchanged, "
+            f"each group's scale repeated per block, the last block padded): {first[0]} "
+            f"{first[1]}{', ...' if len(reblocked) > 1 else ''}[/dim]"
+        )
+    if kept:
+        first = next(iter(kept.items()))
+        progress.log(
+            f"[yellow]export: {len(kept)} packed linears kept float32 as their dequantized "
+            f"weights (more bytes than their codes): {first[0]} ({first[1]})"
+            f"{', ...' if len(kept) > 1 else ''}[/yellow]"
+        )
 
 
 def _graph(model: Any, graph: Path, config: Any, progress: Any,
@@ -90,51 +118,88 @@ def _graph(model: Any, graph: Path, config: Any, progress: Any,
     """Export ``model`` to ``graph`` with the configured weights and the KV-policy I/O
     ``io``; (GraphSpec, weights info)."""
     targets: dict[str, Any] = {}
+    dequantized: list[str] = []
     if config.weights == "int4":
-        targets, kept = nbits.prepare(
+        targets, layout = nbits.prepare(
             model, 4, config.block_size, config.symmetric, tuple(config.ignore)
         )
-    elif any(hasattr(m, "weight_packed") for m in model.modules()):
-        raise KnowpressError(
-            f"weights {config.weights}: the model holds packed codes; "
-            "export weights: int4 to carry them into MatMulNBits"
-        )
+    else:  # packed codes as the float weights they decode to
+        dequantized = nbits.dequantize_packed(model)
+        if dequantized:
+            progress.log(
+                f"[yellow]export: weights {config.weights}: {len(dequantized)} packed linears "
+                f"dequantized to float32 ({dequantized[0]}, ...): the graph holds their "
+                "dequantized weights, not their codes[/yellow]"
+            )
     if config.store == "float16":
         round_half(model, {f"{t.name}.weight" for t in targets.values()})
     progress.log(f"[dim]export: torch.onnx (dynamo) of {model.config.model_type}[/dim]")
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its steps
         spec = export_graph(model, graph, graph_io)
     if config.weights == "int4":
-        info = nbits.rewrite(graph, targets, config.accuracy_level)
-        if kept:
-            progress.log(
-                f"[yellow]export: {len(kept)} linears kept float32 (in_features "
-                f"not a multiple of block {config.block_size}): {kept[0]}, ...[/yellow]"
-            )
-        return spec, info | {"kept_float": kept}
+        info = nbits.rewrite(graph, targets, layout, _first_level(config))
+        _log_layout(info, progress)
+        return spec, info
+    extra = {"dequantized": dequantized} if dequantized else {}
     if config.weights == "int8":
         from knowpress.export.int8 import quantize_int8
 
-        return spec, quantize_int8(graph)
-    return spec, {}
+        return spec, quantize_int8(graph) | extra
+    return spec, extra
 
 
-def _parity(model: Any, graph: Path, spec: Any, config: Any, progress: Any) -> dict[str, Any]:
-    """Measure and gate parity (``parity.py``); the result with the limit it was held to."""
+def _limit(config: Any, level: int | None) -> float:
+    path = "int8" if config.weights == "int8" else "exact"
+    if config.weights == "int4" and level == 4:
+        path = "int4_acc4"
+    return config.parity.max_rel_logits or DEFAULT_MAX_REL[path]
+
+
+def _measure(model: Any, graph: Path, spec: Any, config: Any, progress: Any,
+             level: int | None) -> tuple[dict[str, Any], float, str | None]:  # fmt: skip
+    """Parity of the graph as it is now: (result, its limit, the gate's complaint or None)."""
     from knowpress.export import parity
     from knowpress.export.session import OnnxDecoder
 
     decoder = OnnxDecoder(graph, spec.dump())
     result = parity.measure(model, decoder, config.parity.prompts, config.parity.new_tokens)
-    path = "int8" if config.weights == "int8" else "exact"
-    if config.weights == "int4" and config.accuracy_level == 4:
-        path = "int4_acc4"
-    limit = config.parity.max_rel_logits or DEFAULT_MAX_REL[path]
+    at = "" if level is None else f" at accuracy_level {level}"
     progress.log(
-        f"[dim]export parity: max|Δlogits| {result['max_abs_logits']:.3g} (rel "
+        f"[dim]export parity{at}: max|Δlogits| {result['max_abs_logits']:.3g} (rel "
         f"{result['max_rel_logits']:.3g}), greedy equal {result['greedy_equal']}[/dim]"
     )
-    parity.gate(result, limit, config.parity.greedy_equal)
+    limit = _limit(config, level)
+    return result, limit, parity.failure(result, limit, config.parity.greedy_equal)
+
+
+def _parity(model: Any, graph: Path, spec: Any, config: Any, progress: Any,
+            info: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Measure and gate parity (``parity.py``); the result with the limit it was held to.
+    int4 at ``accuracy_level: auto``: level 4 first, and when its parity fails the graph's
+    MatMulNBits are set to level 0 (float math) and measured again; ``info`` records the
+    level used (and level 4's figures when it failed)."""
+    level = info.get("accuracy_level")
+    result, limit, failure = _measure(model, graph, spec, config, progress, level)
+    if failure and config.weights == "int4" and config.accuracy_level == "auto" and level == 4:
+        progress.log(
+            f"[yellow]export: parity fails at accuracy_level 4 ({failure}); MatMulNBits "
+            "set to accuracy_level 0 (float math: exact, slower on CPU)[/yellow]"
+        )
+        nbits.set_accuracy_level(graph, 0)
+        info["accuracy_level"] = 0
+        info["accuracy_level_4_parity"] = {
+            k: result[k] for k in ("max_abs_logits", "max_rel_logits", "greedy_equal")
+        }
+        result, limit, failure = _measure(model, graph, spec, config, progress, 0)
+    if failure:
+        fix = ""
+        if config.weights == "int4" and level not in (0, None) and config.accuracy_level != "auto":
+            fix = (
+                f"; MatMulNBits at accuracy_level {level} rounds activations: export with "
+                "accuracy_level: 0 (compress export: --accuracy-level 0), or auto to fall back "
+                "to 0 when level 4 fails"
+            )
+        raise KnowpressError(f"parity: {failure}{fix}")
     return result | {"max_rel_limit": limit}
 
 
@@ -158,7 +223,7 @@ def export_model(
     spec, info = _graph(model, graph, config, progress, graph_io)
     if config.store == "float16":
         info["float16_tensors"] = store_half(graph)
-    result = _parity(model, graph, spec, config, progress)
+    result = _parity(model, graph, spec, config, progress, info)
     label = weights_label(config, info)
     write_bundle(Path(folder), model, tokenizer, spec, label, policy)
     files = {"graph": GRAPH_FILE, "data": DATA_FILE}

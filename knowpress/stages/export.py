@@ -6,7 +6,9 @@
   weights: int4            # float32 | int4 (MatMulNBits) | int8 (dynamic)
   block_size: 32           # int4 re-quantization of float linears (RTN)
   symmetric: true
-  accuracy_level: 4        # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (fast on CPU)
+  accuracy_level: auto     # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (fast on
+                           # CPU); auto: 4, and 0 when parity fails at 4
+
   ignore: [lm_head]        # float linears left float (globs)
   store: float32           # float16: tensors left float stored half size (cast in the graph)
   parity: {prompts: 4, new_tokens: 8, greedy_equal: true}
@@ -16,10 +18,18 @@
 The stage folder *is* the edge bundle (``export/bundle.py``): graph + external data,
 tokenizer, configs, ``genai_config.json``, README; its manifest format is ``onnx``, so the
 runner scores it through ``export/ort.py``'s ``OrtRuntime`` (the attached KV policy applied
-in the onnxruntime loop). Linears the quantize stage packed are carried code for code
-(``export/nbits.py``). Export is the last stage: nothing loads an ONNX artifact as a model.
-Details: parity (max |Δlogits|, greedy equality), MatMulNBits counts (carried /
-re-quantized), file bytes.
+in the onnxruntime loop). Every linear the quantize stage packed exports
+(``export/nbits.py``): with ``weights: int4`` its codes are carried code for code — at its
+group size when that is a power of two >= 16, else *re-blocked* (each group's scale repeated
+over power-of-two blocks, a per-row group such as 172 in padded blocks: the same codes, a
+few more bytes of scales) — and codes no block can hold (a group under 16, or several
+groups per row of a size no power of two >= 16 divides) are *kept float32* as their
+dequantized weight (exact, more bytes); ``weights: float32`` / ``int8`` export the
+dequantized weights. Float linears ``block_size`` does not divide get a padded last block.
+Export is the last stage: nothing loads an ONNX artifact as a model.
+Details: parity (max |Δlogits|, greedy equality; at ``accuracy_level: auto`` the level used
+and level 4's figures when it failed), MatMulNBits counts (carried / re-quantized),
+``reblocked`` and ``kept_float`` layers, ``dequantized`` layers, file bytes.
 """
 
 from __future__ import annotations
@@ -62,7 +72,11 @@ class ExportConfig(StageConfig):
     weights: Literal["float32", "int4", "int8"] = "int4"
     block_size: int = Field(32, ge=16)
     symmetric: bool = True
-    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    #: MatMulNBits' minimum matmul precision: 0 unset (float math), 1 fp32, 2 fp16, 3 bf16,
+    #: 4 int8 activation blocks (the fast CPU path, parity limit 0.05 of the logit scale).
+    #: ``auto``: 4, and 0 (limit 1e-4) when parity fails at 4; the details record the level
+    #: used. A fixed level whose parity fails stops the export naming ``accuracy_level: 0``.
+    accuracy_level: Literal[0, 1, 2, 3, 4, "auto"] = "auto"
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="name globs")
     #: float tensors of 1024+ elements the graph keeps float (embeddings, linears left
     #: float): stored as float16 and cast to float32 in the graph, or stored float32

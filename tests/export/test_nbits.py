@@ -136,14 +136,12 @@ def test_quantize_stage_codes_are_carried_byte_for_byte(tmp_path: Path) -> None:
 
 
 def test_codes_matmulnbits_cannot_run_are_refused(tmp_path: Path) -> None:
+    """3-bit codes: MatMulNBits runs 4 and 8 bits (float32 exports their dequantized
+    weights); group sizes it cannot take as a block: tests/export/test_nbits_groups.py."""
     with pytest.raises(KnowpressError, match="3-bit codes cannot be carried into MatMulNBits"):
         _export(tmp_path / "a", _packed(bits=3), weights="int4")
-    with pytest.raises(KnowpressError, match="the model holds packed codes"):
-        _export(tmp_path / "b", _packed(), weights="int8")
     with pytest.raises(ValidationError, match="48 is not a power of two"):
         _export(tmp_path / "c", weights="int4", block_size=48)
-    with pytest.raises(KnowpressError, match="q_proj: block size 8 must be a power of two >= 16"):
-        _export(tmp_path / "d", _packed(group=8), weights="int4")
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
@@ -156,9 +154,8 @@ def test_moe_int4_quantizes_its_linears_and_keeps_fused_experts_float(
     _, metrics = _export(tmp_path, model, weights="int4", accuracy_level=0)
     assert metrics["matmul_nbits"] > 0 and metrics["parity_greedy_equal"]
     assert metrics["parity_max_rel_logits"] < 1e-4
-    # DeepSeek's kv_b_proj reads the rank-16 latent: block 32 cannot divide it
-    assert bool(metrics["kept_float"]) == (arch == "deepseek_v3")
-    assert "kept float32" in metrics["weights"] or arch != "deepseek_v3"
+    # DeepSeek's kv_b_proj reads the rank-16 latent: one block of 32, padded
+    assert not metrics["kept_float"] and "kept float32" not in metrics["weights"]
 
 
 def test_store_float16_halves_the_float_tensors_and_keeps_parity(tmp_path: Path) -> None:
