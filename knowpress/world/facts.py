@@ -63,7 +63,8 @@ from knowpress.world.protocol import world_fingerprint
 
 class FactsWorldConfig(BaseModel):
     """A real-fact world: exactly one of ``path`` (facts JSONL) or ``lre`` (relation names,
-    ``"default"`` or ``"all"``; data from ``lre_dir`` / ``$KNOWPRESS_LRE_DIR``).
+    ``"default"`` or ``"all"``; data from ``lre_dir`` / ``$KNOWPRESS_LRE_DIR`` / the packaged
+    copy).
 
     ``max_facts_per_relation`` keeps a seeded sample (in file order) of each relation.
     ``key()`` = ``canonical_hash`` of the version, the fields that shape the world and the

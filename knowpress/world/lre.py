@@ -1,7 +1,9 @@
 """Real facts from the LRE relations data set, as facts-format records.
 
 Source: Hernandez et al., "Linearity of Relation Decoding in Transformer Language Models",
-``relations`` data set (MIT licence; the LICENSE file travels with the data directory).
+``relations`` data set (MIT licence; the LICENSE file travels with the data directory). The
+47 relation files (1.2 MB) ship inside the package, ``knowpress/world/data/lre/`` with its
+LICENSE (``pyproject.toml``'s package-data), so a clone or a wheel needs nothing beside it.
 Layout: ``<root>/data/<group>/<relation>.json`` with ``name``, ``prompt_templates``
 (``{}`` = the subject), ``prompt_templates_zs``, ``properties`` and
 ``samples: [{"subject", "object"}, ...]``. A relation is named by its file stem
@@ -22,8 +24,8 @@ Conversion (``lre_records``), each step deterministic:
 - ``PHRASES`` (written for knowpress, not part of LRE) gives a noun phrase for the relations
   whose object can be the subject of another relation, so 2-hop questions can be composed.
 
-The root is found by ``lre_root``: an explicit path, else ``$KNOWPRESS_LRE_DIR``, else
-``../shared/data/lre`` next to the repository checkout when that exists.
+The root is found by ``lre_root``: an explicit path, else ``$KNOWPRESS_LRE_DIR``, else the
+packaged copy (``PACKAGED``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
     from knowpress.world.facts import FactsWorld
 
 LRE_ENV = "KNOWPRESS_LRE_DIR"
+#: the LRE data shipped with knowpress (LICENSE, README.md, data/<group>/<relation>.json)
+PACKAGED = Path(__file__).resolve().parent / "data" / "lre"
 
 # Relations chosen because their facts chain: landmark/food/city -> country -> capital,
 # currency, language, largest city; product -> company -> CEO, headquarters city.
@@ -71,7 +75,7 @@ PHRASES: dict[str, str] = {
 
 
 def lre_root(root: str | Path | None = None) -> Path:
-    """The LRE directory: ``root``, else ``$KNOWPRESS_LRE_DIR``, else ``<repo>/../shared/data/lre``.
+    """The LRE directory: ``root``, else ``$KNOWPRESS_LRE_DIR``, else the packaged copy.
 
     Raises KnowpressError naming the path tried and how to point at the data.
     """
@@ -80,8 +84,7 @@ def lre_root(root: str | Path | None = None) -> Path:
     elif os.environ.get(LRE_ENV):
         path, how = Path(os.environ[LRE_ENV]).expanduser(), f"${LRE_ENV}"
     else:
-        # parents: world/ -> knowpress/ -> repository root; shared/ sits next to the checkout.
-        path, how = Path(__file__).resolve().parents[3] / "shared" / "data" / "lre", "the default"
+        path, how = PACKAGED, "the copy packaged with knowpress: a broken install, reinstall it"
     if not (path / "data").is_dir():
         raise KnowpressError(
             f"{path}: no LRE data here ({how}; expected {path / 'data'}/<group>/<relation>.json); "
@@ -191,7 +194,8 @@ def load_lre(
     seed: int = 0,
     max_facts_per_relation: int | None = None,
 ) -> FactsWorld:
-    """A facts world from the LRE data; ``root`` None: ``$KNOWPRESS_LRE_DIR`` or the default."""
+    """A facts world from the LRE data; ``root`` None: ``$KNOWPRESS_LRE_DIR`` or the packaged
+    copy."""
     from knowpress.world.facts import FactsWorldConfig, build_facts_world  # facts imports us
 
     names = relations if isinstance(relations, str) else tuple(relations)

@@ -303,13 +303,14 @@ _register(
 )  # fmt: skip
 
 # Real facts: the default LRE relations (those that chain into 2-hop questions), 30 facts per
-# relation. Needs the LRE data (``$KNOWPRESS_LRE_DIR`` or ../shared/data/lre, MIT licence).
+# relation. The LRE data (MIT licence) ships in knowpress/world/data/lre; $KNOWPRESS_LRE_DIR
+# points at another copy.
 _register(
     Preset(
         name="lre-dense-tiny",
         description=(
             "Real facts: 10 LRE relations x <=30 facts (279 facts), 2-layer Llama, ~30 s on one "
-            "CPU thread; needs the LRE data ($KNOWPRESS_LRE_DIR)."
+            "CPU thread; LRE data packaged (or $KNOWPRESS_LRE_DIR)."
         ),
         world=FactsWorldConfig(lre="default", max_facts_per_relation=30),
         model=_TINY_MODEL,

@@ -13,13 +13,9 @@ import pytest
 
 from knowpress.errors import KnowpressError
 from knowpress.world.facts import FactsWorld, FactsWorldConfig, TwoHopItem, load_facts
-from knowpress.world.lre import DEFAULT_RELATIONS, LRE_ENV, load_lre, lre_root
+from knowpress.world.lre import DEFAULT_RELATIONS, LRE_ENV, PACKAGED, load_lre, lre_root
 
-LRE_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "lre"
-needs_lre = pytest.mark.skipif(
-    not (LRE_DIR / "data").is_dir() and not os.environ.get(LRE_ENV),
-    reason=f"LRE data not at {LRE_DIR} (../shared next to the clone) and ${LRE_ENV} unset",
-)
+ROOT = Path(__file__).resolve().parents[2]
 
 CAPITAL = {
     "type": "relation",
@@ -241,9 +237,57 @@ def test_lre_root_missing_names_path_and_fix(
         lre_root()
 
 
-@needs_lre
+def test_the_packaged_lre_data_is_found_without_the_env_var(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relation files ship in the package with the data set's licence; the env var still
+    points elsewhere when set."""
+    monkeypatch.delenv(LRE_ENV, raising=False)
+    assert lre_root() == PACKAGED
+    assert PACKAGED.is_relative_to(ROOT / "knowpress")
+    assert "MIT License" in (PACKAGED / "LICENSE").read_text()
+    assert len(list((PACKAGED / "data").glob("*/*.json"))) == 47
+    copy = tmp_path / "lre"
+    (copy / "data" / "factual").mkdir(parents=True)
+    monkeypatch.setenv(LRE_ENV, str(copy))
+    assert lre_root() == copy
+
+
+def test_package_data_ships_every_lre_file() -> None:
+    """pyproject's package-data globs (setuptools: glob, a ``*`` stays inside one folder)
+    cover every file under knowpress/world/data, so a wheel has them."""
+    import glob
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["knowpress"]
+    package = ROOT / "knowpress"
+    shipped = {Path(f) for p in patterns for f in glob.glob(str(package / p), recursive=True)}
+    files = {f for f in (package / "world" / "data").rglob("*") if f.is_file()}
+    files = {f for f in files if "__pycache__" not in f.parts}
+    assert files and files <= shipped
+
+
+def test_lre_recipe_dry_runs_from_the_packaged_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No $KNOWPRESS_LRE_DIR and no ../shared: recipes/lre-int4.yaml plans its run from the
+    packaged data (the dry run runs in a fresh process from another working folder)."""
+    env = {k: v for k, v in os.environ.items() if k != LRE_ENV}
+    env["PYTHONPATH"] = str(ROOT)
+    recipe = ROOT / "recipes" / "lre-int4.yaml"
+    code = "from knowpress.cli import main; raise SystemExit(main())"
+    argv = [sys.executable, "-c", code, "apply", str(recipe), "-o", str(tmp_path / "o"),
+            "--dry-run"]  # fmt: skip
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "lre-dense-tiny" in done.stdout + done.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_lre_default_world() -> None:
-    root = os.environ.get(LRE_ENV) or LRE_DIR
+    root = os.environ.get(LRE_ENV) or PACKAGED
     world = load_lre(root, max_facts_per_relation=30)
     assert world.relations == DEFAULT_RELATIONS
     assert {r for _, r, _ in world.facts()} == set(DEFAULT_RELATIONS)
@@ -257,9 +301,8 @@ def test_lre_default_world() -> None:
     assert not any(q.prompt in blob for q in world.questions("heldout"))
 
 
-@needs_lre
 def test_lre_errors_and_all() -> None:
-    root = lre_root(os.environ.get(LRE_ENV) or LRE_DIR)
+    root = lre_root(os.environ.get(LRE_ENV) or PACKAGED)
     with pytest.raises(KnowpressError, match="unknown relation"):
         load_lre(root, ["capital_of_mars"])
     with pytest.raises(KnowpressError, match="presidents_birth_year"):
@@ -268,11 +311,10 @@ def test_lre_errors_and_all() -> None:
     assert "presidents_birth_year" not in names and len(names) == 45
 
 
-@needs_lre
 def test_lre_preset_world_and_key(monkeypatch: pytest.MonkeyPatch) -> None:
     from knowpress.world import PRESETS, load_world
 
-    monkeypatch.setenv("KNOWPRESS_LRE_DIR", str(LRE_DIR))
+    monkeypatch.delenv(LRE_ENV, raising=False)
     world = load_world("lre-dense-tiny")
     assert isinstance(world, FactsWorld)
     assert len(world.facts()) == 279 and world.two_hop_questions()
