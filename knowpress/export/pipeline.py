@@ -100,9 +100,10 @@ def _log_layout(info: dict[str, Any], progress: Any) -> None:
     if reblocked:
         first = next(iter(reblocked.items()))
         progress.log(
-            f"[dim]export: {len(reblocked)} packed linears re-blocked (codes carried unchanged, "
-            f"each group's scale repeated per block, the last block padded): {first[0]} "
-            f"{first[1]}{', ...' if len(reblocked) > 1 else ''}[/dim]"
+            f"[dim]export: {len(reblocked)} packed linears re-blocked (their group is no "
+            f"MatMulNBits block; codes carried unchanged, scales repeated per block, a partial "
+            f"last block padded, or one MatMulNBits per group): {first[0]} {first[1]}"
+            f"{', ...' if len(reblocked) > 1 else ''}[/dim]"
         )
     if kept:
         first = next(iter(kept.items()))
