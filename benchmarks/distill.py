@@ -33,15 +33,16 @@ import torch
 from results_io import grouped_bars, save_figure, write_presets
 from scoring import Scorer
 
-from knowpress.distill import DISTILL_LOSSES
-from knowpress.distill.data import DistillData
-from knowpress.distill.students import StudentSpec, make_student
-from knowpress.distill.trainer import OnPolicySpec, Trainer, TrainSpec
-from knowpress.models.io import load_model, save_model
-from knowpress.models.sizes import bf16_bytes, parameter_count
-from knowpress.progress import Progress
-from knowpress.world import PRESETS, build_teacher, load_world
-from knowpress.world.training import training_threads
+from knowpress.core.progress import Progress
+from knowpress.formats.io import load_model, save_model
+from knowpress.formats.sizes import bf16_bytes, parameter_count
+from knowpress.methods.distill import DISTILL_LOSSES
+from knowpress.methods.distill.students import StudentSpec, make_student
+from knowpress.methods.distill.trainer import OnPolicySpec, Trainer, TrainSpec
+from knowpress.pipeline.distill_data import DistillData
+from knowpress.teachers import build_teacher
+from knowpress.teachers.training import training_threads
+from knowpress.worlds import PRESETS, load_world
 
 RESULTS = Path(__file__).parent / "results" / "distill.json"
 DEFAULT_PRESETS = ["bios-dense-capacity", "bios-dense-small"]
@@ -159,8 +160,8 @@ def gkd_step_timing(name: str, args: argparse.Namespace, repeats: int = 5) -> di
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from knowpress.distill.data import left_pad
-    from knowpress.distill.trainer import batch_loss, generate_batch
+    from knowpress.methods.distill.batches import left_pad
+    from knowpress.methods.distill.trainer import batch_loss, generate_batch
 
     path = build_teacher(name, progress=True)
     teacher, tokenizer = load_model(path)

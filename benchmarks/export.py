@@ -1,11 +1,11 @@
 """Question: how fast and how big is the exported ONNX model against PyTorch, same run?
 
 Exports one teacher (default: the cached ``bios-dense-small``, Llama 4 x 192) three ways
-through ``knowpress.export`` — float32, int8 dynamic, int4 ``MatMulNBits`` (RTN, block 32,
-symmetric, ``accuracy_level`` 4; at level 0 to show what level 4 buys on CPU; and with
+through ``knowpress.pipeline.export`` — float32, int8 dynamic, int4 ``MatMulNBits`` (RTN,
+block 32, symmetric, ``accuracy_level`` 4; at level 0 to show what level 4 buys on CPU; and with
 ``store: float16`` for the tensors left float) — and
 times greedy decoding of the same prompts with the same KV-cache loop shape on each graph
-(onnxruntime, ``export/session.py``) and on the PyTorch float32 model in eager mode
+(onnxruntime, ``runtimes/ort_session.py``) and on the PyTorch float32 model in eager mode
 (``DynamicCache``, one token per forward). Per row: first-token latency (prefill + the first
 token), decode tokens/s after it (medians over repeats), both as ratios against PyTorch
 measured in this run; file bytes; parity (max |Δlogits|, greedy equality) against the PyTorch
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from knowpress.export.session import OnnxDecoder
-from knowpress.models.io import load_model
-from knowpress.progress import Progress
+from knowpress.core.progress import Progress
+from knowpress.formats.io import load_model
+from knowpress.runtimes.ort_session import OnnxDecoder
 from knowpress.testing.export import export_folder
 
 GRAPHS = {
@@ -135,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
-    from knowpress.world import build_teacher
+    from knowpress.teachers import build_teacher
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)

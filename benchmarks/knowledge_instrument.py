@@ -26,11 +26,12 @@ import torch
 from results_io import merge
 
 from knowpress.evaluate.evaluator import evaluate_runtime
-from knowpress.evaluate.loader import load_runtime
-from knowpress.models import stored_bytes
-from knowpress.world import PRESETS, build_teacher, load_world, teacher_dir, teacher_info
-from knowpress.world.teacher import is_complete
-from knowpress.world.training import teacher_tasks, training_threads
+from knowpress.formats import stored_bytes
+from knowpress.runtimes.loader import load_runtime
+from knowpress.teachers import build_teacher
+from knowpress.teachers.training import teacher_tasks, training_threads
+from knowpress.worlds import PRESETS, load_world, teacher_dir, teacher_info
+from knowpress.worlds.store import is_complete
 
 RESULTS = Path(__file__).parent / "results" / "knowledge_instrument.json"
 

@@ -44,15 +44,16 @@ from typing import Any
 import torch
 from results_io import earlier, save_figure, write_presets
 
-from knowpress.compress.kv import policy_from_json
-from knowpress.errors import KnowpressError
+from knowpress.core.errors import KnowpressError
 from knowpress.evaluate.metrics import normalize_answer
-from knowpress.evaluate.runtime import TorchRuntime, dtype_bytes
 from knowpress.evaluate.tasks.long_context import LongContext
 from knowpress.evaluate.tasks.qa import score_qa
-from knowpress.models.io import load_model
-from knowpress.world import PRESETS, build_teacher, load_world
-from knowpress.world.training import training_threads
+from knowpress.formats.io import load_model
+from knowpress.methods.kv import policy_from_json
+from knowpress.runtimes.torch import TorchRuntime, dtype_bytes
+from knowpress.teachers import build_teacher
+from knowpress.teachers.training import training_threads
+from knowpress.worlds import PRESETS, load_world
 
 RESULTS = Path(__file__).parent / "results" / "kv.json"
 DEFAULT_PRESETS = ["bios-dense-small", "bios-moe-small"]

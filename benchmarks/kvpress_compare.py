@@ -40,12 +40,13 @@ from typing import Any
 import torch
 from results_io import save_figure, write_presets
 
-from knowpress.errors import KnowpressError
-from knowpress.evaluate.loader import load_runtime
+from knowpress.core.errors import KnowpressError
 from knowpress.evaluate.metrics import exact_match
 from knowpress.evaluate.tasks.long_context import DEFAULT_ITEMS, LongContext
 from knowpress.evaluate.tasks.qa import answer_budget
-from knowpress.world import PRESETS, build_teacher, load_world
+from knowpress.runtimes.loader import load_runtime
+from knowpress.teachers import build_teacher
+from knowpress.worlds import PRESETS, load_world
 
 RESULTS = Path(__file__).parent / "results" / "kvpress.json"
 RUNNER = Path(__file__).parent / "external" / "kvpress_run.py"

@@ -34,16 +34,17 @@ import torch
 from results_io import earlier, grouped_bars, save_figure, write_presets
 from scoring import Scorer
 
-from knowpress.compress.moe import EXPERT_PRUNERS, expert_stats
-from knowpress.compress.moe.budget import prune_blocks
-from knowpress.compress.moe.precheck import PrecheckSpec, precheck
-from knowpress.data.calibration import calibration_batches, calibration_ids
-from knowpress.models.io import load_model, save_model
-from knowpress.models.moe import moe_blocks
-from knowpress.models.sizes import bf16_bytes
-from knowpress.recipe import CalibrationSpec
-from knowpress.world import PRESETS, build_teacher, load_world
-from knowpress.world.training import training_threads
+from knowpress.arch.moe import moe_blocks
+from knowpress.core.specs import CalibrationSpec
+from knowpress.formats.io import load_model, save_model
+from knowpress.formats.sizes import bf16_bytes
+from knowpress.methods.experts import EXPERT_PRUNERS, expert_stats
+from knowpress.methods.experts.budget import prune_blocks
+from knowpress.methods.experts.precheck import PrecheckSpec, precheck
+from knowpress.pipeline.calibration import calibration_batches, calibration_ids
+from knowpress.teachers import build_teacher
+from knowpress.teachers.training import training_threads
+from knowpress.worlds import PRESETS, load_world
 
 RESULTS = Path(__file__).parent / "results" / "moe.json"
 DEFAULT_PRESETS = ["bios-moe-capacity", "bios-moe-small"]
@@ -102,8 +103,8 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def _run(name: str, stages: list[dict[str, Any]], args: argparse.Namespace,
          tmp: str, label: str) -> list[dict[str, Any]]:  # fmt: skip
     """One recipe through the runner: a row per stage (retention, KL, bytes, details)."""
-    from knowpress.recipe import validate_recipe
-    from knowpress.runner import apply
+    from knowpress.pipeline.recipe import validate_recipe
+    from knowpress.pipeline.runner import apply
 
     recipe = validate_recipe({
         "version": 1, "model": {"world": name}, "stages": stages,

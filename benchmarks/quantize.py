@@ -37,17 +37,18 @@ import torch
 from results_io import save_figure, write_presets
 from scoring import Scorer
 
-from knowpress.compress.quant import QUANT_METHODS
-from knowpress.compress.quant.plan import resolve
-from knowpress.compress.quant.targets import select
-from knowpress.context import Context
-from knowpress.data.calibration import calibration_ids
-from knowpress.models.io import load_model, save_model
-from knowpress.models.sizes import bf16_bytes
-from knowpress.progress import Progress
-from knowpress.recipe import validate_recipe
-from knowpress.world import PRESETS, build_teacher
-from knowpress.world.training import training_threads
+from knowpress.core.progress import Progress
+from knowpress.formats.io import load_model, save_model
+from knowpress.formats.sizes import bf16_bytes
+from knowpress.methods.quant import QUANT_METHODS
+from knowpress.methods.quant.plan import resolve
+from knowpress.methods.quant.targets import select
+from knowpress.pipeline.calibration import calibration_ids
+from knowpress.pipeline.context import Context
+from knowpress.pipeline.recipe import validate_recipe
+from knowpress.teachers import build_teacher
+from knowpress.teachers.training import training_threads
+from knowpress.worlds import PRESETS
 
 RESULTS = Path(__file__).parent / "results" / "quantize.json"
 EXTERNAL = Path(__file__).parent / "external"

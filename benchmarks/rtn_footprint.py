@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from knowpress.compress.quant.packing import sqnr_db
-from knowpress.compress.quant.qlinear import QuantLinear
-from knowpress.compress.quant.rtn import RTN
-from knowpress.compress.quant.targets import select
-from knowpress.models import save_model, stored_bytes
+from knowpress.formats import save_model, stored_bytes
+from knowpress.methods.quant.rtn import RTN
+from knowpress.methods.quant.targets import select
+from knowpress.tensors.packing import sqnr_db
+from knowpress.tensors.qlinear import QuantLinear
 from knowpress.testing.models import tiny_llama, tiny_tokenizer
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from knowpress.evaluate.evaluator import evaluate_reference, evaluate_runtime, retention_table
-from knowpress.evaluate.loader import load_runtime
-from knowpress.models.sizes import bf16_bytes
-from knowpress.world import load_world
-from knowpress.world.training import teacher_tasks
+from knowpress.formats.sizes import bf16_bytes
+from knowpress.runtimes.loader import load_runtime
+from knowpress.teachers.training import teacher_tasks
+from knowpress.worlds import load_world
 
 
 class Scorer:

@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from results_io import save_figure, write_presets
 
-from knowpress.compress.quant.packing import dequantize_groups, quantize_groups
-from knowpress.compress.quant.targets import select
 from knowpress.evaluate.evaluator import evaluate_reference, evaluate_runtime, retention_table
-from knowpress.evaluate.runtime import TorchRuntime
-from knowpress.models.io import load_model
-from knowpress.world import PRESETS, build_teacher, load_world
-from knowpress.world.training import teacher_tasks, training_threads
+from knowpress.formats.io import load_model
+from knowpress.methods.quant.targets import select
+from knowpress.runtimes.torch import TorchRuntime
+from knowpress.teachers import build_teacher
+from knowpress.teachers.training import teacher_tasks, training_threads
+from knowpress.tensors.packing import dequantize_groups, quantize_groups
+from knowpress.worlds import PRESETS, load_world
 
 RESULTS = Path(__file__).parent / "results" / "sensitivity.json"
 DEFAULT_PRESETS = [

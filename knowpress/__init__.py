@@ -10,28 +10,37 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["KnowpressError", "RecipeError", "apply", "check", "load_recipe", "load_report"]
+__all__ = [
+    "KnowpressError",
+    "RecipeError",
+    "apply",
+    "build_teacher",
+    "check",
+    "load_model",
+    "load_recipe",
+    "load_report",
+    "load_world",
+]
+
+#: public name -> the module that defines it (imported on first use)
+_LAZY = {
+    "load_recipe": "knowpress.pipeline.recipe",
+    "apply": "knowpress.pipeline.runner",
+    "check": "knowpress.evaluate.gate",
+    "load_report": "knowpress.pipeline.report",
+    "load_model": "knowpress.formats.io",
+    "build_teacher": "knowpress.teachers",
+    "load_world": "knowpress.worlds",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in ("KnowpressError", "RecipeError"):
-        from knowpress import errors
+        from knowpress.core import errors
 
         return getattr(errors, name)
-    if name == "load_recipe":
-        from knowpress.recipe import load_recipe
+    if name in _LAZY:
+        import importlib
 
-        return load_recipe
-    if name == "apply":
-        from knowpress.runner import apply
-
-        return apply
-    if name == "check":
-        from knowpress.evaluate.gate import check
-
-        return check
-    if name == "load_report":
-        from knowpress.report import load_report
-
-        return load_report
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'knowpress' has no attribute {name!r}")

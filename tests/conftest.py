@@ -26,6 +26,6 @@ def knowpress_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(knowpress_cache: Path) -> Path:
     """The ``test-tiny`` preset's trained teacher (built once, ~15 s on 2 CPU cores)."""
-    from knowpress.world import build_teacher
+    from knowpress.teachers import build_teacher
 
     return build_teacher("test-tiny", progress=False)

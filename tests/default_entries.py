@@ -3,14 +3,14 @@
 Adding a method = its file + one import + one row here (kvpress's tests/default_presses.py);
 ``test_registries.py`` fails when a registered name has no row or a row names nothing
 registered. World presets need no row: their matrix parametrizes over ``PRESETS`` itself
-(tests/world/test_world_presets.py).
+(tests/worlds/test_world_presets.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import knowpress.stages
+import knowpress.pipeline.stages
 import knowpress.testing.stages  # noqa: F401  (registers the test-only stage kind)
 
 #: stage kind -> a stage block that runs on the ``test-tiny`` teacher
@@ -91,9 +91,16 @@ KV_POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
         False,
     ),
     "h2o": ({"name": "h2o", "budget": 4, "recent": 0.5}, False),
-    "compose": ({"name": "compose", "policies": [
-        {"name": "h2o", "budget": 4},
-        {"name": "kivi", "bits": 2, "group_size": 4, "residual": 1}]}, False),
+    "compose": (
+        {
+            "name": "compose",
+            "policies": [
+                {"name": "h2o", "budget": 4},
+                {"name": "kivi", "bits": 2, "group_size": 4, "residual": 1},
+            ],
+        },
+        False,
+    ),
     "snapkv": ({"name": "snapkv", "budget": 4, "window": 2, "kernel": 3}, False),
     "rkv": ({"name": "rkv", "budget": 4, "buffer": 2, "window": 2, "kernel": 3}, False),
     "head_budget": (

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from knowpress.world import PRESETS
+from knowpress.worlds import PRESETS
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
@@ -54,7 +54,7 @@ def test_long_context_line_shows_the_trained_lengths_when_known() -> None:
 def test_sensitivity_rounds_linear_layers_and_fused_experts_per_expert() -> None:
     import torch
 
-    from knowpress.compress.quant.packing import dequantize_groups, quantize_groups
+    from knowpress.tensors.packing import dequantize_groups, quantize_groups
     from knowpress.testing.models import tiny_mixtral
 
     fake_quantize = _instrument("sensitivity").fake_quantize
@@ -100,8 +100,8 @@ def test_a_partial_quantize_rerun_keeps_the_presets_other_rows() -> None:
 def test_kv_benchmark_policies_validate_and_bio_prompts_stop_before_a_value() -> None:
     from types import SimpleNamespace
 
-    from knowpress.compress.kv import policy_from_json
-    from knowpress.world import WorldConfig, generate_world
+    from knowpress.methods.kv import policy_from_json
+    from knowpress.worlds import WorldConfig, generate_world
 
     kv = _instrument("kv")
     args = SimpleNamespace(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from knowpress.cli import EXIT_GATE, EXIT_INTERRUPT, EXIT_USER, main
+from knowpress.cli.app import EXIT_GATE, EXIT_INTERRUPT, EXIT_USER, main
 
 RECIPE: dict[str, Any] = {
     "version": 1,

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from knowpress.cli import EXIT_USER, build_parser, main
+from knowpress.cli.app import EXIT_USER, build_parser, main
 
 BAR = re.compile(r"\d+%\||it/s\]|s/it\]")  # what a tqdm bar prints
 
@@ -24,7 +24,7 @@ def test_quiet_libraries_silences_tqdm_and_the_hub_and_restores_them() -> None:
     import huggingface_hub.utils as hub
     from tqdm import tqdm
 
-    from knowpress.quiet import quiet_libraries
+    from knowpress.cli.quiet import quiet_libraries
 
     buffer = io.StringIO()
     before = hub.are_progress_bars_disabled()
@@ -58,11 +58,11 @@ def test_apply_quiet_prints_no_bar(tiny_teacher_dir: Path, tmp_path: Path) -> No
 def test_list_prints_every_name_whole_in_a_narrow_terminal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import knowpress.cli
-    from knowpress.cli_list import families
+    import knowpress.cli.app
+    from knowpress.cli.list import families
 
     buffer = io.StringIO()
-    monkeypatch.setattr(knowpress.cli, "out", Console(file=buffer, width=30))
+    monkeypatch.setattr(knowpress.cli.app, "out", Console(file=buffer, width=30))
     assert main(["list"]) == 0
     text = buffer.getvalue()
     assert "…" not in text
@@ -96,7 +96,7 @@ def test_help_describes_every_option_in_plain_text() -> None:
 def test_export_store_is_a_choice(
     tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from knowpress.cli_export import _config
+    from knowpress.cli.export import _config
 
     args = build_parser().parse_args(["export", "m", "-o", "x", "--store", "float16"])
     assert _config(args).store == "float16"

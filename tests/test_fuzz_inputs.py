@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from knowpress.cli import EXIT_GATE, EXIT_USER, main
+from knowpress.cli.app import EXIT_GATE, EXIT_USER, main
 
 GOOD: dict[str, Any] = {
     "version": 1,
@@ -265,7 +265,7 @@ def _config_value(folder: Path) -> None:
 
 
 def _changed_since_manifest(folder: Path) -> None:
-    from knowpress.models.artifact import build_manifest, write_manifest
+    from knowpress.formats.manifest import build_manifest, write_manifest
 
     write_manifest(folder, build_manifest(folder, format="hf", dtype="float32"))
     weights = folder / "model.safetensors"
@@ -566,8 +566,8 @@ def test_an_internal_error_is_exit_3_with_the_traceback_behind_debug(
     tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    from knowpress.cli import EXIT_BUG
-    from knowpress.stages.quantize import Quantize
+    from knowpress.cli.app import EXIT_BUG
+    from knowpress.pipeline.stages.quantize import Quantize
 
     def bug(self: Any, ctx: Any, progress: Any) -> Any:
         raise ZeroDivisionError("division by zero")

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from test_fuzz_inputs import DISTILL, _one_error_line, recipe, run
 
-from knowpress.cli import EXIT_USER
-from knowpress.errors import KnowpressError
+from knowpress.cli.app import EXIT_USER
+from knowpress.core.errors import KnowpressError
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -69,8 +69,8 @@ def test_the_library_apply_refuses_an_output_over_its_input(
 ) -> None:
     import yaml
 
-    from knowpress.recipe import validate_recipe
-    from knowpress.runner import apply
+    from knowpress.pipeline.recipe import validate_recipe
+    from knowpress.pipeline.runner import apply
 
     model = shutil.copytree(tiny_teacher_dir, tmp_path / "model")
     (model / "knowpress_run.json").write_text("{}")
@@ -110,7 +110,7 @@ def test_export_force_replaces_only_a_bundle_that_is_not_its_input(
 @pytest.fixture(scope="module")
 def bundle(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny teacher exported by ``compress export --store float16``."""
-    from knowpress.cli import main
+    from knowpress.cli.app import main
 
     out = tmp_path_factory.mktemp("bundle") / "b"
     argv = ["export", str(tiny_teacher_dir), "-o", str(out), "--weights", "float32"]
@@ -121,8 +121,8 @@ def bundle(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_export_store_float16_and_force_over_its_own_bundle(
     bundle: Path, tiny_teacher_dir: Path
 ) -> None:
-    from knowpress.cli_export import check_target
-    from knowpress.outdir import is_export_bundle
+    from knowpress.cli.export import check_target
+    from knowpress.pipeline.outdir import is_export_bundle
 
     record = json.loads((bundle / "knowpress_export.json").read_text())
     assert record["weights_info"]["float16_tensors"] > 0  # --store reached the export stage
@@ -176,8 +176,8 @@ def test_disk_full_during_export_is_one_line_and_leaves_nothing(
 ) -> None:  # fmt: skip
     """(Checked for real on a 600 KB tmpfs: numpy's "problem writing element" is what onnx's
     external-data writer raises there; the disk is then nearly full.)"""
-    import knowpress.export.pipeline as pipeline
-    import knowpress.models.io as models_io
+    import knowpress.formats.io as models_io
+    import knowpress.pipeline.export as pipeline
 
     class Full:
         f_bavail, f_frsize = 3, 4096
@@ -197,7 +197,7 @@ def test_disk_full_while_a_distill_checkpoint_is_saved_keeps_the_last_one(
 ) -> None:  # fmt: skip
     from safetensors import SafetensorError, safe_open
 
-    import knowpress.world.train_state as train_state
+    import knowpress.core.train_state as train_state
 
     real = train_state.save_file
     calls: list[str] = []
@@ -226,12 +226,12 @@ def test_disk_full_while_a_distill_checkpoint_is_saved_keeps_the_last_one(
 def test_disk_full_during_world_build_advises_what_the_command_has(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import knowpress.world
+    import knowpress.teachers
 
     def full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", "/cache/teachers/x")
 
-    monkeypatch.setattr(knowpress.world, "build_teacher", full)
+    monkeypatch.setattr(knowpress.teachers, "build_teacher", full)
     for force, advice in [([], "then rerun (training continues from its last save"),
                           (["--force"], "then rerun without --force (training")]:  # fmt: skip
         code, err = run(["world", "build", "--preset", "test-tiny", "-q", *force], capsys)
@@ -240,7 +240,7 @@ def test_disk_full_during_world_build_advises_what_the_command_has(
 
 
 def test_saved_weights_follow_the_umask(tmp_path: Path) -> None:
-    from knowpress.models.io import save_model
+    from knowpress.formats.io import save_model
     from knowpress.testing.models import tiny_llama, tiny_tokenizer
 
     old = os.umask(0o027)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from test_fuzz_inputs import DISTILL, _one_error_line, _other_tokenizer, _teacher_copy, recipe, run
 
-from knowpress.cli import EXIT_USER
+from knowpress.cli.app import EXIT_USER
 
 
 def _apply_refused(

@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 
 from knowpress.testing import tiny_world
-from knowpress.world.tokenizer import build_tokenizer
+from knowpress.worlds.tokenizer import build_tokenizer
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from knowpress.cli import EXIT_USER, main
-from knowpress.errors import KnowpressError
-from knowpress.launch import join
-from knowpress.recipe import validate_recipe
-from knowpress.runner import apply
+from knowpress.cli.app import EXIT_USER, main
+from knowpress.core.errors import KnowpressError
+from knowpress.pipeline.launch import join
+from knowpress.pipeline.recipe import validate_recipe
+from knowpress.pipeline.runner import apply
 from knowpress.testing.models import tiny_llama, tiny_tokenizer
 
 STAGE = {"kind": "distill", "student": {"make": "width", "mlp_keep": 0.5},

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
-from knowpress.cli import EXIT_GATE, main
-from knowpress.recipe import validate_recipe
-from knowpress.runner import apply
-from knowpress.shrinkage import judge
+from knowpress.cli.app import EXIT_GATE, main
+from knowpress.pipeline.recipe import validate_recipe
+from knowpress.pipeline.runner import apply
+from knowpress.pipeline.shrinkage import judge
 
 TRAIN = {"steps": 2, "batch_size": 4}
 

@@ -34,9 +34,9 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_every_recipe_validates_and_dry_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knowpress.cli import main
-    from knowpress.recipe import load_recipe
-    from knowpress.world.lre import LRE_ENV
+    from knowpress.cli.app import main
+    from knowpress.pipeline.recipe import load_recipe
+    from knowpress.worlds.lre import LRE_ENV
 
     monkeypatch.delenv(LRE_ENV, raising=False)
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from knowpress.errors import RecipeError
-from knowpress.recipe import apply_overrides, load_recipe, validate_recipe
+from knowpress.core.errors import RecipeError
+from knowpress.pipeline.recipe import apply_overrides, load_recipe, validate_recipe
 
 
 def base(**changes: Any) -> dict[str, Any]:

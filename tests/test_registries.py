@@ -7,14 +7,14 @@ from typing import Any
 import default_entries as rows
 import pytest
 
-from knowpress.compress.kv import KV_POLICIES
-from knowpress.compress.moe import EXPERT_PRUNERS
-from knowpress.compress.quant import QUANT_METHODS
-from knowpress.distill import DISTILL_LOSSES
-from knowpress.evaluate.loader import RUNTIME_FORMATS
+from knowpress.core.registry import Registry
 from knowpress.evaluate.tasks import TASKS
-from knowpress.registry import Registry
-from knowpress.stage import STAGES
+from knowpress.methods.distill import DISTILL_LOSSES
+from knowpress.methods.experts import EXPERT_PRUNERS
+from knowpress.methods.kv import KV_POLICIES
+from knowpress.methods.quant import QUANT_METHODS
+from knowpress.pipeline.stage import STAGES
+from knowpress.runtimes.loader import RUNTIME_FORMATS
 
 FAMILIES: list[tuple[Registry[Any], dict[str, Any]]] = [
     (STAGES, rows.STAGES),

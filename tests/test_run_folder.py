@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from knowpress.cli import EXIT_INTERRUPT, EXIT_USER
+from knowpress.cli.app import EXIT_INTERRUPT, EXIT_USER
 
 STAGE = {"kind": "quantize", "method": {"name": "rtn", "bits": 8, "group_size": 32}}
 RECIPE: dict[str, Any] = {
@@ -72,7 +72,7 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(
 ) -> None:
     """This test process holds the folder as a run does (``OutputFolder``, taken by the
     runner first thing); ``compress apply`` on it, even with --force, is one line."""
-    from knowpress.outdir import OutputFolder
+    from knowpress.pipeline.outdir import OutputFolder
 
     out = tmp_path / "out"
     with OutputFolder(out, resume=False, force=False) as held:
@@ -147,7 +147,7 @@ def test_leftover_temporaries_are_swept_when_the_folder_is_taken(
 
 
 def test_files_follow_the_umask(tmp_path: Path) -> None:
-    from knowpress.models.io import atomic_write_text
+    from knowpress.core.io import atomic_write_text
 
     for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
         old = os.umask(mask)

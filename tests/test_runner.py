@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from knowpress.errors import KnowpressError
-from knowpress.models.artifact import read_manifest
-from knowpress.recipe import Recipe, validate_recipe
-from knowpress.report import REQUIRED_KEYS, load_report
-from knowpress.runner import apply
-from knowpress.stages.quantize import Quantize
+from knowpress.core.errors import KnowpressError
+from knowpress.formats.manifest import read_manifest
+from knowpress.pipeline.recipe import Recipe, validate_recipe
+from knowpress.pipeline.report import REQUIRED_KEYS, load_report
+from knowpress.pipeline.runner import apply
+from knowpress.pipeline.stages.quantize import Quantize
 
 
 def recipe(**changes: Any) -> Recipe:
@@ -225,7 +225,7 @@ POLICY_STAGE = {"kind": "attach_test_policy", "payload_bytes": 5000}
 def test_policy_stage_is_saved_resumed_and_scored_through_load_runtime(
     tiny_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knowpress.compress.kv.full import FullCache
+    from knowpress.methods.kv.full import FullCache
     from knowpress.testing.stages import PAYLOAD_FILE
 
     caches: list[int] = []

@@ -10,10 +10,10 @@ from knowpress.evaluate.tasks import TASKS
 from knowpress.evaluate.tasks.base import retention
 
 if TYPE_CHECKING:
-    from knowpress.evaluate.runtime import Runtime
+    from knowpress.core.progress import Progress
     from knowpress.evaluate.tasks.base import State
-    from knowpress.progress import Progress
-    from knowpress.world import World
+    from knowpress.runtimes.torch import Runtime
+    from knowpress.worlds import World
 
 
 @dataclass(frozen=True)

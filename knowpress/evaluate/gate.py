@@ -30,7 +30,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from knowpress.errors import KnowpressError, short
+from knowpress.core.errors import KnowpressError, short
 from knowpress.evaluate.gate_rows import (
     FIELDS,
     Bounds,

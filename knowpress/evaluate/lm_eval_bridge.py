@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from knowpress.config import FrozenConfig
-from knowpress.errors import KnowpressError
+from knowpress.core.config import FrozenConfig
+from knowpress.core.errors import KnowpressError
 
 if TYPE_CHECKING:
     from knowpress.evaluate.evaluator import TaskScore
-    from knowpress.world import World
+    from knowpress.worlds import World
 
 PREFIX = "lm_eval/"
 HEADLINE_METRICS = ("acc_norm", "acc", "exact_match", "f1", "word_perplexity", "perplexity")
@@ -137,7 +137,7 @@ def _task_manager(spec: LmEvalSpec, task_manager_cls: Any) -> Any:
 
 
 def _check_known(spec: LmEvalSpec, manager: Any) -> None:
-    from knowpress.registry import close_matches
+    from knowpress.core.registry import close_matches
 
     unknown = [t for t in spec.tasks if t not in manager.all_tasks]
     if unknown:
@@ -177,7 +177,7 @@ def run_lm_eval(runtime: Any, spec: LmEvalSpec) -> dict[str, TaskScore]:
     harness, which is said in one line instead of scoring something else.
     """
     from knowpress.evaluate.evaluator import TaskScore
-    from knowpress.evaluate.runtime import TorchRuntime
+    from knowpress.runtimes.torch import TorchRuntime
 
     lm_eval, hflm, task_manager_cls = _import_harness()
     if not isinstance(runtime, TorchRuntime):
@@ -239,7 +239,7 @@ def write_fact_task(
 
     A local, offline harness task: ``include_path: out_dir``, ``tasks: [name]``.
     """
-    from knowpress.models.io import atomic_write_text
+    from knowpress.core.io import atomic_write_text
 
     out_dir = Path(out_dir)
     rng = random.Random(f"knowpress-lm-eval:{name}")

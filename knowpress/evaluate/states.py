@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from knowpress.models.io import atomic_file
+from knowpress.core.io import atomic_file
 
 STATES_FILE = "states.safetensors"
 

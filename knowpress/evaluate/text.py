@@ -21,9 +21,9 @@ from typing import Any
 
 from pydantic import Field
 
-from knowpress.config import FrozenConfig
-from knowpress.errors import KnowpressError, short
-from knowpress.measure import stable_hash
+from knowpress.core.config import FrozenConfig
+from knowpress.core.errors import KnowpressError, short
+from knowpress.core.measure import stable_hash
 
 MAX_TEXT_BYTES = 200_000_000
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from knowpress.teachers import build_teacher
 from knowpress.testing.models import tiny_llama
-from knowpress.world import PRESETS, World, build_teacher, generate_world
+from knowpress.worlds import PRESETS, World, generate_world
 
 __all__ = ["tiny_llama", "tiny_teacher", "tiny_world"]
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from knowpress.models.artifact import build_manifest, write_manifest
-from knowpress.progress import Progress
+from knowpress.core.progress import Progress
+from knowpress.formats.manifest import build_manifest, write_manifest
 
 
 def export_folder(model: Any, tokenizer: Any, path: Path, policy: Any = None,
                   **options: Any) -> dict[str, Any]:  # fmt: skip
     """``stages.export.ExportConfig(**options)`` applied to ``model`` into ``path`` with a
     manifest of format ``onnx`` (``policy`` attached as ``runtime.kv_policy``); the metrics."""
-    from knowpress.export.pipeline import export_model
-    from knowpress.stages.export import ExportConfig
+    from knowpress.pipeline.export import export_model
+    from knowpress.pipeline.stages.export import ExportConfig
 
     config = ExportConfig(kind="export", **({"weights": "float32"} | options))
     path.mkdir(parents=True, exist_ok=True)

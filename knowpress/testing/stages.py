@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from knowpress.compress.kv import policy_from_json
-from knowpress.context import Context
-from knowpress.progress import Progress
-from knowpress.stage import STAGES, StageConfig
+from knowpress.core.progress import Progress
+from knowpress.methods.kv import policy_from_json
+from knowpress.pipeline.context import Context
+from knowpress.pipeline.stage import STAGES, StageConfig
 
 KIND = "attach_test_policy"
 PAYLOAD_FILE = "policy_table.bin"

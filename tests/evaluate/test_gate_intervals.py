@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from knowpress.errors import KnowpressError
+from knowpress.core.errors import KnowpressError
 from knowpress.evaluate.gate import check
 
 N = 400

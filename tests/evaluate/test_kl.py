@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from knowpress.cli import EXIT_GATE, main
-from knowpress.evaluate.runtime import TorchRuntime
+from knowpress.cli.app import EXIT_GATE, main
 from knowpress.evaluate.tasks import TASKS
 from knowpress.evaluate.tasks.kl import position_kl
 from knowpress.evaluate.text import TextSpec, TextWorld, load_texts
+from knowpress.runtimes.torch import TorchRuntime
 from knowpress.testing.models import tiny_llama, tiny_tokenizer
 
 P = torch.tensor([0.7, 0.2, 0.1])

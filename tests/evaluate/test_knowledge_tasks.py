@@ -11,18 +11,18 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from knowpress.errors import KnowpressError
+from knowpress.core.errors import KnowpressError
 from knowpress.evaluate.evaluator import TaskScore, evaluate_runtime
-from knowpress.evaluate.runtime import NLL, TorchRuntime
 from knowpress.evaluate.tasks import TASKS, pick
 from knowpress.evaluate.tasks.bits import bits_of, knowledge_items
-from knowpress.recipe import validate_recipe
-from knowpress.render import render_markdown
-from knowpress.report import load_report
-from knowpress.runner import apply
+from knowpress.pipeline.recipe import validate_recipe
+from knowpress.pipeline.render import render_markdown
+from knowpress.pipeline.report import load_report
+from knowpress.pipeline.runner import apply
+from knowpress.runtimes.torch import NLL, TorchRuntime
 from knowpress.testing import tiny_world
-from knowpress.world import WorldConfig, build_tokenizer, generate_world, load_world
-from knowpress.world.generator import World
+from knowpress.worlds import WorldConfig, build_tokenizer, generate_world, load_world
+from knowpress.worlds.generator import World
 
 ATTRS = ("birth_city", "major", "employer", "pronoun", "company_city")
 WORLD = generate_world(
@@ -271,9 +271,9 @@ def test_a_task_near_chance_is_reported_but_left_out_of_the_worst_figure(
     import dataclasses
     import json
 
-    from knowpress.context import StageRecord
     from knowpress.evaluate.evaluator import Measurement
-    from knowpress.report import build_report
+    from knowpress.pipeline.context import StageRecord
+    from knowpress.pipeline.report import build_report
 
     spec = {"version": 1, "model": {"world": "test-tiny"},
             "stages": [{"kind": "quantize", "method": {"name": "rtn", "bits": 2}}],

@@ -9,14 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from knowpress.compress.kv.full import FullCache
-from knowpress.errors import KnowpressError
+from knowpress.core.errors import KnowpressError
 from knowpress.evaluate.lm_eval_bridge import LmEvalSpec, headline, run_lm_eval, write_fact_task
-from knowpress.evaluate.loader import load_runtime
-from knowpress.evaluate.runtime import TorchRuntime
-from knowpress.recipe import validate_recipe
-from knowpress.runner import apply
-from knowpress.world import load_world
+from knowpress.methods.kv.full import FullCache
+from knowpress.pipeline.recipe import validate_recipe
+from knowpress.pipeline.runner import apply
+from knowpress.runtimes.loader import load_runtime
+from knowpress.runtimes.torch import TorchRuntime
+from knowpress.worlds import load_world
 
 pytest.importorskip("lm_eval", reason="the 'eval' extra is not installed")
 
@@ -130,7 +130,7 @@ def test_gate_on_a_harness_task_must_be_evaluated() -> None:
 def test_cli_eval_runs_harness_tasks_alone(
     tiny_teacher_dir: Path, fact_task: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from knowpress.cli import EXIT_USER, main
+    from knowpress.cli.app import EXIT_USER, main
 
     out = tmp_path / "scores.json"
     argv = ["eval", "--model", str(tiny_teacher_dir), "--tasks", "", "-q", "--json", str(out)]

@@ -9,16 +9,16 @@ import default_entries as rows
 import pytest
 import torch
 
-from knowpress.compress.kv import policy_from_json
-from knowpress.compress.kv.full import FullCache
-from knowpress.compress.quant.rtn import RTN
-from knowpress.compress.quant.targets import select
-from knowpress.errors import KnowpressError
-from knowpress.evaluate.loader import load_runtime
-from knowpress.evaluate.runtime import TorchRuntime
-from knowpress.models.artifact import MANIFEST_FILE, build_manifest, write_manifest
-from knowpress.models.io import save_model
-from knowpress.progress import Progress
+from knowpress.core.errors import KnowpressError
+from knowpress.core.progress import Progress
+from knowpress.formats.io import save_model
+from knowpress.formats.manifest import MANIFEST_FILE, build_manifest, write_manifest
+from knowpress.methods.kv import policy_from_json
+from knowpress.methods.kv.full import FullCache
+from knowpress.methods.quant.rtn import RTN
+from knowpress.methods.quant.targets import select
+from knowpress.runtimes.loader import load_runtime
+from knowpress.runtimes.torch import TorchRuntime
 from knowpress.testing.models import tiny_llama, tiny_tokenizer
 
 PROMPTS = ["w1 w2 w3", "w7 w9"]

@@ -8,9 +8,9 @@ import pytest
 
 from knowpress.evaluate.evaluator import worst
 from knowpress.evaluate.metrics import exact_match, normalize_answer, token_f1
-from knowpress.evaluate.runtime import NLL, perplexity
 from knowpress.evaluate.tasks import TASKS, pick
 from knowpress.evaluate.tasks.base import pick_by_attribute
+from knowpress.runtimes.torch import NLL, perplexity
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_pick_is_deterministic_and_spread() -> None:
 
 
 def test_pick_by_attribute_covers_every_attribute() -> None:
-    from knowpress.world.generator import QAItem
+    from knowpress.worlds.generator import QAItem
 
     # person-major, 5 attributes: plain pick(…, 4) with step 25 would hit "a0" only
     items = [QAItem(f"q{p}{a}", "x", f"p{p}", f"a{a}") for p in range(20) for a in range(5)]

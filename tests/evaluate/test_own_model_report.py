@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from knowpress.cli import main
-from knowpress.render import plot_figure
+from knowpress.cli.app import main
+from knowpress.pipeline.render import plot_figure
 from knowpress.testing.models import tiny_llama, tiny_tokenizer
 
 

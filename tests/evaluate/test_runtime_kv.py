@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from knowpress.compress.kv import policy_from_json
-from knowpress.evaluate.runtime import TorchRuntime
+from knowpress.methods.kv import policy_from_json
+from knowpress.runtimes.torch import TorchRuntime
 from knowpress.testing.models import tiny_llama, tiny_tokenizer
 
 PROMPTS = ["w1 w2 w3 w4 w5 w6 w20 w21", "w9 w8 w7 w22", "w5 w4 w3 w2 w1 w6 w7 w8 w9 w23 w24"]

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from knowpress.evaluate.evaluator import evaluate_reference, evaluate_runtime
 from knowpress.evaluate.intervals import record_of, row_uncertainty
-from knowpress.evaluate.runtime import TorchRuntime
 from knowpress.evaluate.uncertainty import STATISTICS, _sorted
-from knowpress.world import load_world
+from knowpress.runtimes.torch import TorchRuntime
+from knowpress.worlds import load_world
 
 TASKS = ["recall", "paraphrase", "long_context", "bits", "perplexity", "kl"]
 

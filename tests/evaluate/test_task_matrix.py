@@ -11,10 +11,10 @@ from typing import Any
 import default_entries as rows
 import pytest
 
-from knowpress.evaluate.runtime import TorchRuntime
 from knowpress.evaluate.tasks import TASKS
+from knowpress.runtimes.torch import TorchRuntime
 from knowpress.testing.models import tiny_llama
-from knowpress.world import WorldConfig, build_tokenizer, generate_world
+from knowpress.worlds import WorldConfig, build_tokenizer, generate_world
 
 WORLD = generate_world(
     WorldConfig(seed=2, n_people=6, attributes=("birth_city", "major", "employer"),

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from knowpress.evaluate.loader import load_runtime
+from knowpress.runtimes.loader import load_runtime
 from knowpress.testing.export import export_folder
 from knowpress.testing.models import tiny_llama, tiny_tokenizer
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from knowpress.errors import KnowpressError
-from knowpress.recipe import validate_recipe
-from knowpress.runner import apply
+from knowpress.core.errors import KnowpressError
+from knowpress.pipeline.recipe import validate_recipe
+from knowpress.pipeline.runner import apply
 
 TASKS = ["recall", "paraphrase", "long_context", "perplexity", "kl"]
 
@@ -42,7 +42,7 @@ def test_edge_pipeline_scores_the_onnx_row_on_every_task(tiny_teacher_dir: Path,
         p.name for p in folder.iterdir()
     }
     # compress export on the quantize stage's folder writes the same kind of bundle
-    from knowpress.cli import main
+    from knowpress.cli.app import main
 
     bundle = tmp_path / "bundle"
     assert main(["export", str(tmp_path / "out" / "stages" / "01-quantize"), "-o", str(bundle),
@@ -52,7 +52,7 @@ def test_edge_pipeline_scores_the_onnx_row_on_every_task(tiny_teacher_dir: Path,
 
 
 def test_a_stage_after_export_is_refused_before_the_first_write(tmp_path: Path) -> None:
-    from knowpress.preflight import check_stages
+    from knowpress.pipeline.preflight import check_stages
     from knowpress.testing.models import tiny_llama
 
     recipe = _recipe([{"kind": "export"}, {"kind": "compress_kv",

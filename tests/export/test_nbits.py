@@ -15,12 +15,12 @@ import torch
 from onnx import numpy_helper
 from pydantic import ValidationError
 
-from knowpress.compress.quant.qlinear import QuantLinear
-from knowpress.compress.quant.rtn import RTN
-from knowpress.compress.quant.targets import select
-from knowpress.errors import KnowpressError
-from knowpress.export.session import OnnxDecoder, right_padded
-from knowpress.progress import Progress
+from knowpress.core.errors import KnowpressError
+from knowpress.core.progress import Progress
+from knowpress.methods.quant.rtn import RTN
+from knowpress.methods.quant.targets import select
+from knowpress.runtimes.ort_session import OnnxDecoder, right_padded
+from knowpress.tensors.qlinear import QuantLinear
 from knowpress.testing.export import export_folder
 from knowpress.testing.models import tiny_llama, tiny_tokenizer
 
@@ -45,7 +45,7 @@ def _bytes(path: Path) -> int:
 
 
 def _logits(path: Path) -> np.ndarray:
-    from knowpress.export.ort import read_record
+    from knowpress.runtimes.ort import read_record
 
     decoder = OnnxDecoder(path / "model.onnx", read_record(path)["graph"])
     ids, valid = right_padded(ROWS, 0)
@@ -91,7 +91,7 @@ def test_int4_graph_holds_matmulnbits_and_is_smaller(graphs: dict[str, Path]) ->
 def test_int4_graph_computes_its_dequantized_weights(graphs: dict[str, Path]) -> None:
     """At accuracy_level 0 MatMulNBits dequantizes to float32: the graph equals a float
     model holding the dequantized weights (bit order, zero points and scales as stored)."""
-    from knowpress.export import nbits
+    from knowpress.formats.onnx import nbits
 
     for name, symmetric, ignore in (("int4", True, ()), ("int4_asym", False, ("lm_head",))):
         model = tiny_llama()

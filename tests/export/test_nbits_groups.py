@@ -16,13 +16,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from knowpress.compress.quant.packing import quantize_groups, unpack
-from knowpress.compress.quant.qlinear import QuantLinear
-from knowpress.errors import KnowpressError
-from knowpress.export import nbits
-from knowpress.export.session import OnnxDecoder, right_padded
-from knowpress.progress import Progress
-from knowpress.stages.quantize import QuantizeConfig
+from knowpress.core.errors import KnowpressError
+from knowpress.core.progress import Progress
+from knowpress.formats.onnx import nbits
+from knowpress.pipeline.stages.quantize import QuantizeConfig
+from knowpress.runtimes.ort_session import OnnxDecoder, right_padded
+from knowpress.tensors.packing import quantize_groups, unpack
+from knowpress.tensors.qlinear import QuantLinear
 from knowpress.testing.export import export_folder
 from knowpress.testing.models import tiny_llama, tiny_tokenizer
 
@@ -48,7 +48,7 @@ def _export(path: Path, model: Any, **options: Any) -> dict[str, Any]:
 
 
 def _logits(path: Path) -> np.ndarray:
-    from knowpress.export.ort import read_record
+    from knowpress.runtimes.ort import read_record
 
     decoder = OnnxDecoder(path / "model.onnx", read_record(path)["graph"])
     ids, valid = right_padded(ROWS, 0)
@@ -277,8 +277,8 @@ def test_auto_falls_back_to_level_0_and_a_fixed_level_names_the_fix(tmp_path: Pa
 
 
 def test_cli_accuracy_level_takes_auto_and_numbers() -> None:
-    from knowpress.cli import build_parser
-    from knowpress.cli_export import _config
+    from knowpress.cli.app import build_parser
+    from knowpress.cli.export import _config
 
     def level(*argv: str) -> Any:
         args = build_parser().parse_args(["export", "m", "-o", "x", *argv])

@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from knowpress.errors import KnowpressError
-from knowpress.export import parity
-from knowpress.export.onnx import KVDecoder, check_exportable, export_graph, io_names
-from knowpress.export.session import OnnxDecoder, graph_inputs
+from knowpress.core.errors import KnowpressError
+from knowpress.formats.onnx.graph import (
+    KVDecoder,
+    check_exportable,
+    export_graph,
+    graph_inputs,
+    io_names,
+)
+from knowpress.pipeline import export_parity as parity
+from knowpress.runtimes.ort_session import OnnxDecoder
 from knowpress.testing.models import tiny_llama, tiny_moe
 
 ARCHS = ["llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]

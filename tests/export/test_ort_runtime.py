@@ -15,13 +15,13 @@ import default_entries as rows
 import pytest
 import torch
 
-from knowpress.compress.kv import policy_from_json
-from knowpress.compress.kv.streaming import StreamingPolicy
-from knowpress.errors import KnowpressError
-from knowpress.evaluate.loader import load_runtime
-from knowpress.evaluate.runtime import KV_PROBE_TOKENS, TorchRuntime
-from knowpress.export.session import left_padded
-from knowpress.models.artifact import MANIFEST_FILE
+from knowpress.core.errors import KnowpressError
+from knowpress.formats.manifest import MANIFEST_FILE
+from knowpress.methods.kv import policy_from_json
+from knowpress.methods.kv.streaming import StreamingPolicy
+from knowpress.runtimes.loader import load_runtime
+from knowpress.runtimes.ort_session import left_padded
+from knowpress.runtimes.torch import KV_PROBE_TOKENS, TorchRuntime
 from knowpress.testing.export import export_folder
 from knowpress.testing.models import tiny_llama, tiny_tokenizer
 
@@ -160,7 +160,7 @@ def test_streaming_keeps_sinks_and_window_per_row(folders: dict[str, Path]) -> N
 
 
 def test_a_graph_without_the_io_a_policy_needs_is_refused(folders: dict[str, Path]) -> None:
-    from knowpress.export.ort import OrtRuntime, read_record
+    from knowpress.runtimes.ort import OrtRuntime, read_record
 
     policy = policy_from_json({"name": "h2o", "budget": 4}, "test")
     with pytest.raises(KnowpressError, match=r"kv_policy 'h2o' needs the graph's queries I/O, "
@@ -207,8 +207,8 @@ def test_asking_for_cuda_without_its_provider_is_one_line(folders: dict[str, Pat
 def test_the_graph_probe_equals_the_torch_probe(graphs: dict) -> None:
     """The ``queries.{i}`` outputs are what ``attention.queries`` recomputes on torch: the
     two runtimes' probes (head_budget's head scores) agree on queries, keys and scaling."""
-    from knowpress.compress.kv.head_importance import torch_probe
-    from knowpress.export.session import OnnxDecoder
+    from knowpress.methods.kv.head_importance import torch_probe
+    from knowpress.runtimes.ort_session import OnnxDecoder
 
     folder = next(p for io, p in graphs.items() if io == frozenset({"queries"}))
     record = json.loads((folder / "knowpress_export.json").read_text())

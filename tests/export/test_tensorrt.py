@@ -8,8 +8,8 @@ import importlib.util
 import pytest
 import torch
 
-from knowpress.errors import KnowpressError
-from knowpress.export import tensorrt
+from knowpress.core.errors import KnowpressError
+from knowpress.formats.onnx import tensorrt
 
 HERE = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
@@ -23,8 +23,8 @@ def test_missing_tensorrt_is_one_clear_line() -> None:
 
 @pytest.mark.skipif(HERE, reason="tensorrt and a GPU are present")
 def test_recipe_asking_for_an_engine_fails_before_the_first_write(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from knowpress.preflight import check_stages
-    from knowpress.recipe import validate_recipe
+    from knowpress.pipeline.preflight import check_stages
+    from knowpress.pipeline.recipe import validate_recipe
     from knowpress.testing.models import tiny_llama
 
     recipe = validate_recipe({

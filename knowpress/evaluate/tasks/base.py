@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from knowpress.registry import Registry
+from knowpress.core.registry import Registry
 
 if TYPE_CHECKING:
     import torch
 
-    from knowpress.evaluate.runtime import Runtime
-    from knowpress.world import World
+    from knowpress.runtimes.torch import Runtime
+    from knowpress.worlds import World
 
 #: tensors a reference run leaves for later rows (name -> tensor), saved as safetensors
 State = dict[str, "torch.Tensor"]

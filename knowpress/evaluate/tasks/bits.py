@@ -29,13 +29,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from knowpress.evaluate.tasks.base import TASKS, State, Task, TaskResult, pick_by_attribute
-from knowpress.world.config import DERIVED_ATTRIBUTES
-from knowpress.world.generator import QAItem
-from knowpress.world.templates import COMPANY_TEMPLATES
+from knowpress.worlds.config import DERIVED_ATTRIBUTES
+from knowpress.worlds.generator import QAItem
+from knowpress.worlds.templates import COMPANY_TEMPLATES
 
 if TYPE_CHECKING:
-    from knowpress.evaluate.runtime import Runtime
-    from knowpress.world import World
+    from knowpress.runtimes.torch import Runtime
+    from knowpress.worlds import World
 
 COMPANY_HQ = "company_hq"
 

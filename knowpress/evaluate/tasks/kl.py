@@ -44,8 +44,8 @@ import torch
 from knowpress.evaluate.tasks.base import TASKS, State, Task, TaskResult
 
 if TYPE_CHECKING:
-    from knowpress.evaluate.runtime import Runtime
-    from knowpress.world import World
+    from knowpress.runtimes.torch import Runtime
+    from knowpress.worlds import World
 
 TOP_K = 64
 MAX_TOKENS = 50_000

@@ -36,9 +36,9 @@ from knowpress.evaluate.tasks.qa import (
 )
 
 if TYPE_CHECKING:
-    from knowpress.evaluate.runtime import Runtime
-    from knowpress.world import World
-    from knowpress.world.items import QAItem
+    from knowpress.runtimes.torch import Runtime
+    from knowpress.worlds import World
+    from knowpress.worlds.items import QAItem
 
 DEFAULT_ITEMS = 32  # per context length without ``max_items``
 _EXAMPLE_CHARS = 160  # long prompts are cut to their tail in the report's examples

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from knowpress.evaluate.runtime import perplexity
 from knowpress.evaluate.tasks.base import TASKS, State, Task, TaskResult, pick
+from knowpress.runtimes.torch import perplexity
 
 if TYPE_CHECKING:
-    from knowpress.evaluate.runtime import Runtime
-    from knowpress.world import World
+    from knowpress.runtimes.torch import Runtime
+    from knowpress.worlds import World
 
 
 @TASKS.register("perplexity")

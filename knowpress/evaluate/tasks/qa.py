@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from knowpress.errors import KnowpressError
+from knowpress.core.errors import KnowpressError
 from knowpress.evaluate.metrics import exact_match, token_f1
 from knowpress.evaluate.tasks.base import State, TaskResult
 
 if TYPE_CHECKING:
-    from knowpress.evaluate.runtime import Runtime
-    from knowpress.world.generator import QAItem
-    from knowpress.world.protocol import FactWorld
+    from knowpress.runtimes.torch import Runtime
+    from knowpress.worlds.generator import QAItem
+    from knowpress.worlds.protocol import FactWorld
 
 
 def answer_budget(runtime: Runtime, items: Sequence[QAItem]) -> int:

@@ -14,8 +14,8 @@ from knowpress.evaluate.tasks.base import TASKS, State, Task, TaskResult, pick_b
 from knowpress.evaluate.tasks.qa import score_qa, uniform_guess_chance
 
 if TYPE_CHECKING:
-    from knowpress.evaluate.runtime import Runtime
-    from knowpress.world import World
+    from knowpress.runtimes.torch import Runtime
+    from knowpress.worlds import World
 
 
 @TASKS.register("recall")

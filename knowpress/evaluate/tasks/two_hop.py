@@ -16,8 +16,8 @@ from knowpress.evaluate.tasks.base import TASKS, State, Task, TaskResult, pick
 from knowpress.evaluate.tasks.qa import score_qa, world_method
 
 if TYPE_CHECKING:
-    from knowpress.evaluate.runtime import Runtime
-    from knowpress.world import World
+    from knowpress.runtimes.torch import Runtime
+    from knowpress.worlds import World
 
 
 @TASKS.register("two_hop")

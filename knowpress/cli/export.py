@@ -1,0 +1,138 @@
+"""``compress export MODEL -o OUT``: the ``kind: export`` stage on any model folder (a stage
+folder, a teacher, a user's model): the edge bundle with a manifest of format ``onnx``, the
+folder's KV policy carried, parity gated, written atomically.
+
+OUT follows the output-folder rules (``outdir.py``): an existing non-empty OUT needs
+``--force``, which replaces only an earlier export bundle, and OUT is never the model folder,
+a folder holding it or a folder inside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+from pathlib import Path
+from typing import Any
+
+from knowpress.core.errors import KnowpressError
+
+
+def add_parser(sub: Any, common: Any, handler: Any) -> None:
+    what = "export a model folder to an ONNX bundle (needs the export extra)"
+    p = sub.add_parser("export", parents=[common], help=what, description=what)
+    p.add_argument("model", help="model folder (a stage folder, a teacher, an HF folder)")
+    p.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    p.add_argument(
+        "--weights", choices=["float32", "int4", "int8"], default="int4",
+        help="linears as int4 MatMulNBits (default), int8 dynamic quantization, or float32",
+    )  # fmt: skip
+    p.add_argument(
+        "--block-size", type=int, default=32,
+        help="int4 block of the linears re-quantized here (default 32; a power of two >= 16)",
+    )  # fmt: skip
+    p.add_argument("--asymmetric", action="store_true", help="int4 with zero points")
+    p.add_argument(
+        "--accuracy-level", choices=["0", "1", "2", "3", "4", "auto"], default="auto",
+        help="MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (fast on CPU); "
+        "auto (default): 4, and 0 when parity fails at 4",
+    )  # fmt: skip
+    p.add_argument(
+        "--ignore", default="lm_head", help="comma-separated globs of linears kept float"
+    )
+    p.add_argument(
+        "--store", choices=["float32", "float16"], default="float32",
+        help="float tensors the graph keeps float: stored float32 (default) or float16 (half "
+        "the bytes, cast back in the graph)",
+    )  # fmt: skip
+    p.add_argument(
+        "--force", action="store_true",
+        help="replace an earlier export bundle at OUT (never another folder)",
+    )  # fmt: skip
+    from knowpress.cli.args import quiet_flag
+
+    quiet_flag(p)
+    p.set_defaults(func=handler)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    from knowpress.pipeline.stages.export import ExportConfig
+
+    try:
+        return ExportConfig(
+            kind="export", weights=args.weights, block_size=args.block_size,
+            symmetric=not args.asymmetric, accuracy_level=_level(args.accuracy_level),
+            ignore=[g for g in args.ignore.split(",") if g], store=args.store,
+        )  # fmt: skip
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        flag = str(error["loc"][0]).replace("_", "-")
+        raise KnowpressError(f"--{flag}: {error['msg']}") from None
+
+
+def _level(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def check_target(target: Path, model: Path, force: bool) -> None:
+    """OUT may be written: not a file, not the model's folder (nor holding it, nor inside
+    it), empty or absent unless ``--force`` replaces an earlier bundle."""
+    from knowpress.pipeline.outdir import EXPORT_MARKER, check_not_input, is_export_bundle
+
+    if model.exists():
+        check_not_input(target, {"the model folder": model})
+    if target.exists() and not target.is_dir():
+        raise KnowpressError(f"-o {target} is a file; give the folder to write the bundle to")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not force:
+        raise KnowpressError(
+            f"-o {target} is not empty; pass --force to replace an earlier export bundle there "
+            f"(or choose another -o)"
+        )
+    if not is_export_bundle(target):
+        raise KnowpressError(
+            f"--force: {target} is not an export bundle (no {EXPORT_MARKER} and onnx manifest); "
+            f"knowpress only replaces its own bundles, so empty it yourself or choose another -o"
+        )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from knowpress.cli.app import err, out
+    from knowpress.cli.quiet import hide_library_output
+    from knowpress.core.errors import disk_full
+    from knowpress.core.io import atomic_dir
+    from knowpress.core.progress import Progress
+    from knowpress.formats.io import load_model
+    from knowpress.formats.manifest import build_manifest, write_manifest
+    from knowpress.pipeline.export import export_model
+    from knowpress.runtimes.loader import artifact_format, expert_skip_of, kv_policy_of
+
+    hide_library_output()
+    config = _config(args)
+    target = Path(args.output)
+    check_target(target, Path(args.model), args.force)
+    fmt, manifest = artifact_format(args.model)
+    if fmt == "onnx":
+        raise KnowpressError(f"{args.model} is already an ONNX bundle; export its input folder")
+    policy = kv_policy_of(manifest, args.model)
+    if expert_skip_of(manifest, args.model) is not None:
+        raise KnowpressError(f"{args.model}: expert_skip cannot run in the onnxruntime loop")
+    model, tokenizer = load_model(args.model, dtype="float32", device="cpu")
+    progress = Progress(console=err, enabled=not args.quiet)
+    try:
+        with progress.session(), atomic_dir(target) as tmp:
+            metrics = export_model(model, tokenizer, tmp, config, policy, progress)
+            runtime = {} if policy is None else {"kv_policy": policy.model_dump(mode="json")}
+            built = build_manifest(tmp, format="onnx", dtype="float32", runtime=runtime)
+            write_manifest(tmp, built)
+    except Exception as exc:  # ENOSPC as onnx / protobuf / safetensors report it
+        if disk_full(exc):
+            raise OSError(errno.ENOSPC, "No space left on device", str(target)) from None
+        raise
+    out.print(
+        f"{target}: {metrics['weights']}; {built.stored_bytes:,} bytes; parity max|Δlogits| "
+        f"{metrics['parity_max_abs_logits']:.3g}, greedy equal {metrics['parity_greedy_equal']}"
+    )
+    return 0

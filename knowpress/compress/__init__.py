@@ -1,1 +1,0 @@
-"""Compression families: quant/ (weight quantization); more families register alongside."""

@@ -1,1 +1,0 @@
-"""Data for data-aware stages: calibration text (``calibration.py``)."""

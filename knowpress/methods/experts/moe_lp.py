@@ -1,0 +1,150 @@
+"""Per-expert mixed precision by integer programming (MC-MoE's PMQ, Huang et al. 2024,
+"MC-MoE: Mixture Compressor for Mixture-of-Experts LLMs Gains More", arXiv:2410.06270).
+
+For every routed expert ``i`` (all MoE blocks together) and candidate width ``b``:
+``L_{i,b}`` = mean over the calibration tokens routed to ``i`` of ``‖f_i^b(x) − f_i(x)‖²``,
+with ``f_i^b`` the expert with its ``gate_up_proj`` and ``down_proj`` rounded (RTN, the
+quantize stage's group size and symmetry) to ``b`` bits and nothing else changed;
+importance ``w_i`` = routing weight ``Σ_x g_i(x) / N`` (selection frequency times mean
+combine weight, ``stats.py``). Then, with ``x_{i,b} ∈ {0, 1}`` and ``n_i`` the expert's
+parameter count::
+
+    min Σ w_i · L_{i,b} · x_{i,b}
+    s.t. Σ_b x_{i,b} = 1 for every i,   Σ b · n_i · x_{i,b} ≤ avg_bits · Σ n_i
+
+solved by ``scipy.optimize.milp`` (HiGHS). ``budget: per_layer`` (the default, as MC-MoE
+allocates) holds the bits constraint within every MoE block: output errors of different
+blocks are not on one scale (the residual stream grows with depth), and one program over
+all blocks moved bits to the deepest ones. ``global`` is the single constraint above. The
+chosen widths become each fused tensor's ``expert_bits`` in the quantize stage
+(``tensors/qexperts.py`` stores them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from knowpress.arch.moe import MoEBlock, expert_mlp, moe_blocks
+from knowpress.core.config import FrozenConfig
+from knowpress.core.errors import KnowpressError
+
+
+class MoELPSpec(FrozenConfig):
+    summary = "bits per routed expert by integer programming over error x routing weight"
+    paper = "Huang et al. 2024 (MC-MoE, PMQ), arXiv:2410.06270"
+
+    name: Literal["moe_lp"]
+    avg_bits: float = Field(gt=0, description="mean bits over the routed experts' weights")
+    candidates: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [2, 3, 4])
+    budget: Literal["per_layer", "global"] = "per_layer"
+
+    @model_validator(mode="after")
+    def _reachable(self) -> MoELPSpec:
+        if not min(self.candidates) <= self.avg_bits <= max(self.candidates):
+            raise ValueError(
+                f"avg_bits {self.avg_bits} is outside the candidates' range "
+                f"({min(self.candidates)}..{max(self.candidates)})"
+            )
+        return self
+
+
+def _rounded(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+    from knowpress.tensors.packing import dequantize_groups, quantize_groups
+
+    q = quantize_groups(weight, bits, group, symmetric)
+    return dequantize_groups(q.codes, q.scales, q.zeros, bits, group)
+
+
+@torch.no_grad()
+def expert_errors(
+    block: MoEBlock, x: torch.Tensor, candidates: list[int], groups: tuple[int, int],
+    symmetric: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``L [E, C]`` (module docstring) and importance ``[E]`` for one block's inputs ``x``."""
+    from knowpress.tensors.qexperts import current_weight
+
+    routing = block.route(x)
+    gate_up_all = current_weight(block.experts, "gate_up_proj").float()
+    down_all = current_weight(block.experts, "down_proj").float()
+    errors = torch.zeros(block.num_experts, len(candidates), dtype=torch.float64)
+    importance = torch.zeros(block.num_experts, dtype=torch.float64)
+    for j in range(block.num_experts):
+        rows, slot = torch.where(routing.index == j)
+        importance[j] = float(routing.weight[rows, slot].sum()) / max(1, x.shape[0])
+        if rows.numel() == 0:
+            continue
+        xj = x[rows]
+        exact = expert_mlp(block.experts, gate_up_all[j], down_all[j], xj)
+        for c, bits in enumerate(candidates):
+            gate_up = _rounded(gate_up_all[j], bits, groups[0], symmetric)
+            down = _rounded(down_all[j], bits, groups[1], symmetric)
+            approx = expert_mlp(block.experts, gate_up, down, xj)
+            errors[j, c] = float((approx - exact).pow(2).sum(-1).mean())
+    return errors, importance
+
+
+def solve(costs: torch.Tensor, sizes: list[int], candidates: list[int], avg_bits: float,
+          groups: list[int] | None = None) -> list[int]:  # fmt: skip
+    """The MILP (module docstring): ``costs [n, C]`` = w_i·L_{i,b}; ``groups``: each
+    expert's budget group (its block; None: one group); the chosen bits per expert."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n, c = costs.shape
+    groups = groups or [0] * n
+    one_each = np.kron(np.eye(n), np.ones(c))  # Σ_b x_{i,b} = 1
+    bits = [np.array(candidates, dtype=float) * s for s in sizes]
+    rows, limits = [], []
+    for g in sorted(set(groups)):
+        rows.append(
+            np.concatenate([b if k == g else 0 * b for b, k in zip(bits, groups, strict=True)])
+        )
+        limits.append(
+            avg_bits * float(sum(s for s, k in zip(sizes, groups, strict=True) if k == g))
+        )
+    budget = LinearConstraint(np.stack(rows), -np.inf, np.array(limits))
+    result = milp(costs.reshape(-1).numpy(), integrality=np.ones(n * c), bounds=Bounds(0, 1),
+                  constraints=[LinearConstraint(one_each, 1, 1), budget])  # fmt: skip
+    if not result.success:
+        raise KnowpressError(f"bits_plan moe_lp: the integer program failed ({result.message})")
+    choice = result.x.reshape(n, c).argmax(axis=1)
+    return [candidates[int(k)] for k in choice]
+
+
+def plan_expert_bits(
+    spec: MoELPSpec, model: nn.Module, batches: list[torch.Tensor],
+    groups: dict[str, tuple[int, int]], symmetric: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """``{experts module name: [bits per expert]}`` for every MoE block of ``model`` plus the
+    figures the stage reports (``groups``: that module's gate_up / down group sizes)."""
+    from knowpress.methods.experts.router_fit import block_inputs
+
+    blocks = moe_blocks(model)
+    missing = [f"{b.name}.experts" for b in blocks if f"{b.name}.experts" not in groups]
+    if missing:
+        raise KnowpressError(
+            f"bits_plan moe_lp: {missing[0]} is not among the quantize targets; target the "
+            "fused expert tensors (the default targets do)"
+        )
+    costs, sizes, owners = [], [], []
+    for i, block in enumerate(blocks):
+        name = f"{block.name}.experts"
+        x = block_inputs(model, batches, i)
+        errors, importance = expert_errors(block, x, list(spec.candidates), groups[name],
+                                           symmetric)  # fmt: skip
+        costs.append(errors * importance[:, None])
+        per_expert = block.experts.gate_up_proj.numel() + block.experts.down_proj.numel()
+        sizes += [per_expert // block.num_experts] * block.num_experts
+        owners += [name] * block.num_experts
+    layer_of = [i for i, b in enumerate(blocks) for _ in range(b.num_experts)]
+    chosen = solve(torch.cat(costs), sizes, list(spec.candidates), spec.avg_bits,
+                   layer_of if spec.budget == "per_layer" else None)  # fmt: skip
+    plan: dict[str, list[int]] = {}
+    for name, bits in zip(owners, chosen, strict=True):
+        plan.setdefault(name, []).append(bits)
+    achieved = sum(b * s for b, s in zip(chosen, sizes, strict=True)) / sum(sizes)
+    return {"expert_bits": plan, "avg_bits": round(achieved, 4)}

@@ -1,0 +1,11 @@
+"""Built-in stage kinds; importing this package registers them in ``STAGES``."""
+
+from knowpress.pipeline.stages import (  # noqa: F401
+    compress_kv,
+    distill,
+    export,
+    prune_experts,
+    quantize,
+    recalibrate_routers,
+    skip_experts,
+)

@@ -1,0 +1,302 @@
+"""``kind: quantize`` — weight-only quantization of the tensors the recipe targets.
+
+``targets`` (module or tensor names, globs or ``re:`` regexes; default: every linear layer
+and every fused MoE expert tensor) minus ``ignore`` (the output head by default: tied to the
+embedding in small models, and the most quantization-sensitive layer) are handed to the
+method from ``QUANT_METHODS``; see ``methods/quant/targets.py`` for the matching rules.
+Before any work, every target must be one the method can quantize; after it, none may be
+left float. The stage predicts the bytes of the saved folder from the plan (packed codes,
+scales and zero points of every target, every other tensor in the deploy dtype, the
+safetensors header) as ``details.predicted_bytes``, next to what the runner measures.
+
+```yaml
+- kind: quantize
+  method: {name: rtn, bits: 4, group_size: 32}
+  targets: ["re:.*\\.mlp\\..*"]     # optional; default: every linear + fused expert tensor
+  ignore: [lm_head]
+  plan: {rules: [{match: "*.down_proj", bits: 8}]}   # optional per-tensor settings (plan.py)
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from knowpress.core.errors import KnowpressError
+from knowpress.core.progress import Progress
+from knowpress.formats.io import deploy_dtype_of, packed_modules, packed_tensor_of
+from knowpress.formats.sizes import Entry, dtype_tag, safetensors_bytes
+from knowpress.methods.experts.moe_lp import MoELPSpec
+from knowpress.methods.quant import QUANT_METHODS
+from knowpress.methods.quant.base import QuantMethod
+from knowpress.methods.quant.plan import Assignment, PlanSpec, resolve
+from knowpress.methods.quant.targets import identity, select, still_float
+from knowpress.pipeline.context import Context
+from knowpress.pipeline.integrity import check_bits, check_folder, check_round_trip
+from knowpress.pipeline.stage import STAGES, StageConfig
+
+QuantMethodSpec = Annotated[
+    Union[tuple(QUANT_METHODS.get(n) for n in QUANT_METHODS.names())],  # noqa: UP007
+    Field(discriminator="name"),
+]
+
+
+@STAGES.register("quantize")
+class QuantizeConfig(StageConfig):
+    summary = "weight-only quantization of targeted tensors, stored packed"
+
+    packs_weights = True
+
+    kind: Literal["quantize"]
+    method: QuantMethodSpec  # type: ignore[valid-type]
+    targets: list[str] | None = Field(
+        None, description="module/tensor name globs or re: regexes; null = every linear + experts"
+    )
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="name globs")
+    plan: PlanSpec | None = Field(None, description="per-tensor bits / group size rules")
+    bits_plan: MoELPSpec | None = Field(
+        None, description="MoE: bits per expert by integer programming (moe_lp, avg_bits)"
+    )
+    format: Literal["auto", "knowpress", "compressed-tensors"] = Field(
+        "auto", description="folder format; auto: compressed-tensors when it can hold the output"
+    )
+
+    def storage(self, model: nn.Module, assignments: list[Assignment]) -> tuple[str, str | None]:
+        """The folder format of this stage's output and, when auto fell back to knowpress's
+        packed format, why (``formats/compressed_tensors.py`` says what compressed-tensors holds)."""
+        from knowpress.formats.compressed_tensors import FORMAT, blocker
+
+        if self.format == "knowpress":
+            return "knowpress", None
+        targeted = {a.target.module for a in assignments}
+        earlier = [(n, m) for n, m in packed_modules(model).items() if n not in targeted]
+        reason = blocker(earlier)
+        for a in assignments:
+            if reason:
+                break
+            if a.target.kind != "linear":
+                reason = f"{a.target.name} is a {a.target.kind.replace('_', ' ')} tensor"
+            elif not getattr(a.method, "symmetric", False):
+                reason = f"{a.target.name} is asymmetric (symmetric: false)"
+        if reason and self.format == FORMAT:
+            raise KnowpressError(
+                f"quantize.format: compressed-tensors cannot hold this output: {reason}; use "
+                f"format: auto or knowpress"
+            )
+        return ("knowpress", reason) if reason else (FORMAT, None)
+
+    def build(self) -> Quantize:
+        return Quantize(self)
+
+    def resolve(self, model: nn.Module) -> list[Assignment]:
+        """Each target with its settings, after every check that needs no weights."""
+        targets = select(model, self.targets, self.ignore)
+        if not targets:
+            raise KnowpressError(
+                "quantize: targets minus ignore leave no tensor to quantize "
+                "(narrow the ignore globs or remove the stage)"
+            )
+        assignments = resolve(self.method, self.plan, targets)
+        problems = [p for a in assignments if (p := a.method.check_target(a.target))]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise KnowpressError(f"quantize.method: {problems[0]}{more}")
+        return assignments
+
+    def check(self, model: Any, deploy_dtype: str) -> list[str]:
+        assignments = self.resolve(model)
+        if self.bits_plan is not None:
+            if not any(a.target.kind == "fused_experts" for a in assignments):
+                raise KnowpressError(
+                    "quantize.bits_plan: moe_lp assigns bits to fused MoE experts, and the "
+                    "targets hold none (an MoE model, with its experts targeted, is needed)"
+                )
+            if not hasattr(self.method, "expert_bits"):
+                raise KnowpressError(
+                    f"quantize.bits_plan: {self.method.name} has no bits per expert"
+                )
+            _check_whole_experts(assignments)
+        storage, reason = self.storage(model, assignments)
+        predicted = predicted_bytes(model, assignments, deploy_dtype, storage)
+        lines = plan_lines(self, assignments, predicted)
+        if self.bits_plan is not None:
+            lines.append(f"bits_plan: moe_lp, {self.bits_plan.avg_bits:g} bits per routed expert "
+                         "on average, chosen on calibration data (the prediction above is at "
+                         "the method's bits)")  # fmt: skip
+        return [*lines, f"format: {storage}" + (f" ({reason})" if reason else "")]
+
+
+def plan_lines(config: QuantizeConfig, assignments: list[Assignment], predicted: int) -> list[str]:
+    """What ``--dry-run`` prints of a quantize stage: each rule's tensors and settings, the
+    group-size fallbacks, the predicted bytes."""
+    lines = []
+    for index in [None, *range(len(config.plan.rules if config.plan else []))]:
+        chosen = [a for a in assignments if a.rule == index]
+        if not chosen:
+            continue
+        rules = config.plan.rules if config.plan else []
+        label = "method" if index is None else f"rule {index} {rules[index].match!r}"
+        settings = sorted({_settings(a.method) for a in chosen})
+        names = [a.target.name for a in chosen]
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        lines.append(f"{label}: {len(chosen)} tensors at {' / '.join(settings)}: {shown}")
+    lines += [f"fallback: {a.target.name}: {a.fallback}" for a in assignments if a.fallback]
+    lines.append(f"predicted bytes: {predicted:,}")
+    return lines
+
+
+def _settings(method: QuantMethod) -> str:
+    group = getattr(method, "group_size", None)
+    kind = "sym" if getattr(method, "symmetric", False) else "asym"
+    grouping = "per-row" if group is None else f"g{group}"
+    return f"{method.name} int{getattr(method, 'bits', '?')} {grouping} {kind}"
+
+
+class Quantize:
+    def __init__(self, config: QuantizeConfig) -> None:
+        self.config = config
+        self.assignments: list[Assignment] = []
+        self.predicted = 0
+        self.storage = "knowpress"
+
+    def run(self, ctx: Context, progress: Progress) -> Context:
+        method: QuantMethod = self.config.method
+        assignments = self.config.resolve(ctx.model)
+        if self.config.bits_plan is not None:
+            assignments = _with_expert_bits(self.config.bits_plan, assignments, ctx, progress)
+        targets = [a.target for a in assignments]
+        storage, reason = self.config.storage(ctx.model, assignments)
+        predicted = predicted_bytes(ctx.model, assignments, ctx.deploy_dtype, storage)
+        self.assignments, self.predicted, self.storage = assignments, predicted, storage
+        before = {t.name: identity(ctx.model, t) for t in targets}
+        plan = {a.target.name: a.method for a in assignments}
+        ctx.metrics.update(method.apply(ctx.model, targets, calibration(ctx), progress, plan))
+        left = still_float(ctx.model, targets, before)
+        if left:
+            raise KnowpressError(
+                f"quantize: {len(left)} targeted tensor(s) still float after {method.name} "
+                f"(first: {left[0]}); this is a bug in the method, please report it"
+            )
+        for module in packed_modules(ctx.model).values():
+            module.storage = storage  # how the runner's save writes them
+        ctx.metrics.update(
+            quantized_tensors=len(targets),
+            predicted_bytes=predicted,
+            float_weights_left=untargeted_float_weights(ctx.model),
+            format=storage,
+        )
+        if reason:
+            ctx.metrics["format_reason"] = f"knowpress's packed format: {reason}"
+        fallbacks = {a.target.name: a.fallback for a in assignments if a.fallback}
+        if fallbacks:
+            ctx.metrics["group_fallbacks"] = fallbacks
+        return ctx
+
+    def verify(self, ctx: Context, folder: Path) -> None:
+        """The integrity check (``pipeline/integrity.py``) on the saved folder."""
+        check_bits(ctx, self.assignments)
+        check_folder(self.assignments, folder, self.predicted, self.storage)
+        check_round_trip(ctx, folder)
+
+
+def _check_whole_experts(assignments: list[Assignment]) -> None:
+    """moe_lp sets one width per expert for both its tensors: both must be targeted."""
+    fused: dict[str, set[str]] = {}
+    for a in assignments:
+        if a.target.kind == "fused_experts":
+            fused.setdefault(a.target.module, set()).add(a.target.attribute)
+    for module, names in fused.items():
+        if names != {"gate_up_proj", "down_proj"}:
+            raise KnowpressError(
+                f"quantize.bits_plan: moe_lp sets each expert's width for its gate_up_proj and "
+                f"down_proj, and {module} has only {sorted(names)} targeted; target both"
+            )
+
+
+def _with_expert_bits(spec: MoELPSpec, assignments: list[Assignment], ctx: Context,
+                      progress: Progress) -> list[Assignment]:  # fmt: skip
+    """The assignments with moe_lp's bits per expert on every fused tensor (both tensors of
+    an experts module share its experts' widths); the plan goes into the stage details."""
+    import dataclasses
+
+    from knowpress.methods.experts.moe_lp import plan_expert_bits
+    from knowpress.pipeline.calibration import calibration_batches
+
+    fused = [a for a in assignments if a.target.kind == "fused_experts"]
+    groups: dict[str, dict[str, int]] = {}
+    for a in fused:
+        groups.setdefault(a.target.module, {})[a.target.attribute] = (
+            getattr(a.method, "group_size", None) or a.target.shape[-1])  # fmt: skip
+    pairs = {m: (g.get("gate_up_proj", 0), g.get("down_proj", 0)) for m, g in groups.items()}
+    positions = int(getattr(ctx.model.config, "max_position_embeddings", 2048))
+    sequences = ctx.calibration_ids(positions)
+    progress.log("[dim]quantize: moe_lp bits per expert (integer program)[/dim]")
+    result = plan_expert_bits(spec, ctx.model, calibration_batches(sequences), pairs,
+                              bool(getattr(fused[0].method, "symmetric", True)))  # fmt: skip
+    ctx.metrics["bits_plan"] = result
+    out = []
+    for a in assignments:
+        bits = (
+            result["expert_bits"].get(a.target.module) if a.target.kind == "fused_experts" else None
+        )
+        method = a.method.model_copy(update={"expert_bits": bits}) if bits else a.method
+        out.append(dataclasses.replace(a, method=method))
+    return out
+
+
+def predicted_bytes(
+    model: nn.Module, assignments: list[Assignment], deploy_dtype: str, storage: str = "knowpress"
+) -> int:
+    """Bytes the saved safetensors will take: each target's stored tensors at its assigned
+    settings in the folder format ``storage``, every other tensor of the model in its storage
+    dtype (tied tensors once), the safetensors header."""
+    from knowpress.formats import compressed_tensors as ct_format
+
+    deploy = getattr(torch, deploy_dtype)
+    targeted = {a.target.name for a in assignments}
+    packed = packed_modules(model)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    if storage == ct_format.FORMAT:
+        entries: list[Entry] = [
+            e for a in assignments for e in ct_format.entries(
+                a.target.module, *a.target.shape, a.method.bits,  # type: ignore[attr-defined]
+                a.method.group(a.target.shape[1]))  # type: ignore[attr-defined]
+        ]  # fmt: skip
+        for name, module in packed.items():  # earlier stages' layers, re-packed as words
+            if f"{name}.weight" not in targeted:
+                entries += ct_format.entries(name, module.out_features, module.in_features,
+                                             module.bits, module.group_size)  # fmt: skip
+                targeted.add(f"{name}.weight")
+    else:
+        entries = [e for a in assignments for e in a.method.stored_entries(a.target)]
+    for key, tensor in model.state_dict().items():
+        if key in targeted or packed_tensor_of(key, set(packed)) in targeted or key in tied:
+            continue  # replaced by the method's entries, or stored once under its tie
+        tag = dtype_tag(deploy_dtype_of(key, tensor, packed, deploy))
+        entries.append((key, tag, tuple(tensor.shape)))
+    return safetensors_bytes(entries)
+
+
+def untargeted_float_weights(model: nn.Module) -> int:
+    """Elements of float tensors with two or more dimensions left (embeddings, ignored
+    layers, fused experts not targeted): the report shows what stayed in the deploy dtype."""
+    seen: set[int] = set()
+    total = 0
+    for param in model.parameters():
+        if param.dim() >= 2 and param.is_floating_point() and id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total
+
+
+def calibration(ctx: Context) -> Any:
+    """The calibration batches a data-aware method asks for (read and tokenized on first
+    use: RTN never does): ``data.calibration`` sequences, 8 per forward pass."""
+    from knowpress.pipeline.calibration import calibration_batches
+
+    return lambda max_positions: calibration_batches(ctx.calibration_ids(max_positions), 8)

@@ -1,0 +1,134 @@
+"""compressed-tensors folders: stock transformers loads them with no knowpress import and
+computes what knowpress computes; knowpress reads them back packed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from knowpress.core.errors import KnowpressError
+from knowpress.core.progress import Progress
+from knowpress.formats.io import load_model, save_model
+from knowpress.methods.quant.plan import resolve
+from knowpress.methods.quant.rtn import RTN
+from knowpress.methods.quant.targets import select
+from knowpress.pipeline.recipe import validate_recipe
+from knowpress.pipeline.stages.quantize import predicted_bytes
+from knowpress.tensors.qlinear import QuantLinear
+from knowpress.testing.models import tiny_llama, tiny_tokenizer
+
+pytest.importorskip("compressed_tensors")
+IDS = [[1, 5, 9, 30, 7, 3, 8]]
+STOCK = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    logits = model(ids).logits
+    tokens = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+assert "knowpress" not in sys.modules
+print(json.dumps({"logits": logits.flatten().tolist(), "tokens": tokens.tolist()}))
+"""
+
+
+def _quantized(method: RTN, storage: str) -> torch.nn.Module:
+    model = tiny_llama(hidden_size=128, intermediate_size=256)
+    method.apply(model, select(model, None, ["lm_head"]), None, Progress(False))  # type: ignore[arg-type]
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.storage = storage
+    return model
+
+
+# g128 is per-row on the 128-wide q_proj, grouped on the 256-wide down_proj: two config groups
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (8, 64), (3, 32), (4, None), (4, 128)])
+def test_stock_transformers_loads_it_and_computes_the_same(
+    bits: int, group: int | None, tmp_path: Path
+) -> None:
+    method = RTN(name="rtn", bits=bits, group_size=group, symmetric=True)
+    model = _quantized(method, "compressed-tensors")
+    assert save_model(model, tiny_tokenizer(), tmp_path) == "hf-compressed-tensors"
+    quant = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors" and quant["format"] == "pack-quantized"
+    run = subprocess.run([sys.executable, "-c", STOCK, str(tmp_path), json.dumps(IDS)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    stock = json.loads(run.stdout.strip().splitlines()[-1])
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        ours = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.allclose(torch.tensor(stock["logits"]).reshape(ours.shape), ours, atol=1e-5)
+    assert stock["tokens"] == tokens.tolist()
+    reloaded, _ = load_model(tmp_path)  # knowpress reads the codes back, packed
+    packed = [m for m in reloaded.modules() if isinstance(m, QuantLinear)]
+    assert len(packed) == 14 and all(m.storage == "compressed-tensors" for m in packed)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, ours)
+    again = tmp_path / "again"  # a later stage saves the reloaded model: the same tensors
+    assert save_model(reloaded, tiny_tokenizer(), again) == "hf-compressed-tensors"
+    assert _tensors(again) == _tensors(tmp_path)
+
+
+def _tensors(folder: Path) -> dict[str, bytes]:
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    return {k: v.contiguous().view(torch.uint8).numpy().tobytes() for k, v in state.items()}
+
+
+def test_bytes_match_the_prediction_in_the_compressed_tensors_layout(tmp_path: Path) -> None:
+    method = RTN(name="rtn", bits=3, group_size=32, symmetric=True)
+    model = tiny_llama(hidden_size=128, intermediate_size=256)
+    assignments = resolve(method, None, select(model, None, ["lm_head"]))
+    predicted = predicted_bytes(model, assignments, "bfloat16", "compressed-tensors")
+    model = _quantized(method, "compressed-tensors")
+    save_model(model, tiny_tokenizer(), tmp_path, dtype=torch.bfloat16)
+    stored = (tmp_path / "model.safetensors").stat().st_size
+    assert abs(stored - predicted) <= 0.01 * stored
+
+
+def test_the_stage_chooses_the_format_and_says_why_not() -> None:
+    from knowpress.pipeline.stages.quantize import QuantizeConfig
+
+    def config(**method: object) -> QuantizeConfig:
+        block = {
+            "kind": "quantize",
+            "method": {"name": "rtn", "bits": 4, "group_size": 32, **method},
+        }
+        recipe = validate_recipe({"version": 1, "model": {"path": "./x"}, "stages": [block]})
+        stage = recipe.stages[0]
+        assert isinstance(stage, QuantizeConfig)
+        return stage
+
+    model = tiny_llama()
+    for stage, expected in (
+        (config(), "compressed-tensors"),
+        (config(symmetric=False), "knowpress"),
+    ):
+        storage, reason = stage.storage(model, stage.resolve(model))
+        assert storage == expected
+    assert reason is not None and "asymmetric" in reason
+    forced = config(symmetric=False).model_copy(update={"format": "compressed-tensors"})
+    with pytest.raises(KnowpressError, match="compressed-tensors cannot hold this output"):
+        forced.storage(model, forced.resolve(model))
+
+
+def test_a_folder_whose_weights_do_not_all_load_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    method = RTN(name="rtn", bits=4, group_size=32, symmetric=True)
+    save_model(_quantized(method, "compressed-tensors"), tiny_tokenizer(), tmp_path)
+    file = tmp_path / "model.safetensors"
+    state = load_file(str(file))
+    renamed = {
+        k.replace("layers.1.mlp.", "layers.1.block_sparse_moe."): v for k, v in state.items()
+    }
+    save_file(renamed, str(file), metadata={"format": "pt"})
+    with pytest.raises(KnowpressError, match=r"not in the checkpoint \(first: model\.layers\.1"):
+        load_model(tmp_path)
