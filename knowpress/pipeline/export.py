@@ -1,6 +1,7 @@
 """``export_model``: model -> ONNX graph (+ low-bit weights) -> parity -> bundle, into a folder.
 
-Shared by ``kind: export`` (``pipeline/stages/export.py``) and ``compress export`` (``cli_export.py``).
+Shared by ``kind: export`` (``pipeline/stages/export.py``) and ``compress export``
+(``cli/export.py``).
 Steps: with ``weights: int4``, ``nbits.prepare`` swaps every target for the float linear
 its codes dequantize to (carried from ``QuantLinear``s, RTN otherwise), so the graph and
 the PyTorch reference share weights; the float graph is exported (``onnx.py``); int4

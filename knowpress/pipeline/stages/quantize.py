@@ -68,7 +68,7 @@ class QuantizeConfig(StageConfig):
 
     def storage(self, model: nn.Module, assignments: list[Assignment]) -> tuple[str, str | None]:
         """The folder format of this stage's output and, when auto fell back to knowpress's
-        packed format, why (``formats/compressed_tensors.py`` says what compressed-tensors holds)."""
+        packed format, why (``formats/compressed_tensors.py`` says what it holds)."""
         from knowpress.formats.compressed_tensors import FORMAT, blocker
 
         if self.format == "knowpress":
