@@ -5,8 +5,9 @@ by default is the reference): a copy (healing), a smaller config, or a depth- or
 width-pruned copy (``methods/distill/students.py``). It trains on the fact world's training
 text (``pipeline/distill_data.py``; ``data.calibration`` texts without a world) with a loss
 from ``DISTILL_LOSSES`` (``methods/distill/losses.py``, TAID in ``methods/distill/taid.py``),
-optionally mixed with cross-entropy (``sft_weight``) and with on-policy batches (``on_policy``: GKD; ``source:
-teacher``: sequence-level KD). Training is resumable mid-stage (``methods/distill/trainer.py``).
+optionally mixed with cross-entropy (``sft_weight``) and with on-policy batches
+(``on_policy``: GKD; ``source: teacher``: sequence-level KD). Training is resumable
+mid-stage (``methods/distill/trainer.py``).
 The student is saved as an ordinary transformers checkpoint of its own config.
 
 ```yaml
