@@ -117,7 +117,7 @@ KV_POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
 
 #: artifact format -> how a test folder of that format is written ("plain" | "packed" |
 #: "compressed-tensors" | "onnx": the export stage's bundle)
-RUNTIME_FORMATS: dict[str, str] = {
+FORMATS: dict[str, str] = {
     "hf": "plain",
     "hf-packed": "packed",
     "hf-compressed-tensors": "compressed-tensors",

@@ -9,19 +9,19 @@ import pytest
 
 from knowpress.core.registry import Registry
 from knowpress.evaluate.tasks import TASKS
+from knowpress.formats import FORMATS
 from knowpress.methods.distill import DISTILL_LOSSES
 from knowpress.methods.experts import EXPERT_PRUNERS
 from knowpress.methods.kv import KV_POLICIES
 from knowpress.methods.quant import QUANT_METHODS
 from knowpress.pipeline.stage import STAGES
-from knowpress.runtimes.loader import RUNTIME_FORMATS
 
 FAMILIES: list[tuple[Registry[Any], dict[str, Any]]] = [
     (STAGES, rows.STAGES),
     (QUANT_METHODS, rows.QUANT_METHODS),
     (TASKS, rows.TASKS),
     (KV_POLICIES, rows.KV_POLICIES),
-    (RUNTIME_FORMATS, rows.RUNTIME_FORMATS),
+    (FORMATS, rows.FORMATS),
     (DISTILL_LOSSES, rows.DISTILL_LOSSES),
     (EXPERT_PRUNERS, rows.EXPERT_PRUNERS),
 ]

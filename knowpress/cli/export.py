@@ -78,7 +78,7 @@ def _level(value: str) -> int | str:
 def check_target(target: Path, model: Path, force: bool) -> None:
     """OUT may be written: not a file, not the model's folder (nor holding it, nor inside
     it), empty or absent unless ``--force`` replaces an earlier bundle."""
-    from knowpress.pipeline.outdir import EXPORT_MARKER, check_not_input, is_export_bundle
+    from knowpress.pipeline.outdir import check_not_input, is_export_bundle
 
     if model.exists():
         check_not_input(target, {"the model folder": model})
@@ -93,7 +93,7 @@ def check_target(target: Path, model: Path, force: bool) -> None:
         )
     if not is_export_bundle(target):
         raise KnowpressError(
-            f"--force: {target} is not an export bundle (no {EXPORT_MARKER} and onnx manifest); "
+            f"--force: {target} is not an export bundle (no export record and onnx manifest); "
             f"knowpress only replaces its own bundles, so empty it yourself or choose another -o"
         )
 
@@ -104,18 +104,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     from knowpress.core.errors import disk_full
     from knowpress.core.io import atomic_dir
     from knowpress.core.progress import Progress
+    from knowpress.formats import detect
     from knowpress.formats.io import load_model
     from knowpress.formats.manifest import build_manifest, write_manifest
     from knowpress.pipeline.export import export_model
-    from knowpress.runtimes.loader import artifact_format, expert_skip_of, kv_policy_of
+    from knowpress.runtimes.loader import expert_skip_of, kv_policy_of
 
     hide_library_output()
     config = _config(args)
     target = Path(args.output)
     check_target(target, Path(args.model), args.force)
-    fmt, manifest = artifact_format(args.model)
-    if fmt == "onnx":
-        raise KnowpressError(f"{args.model} is already an ONNX bundle; export its input folder")
+    fmt, manifest = detect(args.model)
+    if fmt.runtime != "torch":
+        raise KnowpressError(
+            f"{args.model} is already an exported {fmt.name} artifact; export its input folder"
+        )
     policy = kv_policy_of(manifest, args.model)
     if expert_skip_of(manifest, args.model) is not None:
         raise KnowpressError(f"{args.model}: expert_skip cannot run in the onnxruntime loop")

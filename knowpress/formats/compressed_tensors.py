@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from knowpress.core.errors import KnowpressError
+from knowpress.formats.base import Format, register
 
 FORMAT = "compressed-tensors"
 
@@ -220,3 +221,43 @@ def load_ct(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model.eval()
+
+
+@register
+class CompressedTensorsFormat(Format):
+    name = "hf-compressed-tensors"
+    detect_order = 20
+    summary = "compressed-tensors pack-quantized (stock transformers, vLLM, SGLang load it)"
+
+    def detect(self, folder: Path) -> bool:
+        return is_ct_folder(folder)
+
+    def holds(self, modules: dict[str, Any]) -> str | None:
+        if not modules:
+            return "no packed module: a plain hf folder holds the model"
+        if any(getattr(m, "storage", "") != FORMAT for m in modules.values()):
+            return "the quantize stage stored its codes in knowpress's format"
+        return blocker(modules.items())
+
+    def save(self, model: Any, tokenizer: Any, folder: Path, dtype: torch.dtype | None,
+             modules: dict[str, Any]) -> None:  # fmt: skip
+        from knowpress.formats.weights import (
+            deploy_state,
+            packed_tensor_of,
+            save_weights,
+            set_dtype,
+        )
+
+        state = deploy_state(model, dtype) if dtype is not None else model.state_dict()
+        state = {k: v for k, v in state.items() if packed_tensor_of(k, set(modules)) is None}
+        state.update(ct_state(modules))  # codes re-packed as compressed-tensors words
+        save_weights(model, folder, state, original_format=True)
+        tokenizer.save_pretrained(folder)
+        set_dtype(folder, dtype)
+        write_config(folder, modules)
+
+    def load(self, location: str, dtype: torch.dtype, trust_remote_code: bool) -> Any:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        return load_ct(Path(location), dtype, trust_remote_code), tokenizer

@@ -10,7 +10,6 @@ loading the tensors, so what is measured is exactly what is stored.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from pathlib import Path
@@ -18,75 +17,24 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from knowpress.core.errors import KnowpressError, disk_full, error_summary, short
-from knowpress.core.io import atomic_write_text, follow_umask
+from knowpress.core.errors import KnowpressError, error_summary, short
 from knowpress.core.registry import close_matches
+from knowpress.formats.base import FORMATS, detect, format_for
+from knowpress.formats.weights import packed_modules
 
-QUANT_FILE = "knowpress_quant.json"
-PACKED_VERSION = 2  # 2: zero points packed at the code width
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def deploy_dtype_of(key: str, tensor: torch.Tensor, packed: set[str], dtype: torch.dtype | None
-                    ) -> torch.dtype:  # fmt: skip
-    """The dtype ``key`` is stored in: packed tensors (codes, scales, zero points) keep their
-    own; other float tensors take the deploy ``dtype`` (None: as they are)."""
-    if dtype is None or not tensor.is_floating_point() or packed_tensor_of(key, packed):
-        return tensor.dtype
-    return dtype
-
-
-def packed_tensor_of(key: str, packed: set[str]) -> str | None:
-    """For a packed buffer (``...q_proj.weight_scale``, ``...experts.down_proj_packed``) of a
-    packed module, the name of the tensor it stores (``...q_proj.weight``); else None."""
-    module, _, attr = key.rpartition(".")
-    if module not in packed:
-        return None
-    for suffix in ("_packed", "_scale", "_zero_point"):
-        if attr.endswith(suffix):
-            return f"{module}.{attr[: -len(suffix)]}"
-    return None
-
-
-def packed_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if callable(getattr(module, "packing_spec", None))
-    }
-
-
-def _deploy_state(model: PreTrainedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict with float tensors cast to ``dtype``; tensors shared before (tied
-    weights) stay shared, so ``save_pretrained`` still stores them once."""
-    packed = set(packed_modules(model))
-    cast: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
-    state = {}
-    for key, tensor in model.state_dict().items():
-        target = deploy_dtype_of(key, tensor, packed, dtype)
-        ident = (tensor.data_ptr(), tuple(tensor.shape))
-        if ident not in cast:
-            cast[ident] = tensor.to(target)
-        state[key] = cast[ident]
-    return state
-
-
-def _set_dtype(directory: Path, dtype: torch.dtype | None) -> None:
-    if dtype is not None:
-        config = json.loads((directory / "config.json").read_text())
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        atomic_write_text(
-            directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n"
-        )
+#: the formats save_model writes, in the order it tries them (formats/base.py)
+SAVE_ORDER = ("hf", "hf-compressed-tensors", "hf-packed")
 
 
 def save_model(
@@ -95,73 +43,36 @@ def save_model(
     directory: Path,
     dtype: torch.dtype | None = None,
 ) -> str:
-    """``save_pretrained`` (safetensors) for model and tokenizer, plus the packing plan;
-    returns the format: ``hf`` (no packed layers), ``hf-compressed-tensors`` (packed linears
-    whose ``storage`` is compressed-tensors: stock transformers loads them, ``ct_format.py``)
-    or ``hf-packed`` (knowpress's format: ``packed.py``).
+    """Save model and tokenizer (safetensors) in the first format of :data:`SAVE_ORDER` that
+    holds it and return that format's name: ``hf`` (no packed layers),
+    ``hf-compressed-tensors`` (packed linears the quantize stage stored as compressed-tensors:
+    stock transformers loads them) or ``hf-packed`` (knowpress's format). A model the stage
+    meant for compressed-tensors that it cannot hold is one line, not a silent fallback.
 
     ``dtype`` is the deploy dtype of every float tensor no stage compressed (None: keep the
     model's); packed codes, scales and zero points keep their own. The in-memory model is
     not changed. transformers' shard-writing tqdm bar is hidden meanwhile.
     """
-    from knowpress.formats import compressed_tensors as ct_format
-    from knowpress.formats.knowpress_packed import mark_packed
+    from knowpress.formats.compressed_tensors import FORMAT
 
     directory = Path(directory)
     modules = packed_modules(model)
-    ct = bool(modules) and all(
-        getattr(m, "storage", "") == ct_format.FORMAT for m in modules.values()
-    )
-    if ct and (reason := ct_format.blocker(modules.items())):
-        raise KnowpressError(f"compressed-tensors: {reason}")
-    state = _deploy_state(model, dtype) if dtype is not None else None
-    if ct:  # codes re-packed as compressed-tensors words, nothing re-quantized
-        state = {k: v for k, v in (state or model.state_dict()).items()
-                 if packed_tensor_of(k, set(modules)) is None}  # fmt: skip
-        state.update(ct_format.ct_state(modules))
-    # A knowpress-packed folder keeps the in-memory tensor names (knowpress loads it as it
-    # is); others are written in the architecture's original layout for stock transformers.
-    _save_weights(model, directory, state, original_format=ct or not modules)
-    if ct:
-        tokenizer.save_pretrained(directory)
-        _set_dtype(directory, dtype)
-        ct_format.write_config(directory, modules)
-        return "hf-compressed-tensors"
-    tokenizer.save_pretrained(directory)
-    config = json.loads((directory / "config.json").read_text())
-    if dtype is not None:
-        config["dtype"] = str(dtype).removeprefix("torch.")
-    plan = {name: module.packing_spec() for name, module in modules.items()}
-    if plan:
-        payload = {"format": "knowpress-packed", "version": PACKED_VERSION, "modules": plan}
-        atomic_write_text(directory / QUANT_FILE, json.dumps(payload, indent=1, sort_keys=True))
-        config = mark_packed(config)
-    if dtype is not None or plan:
-        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        atomic_write_text(directory / "config.json", text)
-    return "hf-packed" if plan else "hf"
+    if modules and all(getattr(m, "storage", "") == FORMAT for m in modules.values()):
+        reason = FORMATS.get("hf-compressed-tensors").holds(modules)
+        if reason:
+            raise KnowpressError(f"compressed-tensors: {reason}")
+    fmt = format_for(modules, SAVE_ORDER)
+    fmt.save(model, tokenizer, directory, dtype, modules)
+    return fmt.name
 
 
-def _save_weights(model: PreTrainedModel, directory: Path, state: dict[str, torch.Tensor] | None,
-                  original_format: bool) -> None:  # fmt: skip
-    """``save_pretrained`` of the weights, its tqdm bar hidden, ENOSPC as one ``OSError``,
-    the files given the umask's mode (transformers writes them 0600)."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(directory, safe_serialization=True, state_dict=state,
-                              save_original_format=original_format)  # fmt: skip
-    except Exception as exc:
-        if disk_full(exc):  # safetensors reports ENOSPC as its own error type
-            raise OSError(errno.ENOSPC, "No space left on device", str(directory)) from None
-        raise
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-    for written in directory.glob("*.safetensors*"):
-        follow_umask(written)
+def format_reason(model: PreTrainedModel) -> str | None:
+    """Why ``model`` is stored in knowpress's packed format (what keeps it out of
+    compressed-tensors, the public format a packed model would take); None for others."""
+    modules = packed_modules(model)
+    if format_for(modules, SAVE_ORDER).name != "hf-packed":
+        return None
+    return FORMATS.get("hf-compressed-tensors").holds(modules)
 
 
 def check_local(path: Path, source: str | Path) -> None:
@@ -248,8 +159,6 @@ def load_model(
     hub id that cannot be fetched (offline machine), is a :class:`KnowpressError` naming the
     path and the fix.
     """
-    from knowpress.formats.compressed_tensors import is_ct_folder, load_ct
-    from knowpress.formats.knowpress_packed import load_packed, packed_config
 
     torch_dtype = _DTYPES[dtype]
     path = Path(source)
@@ -260,7 +169,10 @@ def load_model(
         path = path.expanduser()
         check_local(path, source)
     counts = _expert_counts(path) if looks_local else None
-    if counts is not None and (is_ct_folder(path) or (path / QUANT_FILE).is_file()):
+    fmt = detect(path)[0] if looks_local else FORMATS.get("hf")
+    if fmt.runtime != "torch":
+        fmt.load(str(source), torch_dtype, trust_remote_code)  # one line: not a torch model
+    if counts is not None and fmt.name != "hf":
         raise KnowpressError(
             f"{path}: uneven expert counts with packed weights cannot be loaded yet; prune "
             "experts with budget: per_layer (a uniform count) before quantizing"
@@ -271,23 +183,9 @@ def load_model(
 
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
             model = load_uneven(path, counts, torch_dtype, trust_remote_code)
-        elif looks_local and is_ct_folder(path):
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-            model = load_ct(path, torch_dtype, trust_remote_code)
-        elif looks_local and (path / QUANT_FILE).is_file():
-            config = packed_config(path, trust_remote_code)  # the marked config.json is not it
-            tokenizer = AutoTokenizer.from_pretrained(
-                source, config=config, trust_remote_code=trust_remote_code
-            )
-            model = load_packed(path, torch_dtype, trust_remote_code)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                source,
-                dtype=torch_dtype,
-                use_safetensors=True,
-                trust_remote_code=trust_remote_code,
-            )
+            model, tokenizer = fmt.load(str(path if looks_local else source), torch_dtype,
+                                        trust_remote_code)  # fmt: skip
     except KnowpressError:
         raise
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:

@@ -22,6 +22,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from knowpress.core.errors import KnowpressError
+from knowpress.formats.base import Format, register
+
+QUANT_FILE = "knowpress_quant.json"
+PACKED_VERSION = 2  # 2: zero points packed at the code width
 
 PACKED_MODEL_TYPE = (
     "knowpress-packed: stock transformers cannot read these packed weights; load the folder "
@@ -79,7 +83,6 @@ def packed_skeleton(
 ) -> PreTrainedModel:
     """The folder's model with a ``QuantLinear`` for every packed module, weights unset (on
     the current default device: the meta device gives shapes without memory)."""
-    from knowpress.formats.io import PACKED_VERSION, QUANT_FILE
     from knowpress.tensors.qembed import QuantEmbedding, TiedQuantHead
     from knowpress.tensors.qexperts import install
     from knowpress.tensors.qlinear import QuantLinear
@@ -131,3 +134,45 @@ def load_packed(directory: Path, dtype: torch.dtype, trust_remote_code: bool) ->
     if not any(getattr(m, "kind", None) == "tied_head" for m in model.modules()):
         model.tie_weights()  # a TiedQuantHead already reads its packed table
     return model.eval()
+
+
+@register
+class PackedFormat(Format):
+    """Only for what no public format holds (fused experts, embeddings, asymmetric zero
+    points, per-expert widths): the manifest's ``format_reason`` names the case."""
+
+    name = "hf-packed"
+    detect_order = 10
+    summary = "knowpress's packed folder (what no public format holds)"
+
+    def detect(self, folder: Path) -> bool:
+        return (Path(folder) / QUANT_FILE).is_file()
+
+    def holds(self, modules: dict[str, Any]) -> str | None:
+        return None if modules else "no packed module: a plain hf folder holds the model"
+
+    def save(self, model: Any, tokenizer: Any, folder: Path, dtype: torch.dtype | None,
+             modules: dict[str, Any]) -> None:  # fmt: skip
+        from knowpress.core.io import atomic_write_text
+        from knowpress.formats.weights import deploy_state, save_weights
+
+        state = deploy_state(model, dtype) if dtype is not None else None
+        save_weights(model, folder, state, original_format=False)  # in-memory tensor names
+        tokenizer.save_pretrained(folder)
+        config = json.loads((folder / "config.json").read_text())
+        if dtype is not None:
+            config["dtype"] = str(dtype).removeprefix("torch.")
+        plan = {name: module.packing_spec() for name, module in modules.items()}
+        payload = {"format": "knowpress-packed", "version": PACKED_VERSION, "modules": plan}
+        atomic_write_text(folder / QUANT_FILE, json.dumps(payload, indent=1, sort_keys=True))
+        text = json.dumps(mark_packed(config), indent=2, sort_keys=True) + "\n"
+        atomic_write_text(folder / "config.json", text)
+
+    def load(self, location: str, dtype: torch.dtype, trust_remote_code: bool) -> Any:
+        from transformers import AutoTokenizer
+
+        path = Path(location)
+        config = packed_config(path, trust_remote_code)  # the marked config.json is not it
+        tokenizer = AutoTokenizer.from_pretrained(location, config=config,
+                                                  trust_remote_code=trust_remote_code)  # fmt: skip
+        return load_packed(path, dtype, trust_remote_code), tokenizer

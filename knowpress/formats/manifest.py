@@ -46,6 +46,8 @@ class Manifest(FrozenConfig):
     schema_: Literal["knowpress.artifact"] = Field("knowpress.artifact", alias="schema")
     version: Literal[1] = 1
     format: str
+    #: why the artifact is in knowpress's own format (no public format holds it), else None
+    format_reason: str | None = None
     dtype: str
     files: dict[str, int]
     sha256: dict[str, str] = Field(default_factory=dict)
@@ -81,6 +83,7 @@ def build_manifest(
     artifacts: dict[str, str] | None = None,
     runtime: dict[str, dict[str, Any]] | None = None,
     structure: dict[str, Any] | None = None,
+    format_reason: str | None = None,
 ) -> Manifest:
     """Describe the files now in ``directory``; every named artifact must be among them."""
     listing = _listing(Path(directory))
@@ -91,6 +94,7 @@ def build_manifest(
             raise KnowpressError(f"artifact {name!r}: {file} {where}; write it into ctx.stage_dir")
     return Manifest(
         format=format,
+        format_reason=format_reason,
         dtype=dtype,
         files=files,
         sha256={name: file_sha256(Path(directory) / name) for name in files},

@@ -23,6 +23,7 @@ import torch
 from knowpress.core.errors import KnowpressError
 from knowpress.core.io import atomic_write_text
 from knowpress.formats.onnx import nbits
+from knowpress.formats.onnx.format import EXPORT_FILE
 from knowpress.formats.onnx.graph import (
     DATA_FILE,
     GRAPH_FILE,
@@ -33,7 +34,6 @@ from knowpress.formats.onnx.graph import (
     store_half,
 )
 
-EXPORT_FILE = "knowpress_export.json"
 #: parity.max_rel_logits defaults: float32 matmuls; int4 with int8 activation blocks
 #: (accuracy_level 4); int8 dynamic (one activation scale per tensor: coarser)
 DEFAULT_MAX_REL = {"exact": 1e-4, "int4_acc4": 0.05, "int8": 0.15}

@@ -101,7 +101,8 @@ def check_bits(ctx: Context, assignments: list[Assignment]) -> None:
 @torch.inference_mode()
 def check_round_trip(ctx: Context, folder: Path) -> None:
     """The reloaded folder's greedy tokens equal the in-memory model's on probe prompts."""
-    from knowpress.formats.io import load_model, packed_modules, packed_tensor_of
+    from knowpress.formats.io import load_model
+    from knowpress.formats.weights import packed_modules, packed_tensor_of
     from knowpress.runtimes.torch import TorchRuntime
 
     deploy = getattr(torch, ctx.deploy_dtype)

@@ -33,7 +33,6 @@ from types import TracebackType
 from knowpress.core.errors import KnowpressError
 
 RUN_MARKER = "knowpress_run.json"
-EXPORT_MARKER = "knowpress_export.json"
 LOCK_FILE = ".knowpress.lock"
 
 
@@ -42,17 +41,15 @@ def is_run(folder: Path) -> bool:
 
 
 def is_export_bundle(folder: Path) -> bool:
-    """A folder ``compress export`` (or an export stage) wrote: its ``knowpress_export.json``
-    beside a manifest of format ``onnx``."""
-    from knowpress.formats.manifest import read_manifest
+    """A folder ``compress export`` (or an export stage) wrote: an exported format (one no
+    torch runtime loads) that its own manifest names."""
+    from knowpress.formats import detect
 
-    if not (folder / EXPORT_MARKER).is_file():
-        return False
     try:
-        manifest = read_manifest(folder)
+        fmt, manifest = detect(folder)
     except KnowpressError:
         return False
-    return manifest is not None and manifest.format == "onnx"
+    return manifest is not None and fmt.runtime != "torch" and fmt.detect(folder)
 
 
 def check_not_input(out: Path, inputs: dict[str, Path], flag: str = "-o") -> None:

@@ -272,7 +272,7 @@ def structure_model(spec: ModelSpec, location: str | None) -> PreTrainedModel | 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from knowpress.formats.io import QUANT_FILE
+    from knowpress.formats import detect
     from knowpress.formats.knowpress_packed import packed_skeleton
 
     trust = spec.trust_remote_code
@@ -280,7 +280,7 @@ def structure_model(spec: ModelSpec, location: str | None) -> PreTrainedModel | 
     if folder is not None:
         try:
             with torch.device("meta"):
-                if (folder / QUANT_FILE).is_file():
+                if detect(folder)[0].name == "hf-packed":
                     return packed_skeleton(folder, torch.float32, trust)
                 config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
                 return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)

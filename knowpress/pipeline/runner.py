@@ -47,7 +47,7 @@ from knowpress.evaluate.evaluator import (
 )
 from knowpress.evaluate.lm_eval_bridge import run_lm_eval
 from knowpress.evaluate.states import STATES_FILE, read_states, write_states
-from knowpress.formats.io import load_model, save_model
+from knowpress.formats.io import format_reason, load_model, save_model
 from knowpress.formats.manifest import build_manifest, changed_files, read_manifest, write_manifest
 from knowpress.pipeline.context import Context, StageRecord
 from knowpress.pipeline.launch import Group, launched_world
@@ -337,6 +337,7 @@ class Runner:
                 artifacts=ctx.artifacts,
                 runtime=_runtime_policies(ctx),
                 structure=ctx.structure,
+                format_reason=format_reason(ctx.model) if fmt == "hf-packed" else None,
             )
             write_manifest(tmp, manifest)
             record = StageRecord(

@@ -1,11 +1,10 @@
-"""``load_runtime``: the runtime that scores an artifact, chosen by its manifest.
+"""``load_runtime``: the runtime that scores an artifact, chosen by its format.
 
-The manifest's ``format`` picks a loader from :data:`RUNTIME_FORMATS` (``hf`` and
-``hf-packed``: a ``TorchRuntime``; ``onnx``: ``export/ort.OrtRuntime``); its ``runtime``
-section restores the attached policies by slot (``kv_policy`` -> ``compress/kv``). A folder
-without a manifest (a teacher, a user's model, a hub id) is ``hf`` or, with
-``knowpress_quant.json``, ``hf-packed``. The runner and ``compress eval`` load every model
-they score through here, so an artifact is measured as it will be deployed.
+The artifact's format (``formats.detect``: its manifest's, else its files') names a runtime
+in :data:`RUNTIMES` (``torch``: a ``TorchRuntime`` of the model the format loads; ``onnxruntime``:
+``runtimes/ort.OrtRuntime``); the manifest's ``runtime`` section restores the attached
+policies by slot (``kv_policy`` -> ``methods/kv``). The runner and ``compress eval`` load
+every model they score through here, so an artifact is measured as it will be deployed.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from knowpress.core.errors import KnowpressError
 from knowpress.core.registry import Registry
-from knowpress.formats.manifest import MANIFEST_FILE, Manifest, read_manifest
+from knowpress.formats.manifest import MANIFEST_FILE, Manifest
 
 if TYPE_CHECKING:
     from knowpress.methods.kv.base import KVPolicy
@@ -38,7 +37,8 @@ class RuntimeOptions:
 
 
 Loader = Callable[[str, "Manifest | None", RuntimeOptions], "Runtime"]
-RUNTIME_FORMATS: Registry[Loader] = Registry("artifact format")
+#: runtime name (``Format.runtime``) -> what builds it from an artifact
+RUNTIMES: Registry[Loader] = Registry("runtime")
 
 
 KNOWN_STRUCTURE = {"experts_per_layer"}  # what load_model restores (uneven MoE counts)
@@ -105,9 +105,7 @@ def _torch(location: str, manifest: Manifest | None, options: RuntimeOptions) ->
     return runtime
 
 
-RUNTIME_FORMATS.register("hf")(_torch)
-RUNTIME_FORMATS.register("hf-packed")(_torch)
-RUNTIME_FORMATS.register("hf-compressed-tensors")(_torch)
+RUNTIMES.register("torch")(_torch)
 
 
 def _onnx(location: str, manifest: Manifest | None, options: RuntimeOptions) -> Runtime:
@@ -116,31 +114,21 @@ def _onnx(location: str, manifest: Manifest | None, options: RuntimeOptions) -> 
     return load_onnx(location, manifest, options)
 
 
-RUNTIME_FORMATS.register("onnx")(_onnx)
-
-
-def artifact_format(location: str | Path) -> tuple[str, Manifest | None]:
-    """The format of a folder (from its manifest, else from its files) and its manifest."""
-    from knowpress.formats.io import QUANT_FILE
-
-    path = Path(location)
-    if not path.is_dir():
-        return "hf", None  # a hub id
-    manifest = read_manifest(path)
-    if manifest is not None:
-        return manifest.format, manifest
-    return ("hf-packed" if (path / QUANT_FILE).is_file() else "hf"), None
+RUNTIMES.register("onnxruntime")(_onnx)
 
 
 def load_runtime(location: str | Path, **options: Any) -> Runtime:
-    """The runtime that scores the artifact at ``location`` (a folder or a hub id).
+    """The runtime that scores the artifact at ``location`` (a folder or a hub id): its
+    format (``formats.detect``: the manifest's, else its files') names the runtime.
 
     ``options``: ``device``, ``dtype`` (compute dtype), ``batch_size``, ``trust_remote_code``,
     ``deploy_dtype`` (KV bytes are counted in it when the folder has no manifest).
     """
-    fmt, manifest = artifact_format(location)
+    from knowpress.formats import detect
+
+    fmt, manifest = detect(location)
     try:
-        loader = RUNTIME_FORMATS.get(fmt)
+        loader = RUNTIMES.get(fmt.runtime)
     except KnowpressError as exc:
-        raise KnowpressError(f"{location}: {exc}; upgrade knowpress to score it") from None
+        raise KnowpressError(f"{location}: {exc}; install what runs {fmt.name}") from None
     return loader(str(location), manifest, RuntimeOptions(**options))

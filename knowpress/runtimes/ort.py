@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from knowpress.core.errors import KnowpressError
+from knowpress.formats.onnx.format import EXPORT_FILE
 from knowpress.runtimes.ort_session import OnnxDecoder, State, left_padded, right_padded
 from knowpress.runtimes.torch import (
     KV_PROBE_TOKENS,
@@ -30,7 +31,6 @@ from knowpress.runtimes.torch import (
     split_contexts,
 )
 
-EXPORT_FILE = "knowpress_export.json"
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
               "tensor(bfloat16)": "bfloat16"}  # fmt: skip
 
@@ -244,7 +244,8 @@ def read_record(folder: Path) -> dict[str, Any]:
 
 
 def load_onnx(location: str, manifest: Any, options: Any) -> OrtRuntime:
-    """The ``onnx`` format loader (``RUNTIME_FORMATS``): the graph, its tokenizer, the policy."""
+    """The ``onnxruntime`` runtime of an ``onnx`` artifact (``RUNTIMES``): the graph, its
+    tokenizer, the policy."""
     from transformers import AutoTokenizer
 
     from knowpress.runtimes.loader import expert_skip_of, kv_policy_of

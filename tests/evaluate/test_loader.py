@@ -11,6 +11,8 @@ import torch
 
 from knowpress.core.errors import KnowpressError
 from knowpress.core.progress import Progress
+from knowpress.formats import detect
+from knowpress.formats.base import detect_folder
 from knowpress.formats.io import save_model
 from knowpress.formats.manifest import MANIFEST_FILE, build_manifest, write_manifest
 from knowpress.methods.kv import policy_from_json
@@ -31,19 +33,28 @@ def _folder(kind: str, path: Path) -> tuple[Path, torch.nn.Module]:
 
         export_folder(tiny_llama(), tiny_tokenizer(), path)
         return path, model
-    if kind == "packed":
+    if kind in ("packed", "compressed-tensors"):
         targets = select(model, None, ["lm_head"])
         RTN(name="rtn", bits=4, group_size=32).apply(model, targets, None, Progress(False))  # type: ignore[arg-type]
+    if kind == "compressed-tensors":  # what the quantize stage's format: auto picks
+        from knowpress.formats.compressed_tensors import FORMAT
+        from knowpress.formats.weights import packed_modules
+
+        for module in packed_modules(model).values():
+            module.storage = FORMAT
     fmt = save_model(model, tiny_tokenizer(), path)
     write_manifest(path, build_manifest(path, format=fmt, dtype="float32"))
     return path, model
 
 
-@pytest.mark.parametrize("fmt", sorted(rows.RUNTIME_FORMATS))
+@pytest.mark.parametrize("fmt", sorted(rows.FORMATS))
 def test_each_format_loads_the_runtime_that_scores_it_as_stored(fmt: str, tmp_path: Path) -> None:
-    folder, model = _folder(rows.RUNTIME_FORMATS[fmt], tmp_path / fmt)
+    folder, model = _folder(rows.FORMATS[fmt], tmp_path / fmt)
     runtime = load_runtime(folder)
     assert runtime.name == ("onnxruntime" if fmt == "onnx" else "torch")
+    assert detect(folder)[0].name == fmt  # from its manifest
+    (folder / MANIFEST_FILE).unlink()
+    assert detect_folder(folder).name == fmt  # and from its files alone
     assert runtime.kv_policy is None
     expected = TorchRuntime(model, tiny_tokenizer()).greedy(PROMPTS, max_new_tokens=4)
     assert runtime.greedy(PROMPTS, max_new_tokens=4) == expected

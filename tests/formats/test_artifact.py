@@ -184,3 +184,21 @@ def test_packed_folder_of_a_remote_code_model_honours_trust_remote_code(tmp_path
     ids = torch.tensor([[1, 5, 9]])
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=0.05)
+
+
+def test_a_packed_folder_says_why_no_public_format_holds_it(tmp_path: Path) -> None:
+    """knowpress's format only for what compressed-tensors cannot hold, the case named."""
+    from knowpress.formats.compressed_tensors import FORMAT
+    from knowpress.formats.io import format_reason
+    from knowpress.formats.weights import packed_modules
+
+    assert format_reason(tiny_llama()) is None  # a plain hf folder
+    model = tiny_llama()
+    RTN(name="rtn", bits=4, group_size=32, symmetric=False).apply(
+        model, select(model, None, ["lm_head"]), None, Progress(False))  # type: ignore[arg-type]  # fmt: skip
+    assert format_reason(model) == "the quantize stage stored its codes in knowpress's format"
+    for module in packed_modules(model).values():
+        module.storage = FORMAT
+    assert "asymmetric zero points" in (format_reason(model) or "")
+    with pytest.raises(KnowpressError, match=r"compressed-tensors: .* asymmetric zero points"):
+        save_model(model, tiny_tokenizer(), tmp_path / "ct")  # asked for, not silently packed

@@ -30,8 +30,8 @@ from pydantic import Field
 
 from knowpress.core.errors import KnowpressError, error_summary
 from knowpress.core.progress import Progress
-from knowpress.formats.io import packed_modules
 from knowpress.formats.sizes import parameter_count
+from knowpress.formats.weights import packed_modules
 from knowpress.methods.distill import DISTILL_LOSSES
 from knowpress.methods.distill.logit_cache import TeacherCacheSpec, check_cache_path
 from knowpress.methods.distill.losses import ForwardKL

@@ -27,7 +27,7 @@ from pydantic import Field
 from knowpress.arch.moe import arch_of, moe_blocks
 from knowpress.core.errors import KnowpressError
 from knowpress.core.progress import Progress
-from knowpress.formats.io import packed_modules
+from knowpress.formats.weights import packed_modules
 from knowpress.methods.experts import EXPERT_PRUNERS, expert_stats
 from knowpress.methods.experts.budget import prune_blocks
 from knowpress.methods.experts.precheck import PrecheckSpec, precheck

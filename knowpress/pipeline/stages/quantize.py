@@ -29,8 +29,8 @@ from torch import nn
 
 from knowpress.core.errors import KnowpressError
 from knowpress.core.progress import Progress
-from knowpress.formats.io import deploy_dtype_of, packed_modules, packed_tensor_of
 from knowpress.formats.sizes import Entry, dtype_tag, safetensors_bytes
+from knowpress.formats.weights import deploy_dtype_of, packed_modules, packed_tensor_of
 from knowpress.methods.experts.moe_lp import MoELPSpec
 from knowpress.methods.quant import QUANT_METHODS
 from knowpress.methods.quant.base import QuantMethod
