@@ -116,12 +116,13 @@ KV_POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
 }
 
 #: artifact format -> how a test folder of that format is written ("plain" | "packed" |
-#: "compressed-tensors" | "onnx": the export stage's bundle)
+#: "compressed-tensors" | "onnx": the export stage's bundle | "gguf": its llama.cpp file)
 FORMATS: dict[str, str] = {
     "hf": "plain",
     "hf-packed": "packed",
     "hf-compressed-tensors": "compressed-tensors",
     "onnx": "onnx",
+    "gguf": "gguf",
 }
 
 #: distill loss -> its config (the defaults a recipe gets, the matrix in tests/distill)

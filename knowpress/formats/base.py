@@ -6,7 +6,8 @@ scores it. ``formats/io.py`` (``load_model`` / ``save_model``), the manifest wri
 
 Formats (the manifest's ``format``): ``hf`` (plain ``save_pretrained``), ``hf-compressed-tensors``
 (stock transformers and vLLM load it), ``hf-packed`` (knowpress's own, only for what no public
-format can hold: the manifest's ``format_reason`` says why), ``onnx`` (the export bundle).
+format can hold: the manifest's ``format_reason`` says why), ``onnx`` (the export bundle),
+``gguf`` (the export stage's llama.cpp file, scored dequantized in PyTorch).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
 
 class Format:
     """A folder format. ``runtime`` names what scores it (``runtimes/loader.py``: ``torch``
-    loads the model through ``load``; ``onnxruntime`` runs the bundle's graph);
+    loads the model through ``load``; ``onnxruntime`` runs the bundle's graph;
+    ``torch-gguf`` loads the model ``load`` rebuilds from a GGUF file). A runtime other
+    than ``torch`` marks an exported artifact: no stage loads it as a model;
     ``detect_order``: lower is asked first (the most specific marker wins)."""
 
     name: ClassVar[str]

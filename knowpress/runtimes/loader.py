@@ -2,7 +2,8 @@
 
 The artifact's format (``formats.detect``: its manifest's, else its files') names a runtime
 in :data:`RUNTIMES` (``torch``: a ``TorchRuntime`` of the model the format loads; ``onnxruntime``:
-``runtimes/ort.OrtRuntime``); the manifest's ``runtime`` section restores the attached
+``runtimes/ort.OrtRuntime``; ``torch-gguf``: ``runtimes/gguf.GGUFRuntime``, a GGUF file's
+dequantized tensors in PyTorch); the manifest's ``runtime`` section restores the attached
 policies by slot (``kv_policy`` -> ``methods/kv``). The runner and ``compress eval`` load
 every model they score through here, so an artifact is measured as it will be deployed.
 """
@@ -115,6 +116,15 @@ def _onnx(location: str, manifest: Manifest | None, options: RuntimeOptions) -> 
 
 
 RUNTIMES.register("onnxruntime")(_onnx)
+
+
+def _gguf(location: str, manifest: Manifest | None, options: RuntimeOptions) -> Runtime:
+    from knowpress.runtimes.gguf import load_gguf  # the gguf package only when a GGUF row is scored
+
+    return load_gguf(location, manifest, options)
+
+
+RUNTIMES.register("torch-gguf")(_gguf)
 
 
 def load_runtime(location: str | Path, **options: Any) -> Runtime:

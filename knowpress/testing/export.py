@@ -1,4 +1,5 @@
-"""Export a tiny model into an ``onnx`` artifact folder (graph, bundle, manifest) for tests."""
+"""Export a tiny model into an ``onnx`` artifact folder (graph, bundle, manifest) or a ``gguf``
+one (``model.gguf``, tokenizer, manifest) for tests."""
 
 from __future__ import annotations
 
@@ -21,4 +22,18 @@ def export_folder(model: Any, tokenizer: Any, path: Path, policy: Any = None,
     metrics = export_model(model, tokenizer, path, config, policy, Progress(enabled=False))
     runtime = {} if policy is None else {"kv_policy": policy.model_dump(mode="json")}
     write_manifest(path, build_manifest(path, format="onnx", dtype="float32", runtime=runtime))
+    return metrics
+
+
+def gguf_folder(model: Any, tokenizer: Any, path: Path, **options: Any) -> dict[str, Any]:
+    """``ExportConfig(format="gguf", **options)`` applied to ``model`` into ``path`` with a
+    manifest of format ``gguf``; the metrics. ``model`` then holds the weights the file
+    stores (``formats/gguf/tensors.plan``)."""
+    from knowpress.pipeline.export_gguf import export_gguf
+    from knowpress.pipeline.stages.export import ExportConfig
+
+    config = ExportConfig(kind="export", format="gguf", **options)
+    path.mkdir(parents=True, exist_ok=True)
+    metrics = export_gguf(model, tokenizer, path, config, Progress(enabled=False))
+    write_manifest(path, build_manifest(path, format="gguf", dtype="float32"))
     return metrics

@@ -33,6 +33,13 @@ def _folder(kind: str, path: Path) -> tuple[Path, torch.nn.Module]:
 
         export_folder(tiny_llama(), tiny_tokenizer(), path)
         return path, model
+    if kind == "gguf":  # int4 codes carried into Q4_0, the embedding quantized; scored in torch
+        from knowpress.testing.export import gguf_folder
+
+        targets = select(model, None, ["lm_head"])
+        RTN(name="rtn", bits=4, group_size=32).apply(model, targets, None, Progress(False))  # type: ignore[arg-type]
+        gguf_folder(model, tiny_tokenizer(), path, weights="q4_0")
+        return path, model  # now holding the weights the file stores
     if kind in ("packed", "compressed-tensors"):
         targets = select(model, None, ["lm_head"])
         RTN(name="rtn", bits=4, group_size=32).apply(model, targets, None, Progress(False))  # type: ignore[arg-type]
@@ -51,7 +58,7 @@ def _folder(kind: str, path: Path) -> tuple[Path, torch.nn.Module]:
 def test_each_format_loads_the_runtime_that_scores_it_as_stored(fmt: str, tmp_path: Path) -> None:
     folder, model = _folder(rows.FORMATS[fmt], tmp_path / fmt)
     runtime = load_runtime(folder)
-    assert runtime.name == ("onnxruntime" if fmt == "onnx" else "torch")
+    assert runtime.name == {"onnx": "onnxruntime", "gguf": "torch-gguf"}.get(fmt, "torch")
     assert detect(folder)[0].name == fmt  # from its manifest
     (folder / MANIFEST_FILE).unlink()
     assert detect_folder(folder).name == fmt  # and from its files alone
@@ -118,8 +125,8 @@ def test_manifest_policies_are_applied_and_unknown_ones_refused(tmp_path: Path) 
 def test_unknown_format_and_structure_are_refused(tmp_path: Path) -> None:
     folder, _ = _folder("plain", tmp_path / "m")
     data = json.loads((folder / MANIFEST_FILE).read_text())
-    (folder / MANIFEST_FILE).write_text(json.dumps({**data, "format": "gguf"}))
-    with pytest.raises(KnowpressError, match="unknown artifact format 'gguf'"):
+    (folder / MANIFEST_FILE).write_text(json.dumps({**data, "format": "tflite"}))
+    with pytest.raises(KnowpressError, match="unknown artifact format 'tflite'"):
         load_runtime(folder)
     (folder / MANIFEST_FILE).write_text(json.dumps({**data, "structure": {"experts": [3, 2]}}))
     with pytest.raises(KnowpressError, match=r"structure \['experts'\] needs a loader"):

@@ -1,4 +1,5 @@
-"""``kind: export`` — a deployable ONNX bundle, scored by onnxruntime with every task.
+"""``kind: export`` — a deployable ONNX bundle (scored by onnxruntime with every task) or a
+GGUF file for llama.cpp (``format: gguf``).
 
 ```yaml
 - kind: export
@@ -30,6 +31,21 @@ Export is the last stage: nothing loads an ONNX artifact as a model.
 Details: parity (max |Δlogits|, greedy equality; at ``accuracy_level: auto`` the level used
 and level 4's figures when it failed), MatMulNBits counts (carried / re-quantized),
 ``reblocked`` and ``kept_float`` layers, ``dequantized`` layers, file bytes.
+
+```yaml
+- kind: export
+  format: gguf
+  weights: q4_0            # q8_0 | q4_0 (default) | q4_k: every matrix's GGML type
+  parity: {prompts: 4, new_tokens: 8, greedy_equal: true}
+```
+
+``format: gguf`` (``pipeline/export_gguf.py``, ``formats/gguf/``) writes ``model.gguf`` for
+llama.cpp: dense Llama-style models only, no KV policy (the file cannot carry one). Symmetric
+packed codes whose groups are whole 32-value blocks are carried code for code into Q4_0 /
+Q8_0, other packed weights re-quantized, float weights quantized; the details list every
+tensor's type and path. The row is scored in PyTorch from the file's dequantized tensors
+(the ``torch-gguf`` runtime). The ONNX-only fields (``block_size``, ``symmetric``,
+``accuracy_level``, ``ignore``, ``store``, ``tensorrt``) are refused with ``format: gguf``.
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from knowpress.core.config import FrozenConfig
 from knowpress.core.errors import KnowpressError
@@ -60,16 +76,29 @@ class TensorRTSpec(FrozenConfig):
     opt_sequence: int = Field(128, ge=1)
 
 
+#: ``weights`` of each format (the first is the format's default)
+FORMAT_WEIGHTS = {"onnx": ("int4", "float32", "int8"), "gguf": ("q4_0", "q8_0", "q4_k")}
+#: fields only an ONNX export reads
+ONNX_ONLY = ("block_size", "symmetric", "accuracy_level", "ignore", "store", "tensorrt")
+
+
 @STAGES.register("export")
 class ExportConfig(StageConfig):
-    summary = "ONNX bundle with KV cache (float32 / int4 MatMulNBits / int8), scored by onnxruntime"
-    paper = "onnxruntime MatMulNBits; StreamingLLM arXiv:2309.17453 for the loop's policy"
+    summary = (
+        "ONNX bundle with KV cache (float32 / int4 MatMulNBits / int8), scored by onnxruntime; "
+        "or a GGUF file for llama.cpp (Q8_0 / Q4_0 / Q4_K)"
+    )
+    paper = (
+        "onnxruntime MatMulNBits; StreamingLLM arXiv:2309.17453 for the loop's policy; "
+        "GGUF / llama.cpp (ggml block quantization)"
+    )
     #: the runner saves nothing itself for a stage that writes its own artifact
     final: ClassVar[bool] = True
 
     kind: Literal["export"]
-    format: Literal["onnx"] = "onnx"
-    weights: Literal["float32", "int4", "int8"] = "int4"
+    format: Literal["onnx", "gguf"] = "onnx"
+    #: onnx: float32 | int4 | int8; gguf: q8_0 | q4_0 | q4_k (default: the format's first)
+    weights: Literal["float32", "int4", "int8", "q8_0", "q4_0", "q4_k"] = "int4"
     block_size: int = Field(32, ge=16)
     symmetric: bool = True
     #: MatMulNBits' minimum matmul precision: 0 unset (float math), 1 fp32, 2 fp16, 3 bf16,
@@ -91,13 +120,46 @@ class ExportConfig(StageConfig):
             raise ValueError(f"{value} is not a power of two (MatMulNBits: 16, 32, 64, 128)")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_weights(cls, data: Any) -> Any:
+        """``weights`` defaults to the format's first (onnx: int4, gguf: q4_0)."""
+        if (
+            isinstance(data, dict)
+            and "weights" not in data
+            and data.get("format") in FORMAT_WEIGHTS
+        ):
+            data = {**data, "weights": FORMAT_WEIGHTS[data["format"]][0]}
+        return data
+
+    @model_validator(mode="after")
+    def _combination(self) -> ExportConfig:
+        allowed = FORMAT_WEIGHTS[self.format]
+        if self.weights not in allowed:
+            other = next(f for f, w in FORMAT_WEIGHTS.items() if self.weights in w)
+            raise ValueError(
+                f"weights {self.weights} is a format {other} weight type; format {self.format} "
+                f"takes {', '.join(allowed)}"
+            )
+        if self.format == "gguf":
+            onnx_only = [f for f in ONNX_ONLY if f in self.model_fields_set]
+            if onnx_only:
+                raise ValueError(
+                    f"{onnx_only[0]} applies to format onnx only; remove it for format gguf"
+                )
+        return self
+
     def build(self) -> Export:
         return Export(self)
 
     def check_runtime(self, attached: dict[str, Any], model: Any) -> None:
-        """The policies the artifact carries must run in the onnxruntime loop."""
+        """The policies the artifact carries must run in the onnxruntime loop; a GGUF file
+        carries none."""
         from knowpress.methods.kv.base import CacheShape
 
+        if self.format == "gguf":
+            refuse_policies(attached)
+            return
         if attached.get("expert_skip") is not None:
             raise KnowpressError(
                 "expert_skip cannot run in the onnxruntime loop; "
@@ -110,6 +172,11 @@ class ExportConfig(StageConfig):
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         from knowpress.formats.onnx.graph import check_exportable
 
+        if self.format == "gguf":
+            from knowpress.formats.gguf.writer import check_model
+
+            check_model(model.config.get_text_config(decoder=True))
+            return [f"export gguf, weights {self.weights}"]
         check_exportable(model.config.get_text_config(decoder=True))
         if self.tensorrt is not None:
             from knowpress.formats.onnx.tensorrt import check
@@ -125,6 +192,21 @@ class ExportConfig(StageConfig):
         ]
 
 
+def refuse_policies(attached: dict[str, Any]) -> None:
+    """One line when a runtime policy other than the full cache is attached: a GGUF file
+    cannot carry it (llama.cpp runs its own full KV cache and every expert)."""
+    policy = attached.get("kv_policy")
+    name = getattr(policy, "name", "?")
+    if policy is not None and name != "full":
+        raise KnowpressError(
+            f"a GGUF file carries no KV policy, and KV policy {name} is attached (llama.cpp "
+            "would run its own full cache); drop the compress_kv stage, or export with format: "
+            "onnx, whose loop runs the policy"
+        )
+    if attached.get("expert_skip") is not None:
+        raise KnowpressError("a GGUF file carries no expert_skip policy; export without it")
+
+
 class Export:
     def __init__(self, config: ExportConfig) -> None:
         self.config = config
@@ -132,6 +214,16 @@ class Export:
     def run(self, ctx: Context, progress: Progress) -> Context:
         from knowpress.pipeline.export import export_model
 
+        if self.config.format == "gguf":
+            from knowpress.pipeline.export_gguf import export_gguf
+
+            refuse_policies({"kv_policy": ctx.kv_policy, "expert_skip": ctx.expert_skip})
+            assert ctx.stage_dir is not None
+            ctx.metrics.update(
+                export_gguf(ctx.model, ctx.tokenizer, ctx.stage_dir, self.config, progress)
+            )
+            ctx.artifacts.update({"gguf": "model.gguf"})
+            return ctx
         if ctx.expert_skip is not None:
             raise KnowpressError(
                 "expert_skip cannot run in the onnxruntime loop; "
@@ -147,5 +239,5 @@ class Export:
         return ctx
 
     def save(self, ctx: Context, folder: Path) -> str:
-        """The bundle is already in ``folder`` (``run``): no model save; the format."""
-        return "onnx"
+        """The bundle or file is already in ``folder`` (``run``): no model save; the format."""
+        return self.config.format
