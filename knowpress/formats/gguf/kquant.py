@@ -105,15 +105,25 @@ def quantize_q4_k(values: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         fresh = _nearest((x + offset[..., None]) / step[..., None])
     codes = np.where(step[..., None] != 0, np.clip(fresh, 0, 15), codes).astype(np.uint8)
+    out = pack_q4_k(d, dmin, ls, lm, codes)
+    return out.reshape(*values.shape[:-1], values.shape[-1] // QK_K * BLOCK_BYTES)
+
+
+def pack_q4_k(d: np.ndarray, dmin: np.ndarray, scales: np.ndarray, mins: np.ndarray,
+              codes: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Q4_K blocks ``[n, 144]`` from ``d`` / ``dmin`` (float16 ``[n]``), 6-bit sub-block
+    ``scales`` / ``mins`` (``[n, 8]``) and 4-bit ``codes`` (``[n, 8, 32]``): the layout of
+    the module docstring."""
+    blocks = d.shape[0]
+    scales, mins = scales.astype(np.uint8), mins.astype(np.uint8)
     packed = np.empty((blocks, 12), dtype=np.uint8)
-    packed[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
-    packed[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
-    packed[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
-    flat = codes.reshape(blocks, 4, 2, 32)  # 64-value chunks: low half, high half
-    nibbles = flat[:, :, 0, :] | (flat[:, :, 1, :] << 4)
-    out = np.concatenate(
-        [d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), packed,
-         nibbles.reshape(blocks, 128)],
+    packed[:, 0:4] = scales[:, :4] | ((scales[:, 4:] >> 4) << 6)
+    packed[:, 4:8] = mins[:, :4] | ((mins[:, 4:] >> 4) << 6)
+    packed[:, 8:12] = (scales[:, 4:] & 0xF) | ((mins[:, 4:] & 0xF) << 4)
+    halves = codes.astype(np.uint8).reshape(blocks, 4, 2, 32)  # 64-value chunks: low, high
+    nibbles = halves[:, :, 0, :] | (halves[:, :, 1, :] << 4)
+    return np.concatenate(
+        [d.astype(np.float16)[:, None].view(np.uint8),
+         dmin.astype(np.float16)[:, None].view(np.uint8), packed, nibbles.reshape(blocks, 128)],
         axis=-1,
     )  # fmt: skip
-    return out.reshape(*values.shape[:-1], values.shape[-1] // QK_K * BLOCK_BYTES)
