@@ -1,25 +1,30 @@
-"""compressed-tensors ``pack-quantized`` folders: packed checkpoints stock transformers loads.
+"""compressed-tensors folders: packed checkpoints stock transformers loads.
 
 With the ``compressed-tensors`` package installed, ``AutoModelForCausalLM.from_pretrained``
-reads these folders with no knowpress import (and vLLM / SGLang serve them): each quantized
-``nn.Linear`` stores ``weight_packed`` (int32 words, 32 codes in ``bits`` words, dense),
-``weight_scale`` (fp16 ``[out, in/g]``) and ``weight_shape`` (int64 ``[2]``), and
-``config.json`` carries the ``quantization_config`` naming each group's bits and group size.
-knowpress writes them from its ``QuantLinear`` codes (no re-quantization) and reads them back
-into ``QuantLinear``s, so later stages re-save them packed and what is measured is what is
-stored: stock transformers' decompression and ``QuantLinear`` give the same weights.
+reads these folders with no knowpress import (vLLM / SGLang serve the formats): each quantized
+module stores its codes, scales (and zero points / global scale) in the layout of its grid
+(``ct_layout.py``: ``pack-quantized`` int, ``float-quantized`` fp8, ``nvfp4-pack-quantized``,
+``mxfp4-pack-quantized``), and ``config.json`` carries the ``quantization_config`` with one
+config group per distinct setting. knowpress writes them from its packed codes (no
+re-quantization) and reads them back into the same packed modules, so later stages re-save
+them packed and what is measured is what is stored.
 
-What the format cannot hold here, and so stays in knowpress's packed format (``packed.py``,
-the reason recorded in the stage details): fused 3-D MoE expert tensors and embedding tables
-(no transformers-loadable layout), and asymmetric zero points (compressed-tensors 0.20's packed
-zero points fail to load in transformers 5.23 with a shape mismatch).
+Fused 3-D MoE experts are written per expert in the architecture's checkpoint layout, which
+transformers 5.23 merges into its fused tensors and dequantizes while loading. What the
+released versions (transformers 5.23, compressed-tensors 0.20.1) cannot load stays in
+knowpress's packed format, the reason recorded (:func:`blocker`): embedding tables, experts
+with zero points (transformers#47430), nvfp4 experts (loaded without their global scale,
+transformers#48371), experts at several widths or settings (every expert is decoded with one
+config group), an architecture with no per-expert conversion mapping. Asymmetric int linears
+load with ``CompressedTensorsConfig(dequantize=True)`` (the default load fails on the packed
+zero points: transformers builds them on the meta device unpacked), and so do nvfp4 / mxfp4
+on a CPU in float32 (their unpacker returns bfloat16; ``dtype=torch.bfloat16`` also works).
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,93 +33,239 @@ from torch import nn
 
 from knowpress.core.errors import KnowpressError
 from knowpress.formats.base import Format, register
+from knowpress.formats.ct_layout import (
+    FORMATS,
+    ExpertNames,
+    Scheme,
+    entries,
+    expert_names,
+    read_scheme,
+    scheme_of,
+    tensors,
+)
 
 FORMAT = "compressed-tensors"
+FUSED = ("gate_up_proj", "down_proj")
 
 
-def blocker(modules: Iterable[tuple[str, nn.Module]]) -> str | None:
-    """Why these packed modules cannot be stored as compressed-tensors (None: they can)."""
+@dataclass(frozen=True)
+class Item:
+    """One packed module as compressed-tensors would store it: ``kind`` linear /
+    fused_experts / embedding / tied_head, its ``scheme`` (fused: per tensor in ``fused``)."""
+
+    module: str
+    kind: str
+    scheme: Scheme | None = None
+    shape: tuple[int, ...] = ()
+    fused: tuple[tuple[str, Scheme, tuple[int, ...], bool], ...] = ()  # name, scheme, shape, mixed
+    model_type: str = ""
+
+
+def _model_type(module: nn.Module) -> str:
+    for cls in type(module).__mro__:
+        parts = cls.__module__.split(".")
+        if parts[:2] == ["transformers", "models"] and len(parts) > 2:
+            return parts[2]
+    return ""
+
+
+def items_of(modules: dict[str, nn.Module]) -> list[Item]:
+    """The :class:`Item` of every packed module (``formats/weights.packed_modules``)."""
+    from knowpress.tensors.qexperts import packed_names
+
+    items = []
+    for name, module in modules.items():
+        specs = packed_names(module)
+        if specs:
+            fused = tuple(
+                (attr, scheme_of(s.get("grid", "int"), s["bits"], s["group_size"],
+                                 s["symmetric"], s["in_features"]),
+                 (s["experts"], s["out_features"], s["in_features"]), bool(s.get("expert_bits")))
+                for attr, s in sorted(specs.items())
+            )  # fmt: skip
+            items.append(Item(name, "fused_experts", fused=fused, model_type=_model_type(module)))
+        elif getattr(module, "kind", "") == "linear":
+            q: Any = module
+            scheme = scheme_of(q.grid, q.bits, q.group_size, q.symmetric, q.in_features)
+            items.append(Item(name, "linear", scheme, (q.out_features, q.in_features)))
+        else:
+            items.append(Item(name, getattr(module, "kind", "module")))
+    return items
+
+
+def blocker(items: list[Item], model: nn.Module | None = None,
+            float_fused: list[str] | None = None) -> str | None:  # fmt: skip
+    """Why these packed modules cannot be stored as compressed-tensors that the released
+    transformers loads (None: they can). With ``model``, every fused expert tensor must be
+    packed (``float_fused``: those left float, by default the model's float ones): a float
+    expert beside packed ones is not a layout transformers merges."""
     try:
         import compressed_tensors  # noqa: F401
     except ImportError:
         return "the compressed-tensors package is not installed (pip install compressed-tensors)"
-    for name, module in modules:
-        kind = getattr(module, "kind", "fused_experts" if hasattr(module, "_packed_specs") else "")
-        if kind != "linear":
-            return f"{name} is a packed {kind or 'module'}, which compressed-tensors cannot hold"
-        if not module.symmetric:  # type: ignore[union-attr]
-            return (
-                f"{name} has asymmetric zero points (compressed-tensors 0.20's do not load in "
-                f"transformers 5.23)"
-            )
+    experts: set[Scheme] = set()
+    for item in items:
+        if item.kind in ("embedding", "tied_head"):
+            return f"{item.module} is a packed embedding table, which transformers cannot load"
+        if item.kind != "fused_experts":
+            continue
+        names = expert_names(item.model_type)
+        if isinstance(names, str):
+            return f"{item.module}: {names}"
+        if {n for n, *_ in item.fused} != set(FUSED):
+            return f"{item.module} has only {[n for n, *_ in item.fused]} packed; pack both"
+        for name, scheme, _, mixed in item.fused:
+            where = f"{item.module}.{name}"
+            if mixed:
+                return (f"{where} has experts at several widths (a bits_plan); transformers "
+                        f"5.23 decodes every expert with one config group")  # fmt: skip
+            if not scheme.symmetric:
+                return (f"{where} has zero points, which transformers 5.23 drops when it "
+                        f"merges experts (transformers#47430)")  # fmt: skip
+            if scheme.grid == "nvfp4":
+                return (f"{where} is nvfp4, whose experts transformers 5.23 dequantizes "
+                        f"without their global scale (transformers#48371)")  # fmt: skip
+            experts.add(scheme)
+    dense = {i.scheme for i in items if i.kind == "linear"}
+    if len(dense) > 1 and any(s is not None and not s.symmetric for s in dense):
+        return (f"its asymmetric linears load only with CompressedTensorsConfig(dequantize="
+                f"True), which decodes every dense module with one config group in "
+                f"transformers 5.23, and they need {len(dense)} (settings or a per-row layer "
+                f"differ)")  # fmt: skip
+    if len(experts) > 1:
+        return ("the experts are stored at several settings; transformers 5.23 decodes every "
+                "expert with one config group")  # fmt: skip
+    if experts and model is not None:
+        left = float_experts(model) if float_fused is None else float_fused
+        if left:
+            return f"{left[0]} stays float beside packed experts; target every expert"
     return None
 
 
-def entries(prefix: str, out_features: int, in_features: int, bits: int, group_size: int
-            ) -> list[tuple[str, str, tuple[int, ...]]]:  # fmt: skip
-    """(name, dtype tag, shape) of what a compressed-tensors linear stores."""
-    words = -(-in_features * bits // 32)
-    return [
-        (f"{prefix}.weight_packed", "I32", (out_features, words)),
-        (f"{prefix}.weight_scale", "F16", (out_features, in_features // group_size)),
-        (f"{prefix}.weight_shape", "I64", (2,)),
-    ]
+def float_experts(model: nn.Module) -> list[str]:
+    """The fused 3-D expert tensors of ``model`` still float."""
+    return [f"{name}.{attr}" for name, module in model.named_modules() for attr in FUSED
+            if isinstance(module._parameters.get(attr), torch.Tensor)
+            and module._parameters[attr].dim() == 3]  # fmt: skip
 
 
-def _config(modules: dict[str, nn.Module]) -> dict[str, Any]:
+def _names(item: Item) -> ExpertNames:
+    names = expert_names(item.model_type)
+    if isinstance(names, str):
+        raise KnowpressError(f"compressed-tensors: {item.module}: {names}")
+    return names
+
+
+def item_entries(item: Item) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype tag, shape) of everything compressed-tensors stores for ``item``."""
+    if item.kind == "linear":
+        assert item.scheme is not None
+        return entries(item.module, *item.shape, item.scheme)
+    names, out = _names(item), []
+    prefix = names.prefix(item.module)
+    for attr, scheme, (e, rows, n), _ in item.fused:
+        projections = [(names.down, rows)] if attr == "down_proj" else [
+            (names.gate, rows // 2), (names.up, rows // 2)]  # fmt: skip
+        for j in range(e):
+            for proj, height in projections:
+                out += entries(f"{prefix}.{j}.{proj}", height, n, scheme)
+    return out
+
+
+def _groups(items: list[Item]) -> dict[Scheme, list[str]]:
+    """Config groups: scheme -> targets (linears by name; experts by one ``re:`` pattern,
+    as transformers finds the experts' group by a ``re:`` target naming experts)."""
+    groups: dict[tuple[bool, Scheme], list[str]] = {}
+    for item in items:
+        if item.kind == "linear":
+            assert item.scheme is not None
+            groups.setdefault((False, item.scheme), []).append(item.module)
+        else:
+            pattern = _names(item).pattern()
+            targets = groups.setdefault((True, item.fused[0][1]), [])
+            if pattern not in targets:
+                targets.append(pattern)
+    return {key: targets for key, targets in sorted(groups.items(), key=lambda kv: kv[0][0])}  # type: ignore[misc]
+
+
+def quantization_config(items: list[Item], ignore: list[str]) -> dict[str, Any]:
     import compressed_tensors
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationConfig,
-        QuantizationScheme,
-    )
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-    # A group as wide as the row is the "channel" strategy: a 128-wide group is per-row on
-    # q_proj but grouped on a 512-wide down_proj, so the two go in different config groups.
-    groups: dict[tuple[int, int, bool], list[str]] = {}
-    for name, module in modules.items():
-        key = (module.bits, module.group_size, module.group_size == module.in_features)
-        groups.setdefault(key, []).append(name)  # type: ignore[arg-type]
-    schemes = {}
-    for i, ((bits, group, per_row), names) in enumerate(sorted(groups.items())):
-        args = QuantizationArgs(num_bits=bits, type="int", symmetric=True,
-                                strategy="channel" if per_row else "group",
-                                group_size=None if per_row else group)  # fmt: skip
-        schemes[f"group_{i}"] = QuantizationScheme(targets=names, weights=args,
-                                                   format="pack-quantized")  # fmt: skip
-    config = QuantizationConfig(config_groups=schemes, format="pack-quantized",
+    schemes, formats = {}, set()
+    for i, ((_, scheme), targets) in enumerate(_groups(items).items()):  # type: ignore[misc]
+        formats.add(FORMATS[scheme.grid])
+        schemes[f"group_{i}"] = QuantizationScheme(targets=targets, weights=scheme.args(),
+                                                   format=FORMATS[scheme.grid])  # fmt: skip
+    overall = formats.pop() if len(formats) == 1 else "mixed-precision"
+    config = QuantizationConfig(config_groups=schemes, format=overall, ignore=ignore,
                                 quantization_status="compressed")  # fmt: skip
     return {"version": compressed_tensors.__version__, "quant_method": FORMAT,
             "sparsity_config": {}, "transform_config": {},
-            **config.model_dump(exclude={"quant_method"})}  # fmt: skip
+            **config.model_dump(exclude={"quant_method"}, mode="json")}  # fmt: skip
 
 
 def ct_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """The compressed-tensors tensors of every packed linear (from its codes)."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    """The compressed-tensors tensors of every packed module (from its codes)."""
+    from knowpress.tensors.grids import expand_rows
+    from knowpress.tensors.packing import Quantized, unpack
+    from knowpress.tensors.qexperts import packed_names
 
-    from knowpress.tensors.packing import unpack
-
-    state = {}
-    for name, q in modules.items():
-        codes = unpack(q.weight_packed, q.bits, q.in_features).to(torch.int16)  # type: ignore[arg-type]
-        signed = (codes - 2 ** (q.bits - 1)).to(torch.int8)  # type: ignore[operator]
-        state[f"{name}.weight_packed"] = pack_to_int32(signed.cpu(), q.bits)  # type: ignore[arg-type]
-        scale = q.weight_scale.to(torch.float16)  # type: ignore[union-attr]
-        if q.group_size == q.in_features:
-            scale = scale.reshape(-1, 1)
-        state[f"{name}.weight_scale"] = scale.cpu()
-        state[f"{name}.weight_shape"] = torch.tensor([q.out_features, q.in_features])
+    state: dict[str, torch.Tensor] = {}
+    for item in items_of(modules):
+        module: Any = modules[item.module]
+        if item.kind == "linear":
+            assert item.scheme is not None
+            zeros = module.weight_zero_point
+            groups = module.in_features // module.group_size
+            q = Quantized(
+                unpack(module.weight_packed, module.bits, module.in_features),
+                expand_rows(module.weight_scale, module.out_features, module.grid,
+                            module.group_size, module.in_features),
+                None if zeros is None else unpack(zeros, module.bits, groups),
+                module.weight_global_scale,
+            )  # fmt: skip
+            state.update(tensors(item.module, q, item.scheme))
+            continue
+        names = _names(item)
+        prefix = names.prefix(item.module)
+        for attr, scheme, (e, rows, n), _ in item.fused:
+            spec = packed_names(module)[attr]
+            codes = unpack(getattr(module, f"{attr}_packed"), spec["bits"], n)
+            scales = getattr(module, f"{attr}_scale")
+            globals_ = getattr(module, f"{attr}_global_scale", None)
+            half = rows // 2
+            for j in range(e):
+                g = None if globals_ is None else globals_[j]
+                parts = [(names.down, slice(0, rows))] if attr == "down_proj" else [
+                    (names.gate, slice(0, half)), (names.up, slice(half, rows))]  # fmt: skip
+                for proj, part in parts:
+                    q = Quantized(codes[j, part], scales[j, part], None, g)
+                    state.update(tensors(f"{prefix}.{j}.{proj}", q, scheme))
     return state
 
 
-def write_config(directory: Path, modules: dict[str, nn.Module]) -> None:
+def _ignore(model: nn.Module, items: list[Item]) -> list[str]:
+    """Modules a ``Linear`` target would catch that stay float: the head and the routers
+    (by their checkpoint names, as vLLM reads them)."""
+    ignore = [] if any(i.module == "lm_head" for i in items) else ["lm_head"]
+    for item in items:
+        if item.kind == "fused_experts":
+            router = _names(item).prefix(item.module).rsplit(".", 1)[0] + ".gate"
+            pattern = "re:.*" + router.split(".", 3)[-1].replace(".", r"\.") + "$"
+            if pattern not in ignore:
+                ignore.append(pattern)
+    return ignore
+
+
+def write_config(directory: Path, model: nn.Module, modules: dict[str, nn.Module]) -> None:
     """Add the ``quantization_config`` to the folder's config.json."""
     from knowpress.core.io import atomic_write_text
 
     path = Path(directory) / "config.json"
     config = json.loads(path.read_text())
-    config["quantization_config"] = _config(modules)
+    items = items_of(modules)
+    config["quantization_config"] = quantization_config(items, _ignore(model, items))
     atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -127,107 +278,43 @@ def is_ct_folder(directory: Path) -> bool:
     return isinstance(quant, dict) and quant.get("quant_method") == FORMAT
 
 
-def _matches(targets: list[str], name: str, module: nn.Module) -> bool:
-    """compressed-tensors target matching: a module name, a class name, or ``re:`` regex."""
-    for target in targets:
-        if target.startswith("re:"):
-            if re.fullmatch(target[3:], name):
-                return True
-        elif target in (name, type(module).__name__):
-            return True
-    return False
+def scheme_for(groups: list[dict[str, Any]], name: str, directory: Path) -> Scheme:
+    """The scheme of the config group targeting checkpoint module ``name``."""
+    import re
 
-
-def _quant_linear(linear: nn.Module, raw: dict[str, torch.Tensor], name: str, bits: int,
-                  group_size: int | None, dtype: torch.dtype) -> nn.Module:  # fmt: skip
-    """The ``QuantLinear`` holding the codes and scales stored for ``name``."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    from knowpress.tensors.packing import pack
-    from knowpress.tensors.qlinear import QuantLinear
-
-    out_features, in_features = (int(x) for x in raw[f"{name}.weight_shape"])
-    g = int(group_size or in_features)
-    spec = {"in_features": in_features, "out_features": out_features, "bits": bits,
-            "group_size": g, "symmetric": True, "bias": linear.bias is not None,
-            "method": FORMAT}  # fmt: skip
-    module = QuantLinear.empty_like(linear, spec, dtype=dtype)
-    signed = unpack_from_int32(raw[f"{name}.weight_packed"], bits,
-                               torch.Size([out_features, in_features]))  # fmt: skip
-    codes = (signed.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
-    module.weight_packed.copy_(pack(codes, bits))
-    module.weight_scale.copy_(raw[f"{name}.weight_scale"].reshape(out_features, -1))
-    if linear.bias is not None:
-        module.bias.data.copy_(linear.bias.data)
-    module.storage = FORMAT
-    device = next((t.device for t in (*linear.parameters(), *linear.buffers())), None)
-    return module if device is None else module.to(device)
+    for group in groups:
+        for target in group.get("targets", []):
+            hit = re.fullmatch(target[3:], name) if target.startswith("re:") else target == name
+            if hit:
+                scheme = read_scheme(group.get("weights") or {})
+                if isinstance(scheme, str):
+                    raise KnowpressError(f"{directory}: {name}: {scheme} are not packed here")
+                return scheme
+    raise KnowpressError(f"{directory}: {name} is quantized but no config group targets it")
 
 
 def load_ct(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """A compressed-tensors folder loaded as stock transformers loads it (every conversion of
-    the architecture's checkpoint layout applied), its quantized linears then rebuilt as
-    ``QuantLinear``s from the stored codes, exactly."""
+    """A compressed-tensors folder as knowpress's packed modules: the model built by
+    transformers from the folder without its quantization config (every conversion of the
+    architecture's checkpoint layout applied to the float tensors), then each quantized
+    module rebuilt from the stored tensors exactly (``QuantLinear``; fused experts packed
+    per expert from their per-expert tensors)."""
     try:
         import compressed_tensors  # noqa: F401
     except ImportError:
         raise KnowpressError(
             f"{directory}: a compressed-tensors checkpoint; pip install compressed-tensors"
         ) from None
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
+    from knowpress.formats.ct_modules import load_modules
 
-    model, info = AutoModelForCausalLM.from_pretrained(
-        directory,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-        output_loading_info=True,
-    )
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:  # transformers would run these randomly initialised
-        raise KnowpressError(
-            f"{directory}: {len(missing)} weight(s) of this architecture are not in the "
-            f"checkpoint (first: {missing[0]}); its layout is not one this transformers loads "
-            f"(e.g. per-expert names from an older MoE export)"
-        )
-    raw: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
-            for key in handle.keys():  # noqa: SIM118
-                if key.endswith((".weight_packed", ".weight_scale", ".weight_shape")):
-                    raw[key] = handle.get_tensor(key)
-    quant = json.loads((Path(directory) / "config.json").read_text())["quantization_config"]
-    groups = list(quant["config_groups"].values())
-    for name in sorted({k.rsplit(".", 1)[0] for k in raw if k.endswith(".weight_packed")}):
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise KnowpressError(
-                f"{directory}: packed tensor {name} names no module of "
-                f"{type(model).__name__} (a checkpoint layout this transformers does not load)"
-            ) from None
-        group = next((g for g in groups if _matches(g["targets"], name, linear)), None)
-        if group is None:
-            raise KnowpressError(f"{directory}: {name} is packed but no config group targets it")
-        weights = group["weights"]
-        if weights.get("type") != "int" or not weights.get("symmetric", True):
-            raise KnowpressError(f"{directory}: only symmetric int pack-quantized groups load here")
-        model.set_submodule(name, _quant_linear(linear, raw, name, int(weights["num_bits"]),
-                                                weights.get("group_size"), dtype))  # fmt: skip
-    # The modules are knowpress's now: transformers' quantizer would rewrite any later save
-    # from its own (decompressed) view, and save_model writes the config itself.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model.eval()
+    return load_modules(directory, dtype, trust_remote_code)
 
 
 @register
 class CompressedTensorsFormat(Format):
     name = "hf-compressed-tensors"
     detect_order = 20
-    summary = "compressed-tensors pack-quantized (stock transformers, vLLM, SGLang load it)"
+    summary = "compressed-tensors (stock transformers, vLLM, SGLang load it)"
 
     def detect(self, folder: Path) -> bool:
         return is_ct_folder(folder)
@@ -237,7 +324,7 @@ class CompressedTensorsFormat(Format):
             return "no packed module: a plain hf folder holds the model"
         if any(getattr(m, "storage", "") != FORMAT for m in modules.values()):
             return "the quantize stage stored its codes in knowpress's format"
-        return blocker(modules.items())
+        return blocker(items_of(modules))
 
     def save(self, model: Any, tokenizer: Any, folder: Path, dtype: torch.dtype | None,
              modules: dict[str, Any]) -> None:  # fmt: skip
@@ -248,13 +335,16 @@ class CompressedTensorsFormat(Format):
             set_dtype,
         )
 
+        reason = blocker(items_of(modules), model)
+        if reason:
+            raise KnowpressError(f"compressed-tensors: {reason}")
         state = deploy_state(model, dtype) if dtype is not None else model.state_dict()
         state = {k: v for k, v in state.items() if packed_tensor_of(k, set(modules)) is None}
-        state.update(ct_state(modules))  # codes re-packed as compressed-tensors words
+        state.update(ct_state(modules))  # codes re-laid out as compressed-tensors stores them
         save_weights(model, folder, state, original_format=True)
         tokenizer.save_pretrained(folder)
         set_dtype(folder, dtype)
-        write_config(folder, modules)
+        write_config(folder, model, modules)
 
     def load(self, location: str, dtype: torch.dtype, trust_remote_code: bool) -> Any:
         from transformers import AutoTokenizer

@@ -69,10 +69,13 @@ def save_model(
 def format_reason(model: PreTrainedModel) -> str | None:
     """Why ``model`` is stored in knowpress's packed format (what keeps it out of
     compressed-tensors, the public format a packed model would take); None for others."""
+    from knowpress.formats.compressed_tensors import blocker, items_of
+
     modules = packed_modules(model)
     if format_for(modules, SAVE_ORDER).name != "hf-packed":
         return None
-    return FORMATS.get("hf-compressed-tensors").holds(modules)
+    reason = blocker(items_of(modules), model)
+    return reason or "the quantize stage stored its codes in knowpress's format (format: knowpress)"
 
 
 def check_local(path: Path, source: str | Path) -> None:

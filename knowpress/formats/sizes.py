@@ -35,7 +35,7 @@ def dtype_tag(dtype: torch.dtype) -> str:
     """The safetensors tag of a torch dtype (``torch.bfloat16`` -> ``BF16``)."""
     tags = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
             "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-            "bool": "BOOL"}  # fmt: skip
+            "bool": "BOOL", "float8_e4m3fn": "F8_E4M3"}  # fmt: skip
     return tags[str(dtype).removeprefix("torch.")]
 
 

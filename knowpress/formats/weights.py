@@ -30,7 +30,7 @@ def packed_tensor_of(key: str, packed: set[str]) -> str | None:
     module, _, attr = key.rpartition(".")
     if module not in packed:
         return None
-    for suffix in ("_packed", "_scale", "_zero_point"):
+    for suffix in ("_packed", "_global_scale", "_scale", "_zero_point"):
         if attr.endswith(suffix):
             return f"{module}.{attr[: -len(suffix)]}"
     return None

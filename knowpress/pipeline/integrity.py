@@ -4,8 +4,9 @@ GPTQModel and ModelOpt MoE checkpoints have shipped with experts silently left i
 layers left unquantized (Model-Optimizer#1323, GPTQModel#2271/#1680); a knowpress stage fails
 instead, before anything is installed, when:
 
-- a targeted tensor is not packed at its planned bits and group size in the saved folder, or
-  a float copy of it was stored beside the codes;
+- a targeted tensor is not packed at its planned grid, bits and group size in the saved folder
+  (every tensor its folder format stores for it, at its dtype and shape), or a float copy of
+  it was stored beside the codes;
 - the stored bytes are more than 1% off the plan's prediction;
 - the model reloaded from the folder does not produce the in-memory model's greedy tokens
   (the in-memory model's untouched tensors rounded to the deploy dtype first, as stored).
@@ -20,9 +21,9 @@ import torch
 
 from knowpress.core.errors import KnowpressError
 from knowpress.formats.sizes import read_header, safetensors_files
-from knowpress.tensors.packing import packed_width
 
 if TYPE_CHECKING:
+    from knowpress.formats.sizes import Entry
     from knowpress.methods.quant.plan import Assignment
     from knowpress.pipeline.context import Context
 
@@ -31,52 +32,74 @@ PROBES = 8  # prompts whose greedy tokens must survive the round trip
 PROBE_TOKENS = 8
 
 
+def expected_entries(a: Assignment, storage: str, model_type: str = "") -> list[Entry]:
+    """What the folder must hold for one planned target, in the folder format ``storage``."""
+    if storage != "compressed-tensors":
+        return a.method.stored_entries(a.target)
+    from knowpress.formats.compressed_tensors import Item, item_entries
+    from knowpress.formats.ct_layout import scheme_of
+
+    m: Any = a.method
+    n = a.target.shape[-1]
+    scheme = scheme_of(m.dtype, m.bits, m.group(n), m.symmetric, n)
+    if a.target.kind == "linear":
+        return item_entries(Item(a.target.module, "linear", scheme, tuple(a.target.shape)))
+    fused = ((a.target.attribute, scheme, tuple(a.target.shape), False),)
+    return item_entries(Item(a.target.module, "fused_experts", fused=fused, model_type=model_type))
+
+
 def check_folder(
-    assignments: list[Assignment], folder: Path, predicted: int, storage: str = "knowpress"
-) -> None:
-    """Packed at the planned settings in the folder format ``storage``, no float copy, bytes
-    within 1% of ``predicted``."""
+    assignments: list[Assignment], folder: Path, predicted: int, storage: str = "knowpress",
+    model_type: str = "",
+) -> None:  # fmt: skip
+    """Packed at the planned settings in the folder format ``storage`` (every tensor the plan
+    stores, at its dtype and shape), no float copy, bytes within 1% of ``predicted``."""
     header: dict[str, Any] = {}
     for file in safetensors_files(folder):
         header.update(read_header(file))
     stored = sum(f.stat().st_size for f in safetensors_files(folder))
     for a in assignments:
-        name, method = a.target.name, a.method
-        if name in header:
-            raise KnowpressError(f"integrity: {name} was stored as a float tensor beside its codes")
-        codes = header.get(f"{name}_packed")
-        if codes is None:
-            raise KnowpressError(f"integrity: {name} has no packed codes in the folder")
-        bits = getattr(method, "bits", 8)
-        width = packed_width(a.target.shape[-1], bits)
-        if storage == "compressed-tensors":  # 32 codes in `bits` int32 words
-            width = -(-a.target.shape[-1] * bits // 32)
-        per_expert = getattr(method, "expert_bits", None)
-        if per_expert:  # one flat buffer: every expert's rows at its own width
-            out, n = a.target.shape[1], a.target.shape[2]
-            flat = sum(out * packed_width(n, b) for b in per_expert)
-            if codes["shape"] != [flat]:
-                raise KnowpressError(
-                    f"integrity: {name} stored {codes['shape']} code bytes, its experts' "
-                    f"widths {per_expert} take {flat}"
-                )
-        elif codes["shape"][-1] != width:
+        expected = expected_entries(a, storage, model_type)
+        names = {e[0] for e in expected}
+        if a.target.name in header and a.target.name not in names:
             raise KnowpressError(
-                f"integrity: {name} stored {codes['shape'][-1]} bytes per row, "
-                f"{getattr(method, 'bits', '?')}-bit codes take {width}"
+                f"integrity: {a.target.name} was stored as a float tensor beside its codes"
             )
-        scales = header[f"{name}_scale"]["shape"]
-        group = getattr(method, "group_size", None) or a.target.shape[-1]
-        if scales[-1] != a.target.shape[-1] // group:
-            raise KnowpressError(
-                f"integrity: {name} stored with {scales[-1]} groups per row, the plan says "
-                f"{a.target.shape[-1] // group}"
-            )
+        codes = expected[0][0]
+        if codes not in header:
+            raise KnowpressError(f"integrity: {a.target.name} has no packed codes in the folder")
+        for name, tag, shape in expected:
+            _check_entry(a, header.get(name), name, tag, list(shape), name == codes)
     if abs(stored - predicted) > TOLERANCE * predicted:
         raise KnowpressError(
             f"integrity: {stored:,} bytes stored, the plan predicted {predicted:,} (more than "
             f"{TOLERANCE:.0%} apart)"
         )
+
+
+def _check_entry(a: Assignment, found: dict[str, Any] | None, name: str, tag: str,
+                 shape: list[int], codes: bool) -> None:  # fmt: skip
+    what = f"integrity: {a.target.name}"
+    if found is None:
+        raise KnowpressError(f"{what}: {name} is missing from the folder")
+    got, dtype = list(found["shape"]), found["dtype"]
+    if got == shape and dtype == tag:
+        return
+    bits = getattr(a.method, "bits", "?")
+    if codes and len(shape) == 1:  # one flat buffer: every expert's rows at its own width
+        raise KnowpressError(
+            f"{what} stored {got} code bytes, its experts' widths "
+            f"{getattr(a.method, 'expert_bits', None)} take {shape}"
+        )
+    if codes and got[:-1] == shape[:-1] and dtype == tag:
+        raise KnowpressError(
+            f"{what} stored {got[-1]} bytes per row, {bits}-bit codes take {shape[-1]}"
+        )
+    if name.endswith("_scale") and got[:-1] == shape[:-1] and dtype == tag:
+        raise KnowpressError(
+            f"{what} stored with {got[-1]} groups per row, the plan says {shape[-1]}"
+        )
+    raise KnowpressError(f"{what}: {name} stored {dtype} {got}, the plan says {tag} {shape}")
 
 
 def check_bits(ctx: Context, assignments: list[Assignment]) -> None:
@@ -90,8 +113,15 @@ def check_bits(ctx: Context, assignments: list[Assignment]) -> None:
             spec = packed_names(module).get(a.target.attribute, {})
             bits: Any = spec.get("expert_bits") or spec.get("bits")
             planned = getattr(a.method, "expert_bits", None) or planned
+            grid = spec.get("grid", "int")
         else:
             bits = getattr(module, "bits", None)
+            grid = getattr(module, "grid", "int")
+        wanted = getattr(a.method, "dtype", "int")
+        if grid != wanted:
+            raise KnowpressError(
+                f"integrity: {a.target.name} holds {grid} codes, the plan says {wanted}"
+            )
         if bits != planned:
             raise KnowpressError(
                 f"integrity: {a.target.name} is at {bits} bits, the plan says {planned}"

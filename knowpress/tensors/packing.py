@@ -26,11 +26,13 @@ import torch
 
 @dataclass(frozen=True)
 class Quantized:
-    """Codes (unpacked, uint8 ``[out, in]``), scales ``[out, groups]``, zeros or None."""
+    """Codes (unpacked, uint8 ``[out, in]``), scales ``[out, groups]``, zeros or None, and
+    nvfp4's per-tensor global scale (``grids.py``; None for other grids)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
+    global_scale: torch.Tensor | None = None
 
 
 def group_params(

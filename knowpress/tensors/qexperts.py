@@ -9,6 +9,9 @@ matrix per expert. The module's class is swapped for a subclass whose attribute 
 property returning the dequantized ``[E, out, in]`` tensor, so the model's own expert forward
 (eager, ``batched_mm``, ``grouped_mm``) runs unchanged on what is stored.
 
+Float grids (``spec["grid"]``: fp8 per channel, nvfp4, mxfp4; ``grids.py``): the scales in the
+grid's scale dtype and, for nvfp4, ``{name}_global_scale`` fp32 ``[E]`` (each expert's own).
+
 Per-expert bits (``spec["expert_bits"]``, a bit width per expert, from an MoE bit plan): the
 codes and zero points of all experts are one flat uint8 buffer, expert ``e`` occupying the
 next ``out · packed_width(in, b_e)`` bytes (zero points: ``out · packed_width(groups, b_e)``);
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from knowpress.tensors.grids import Grid, dequantize, scale_dtype
 from knowpress.tensors.packing import (
     Quantized,
     dequantize_groups,
@@ -107,9 +111,29 @@ def _flat_sizes(spec: dict[str, Any]) -> tuple[list[int], list[int]]:
     return [out * packed_width(n, b) for b in bits], [out * packed_width(n // g, b) for b in bits]
 
 
+def joined(parts: list[Quantized]) -> Quantized:
+    """Experts quantized one by one as one ``Quantized`` (codes ``[E·out, in]``; nvfp4: the
+    global scales ``[E]``)."""
+    zeros = None if parts[0].zeros is None else torch.cat([p.zeros for p in parts])  # type: ignore[misc]
+    globals_ = None
+    if parts[0].global_scale is not None:
+        globals_ = torch.cat([p.global_scale.reshape(1) for p in parts])  # type: ignore[union-attr]
+    return Quantized(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                     zeros, globals_)  # fmt: skip
+
+
 def _empty_buffers(spec: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     e, out, n = spec["experts"], spec["out_features"], spec["in_features"]
     groups, bits = n // spec["group_size"], spec["bits"]
+    grid = spec.get("grid", "int")
+    if grid != "int":
+        buffers = {
+            "_packed": torch.zeros(e, out, packed_width(n, bits), dtype=torch.uint8, device=device),
+            "_scale": torch.ones(e, out, groups, device=device).to(scale_dtype(grid)),
+        }
+        if grid == "nvfp4":
+            buffers["_global_scale"] = torch.ones(e, dtype=torch.float32, device=device)
+        return buffers
     if spec.get("expert_bits"):
         codes, zeros = _flat_sizes(spec)
         mixed = {
@@ -161,6 +185,8 @@ def install(module: nn.Module, name: str, spec: dict[str, Any],
     if q.zeros is not None:
         zeros = pack(q.zeros, spec["bits"]).reshape(e, out, -1)
         getattr(module, f"{name}_zero_point").copy_(zeros)
+    if q.global_scale is not None:
+        getattr(module, f"{name}_global_scale").copy_(q.global_scale.reshape(e))
 
 
 def _fill_mixed(module: nn.Module, name: str, spec: dict[str, Any],
@@ -200,6 +226,14 @@ def dequantized(module: nn.Module, name: str, dtype: torch.dtype | None = None) 
     bits, g = spec["bits"], spec["group_size"]
     codes = unpack(getattr(module, f"{name}_packed").reshape(e * out, -1), bits, n)
     scales = getattr(module, f"{name}_scale").reshape(e * out, -1)
+    grid = spec.get("grid", "int")
+    if grid != "int":
+        compute = dtype or getattr(module, "_packed_dtype", torch.float32)
+        globals_ = getattr(module, f"{name}_global_scale", None)
+        if globals_ is not None:
+            globals_ = globals_.float().repeat_interleave(out).reshape(e * out, 1)
+        weight = dequantize(codes, scales, None, Grid(grid, bits, True, None, globals_), g, compute)
+        return weight.reshape(e, out, n)
     zeros = None
     if not spec["symmetric"]:
         zeros = unpack(getattr(module, f"{name}_zero_point").reshape(e * out, -1), bits, n // g)
@@ -216,12 +250,19 @@ def current_weight(module: nn.Module, name: str) -> torch.Tensor:
 
 def entries(
     name: str, shape: tuple[int, ...], bits: int, group_size: int, symmetric: bool,
-    per_expert: list[int] | None = None,
+    per_expert: list[int] | None = None, grid: str = "int",
 ) -> list[tuple[str, str, tuple[int, ...]]]:  # fmt: skip
     """(name, dtype tag, shape) of the buffers a packed fused tensor stores (``per_expert``:
     the mixed layout's flat buffers)."""
     e, out, n = shape
     groups = n // group_size
+    if grid != "int":
+        tag = {"fp8": "F32", "nvfp4": "F8_E4M3", "mxfp4": "U8"}[grid]
+        floats = [
+            (f"{name}_packed", "U8", (e, out, packed_width(n, bits))),
+            (f"{name}_scale", tag, (e, out, groups)),
+        ]
+        return [*floats, (f"{name}_global_scale", "F32", (e,))] if grid == "nvfp4" else floats
     if per_expert:
         spec = {"experts": e, "out_features": out, "in_features": n, "group_size": group_size,
                 "bits": max(per_expert), "expert_bits": per_expert}  # fmt: skip
@@ -248,11 +289,13 @@ def _device(module: nn.Module) -> torch.device:
 
 def spec_for(
     weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, method: str,
-    per_expert: list[int] | None = None,
+    per_expert: list[int] | None = None, grid: str = "int",
 ) -> dict[str, Any]:  # fmt: skip
     e, out, n = weight.shape
     spec = {"experts": e, "out_features": out, "in_features": n, "bits": bits,
             "group_size": group_size, "symmetric": symmetric, "method": method}  # fmt: skip
+    if grid != "int":
+        spec["grid"] = grid
     if per_expert:
         if len(per_expert) != e:
             raise ValueError(f"{len(per_expert)} expert bit widths for {e} experts")

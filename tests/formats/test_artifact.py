@@ -191,14 +191,20 @@ def test_a_packed_folder_says_why_no_public_format_holds_it(tmp_path: Path) -> N
     from knowpress.formats.compressed_tensors import FORMAT
     from knowpress.formats.io import format_reason
     from knowpress.formats.weights import packed_modules
+    from knowpress.testing.models import tiny_moe
 
     assert format_reason(tiny_llama()) is None  # a plain hf folder
     model = tiny_llama()
     RTN(name="rtn", bits=4, group_size=32, symmetric=False).apply(
         model, select(model, None, ["lm_head"]), None, Progress(False))  # type: ignore[arg-type]  # fmt: skip
-    assert format_reason(model) == "the quantize stage stored its codes in knowpress's format"
+    assert format_reason(model) == (
+        "the quantize stage stored its codes in knowpress's format (format: knowpress)"
+    )  # compressed-tensors could hold it: the stage chose knowpress's format
+    model = tiny_moe("mixtral")
+    RTN(name="rtn", bits=4, group_size=16, symmetric=False).apply(
+        model, select(model, None, ["lm_head"]), None, Progress(False))  # type: ignore[arg-type]  # fmt: skip
+    assert "transformers#47430" in (format_reason(model) or "")
     for module in packed_modules(model).values():
         module.storage = FORMAT
-    assert "asymmetric zero points" in (format_reason(model) or "")
-    with pytest.raises(KnowpressError, match=r"compressed-tensors: .* asymmetric zero points"):
-        save_model(model, tiny_tokenizer(), tmp_path / "ct")  # asked for, not silently packed
+    with pytest.raises(KnowpressError, match=r"compressed-tensors: .* zero points.*#47430"):
+        save_model(model, tiny_tokenizer(64), tmp_path / "ct")  # asked for, not packed silently

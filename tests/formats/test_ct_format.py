@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -93,30 +94,33 @@ def test_bytes_match_the_prediction_in_the_compressed_tensors_layout(tmp_path: P
     assert abs(stored - predicted) <= 0.01 * stored
 
 
-def test_the_stage_chooses_the_format_and_says_why_not() -> None:
+def _stage(**method: object) -> Any:
     from knowpress.pipeline.stages.quantize import QuantizeConfig
 
-    def config(**method: object) -> QuantizeConfig:
-        block = {
-            "kind": "quantize",
-            "method": {"name": "rtn", "bits": 4, "group_size": 32, **method},
-        }
-        recipe = validate_recipe({"version": 1, "model": {"path": "./x"}, "stages": [block]})
-        stage = recipe.stages[0]
-        assert isinstance(stage, QuantizeConfig)
-        return stage
+    base = {} if "dtype" in method else {"bits": 4, "group_size": 32}
+    block = {"kind": "quantize", "method": {"name": "rtn", **base, **method}}
+    recipe = validate_recipe({"version": 1, "model": {"path": "./x"}, "stages": [block]})
+    stage = recipe.stages[0]
+    assert isinstance(stage, QuantizeConfig)
+    return stage
 
+
+def test_the_stage_chooses_the_format_and_says_why_not() -> None:
     model = tiny_llama()
-    for stage, expected in (
-        (config(), "compressed-tensors"),
-        (config(symmetric=False), "knowpress"),
-    ):
-        storage, reason = stage.storage(model, stage.resolve(model))
-        assert storage == expected
-    assert reason is not None and "asymmetric" in reason
-    forced = config(symmetric=False).model_copy(update={"format": "compressed-tensors"})
+    for stage in (_stage(), _stage(symmetric=False), _stage(dtype="nvfp4"), _stage(dtype="fp8")):
+        assert stage.storage(model, stage.resolve(model)) == ("compressed-tensors", None)
+    # asymmetric, two config groups (per-row on the 128-wide layers, g128 on down_proj):
+    # the dequantize=True load they need decodes every dense module with the first group
+    wide = tiny_llama(hidden_size=128, intermediate_size=256)
+    stage = _stage(symmetric=False, group_size=128)
+    storage, reason = stage.storage(wide, stage.resolve(wide))
+    assert storage == "knowpress" and reason is not None and "one config group" in reason
+    forced = stage.model_copy(update={"format": "compressed-tensors"})
     with pytest.raises(KnowpressError, match="compressed-tensors cannot hold this output"):
-        forced.storage(model, forced.resolve(model))
+        forced.storage(wide, forced.resolve(wide))
+    embed = _stage().model_copy(update={"targets": ["model.embed_tokens"], "ignore": []})
+    storage, reason = embed.storage(model, embed.resolve(model))
+    assert storage == "knowpress" and "embedding table" in (reason or "")
 
 
 def test_a_folder_whose_weights_do_not_all_load_is_refused(tmp_path: Path) -> None:

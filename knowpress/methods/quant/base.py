@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from knowpress.core.config import FrozenConfig
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from knowpress.core.progress import Progress
     from knowpress.formats.sizes import Entry
     from knowpress.methods.quant.targets import Target
+    from knowpress.tensors.grids import Grid
+    from knowpress.tensors.packing import Quantized
     from knowpress.tensors.qlinear import QuantLinear
 
 
@@ -102,7 +104,10 @@ def as_linear(module: nn.Module) -> nn.Linear:
 class GroupWise(QuantMethod):
     """Methods that store a ``QuantLinear``: ``bits``-bit codes in groups of ``group_size``
     inputs (None: one group per row), symmetric by default (as GPTQModel and llm-compressor's
-    W4A16: no zero points, and a format stock transformers loads)."""
+    W4A16: no zero points). ``dtype`` is the code grid (``tensors/grids.py``): ``int``, or
+    ``fp8`` (8 bits; ``group_size`` null = per output channel, N = N×N blocks), ``nvfp4``
+    (4 bits, groups of 16, fp8 scales, a global scale) and ``mxfp4`` (4 bits, groups of 32,
+    power-of-two scales), which fix their bits and group size and are symmetric."""
 
     bits: Literal[2, 3, 4, 8] = 8
     group_size: int | None = Field(
@@ -114,6 +119,56 @@ class GroupWise(QuantMethod):
     expert_bits: list[Literal[2, 3, 4, 8]] | None = Field(
         None, description="fused expert tensors: bits per expert (set by an MoE bits_plan)"
     )
+    dtype: Literal["int", "fp8", "nvfp4", "mxfp4"] = Field(
+        "int", description="code grid: int | fp8 (e4m3) | nvfp4 | mxfp4 (e2m1 codes)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grid_defaults(cls, data: Any) -> Any:
+        """A float grid's bits and group size, unless the recipe gives them."""
+        from knowpress.tensors.grids import FLOAT_GRIDS
+
+        if isinstance(data, dict) and data.get("dtype") in FLOAT_GRIDS:
+            bits, group = FLOAT_GRIDS[data["dtype"]]
+            data = {"bits": bits, "group_size": group, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _grid_fits(self) -> GroupWise:
+        problem = self.grid_problem()
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def grid_problem(self) -> str | None:
+        """Why these settings do not fit the code grid (a plan rule can change them)."""
+        from knowpress.tensors.grids import FLOAT_GRIDS
+
+        if self.dtype == "int":
+            return None
+        bits, group = FLOAT_GRIDS[self.dtype]
+        if self.bits != bits:
+            return f"dtype {self.dtype} stores {bits}-bit codes, not bits: {self.bits}"
+        if group is not None and self.group_size != group:
+            return f"dtype {self.dtype} has groups of {group}, not group_size: {self.group_size}"
+        if not self.symmetric:
+            return f"dtype {self.dtype} is symmetric (no zero points): drop symmetric: false"
+        if self.expert_bits:
+            return f"expert_bits (a bits_plan) needs dtype int, not {self.dtype}"
+        return None
+
+    def grid(self) -> Grid:
+        from knowpress.tensors.grids import Grid
+
+        return Grid(self.dtype, self.bits, self.symmetric)
+
+    def quantize_weight(self, weight: torch.Tensor, bits: int | None = None) -> Quantized:
+        """Round-to-nearest of a 2-D ``[out, in]`` weight on this method's grid."""
+        from knowpress.tensors.grids import Grid, quantize
+
+        grid = Grid(self.dtype, bits or self.bits, self.symmetric)
+        return quantize(weight, grid, self.group(weight.shape[1]))
 
     def bits_of(self, expert: int) -> int:
         """The width expert ``expert`` of a fused tensor is stored at."""
@@ -123,6 +178,20 @@ class GroupWise(QuantMethod):
         return self.group_size or in_features
 
     def check_target(self, target: Target) -> str | None:
+        problem = self.grid_problem()
+        if problem:
+            return f"{target.name}: {problem}"
+        if self.dtype != "int" and target.kind == "embedding":
+            return (f"{target.name}: embedding tables are packed on the int grid only, not "
+                    f"{self.dtype}: leave model.embed_tokens out of the targets")  # fmt: skip
+        if (
+            self.dtype == "fp8"
+            and target.kind == "fused_experts"
+            and self.group_size
+            and (self.group_size != target.shape[2])
+        ):
+            return (f"{target.name}: fp8 blocks on fused experts are not supported; use "
+                    f"group_size: null (one scale per output channel) for them")  # fmt: skip
         if target.kind == "fused_experts":  # [E, out, in]: each expert's matrix, own scales
             if self.expert_bits and len(self.expert_bits) != target.shape[0]:
                 return (f"expert_bits has {len(self.expert_bits)} widths for the "
@@ -157,14 +226,14 @@ class GroupWise(QuantMethod):
 
         if target.kind == "fused_experts":
             return entries(target.name, target.shape, self.bits, self.group(target.shape[2]),
-                           self.symmetric, self.expert_bits)  # fmt: skip
+                           self.symmetric, self.expert_bits, self.dtype)  # fmt: skip
         if target.kind == "embedding":
             rows, cols = target.shape
             return QuantLinear.entries(target.module, rows, cols, self.bits, self.group(cols),
                                        self.symmetric)  # fmt: skip
         out_features, in_features = target.shape
         return QuantLinear.entries(target.module, out_features, in_features, self.bits,
-                                   self.group(in_features), self.symmetric)  # fmt: skip
+                                   self.group(in_features), self.symmetric, self.dtype)  # fmt: skip
 
     def apply(
         self,
@@ -190,9 +259,8 @@ class GroupWise(QuantMethod):
     def round_target(self, model: nn.Module, target: Target) -> None:
         """Round a fused expert tensor (expert by expert) or an embedding table (row by row)
         to this method's grid, and install its packed form."""
-        from knowpress.tensors.packing import quantize_groups
         from knowpress.tensors.qembed import install_embedding
-        from knowpress.tensors.qexperts import current_weight, install, spec_for
+        from knowpress.tensors.qexperts import current_weight, install, joined, spec_for
 
         module = model.get_submodule(target.module)
         if target.kind == "embedding":
@@ -200,15 +268,11 @@ class GroupWise(QuantMethod):
                               self.symmetric, self.name)  # fmt: skip
             return
         weight = current_weight(module, target.attribute)
-        bits, g, sym = self.bits, self.group(weight.shape[2]), self.symmetric
-        spec = spec_for(weight, bits, g, sym, self.name, self.expert_bits)
-        if self.expert_bits:
-            parts = [quantize_groups(weight[e], self.bits_of(e), g, sym)
-                     for e in range(weight.shape[0])]  # fmt: skip
-            install(module, target.attribute, spec, parts)
-            return
-        q = quantize_groups(weight.reshape(-1, weight.shape[2]), bits, g, sym)
-        install(module, target.attribute, spec, q)
+        g = self.group(weight.shape[2])
+        spec = spec_for(weight, self.bits, g, self.symmetric, self.name, self.expert_bits,
+                        self.dtype)  # fmt: skip
+        parts = [self.quantize_weight(weight[e], self.bits_of(e)) for e in range(weight.shape[0])]
+        install(module, target.attribute, spec, parts if self.expert_bits else joined(parts))
 
 
 QUANT_METHODS: Registry[type[QuantMethod]] = Registry("quant method")

@@ -42,8 +42,8 @@ from knowpress.methods.quant.base import (
     as_linear,
 )
 from knowpress.methods.quant.gptq_solver import gptq_quantize
-from knowpress.tensors.packing import Quantized, dequantize_groups, quantize_groups
-from knowpress.tensors.qexperts import current_weight, install, spec_for
+from knowpress.tensors.grids import Grid, dequantize
+from knowpress.tensors.qexperts import current_weight, install, joined, spec_for
 from knowpress.tensors.qlinear import QuantLinear
 
 if TYPE_CHECKING:
@@ -189,8 +189,8 @@ class GPTQ(GroupWise):
         h = collector.hessian()
         g = self.group(linear.in_features)
         q = gptq_quantize(linear.weight, h, self.bits, g, self.symmetric, self.act_order,
-                          self.damp, self.block)  # fmt: skip
-        packed = QuantLinear.from_quantized(linear, q, self.bits, g, method=self.name)
+                          self.damp, self.block, self.dtype)  # fmt: skip
+        packed = QuantLinear.from_quantized(linear, q, self.bits, g, self.name, self.dtype)
         model.set_submodule(target.module, packed)
         return output_error(linear.weight, packed.dequantized_weight(torch.float32), h)
 
@@ -208,25 +208,17 @@ class GPTQ(GroupWise):
             w, h, bits = weight[expert], hessians.get(expert), self.bits_of(expert)
             if h is None or collector.rows.get(expert, 0) < MIN_EXPERT_ROWS:
                 fallback.append(f"{target.name}[{expert}]")
-                parts.append(quantize_groups(w, bits, g, self.symmetric))
+                parts.append(self.quantize_weight(w, bits))
                 continue
             q = gptq_quantize(w, h, bits, g, self.symmetric, self.act_order, self.damp,
-                              self.block)  # fmt: skip
+                              self.block, self.dtype)  # fmt: skip
             parts.append(q)
-            err = output_error(w, dequantize_groups(q.codes, q.scales, q.zeros, bits, g), h)
+            grid = Grid(self.dtype, bits, self.symmetric, None, q.global_scale)
+            err = output_error(w, dequantize(q.codes, q.scales, q.zeros, grid, g), h)
             noise, signal = noise + err["noise"], signal + err["signal"]
-        spec = spec_for(weight, self.bits, g, self.symmetric, self.name, self.expert_bits)
-        if self.expert_bits:
-            install(module, target.attribute, spec, parts)
-        else:
-            zeros = None if self.symmetric else torch.cat([p.zeros for p in parts])  # type: ignore[misc]
-            codes = torch.cat([p.codes for p in parts])
-            install(
-                module,
-                target.attribute,
-                spec,
-                Quantized(codes, torch.cat([p.scales for p in parts]), zeros),
-            )
+        spec = spec_for(weight, self.bits, g, self.symmetric, self.name, self.expert_bits,
+                        self.dtype)  # fmt: skip
+        install(module, target.attribute, spec, parts if self.expert_bits else joined(parts))
         rel = noise / signal if signal > 0 else math.nan
         return {"rel_mse": rel, "sqnr_db": 10 * math.log10(1 / rel) if rel > 0 else math.inf}
 

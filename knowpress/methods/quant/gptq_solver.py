@@ -12,19 +12,17 @@ Groups: with ``act_order`` columns go in order of falling ``H_jj`` and group par
 from the original weight ("static groups"), so groups stay contiguous in storage order; without
 it a group's scale and zero point are computed when its first column is reached, from the
 weights as the error feedback left them. The codes and parameters are those of
-``packing.quantize_groups`` (same format, same ``QuantLinear``).
+``grids.quantize`` (same format, same ``QuantLinear``): each column is rounded to the nearest
+point of the method's grid (int, fp8, nvfp4 — whose global scale comes from the original
+weight —, mxfp4) under its group's scale.
 """
 
 from __future__ import annotations
 
 import torch
 
-from knowpress.tensors.packing import (
-    Quantized,
-    dequantize_with,
-    group_params,
-    quantize_with,
-)
+from knowpress.tensors.grids import Grid, is_block
+from knowpress.tensors.packing import Quantized
 
 
 def hessian(inputs: torch.Tensor) -> torch.Tensor:
@@ -42,8 +40,10 @@ def gptq_quantize(
     act_order: bool = False,
     damp: float = 0.01,
     block: int = 128,
+    grid: str = "int",
 ) -> Quantized:
-    """GPTQ-quantize ``weight`` ``[out, in]`` under Hessian ``hess`` ``[in, in]``."""
+    """GPTQ-quantize ``weight`` ``[out, in]`` under Hessian ``hess`` ``[in, in]`` onto ``grid``
+    (scales one row per output row: fp8 blocks equal within a block)."""
     w = weight.detach().float().clone()
     out_features, in_features = w.shape
     if in_features % group_size:
@@ -53,21 +53,22 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     groups = in_features // group_size
-    scales = torch.ones(out_features, groups, dtype=torch.float16, device=w.device)
+    rows = group_size if is_block(grid, group_size, in_features) else None
+    quant = Grid(grid, bits, symmetric, rows).bind(w)
+    scales = torch.ones(out_features, groups, device=w.device).to(quant.scale_dtype)
     zeros = None if symmetric else torch.zeros(out_features, groups, device=w.device)
     perm = torch.arange(in_features, device=w.device)
     if act_order:
-        static_scales, static_zeros = group_params(
-            w.reshape(out_features, groups, group_size), bits, symmetric
-        )
+        static_scales, static_zeros = quant.params(w.reshape(out_features, groups, group_size))
         scales, zeros = static_scales, static_zeros
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(in_features, device=w.device)
     upper = _inverse_cholesky(h)
-    codes = _solve(w, upper, perm, scales, zeros, bits, group_size, act_order, block)
+    codes = _solve(w, upper, perm, scales, zeros, quant, group_size, act_order, block)
     codes = codes[:, torch.argsort(perm)]
-    return Quantized(codes, scales, None if zeros is None else zeros.to(torch.uint8))
+    zeros = None if zeros is None else zeros.to(torch.uint8)
+    return Quantized(codes, scales, zeros, quant.global_scale)
 
 
 def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,7 @@ def _solve(
     perm: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
-    bits: int,
+    grid: Grid,
     group_size: int,
     act_order: bool,
     block: int,
@@ -105,15 +106,15 @@ def _solve(
             column = int(perm[i1 + i])
             group = column // group_size
             if not act_order and (i1 + i) % group_size == 0:
-                s, z = group_params(w1[:, i : i + group_size], bits, zeros is None)
+                s, z = grid.params(w1[:, i : i + group_size])
                 scales[:, group] = s
                 if zeros is not None and z is not None:
                     zeros[:, group] = z
-            s_col = scales[:, group].float()
+            s_col = scales[:, group]
             z_col = None if zeros is None else zeros[:, group]
-            q = quantize_with(w1[:, i], s_col, z_col, bits)
+            q = grid.encode(w1[:, i], s_col, z_col)
             codes[:, i1 + i] = q
-            error = (w1[:, i] - dequantize_with(q, s_col, z_col, bits)) / u1[i, i]
+            error = (w1[:, i] - grid.decode(q, s_col, z_col)) / u1[i, i]
             w1[:, i:] -= error.unsqueeze(1) @ u1[i, i:].unsqueeze(0)
             err1[:, i] = error
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]

@@ -2,12 +2,14 @@
 
 Each group of ``g`` consecutive input weights of a row gets its own scale (and zero point
 when asymmetric) and every weight is rounded to the nearest code: ``q = round(W/s) + z``.
-No calibration data. The baseline every data-aware method (GPTQ, AWQ) is compared to; see
+No calibration data. ``dtype`` picks the grid (int, fp8, nvfp4, mxfp4: ``tensors/grids.py``).
+The baseline every data-aware method (GPTQ, AWQ) is compared to; see
 Dettmers & Zettlemoyer, "The case for 4-bit precision" (2023) for RTN at scale.
 
 ```yaml
 - kind: quantize
   method: {name: rtn, bits: 4, group_size: 32}
+  # method: {name: rtn, dtype: nvfp4}     # e2m1 codes, groups of 16, fp8 scales
 ```
 """
 
@@ -18,7 +20,6 @@ from typing import Literal
 from torch import nn
 
 from knowpress.methods.quant.base import QUANT_METHODS, GroupWise
-from knowpress.tensors.packing import quantize_groups
 from knowpress.tensors.qlinear import QuantLinear
 
 
@@ -32,5 +33,5 @@ class RTN(GroupWise):
 
     def quantize_linear(self, linear: nn.Linear) -> QuantLinear:
         g = self.group(linear.in_features)
-        q = quantize_groups(linear.weight, self.bits, g, self.symmetric)
-        return QuantLinear.from_quantized(linear, q, self.bits, g, method=self.name)
+        q = self.quantize_weight(linear.weight)
+        return QuantLinear.from_quantized(linear, q, self.bits, g, self.name, self.dtype)

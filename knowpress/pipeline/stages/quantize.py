@@ -73,16 +73,7 @@ class QuantizeConfig(StageConfig):
 
         if self.format == "knowpress":
             return "knowpress", None
-        targeted = {a.target.module for a in assignments}
-        earlier = [(n, m) for n, m in packed_modules(model).items() if n not in targeted]
-        reason = blocker(earlier)
-        for a in assignments:
-            if reason:
-                break
-            if a.target.kind != "linear":
-                reason = f"{a.target.name} is a {a.target.kind.replace('_', ' ')} tensor"
-            elif not getattr(a.method, "symmetric", False):
-                reason = f"{a.target.name} is asymmetric (symmetric: false)"
+        reason = blocker(planned_items(model, assignments), model, _float_after(model, assignments))
         if reason and self.format == FORMAT:
             raise KnowpressError(
                 f"quantize.format: compressed-tensors cannot hold this output: {reason}; use "
@@ -154,7 +145,46 @@ def _settings(method: QuantMethod) -> str:
     group = getattr(method, "group_size", None)
     kind = "sym" if getattr(method, "symmetric", False) else "asym"
     grouping = "per-row" if group is None else f"g{group}"
-    return f"{method.name} int{getattr(method, 'bits', '?')} {grouping} {kind}"
+    grid = getattr(method, "dtype", "int")
+    code = f"int{getattr(method, 'bits', '?')}" if grid == "int" else grid
+    return f"{method.name} {code} {grouping} {kind}"
+
+
+def planned_items(model: nn.Module, assignments: list[Assignment]) -> list[Any]:
+    """What compressed-tensors would store (``compressed_tensors.Item``): the planned targets
+    at their settings, and the modules earlier stages packed that this one leaves as they are."""
+    from knowpress.formats.compressed_tensors import Item, items_of
+    from knowpress.formats.ct_layout import scheme_of
+
+    targeted = {a.target.module for a in assignments}
+    fused: dict[str, list[Any]] = {}
+    items = [i for i in items_of(packed_modules(model)) if i.module not in targeted]
+    for a in assignments:
+        m: Any = a.method
+        t = a.target
+        if t.kind not in ("linear", "fused_experts"):
+            items.append(Item(t.module, t.kind))
+            continue
+        n = t.shape[-1]
+        scheme = scheme_of(m.dtype, m.bits, m.group(n), m.symmetric, n)
+        if t.kind == "linear":
+            items.append(Item(t.module, "linear", scheme, tuple(t.shape)))
+        else:
+            fused.setdefault(t.module, []).append(
+                (t.attribute, scheme, tuple(t.shape), bool(m.expert_bits)))  # fmt: skip
+    model_type = str(getattr(model.config, "model_type", ""))
+    for module, tensors in fused.items():
+        items.append(Item(module, "fused_experts", fused=tuple(sorted(tensors)),
+                          model_type=model_type))  # fmt: skip
+    return items
+
+
+def _float_after(model: nn.Module, assignments: list[Assignment]) -> list[str]:
+    """Fused expert tensors this stage leaves float (neither targeted nor packed before)."""
+    from knowpress.formats.compressed_tensors import float_experts
+
+    targeted = {a.target.name for a in assignments}
+    return [name for name in float_experts(model) if name not in targeted]
 
 
 class Quantize:
@@ -200,7 +230,8 @@ class Quantize:
     def verify(self, ctx: Context, folder: Path) -> None:
         """The integrity check (``pipeline/integrity.py``) on the saved folder."""
         check_bits(ctx, self.assignments)
-        check_folder(self.assignments, folder, self.predicted, self.storage)
+        model_type = str(getattr(ctx.model.config, "model_type", ""))
+        check_folder(self.assignments, folder, self.predicted, self.storage, model_type)
         check_round_trip(ctx, folder)
 
 
@@ -262,16 +293,11 @@ def predicted_bytes(
     packed = packed_modules(model)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     if storage == ct_format.FORMAT:
-        entries: list[Entry] = [
-            e for a in assignments for e in ct_format.entries(
-                a.target.module, *a.target.shape, a.method.bits,  # type: ignore[attr-defined]
-                a.method.group(a.target.shape[1]))  # type: ignore[attr-defined]
-        ]  # fmt: skip
-        for name, module in packed.items():  # earlier stages' layers, re-packed as words
-            if f"{name}.weight" not in targeted:
-                entries += ct_format.entries(name, module.out_features, module.in_features,
-                                             module.bits, module.group_size)  # fmt: skip
-                targeted.add(f"{name}.weight")
+        entries: list[Entry] = []
+        for item in planned_items(model, assignments):
+            entries += ct_format.item_entries(item)
+            names = [n for n, *_ in item.fused] if item.fused else ["weight"]
+            targeted |= {f"{item.module}.{n}" for n in names}
     else:
         entries = [e for a in assignments for e in a.method.stored_entries(a.target)]
     for key, tensor in model.state_dict().items():

@@ -1,0 +1,170 @@
+"""Reading a compressed-tensors folder back into knowpress's packed modules (``load_modules``):
+the model built by transformers without the folder's quantization config — so the float
+tensors go through every conversion of the architecture's checkpoint layout and nothing is
+dequantized —, then each quantized linear rebuilt as a ``QuantLinear`` and each experts module
+packed from its per-expert tensors (``ct_layout.read``), code for code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from knowpress.core.errors import KnowpressError
+from knowpress.formats.ct_layout import SUFFIXES, ExpertNames, Scheme, expert_names, read
+from knowpress.tensors.packing import Quantized
+
+FORMAT = "compressed-tensors"
+
+
+def _raw(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a quantized module (those with a ``weight_scale``), by name."""
+    from safetensors import safe_open
+
+    raw: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            keys = list(handle.keys())
+            quantized = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".weight_scale")}
+            for key in keys:
+                prefix, _, leaf = key.rpartition(".")
+                if prefix in quantized and (leaf in SUFFIXES or leaf == "weight"):
+                    raw[key] = handle.get_tensor(key)
+    return raw
+
+
+def load_modules(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from knowpress.formats.compressed_tensors import scheme_for
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    quant = config.quantization_config
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    del config.quantization_config
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report lists every packed tensor as unexpected
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=True, output_loading_info=True,
+        )  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    raw = _raw(directory)
+    groups = list((quant.get("config_groups") or {}).values())
+    names = expert_names(config.model_type)
+    expert = (re.compile(rf"(.+\.experts)\.(\d+)\.({names.gate}|{names.up}|{names.down})")
+              if isinstance(names, ExpertNames) else None)  # fmt: skip
+    dense: dict[str, str] = {}  # checkpoint prefix -> module name
+    experts: dict[str, dict[int, dict[str, str]]] = {}  # module -> expert -> projection -> prefix
+    for prefix in sorted({k.rsplit(".", 1)[0] for k in raw if k.endswith(".weight_scale")}):
+        hit = expert.fullmatch(prefix) if expert is not None else None
+        if hit is not None:
+            assert isinstance(names, ExpertNames)
+            module = names.module(hit.group(1))
+            experts.setdefault(module, {}).setdefault(int(hit.group(2)), {})[hit.group(3)] = prefix
+        else:
+            dense[prefix] = names.module(prefix) if isinstance(names, ExpertNames) else prefix
+    rebuilt = {f"{name}.weight" for name in dense.values()}
+    rebuilt |= {f"{m}.{fused}" for m in experts for fused in ("gate_up_proj", "down_proj")}
+    missing = sorted(set(info.get("missing_keys") or []) - rebuilt)
+    if missing:  # transformers would run these randomly initialised
+        raise KnowpressError(
+            f"{directory}: {len(missing)} weight(s) of this architecture are not in the "
+            f"checkpoint (first: {missing[0]}); its layout is not one this transformers loads "
+            f"(e.g. per-expert names from an older MoE export)"
+        )
+    for prefix, name in dense.items():
+        linear = _submodule(model, name, directory)
+        scheme = scheme_for(groups, prefix, directory)
+        q = read(raw, prefix, scheme, linear.in_features)
+        model.set_submodule(name, _quant_linear(linear, q, scheme))
+    for module, by_expert in experts.items():
+        assert isinstance(names, ExpertNames)
+        stored = {
+            j: {proj: _expert(model, raw, groups, prefix, module, proj, names, directory)
+                for proj, prefix in projections.items()}
+            for j, projections in by_expert.items()
+        }  # fmt: skip
+        _install_experts(model, module, stored, names, directory)
+    return model.eval()
+
+
+def _submodule(model: nn.Module, name: str, directory: Path) -> Any:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise KnowpressError(
+            f"{directory}: packed tensor {name} names no module of {type(model).__name__} (a "
+            f"checkpoint layout this transformers does not load)"
+        ) from None
+
+
+def _quant_linear(linear: nn.Module, q: Quantized, scheme: Scheme) -> nn.Module:
+    from knowpress.tensors.qlinear import QuantLinear
+
+    group = scheme.group_size or linear.in_features
+    module = QuantLinear.from_quantized(linear, q, scheme.bits, group, FORMAT, scheme.grid)  # type: ignore[arg-type]
+    module.storage = FORMAT
+    return module
+
+
+def _expert(model: nn.Module, raw: dict[str, torch.Tensor], groups: list[dict[str, Any]],
+            prefix: str, module: str, proj: str, names: ExpertNames, directory: Path,
+            ) -> tuple[Quantized, Scheme]:  # fmt: skip
+    """One expert's stored projection, read at the width of the fused tensor it joins."""
+    from knowpress.formats.compressed_tensors import scheme_for
+
+    experts = _submodule(model, module, directory)
+    fused = "down_proj" if proj == names.down else "gate_up_proj"
+    tensor = getattr(experts, fused, None)
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
+        raise KnowpressError(f"{directory}: {module} has no fused {fused} to merge experts into")
+    scheme = scheme_for(groups, prefix, directory)
+    return read(raw, prefix, scheme, int(tensor.shape[2])), scheme
+
+
+def _install_experts(model: nn.Module, module: str, by_expert: dict[int, dict[str, Any]],
+                     names: ExpertNames, directory: Path) -> None:  # fmt: skip
+    from knowpress.tensors.qexperts import install, joined, spec_for
+
+    experts = _submodule(model, module, directory)
+    count = experts.gate_up_proj.shape[0]
+    if sorted(by_expert) != list(range(count)):
+        raise KnowpressError(
+            f"{directory}: {module} has {count} experts, the folder stores {len(by_expert)}"
+        )
+    for fused, projections in (("gate_up_proj", (names.gate, names.up)),
+                               ("down_proj", (names.down,))):  # fmt: skip
+        parts = []
+        for j in range(count):
+            stored = [by_expert[j].get(p) for p in projections]
+            if any(s is None for s in stored):
+                raise KnowpressError(f"{directory}: expert {j} of {module} lacks {projections}")
+            qs = [s[0] for s in stored]  # type: ignore[index]
+            first = qs[0].global_scale
+            if first is not None and not all(torch.equal(q.global_scale, first) for q in qs):
+                raise KnowpressError(
+                    f"{directory}: expert {j} of {module}: {projections} have different global "
+                    "scales; knowpress packs them as one"
+                )
+            parts.append(joined(qs))
+            parts[-1] = Quantized(parts[-1].codes, parts[-1].scales, parts[-1].zeros, first)
+        scheme: Scheme = by_expert[0][projections[0]][1]
+        flat = joined(parts)
+        shape = (count, flat.codes.shape[0] // count, flat.codes.shape[1])
+        group = scheme.group_size or shape[2]
+        spec = spec_for(torch.empty(shape, device="meta"), scheme.bits, group, scheme.symmetric,
+                        FORMAT, None, scheme.grid)  # fmt: skip
+        install(experts, fused, spec, flat)
+    experts.storage = FORMAT
