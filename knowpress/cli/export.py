@@ -170,8 +170,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         if disk_full(exc):
             raise OSError(errno.ENOSPC, "No space left on device", str(target)) from None
         raise
+    vs_input = ""
+    if config.format == "gguf":
+        vs_input = (
+            f"; vs the input model max|Δlogits| {metrics['quantization_max_abs_logits']:.3g} "
+            f"(rel {metrics['quantization_max_rel_logits']:.3g})"
+        )
     out.print(
         f"{target}: {metrics['weights']}; {built.stored_bytes:,} bytes; parity max|Δlogits| "
         f"{metrics['parity_max_abs_logits']:.3g}, greedy equal {metrics['parity_greedy_equal']}"
+        + vs_input
     )
     return 0
