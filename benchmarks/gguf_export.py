@@ -25,8 +25,8 @@ CI test):
 Writes ``benchmarks/results/gguf.json``. (Not named gguf.py: the script's folder comes first
 on sys.path, and ``import gguf`` would import it.)
 
-    python benchmarks/gguf_export.py --llama-python /path/to/venv/bin/python [--preset bios-dense-tiny]
-        [--questions 64] [--new 8]
+    python benchmarks/gguf_export.py --llama-python /path/to/venv/bin/python
+        [--preset bios-dense-tiny] [--questions 64] [--new 8]
 """
 
 from __future__ import annotations
