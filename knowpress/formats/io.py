@@ -24,7 +24,7 @@ from transformers import (
 
 from knowpress.core.errors import KnowpressError, error_summary, short
 from knowpress.core.registry import close_matches
-from knowpress.formats.base import FORMATS, detect, detect_folder, format_for
+from knowpress.formats.base import FORMATS, detect, format_for
 from knowpress.formats.weights import packed_modules
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,8 +84,9 @@ def check_local(path: Path, source: str | Path) -> None:
 
     if not path.is_dir():
         raise KnowpressError(f"model path {source}: no such directory (give an HF model dir)")
-    exported = detect_folder(path)
-    if exported.runtime != "torch":
+    exported = next((f for f in map(FORMATS.get, FORMATS.names())
+                     if f.runtime != "torch" and f.detect(path)), None)  # fmt: skip
+    if exported is not None:
         raise KnowpressError(
             f"model path {path}: an exported {exported.name} artifact, which no stage loads as a "
             f"model; score it with compress eval --model {path}, or give its input folder"
