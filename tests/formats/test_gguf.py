@@ -220,3 +220,13 @@ def test_what_gguf_export_refuses(tmp_path: Path) -> None:
 
     with pytest.raises(KnowpressError, match="an exported gguf artifact, which no stage loads"):
         load_model(folder)
+
+
+def test_float_grid_codes_are_requantized(tmp_path: Path) -> None:
+    """MXFP4 codes (tensors/grids.py) are no integer blocks: Q4_0 re-quantizes them."""
+    model = tiny_llama(hidden_size=256, intermediate_size=256)
+    method = RTN.model_validate({"name": "rtn", "dtype": "mxfp4"})
+    method.apply(model, select(model, None, ["lm_head"]), None, Progress(False))  # type: ignore[arg-type]
+    metrics = gguf_folder(model, tiny_tokenizer(), tmp_path / "m", weights="q4_0")
+    assert metrics["requantized"] == 2 * 7 and metrics["carried"] == 0
+    assert "mxfp4 g32 codes; Q4_0 holds integer codes" in metrics["tensors"]["blk.0.ffn_up.weight"]
