@@ -3,9 +3,10 @@ they cost in bytes and knowledge?
 
 Exports one teacher (default: the cached ``bios-dense-tiny``, Llama 2 x 128) to GGUF through
 ``knowpress.pipeline.export_gguf``: ``q8_0``, ``q4_0`` and ``q4_k`` from its float weights,
-and ``q4_0`` from RTN int4 group-32 codes (carried code for code). Per file, knowpress's own
-figures: bytes against the teacher's safetensors in bf16; parity (the file read back with
-the gguf package's dequantizers against the PyTorch model holding the same weights); the
+``q4_0`` from RTN int4 group-32 codes and ``q8_0`` from RTN int8 ones (carried code for
+code). Per file, knowpress's own figures: bytes against the teacher's safetensors in bf16;
+parity (the file read back with the gguf package's dequantizers against the PyTorch model
+holding the same weights); the
 error against the float teacher (max |Δlogits| relative to the largest logit, greedy
 agreement on the parity prompts); recall exact match of the dequantized PyTorch model
 (``torch-gguf``) on the world's trained questions. Then llama.cpp itself, through
@@ -47,12 +48,13 @@ from knowpress.formats.io import load_model
 from knowpress.formats.sizes import bf16_bytes
 from knowpress.testing.export import gguf_folder
 
-#: name -> (weights, quantize the linears with RTN int4 g32 first)
+#: name -> (weights, bits of the RTN g32 codes the linears get first, or 0 for float)
 FILES = {
-    "q8_0": ("q8_0", False),
-    "q4_0": ("q4_0", False),
-    "q4_k": ("q4_k", False),
-    "rtn int4 -> q4_0 (carried)": ("q4_0", True),
+    "q8_0": ("q8_0", 0),
+    "q4_0": ("q4_0", 0),
+    "q4_k": ("q4_k", 0),
+    "rtn int4 -> q4_0 (carried)": ("q4_0", 4),
+    "rtn int8 -> q8_0 (carried)": ("q8_0", 8),  # codes reach -128, which ggml never writes
 }
 
 #: run by --llama-python: a job (JSON on stdin) -> results (JSON on stdout)
@@ -163,7 +165,7 @@ def main() -> None:
     for name, (weights, rtn) in FILES.items():
         model = copy.deepcopy(base)
         if rtn:
-            RTN(name="rtn", bits=4, group_size=32).apply(
+            RTN(name="rtn", bits=rtn, group_size=32).apply(
                 model,
                 select(model, None, ["lm_head"]),
                 None,
