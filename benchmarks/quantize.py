@@ -46,6 +46,7 @@ from knowpress.methods.quant.targets import select
 from knowpress.pipeline.calibration import calibration_ids
 from knowpress.pipeline.context import Context
 from knowpress.pipeline.recipe import validate_recipe
+from knowpress.pipeline.stages.quantize import calibration
 from knowpress.teachers import build_teacher
 from knowpress.teachers.training import training_threads
 from knowpress.worlds import PRESETS
@@ -62,14 +63,14 @@ def ours(scorer: Scorer, name: str, bits: int, group: int, out: Path,
     labelled ``NAME-asym`` (knowpress's packed format: zero points)."""
     model, tokenizer = load_model(scorer.path)
     recipe = validate_recipe({"version": 1, "model": {"path": str(scorer.path)}})
-    ctx = Context(recipe=recipe, model=model, tokenizer=tokenizer, out_dir=out, world=scorer.world)
+    ctx = Context.for_recipe(recipe, model, tokenizer, out, world=scorer.world)
     method = QUANT_METHODS.get(name).model_validate(
         {"name": name, "bits": bits, "group_size": group, "symmetric": symmetric}
     )
     targets = select(model, None, ["lm_head"])
     plan = {a.target.name: a.method for a in resolve(method, None, targets)}
     start = time.perf_counter()
-    method.apply(model, targets, ctx, Progress(False), plan)
+    method.apply(model, targets, calibration(ctx), Progress(False), plan)
     seconds = time.perf_counter() - start
     save_model(model, tokenizer, out, dtype=torch.bfloat16)
     stored = sum(f.stat().st_size for f in out.glob("*.safetensors"))
