@@ -117,8 +117,10 @@ def blocker(items: list[Item], model: nn.Module | None = None,
         for name, scheme, _, mixed in item.fused:
             where = f"{item.module}.{name}"
             if mixed:
-                return (f"{where} has experts at several widths (a bits_plan); transformers "
-                        f"5.23 decodes every expert with one config group")  # fmt: skip
+                return (f"{where} stores each expert at its own width (a bits_plan); "
+                        f"transformers 5.23 decodes every expert with the first config "
+                        f"group targeting experts (Mixtral fails, Qwen3-MoE loads wrong "
+                        f"weights)")  # fmt: skip
             if not scheme.symmetric:
                 return (f"{where} has zero points, which transformers 5.23 drops when it "
                         f"merges experts (transformers#47430)")  # fmt: skip

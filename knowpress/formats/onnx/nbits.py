@@ -268,6 +268,12 @@ def prepare(
     layout = Layout()
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
+            if module.grid != "int":
+                raise KnowpressError(
+                    f"{name}: {module.grid} codes are not integers, which MatMulNBits runs; "
+                    "export weights: float32 (the dequantized weights) or quantize with "
+                    "dtype: int"
+                )
             if module.bits not in NBITS:
                 raise KnowpressError(
                     f"{name}: {module.bits}-bit codes cannot be carried into MatMulNBits (it "

@@ -111,8 +111,13 @@ class QuantizeConfig(StageConfig):
                 raise KnowpressError(
                     f"quantize.bits_plan: {self.method.name} has no bits per expert"
                 )
+            if getattr(self.method, "dtype", "int") != "int":
+                raise KnowpressError(
+                    f"quantize.bits_plan: moe_lp chooses integer widths; method.dtype "
+                    f"{self.method.dtype} has one width (use dtype: int)"
+                )
             _check_whole_experts(assignments)
-        storage, reason = self.storage(model, assignments)
+        storage, reason = self.storage(model, _per_expert(assignments, self.bits_plan))
         predicted = predicted_bytes(model, assignments, deploy_dtype, storage)
         lines = plan_lines(self, assignments, predicted)
         if self.bits_plan is not None:
@@ -233,6 +238,22 @@ class Quantize:
         model_type = str(getattr(ctx.model.config, "model_type", ""))
         check_folder(self.assignments, folder, self.predicted, self.storage, model_type)
         check_round_trip(ctx, folder)
+
+
+def _per_expert(assignments: list[Assignment], bits_plan: MoELPSpec | None) -> list[Assignment]:
+    """With a bits plan, the fused targets as the run will hold them: a width per expert (the
+    method's until the plan chooses), which decides the folder format before the plan runs."""
+    import dataclasses
+
+    if bits_plan is None:
+        return assignments
+    out = []
+    for a in assignments:
+        if a.target.kind == "fused_experts":
+            widths = [getattr(a.method, "bits", 4)] * a.target.shape[0]
+            a = dataclasses.replace(a, method=a.method.model_copy(update={"expert_bits": widths}))
+        out.append(a)
+    return out
 
 
 def _check_whole_experts(assignments: list[Assignment]) -> None:

@@ -24,7 +24,8 @@ CASES = [(name, block, floor) for name, entries in rows.QUANT_METHODS.items()
          for block, floor in entries]  # fmt: skip
 
 
-IDS = [f"{n}-{b['bits']}bit-g{b.get('group_size')}-{i}" for i, (n, b, _) in enumerate(CASES)]
+IDS = [f"{n}-{b.get('dtype', 'int')}{b.get('bits', '')}-g{b.get('group_size')}-{i}"
+       for i, (n, b, _) in enumerate(CASES)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "block", "floor"), CASES, ids=IDS)
@@ -41,7 +42,8 @@ def test_method_row(
     method.apply(model, targets, calibrated(model), Progress(False))
     for module, weight in originals.items():
         packed = model.get_submodule(module)
-        assert isinstance(packed, QuantLinear) and packed.bits == block["bits"]
+        assert isinstance(packed, QuantLinear) and packed.bits == method.bits
+        assert packed.grid == block.get("dtype", "int")
         assert sqnr_db(weight, packed.dequantized_weight()) > floor, module
     save_model(model, tiny_tokenizer(), tmp_path)
     stored = (tmp_path / "model.safetensors").stat().st_size
