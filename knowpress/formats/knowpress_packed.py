@@ -138,8 +138,9 @@ def load_packed(directory: Path, dtype: torch.dtype, trust_remote_code: bool) ->
 
 @register
 class PackedFormat(Format):
-    """Only for what no public format holds (fused experts, embeddings, asymmetric zero
-    points, per-expert widths): the manifest's ``format_reason`` names the case."""
+    """Only for what no public format holds (``compressed_tensors.blocker``: embeddings,
+    experts with zero points or on nvfp4, per-expert widths, ...) or what a stage asked to
+    keep here (``format: knowpress``): the manifest's ``format_reason`` names the case."""
 
     name = "hf-packed"
     detect_order = 10
