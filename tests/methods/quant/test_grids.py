@@ -199,3 +199,20 @@ def test_onnx_int4_export_refuses_codes_that_are_not_integers() -> None:
                                          Progress(False))  # type: ignore[arg-type]  # fmt: skip
     with pytest.raises(KnowpressError, match=r"nvfp4 codes are not integers.*weights: float32"):
         prepare(model, 4, 32, True, ())
+
+
+@pytest.mark.parametrize(
+    ("block", "bits"),
+    [({"bits": 4, "group_size": 32}, 4 + 16 / 32), ({"dtype": "nvfp4"}, 4 + 8 / 16),
+     ({"dtype": "mxfp4"}, 4 + 8 / 32), ({"dtype": "fp8"}, 8 + 32 / 256),
+     ({"dtype": "fp8", "group_size": 128}, 8 + 32 / 128**2)],
+)  # fmt: skip
+def test_bits_per_weight_of_each_grid(block: dict[str, Any], bits: float) -> None:
+    """Codes, scales (and nvfp4's 32-bit global scale) per weight of a 256 x 256 linear."""
+    method = RTN.model_validate({"name": "rtn", **block})
+    entries = QuantLinear.entries("m", 256, 256, method.bits, method.group(256), True,
+                                  method.dtype)  # fmt: skip
+    itemsize = {"U8": 1, "F16": 2, "F32": 4, "F8_E4M3": 1}
+    stored = sum(itemsize[tag] * torch.Size(shape).numel() for _, tag, shape in entries)
+    extra = 32 / 256**2 if method.dtype == "nvfp4" else 0
+    assert 8 * stored / 256**2 == pytest.approx(bits + extra)
