@@ -236,13 +236,17 @@ def ct_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
             codes = unpack(getattr(module, f"{attr}_packed"), spec["bits"], n)
             scales = getattr(module, f"{attr}_scale")
             globals_ = getattr(module, f"{attr}_global_scale", None)
+            zeros = getattr(module, f"{attr}_zero_point", None)  # (blocker refuses them)
+            if zeros is not None:
+                zeros = unpack(zeros, spec["bits"], n // spec["group_size"])
             half = rows // 2
             for j in range(e):
                 g = None if globals_ is None else globals_[j]
                 parts = [(names.down, slice(0, rows))] if attr == "down_proj" else [
                     (names.gate, slice(0, half)), (names.up, slice(half, rows))]  # fmt: skip
                 for proj, part in parts:
-                    q = Quantized(codes[j, part], scales[j, part], None, g)
+                    z = None if zeros is None else zeros[j, part]
+                    q = Quantized(codes[j, part], scales[j, part], z, g)
                     state.update(tensors(f"{prefix}.{j}.{proj}", q, scheme))
     return state
 

@@ -137,7 +137,7 @@ def tensors(prefix: str, q: Quantized, scheme: Scheme) -> dict[str, torch.Tensor
         signed = (codes.to(torch.int16) - offset).to(torch.int8)
         stored = {
             f"{prefix}.weight_packed": pack_to_int32(signed, scheme.bits),
-            f"{prefix}.weight_scale": scales.to(torch.float16).reshape(out, -1).contiguous(),
+            f"{prefix}.weight_scale": scales.to(torch.float16).reshape(out, -1).clone(),
             f"{prefix}.weight_shape": torch.tensor([out, n]),
         }
         if q.zeros is not None:
@@ -145,12 +145,13 @@ def tensors(prefix: str, q: Quantized, scheme: Scheme) -> dict[str, torch.Tensor
             stored[f"{prefix}.weight_zero_point"] = pack_to_int32(zeros, scheme.bits, packed_dim=0)
         return stored
     if scheme.grid == "fp8":
-        return {f"{prefix}.weight": codes.view(torch.float8_e4m3fn).contiguous(),
-                f"{prefix}.weight_scale": compact_rows(scales.float(), "fp8", g, n)}  # fmt: skip
-    stored = {f"{prefix}.weight_packed": pack(codes, 4), f"{prefix}.weight_scale": scales}
-    if scheme.grid == "nvfp4":
+        scale = compact_rows(scales.float(), "fp8", g, n).clone()
+        return {f"{prefix}.weight": codes.view(torch.float8_e4m3fn).clone(),
+                f"{prefix}.weight_scale": scale}  # fmt: skip
+    stored = {f"{prefix}.weight_packed": pack(codes, 4), f"{prefix}.weight_scale": scales.clone()}
+    if scheme.grid == "nvfp4":  # copies: gate and up of one expert share the global scale
         assert q.global_scale is not None
-        stored[f"{prefix}.weight_global_scale"] = q.global_scale.cpu().float().reshape(1)
+        stored[f"{prefix}.weight_global_scale"] = q.global_scale.cpu().float().reshape(1).clone()
     return stored
 
 
