@@ -174,9 +174,10 @@ def item_entries(item: Item) -> list[tuple[str, str, tuple[int, ...]]]:
     return out
 
 
-def _groups(items: list[Item]) -> dict[Scheme, list[str]]:
-    """Config groups: scheme -> targets (linears by name; experts by one ``re:`` pattern,
-    as transformers finds the experts' group by a ``re:`` target naming experts)."""
+def _groups(items: list[Item]) -> dict[tuple[bool, Scheme], list[str]]:
+    """Config groups: (experts?, scheme) -> targets, dense groups first (linears by name;
+    experts by one ``re:`` pattern, as transformers finds the experts' group by a ``re:``
+    target naming experts)."""
     groups: dict[tuple[bool, Scheme], list[str]] = {}
     for item in items:
         if item.kind == "linear":
@@ -187,7 +188,7 @@ def _groups(items: list[Item]) -> dict[Scheme, list[str]]:
             targets = groups.setdefault((True, item.fused[0][1]), [])
             if pattern not in targets:
                 targets.append(pattern)
-    return {key: targets for key, targets in sorted(groups.items(), key=lambda kv: kv[0][0])}  # type: ignore[misc]
+    return dict(sorted(groups.items(), key=lambda kv: kv[0][0]))
 
 
 def quantization_config(items: list[Item], ignore: list[str]) -> dict[str, Any]:
@@ -195,7 +196,7 @@ def quantization_config(items: list[Item], ignore: list[str]) -> dict[str, Any]:
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     schemes, formats = {}, set()
-    for i, ((_, scheme), targets) in enumerate(_groups(items).items()):  # type: ignore[misc]
+    for i, ((_, scheme), targets) in enumerate(_groups(items).items()):
         formats.add(FORMATS[scheme.grid])
         schemes[f"group_{i}"] = QuantizationScheme(targets=targets, weights=scheme.args(),
                                                    format=FORMATS[scheme.grid])  # fmt: skip
