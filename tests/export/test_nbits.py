@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-import torch
+from export_helpers import REAL, graph_logits, torch_logits
 from onnx import numpy_helper
 from pydantic import ValidationError
 
@@ -19,12 +19,9 @@ from knowpress.core.errors import KnowpressError
 from knowpress.core.progress import Progress
 from knowpress.methods.quant.rtn import RTN
 from knowpress.methods.quant.targets import select
-from knowpress.runtimes.ort_session import OnnxDecoder, right_padded
 from knowpress.tensors.qlinear import QuantLinear
 from knowpress.testing.export import export_folder
 from knowpress.testing.models import tiny_llama, tiny_tokenizer
-
-ROWS = [[1, 5, 9, 17, 33, 60], [1, 7, 8]]
 
 
 def _export(path: Path, model: Any = None, **options: Any) -> tuple[Any, dict[str, Any]]:
@@ -44,23 +41,8 @@ def _bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("model.onnx*"))
 
 
-def _logits(path: Path) -> np.ndarray:
-    from knowpress.runtimes.ort import read_record
-
-    decoder = OnnxDecoder(path / "model.onnx", read_record(path)["graph"])
-    ids, valid = right_padded(ROWS, 0)
-    return decoder.forward(ids, valid, decoder.empty(len(ROWS)))[0]
-
-
-def _torch_logits(model: Any) -> np.ndarray:
-    ids, valid = (torch.from_numpy(a) for a in right_padded(ROWS, 0))
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=valid).logits.numpy()
-
-
 def _close(a: np.ndarray, b: np.ndarray) -> float:
-    real = right_padded(ROWS, 0)[1].astype(bool)
-    return float(np.abs(a - b)[real].max())
+    return float(np.abs(a - b)[REAL].max())
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +78,16 @@ def test_int4_graph_computes_its_dequantized_weights(graphs: dict[str, Path]) ->
     for name, symmetric, ignore in (("int4", True, ()), ("int4_asym", False, ("lm_head",))):
         model = tiny_llama()
         nbits.prepare(model, 4, 32, symmetric, ignore)
-        assert _close(_logits(graphs[name]), _torch_logits(model)) < 1e-4, name
+        assert _close(graph_logits(graphs[name]), torch_logits(model)) < 1e-4, name
     # the float graph of the original weights differs: the int4 graph is quantized
-    assert _close(_logits(graphs["int4"]), _logits(graphs["float32"])) > 1e-3
+    assert _close(graph_logits(graphs["int4"]), graph_logits(graphs["float32"])) > 1e-3
 
 
 def test_activation_rounding_paths_stay_near(graphs: dict[str, Path]) -> None:
-    reference = _logits(graphs["float32"])
+    reference = graph_logits(graphs["float32"])
     scale = float(np.abs(reference).max())
-    assert _close(_logits(graphs["int8"]), reference) < 0.1 * scale
-    assert _close(_logits(graphs["int4_acc4"]), _logits(graphs["int4"])) < 0.1 * scale
+    assert _close(graph_logits(graphs["int8"]), reference) < 0.1 * scale
+    assert _close(graph_logits(graphs["int4_acc4"]), graph_logits(graphs["int4"])) < 0.1 * scale
 
 
 def _packed(group: int = 32, bits: int = 4, symmetric: bool = True) -> Any:
@@ -118,7 +100,7 @@ def _packed(group: int = 32, bits: int = 4, symmetric: bool = True) -> Any:
 
 def test_quantize_stage_codes_are_carried_byte_for_byte(tmp_path: Path) -> None:
     model = _packed(symmetric=False)
-    expected = _torch_logits(model)
+    expected = torch_logits(model)
     packed = {
         n: m.weight_packed.numpy().copy()
         for n, m in model.named_modules()
@@ -130,7 +112,7 @@ def test_quantize_stage_codes_are_carried_byte_for_byte(tmp_path: Path) -> None:
     stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     for name, codes in packed.items():
         assert np.array_equal(stored[f"{name}.qweight"].reshape(codes.shape), codes), name
-    assert _close(_logits(tmp_path), expected) < 1e-4
+    assert _close(graph_logits(tmp_path), expected) < 1e-4
     # re-quantizing the carried weights would not give back the same codes
     assert 0 < metrics["requantize_changed_codes"] < 0.5
 

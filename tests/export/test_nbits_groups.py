@@ -14,19 +14,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from export_helpers import REAL, graph_logits, torch_logits
 from onnx import TensorProto, helper, numpy_helper
 
 from knowpress.core.errors import KnowpressError
 from knowpress.core.progress import Progress
 from knowpress.formats.onnx import nbits
 from knowpress.pipeline.stages.quantize import QuantizeConfig
-from knowpress.runtimes.ort_session import OnnxDecoder, right_padded
 from knowpress.tensors.packing import quantize_groups, unpack
 from knowpress.tensors.qlinear import QuantLinear
 from knowpress.testing.export import export_folder
 from knowpress.testing.models import tiny_llama, tiny_tokenizer
-
-ROWS = [[1, 5, 9, 17, 33, 60], [1, 7, 8]]
 
 
 def _packed(group: int = 32, symmetric: bool = True, **shape: int) -> Any:
@@ -47,23 +45,8 @@ def _export(path: Path, model: Any, **options: Any) -> dict[str, Any]:
         return export_folder(model, tiny_tokenizer(), path, **options)
 
 
-def _logits(path: Path) -> np.ndarray:
-    from knowpress.runtimes.ort import read_record
-
-    decoder = OnnxDecoder(path / "model.onnx", read_record(path)["graph"])
-    ids, valid = right_padded(ROWS, 0)
-    return decoder.forward(ids, valid, decoder.empty(len(ROWS)))[0]
-
-
-def _torch_logits(model: Any) -> np.ndarray:
-    ids, valid = (torch.from_numpy(a) for a in right_padded(ROWS, 0))
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=valid).logits.numpy()
-
-
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    real = right_padded(ROWS, 0)[1].astype(bool)
-    return float(np.abs(a - b)[real].max() / np.abs(b)[real].max())
+    return float(np.abs(a - b)[REAL].max() / np.abs(b)[REAL].max())
 
 
 def _graph_nodes(path: Path) -> dict[str, Any]:
@@ -163,7 +146,7 @@ def per_row(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model = _packed(group=32, intermediate_size=172)
     down = model.model.layers[0].mlp.down_proj
     assert isinstance(down, QuantLinear) and down.group_size == 172
-    out: dict[str, Any] = {"expected": _torch_logits(model), "root": root}
+    out: dict[str, Any] = {"expected": torch_logits(model), "root": root}
     out["codes"] = _codes(model)
     for name, options in {
         "auto": {"weights": "int4"},
@@ -188,7 +171,7 @@ def test_per_row_codes_export_to_int4_byte_for_byte(per_row: dict[str, Any]) -> 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert (attrs["K"], attrs["block_size"], attrs["accuracy_level"]) == (172, 64, 0)
     # the graph computes the packed model's own weights
-    assert _rel(_logits(path), per_row["expected"]) < 1e-5
+    assert _rel(graph_logits(path), per_row["expected"]) < 1e-5
     assert metrics["parity_max_rel_logits"] < 1e-4 and metrics["parity_greedy_equal"]
 
 
@@ -197,7 +180,7 @@ def test_groups_48_and_43_are_reblocked_and_sliced(tmp_path: Path) -> None:
     group 48 falls back to 43 (4 groups per row): one MatMulNBits per group, summed."""
     model = _packed(group=48, hidden_size=96, intermediate_size=172)
     assert model.model.layers[0].mlp.down_proj.group_size == 43
-    codes, expected = _codes(model), _torch_logits(model)
+    codes, expected = _codes(model), torch_logits(model)
     metrics = _export(tmp_path, model, weights="int4", accuracy_level=0)
     assert metrics["carried"] == 14 and not metrics["kept_float"]
     reblocked = metrics["reblocked"]
@@ -209,7 +192,7 @@ def test_groups_48_and_43_are_reblocked_and_sliced(tmp_path: Path) -> None:
         parts = 4 if name.endswith("down_proj") else 1
         assert np.array_equal(_carried_codes(tmp_path, name, parts, stored.shape[1]), stored)
     assert {f"{down}.part{i}.MatMulNBits" for i in range(4)} <= set(_graph_nodes(tmp_path))
-    assert _rel(_logits(tmp_path), expected) < 1e-5
+    assert _rel(graph_logits(tmp_path), expected) < 1e-5
     assert metrics["parity_greedy_equal"]
 
 
@@ -219,7 +202,7 @@ def test_default_accuracy_level_passes_its_own_parity(per_row: dict[str, Any]) -
     assert metrics["parity_max_rel_logits"] <= metrics["parity_max_rel_limit"]
     assert metrics["parity_greedy_equal"]
     assert f"accuracy_level {metrics['accuracy_level']} (auto" in metrics["weights"]
-    assert _rel(_logits(per_row["root"] / "auto"), per_row["expected"]) < 0.05
+    assert _rel(graph_logits(per_row["root"] / "auto"), per_row["expected"]) < 0.05
 
 
 def test_float32_export_of_a_packed_model_is_its_dequantized_weights(
@@ -229,7 +212,7 @@ def test_float32_export_of_a_packed_model_is_its_dequantized_weights(
     assert len(metrics["dequantized"]) == 14
     assert metrics["weights"] == "float32 (14 packed linears dequantized)"
     assert not _graph_nodes(per_row["root"] / "float32")
-    assert _rel(_logits(per_row["root"] / "float32"), per_row["expected"]) < 1e-5
+    assert _rel(graph_logits(per_row["root"] / "float32"), per_row["expected"]) < 1e-5
 
 
 def test_int8_export_of_a_packed_model_dequantizes_first(tmp_path: Path) -> None:
@@ -244,7 +227,7 @@ def test_codes_no_layout_holds_are_kept_float_as_their_dequantized_weights(
     """Group 8 (asked for): 8 groups per row of 64 are sliced; 32 per row of 256 are more
     than MAX_SLICES, so down_proj stays a float MatMul of its dequantized weight."""
     model = _packed(group=8, intermediate_size=256)
-    expected = _torch_logits(model)
+    expected = torch_logits(model)
     metrics = _export(tmp_path, model, weights="int4", accuracy_level=0)
     assert set(metrics["kept_float"]) == {f"model.layers.{i}.mlp.down_proj" for i in (0, 1)}
     assert (
@@ -255,7 +238,7 @@ def test_codes_no_layout_holds_are_kept_float_as_their_dequantized_weights(
     assert metrics["reblocked"]["model.layers.0.mlp.up_proj"] == (
         "group 8 -> 8 slices of 8 columns at block 16"
     )
-    assert _rel(_logits(tmp_path), expected) < 1e-5
+    assert _rel(graph_logits(tmp_path), expected) < 1e-5
 
 
 def test_auto_falls_back_to_level_0_and_a_fixed_level_names_the_fix(tmp_path: Path) -> None:
