@@ -126,7 +126,8 @@ MALFORMED: list[tuple[str, Any, str]] = [
     (
         "compute dtype",
         base(model={"path": "x", "compute_dtype": "int8"}),
-        "model.compute_dtype: Input should be 'float32', 'bfloat16' or 'float16' (got 'int8')",
+        "model.compute_dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16' "
+        "(got 'int8')",
     ),
     (
         "dtype",

@@ -41,3 +41,27 @@ def resolve_device(device: str, field: str = "device") -> torch.device:
                 f"GPU(s) are visible"
             )
     return target
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_compute_dtype(
+    value: str, device: torch.device, field: str = "model.compute_dtype"
+) -> str:
+    """The dtype stages and evaluation compute in: ``auto`` -> ``bfloat16`` on cuda (``float16``
+    on a GPU torch says has no bfloat16), ``float32`` on the CPU; an explicit value is kept.
+
+    Resolved once, against the resolved ``device``; a bad value is one line naming ``field``.
+    """
+    import torch
+
+    if value in COMPUTE_DTYPES:
+        return value
+    if value != "auto":
+        choices = ", ".join(("auto", *COMPUTE_DTYPES))
+        raise KnowpressError(f"{field}: {value!r} is not a compute dtype (use {choices})")
+    if device.type != "cuda":
+        return "float32"
+    visible = torch.cuda.is_available()  # a GPU torch cannot see is checked by resolve_device
+    return "float16" if visible and not torch.cuda.is_bf16_supported() else "bfloat16"

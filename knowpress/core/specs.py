@@ -17,20 +17,26 @@ class Strict(FrozenConfig):
 
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+#: ``auto``: bfloat16 on cuda, float32 on the CPU (``core/device.resolve_compute_dtype``)
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class ModelSpec(Strict):
     """Where a model comes from: a built-in fact-world teacher, or a path / hub id.
 
     ``dtype`` is the deploy dtype: every tensor a stage does not compress is stored in it.
-    ``compute_dtype`` is what stages and evaluation compute in (weights are upcast on load).
+    ``compute_dtype`` is what stages and evaluation compute in (weights are cast on load):
+    ``auto`` resolves once against the run's device (bfloat16 on cuda, float32 on the CPU);
+    a reference's or teacher's ``auto`` follows the model's resolved dtype.
     """
 
     world: str | None = Field(None, description="built-in preset, e.g. bios-dense-tiny")
     path: str | None = Field(None, description="local HF directory or hub id")
     trust_remote_code: bool = False
     dtype: Dtype = Field("bfloat16", description="stored dtype of tensors no stage compresses")
-    compute_dtype: Dtype = Field("float32", description="dtype stages and evaluation run in")
+    compute_dtype: ComputeDtype = Field(
+        "auto", description="dtype stages and evaluation run in (auto: bf16 on cuda, else fp32)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

@@ -141,6 +141,12 @@ def _evaluate(
     return out, states
 
 
+def longest_sequence(tasks: list[str], max_positions: int) -> int:
+    """The longest sequence ``tasks`` run on a model of ``max_positions`` (``Task.max_tokens``;
+    a task without a bound runs up to ``max_positions``): what batches are sized for."""
+    return min(max_positions, max(TASKS.get(t).max_tokens or max_positions for t in tasks))
+
+
 def retention_table(
     scores: dict[str, TaskScore], teacher: dict[str, TaskScore]
 ) -> dict[str, float]:

@@ -74,7 +74,10 @@ class EvaluateSpec(Strict):
     tasks: list[str] = Field(default_factory=lambda: ["recall", "perplexity"], min_length=1)
     world: str | None = Field(None, description="fact world; default: the model's own")
     max_items: int | None = Field(None, gt=0, description="cap items per task (speed)")
-    batch_size: int = Field(64, gt=0)
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description="sequences per forward; auto: probed once on cuda, from memory on cpu"
+    )
+    offload: bool = Field(False, description="device_map auto: a model larger than the device")
     lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks too")
     text: TextSpec | None = Field(None, description="held-out text for kl / perplexity")
 
@@ -82,6 +85,15 @@ class EvaluateSpec(Strict):
         """Every report task: the world tasks, then ``lm_eval/<task>`` for harness tasks."""
         harness = [report_name(t) for t in self.lm_eval.tasks] if self.lm_eval else []
         return [*self.tasks, *harness]
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and value > 0):
+            return value
+        raise ValueError(
+            f"{yaml_value(value)} is not a batch size; give a whole number >= 1 or auto"
+        )
 
     @field_validator("tasks")
     @classmethod

@@ -219,9 +219,22 @@ def _inputs_lines(inputs: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _execution_lines(execution: dict[str, Any] | None) -> list[str]:
+    """Device, compute dtype (and whether ``auto`` picked it), evaluation batch and offload."""
+    if not execution:
+        return []
+    auto = " (auto)" if execution.get("compute_dtype_from") == "auto" else ""
+    batch = execution.get("batch_size_from") or ""
+    offload = "; models offloaded with device_map auto (slow)" if execution.get("offload") else ""
+    size = execution.get("batch_size") or "-"
+    return [f"- ran on {execution['device']} in {execution['compute_dtype']}{auto}; "
+            f"evaluated in batches of {size} ({batch}){offload}"]  # fmt: skip
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     tasks = list(report["tasks"])
-    lines = ["# knowpress report", "", *_inputs_lines(report["inputs"]), ""]
+    lines = ["# knowpress report", "", *_inputs_lines(report["inputs"])]
+    lines += [*_execution_lines(report.get("execution")), ""]
     lines += [f"> **warning:** {w}" for w in report.get("warnings", [])]
     lines += [""] if report.get("warnings") else []
     lines += ["## Knowledge retained vs bytes stored", ""]

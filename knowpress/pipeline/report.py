@@ -5,6 +5,8 @@
     {"schema": "knowpress.pipeline.report", "schema_version": 3, "knowpress_version": str,
      "created_utc": str, "inputs": {"model", "reference", "teacher", "world"},
      "recipe": {...}, "reference_bf16_bytes": int,
+     "execution": {"device", "compute_dtype", "compute_dtype_from", "offload", "batch_size",
+                   "batch_size_from"} | null,
      "tasks": {name: {"metric", "higher_is_better", "relative", "chance": float|null,
                       "near_chance": bool}},
      "uncertainty": {"confidence", "resamples", "seed", "interval", "alpha", "power"},
@@ -28,7 +30,10 @@ is the artifact's payload on disk (``formats/manifest.py``); ``size_vs_bf16_refe
 it by the reference's safetensors with every float tensor in bfloat16 (what is deployed,
 ``reference_bf16_bytes``); ``bits_per_parameter`` = 8 · stored bytes / logical parameters;
 ``kv_bytes_per_token`` is measured on the runtime's cache (its KV policy, or the full cache);
-``runtime`` says on which device and in which dtype the row was measured. Tasks that are not
+``runtime`` says on which device and in which dtype the row was measured (and ``offload``,
+how an offloaded model was spread: ``runtimes/offload.py``); ``execution`` what the run
+computed on (``pipeline/execution.py``: the compute dtype ``auto`` resolved to, the
+evaluation's batch size and how it was picked, offload). Tasks that are not
 ``relative`` (``kl``) have no retention; ``warnings`` say what makes the figures mean less
 than they seem (a reference near chance on every world task, text the tokenizer hardly
 knows, a compression stage that did not compress). ``near_chance``: the reference scored
@@ -150,6 +155,7 @@ def build_report(
     reference: Measurement,
     reference_bf16_bytes: int,
     stages: list[tuple[StageRecord, Measurement]],
+    execution: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report of a run: the reference row, then one row per stage (see module doc)."""
     tasks = {
@@ -178,6 +184,7 @@ def build_report(
         "inputs": {**inputs, "world": world_record(world)},
         "recipe": recipe.dump(),
         "reference_bf16_bytes": reference_bf16_bytes,
+        "execution": execution,
         "tasks": tasks,
         "uncertainty": UNCERTAINTY,
         "rows": rows,

@@ -50,6 +50,7 @@ from knowpress.evaluate.states import STATES_FILE, read_states, write_states
 from knowpress.formats.io import format_reason, load_model, save_model
 from knowpress.formats.manifest import build_manifest, changed_files, read_manifest, write_manifest
 from knowpress.pipeline.context import Context, StageRecord
+from knowpress.pipeline.execution import Evaluation, resolve_recipe
 from knowpress.pipeline.launch import Group, launched_world
 from knowpress.pipeline.outdir import OutputFolder, resume_dir, stage_dir
 from knowpress.pipeline.preflight import (
@@ -65,7 +66,7 @@ from knowpress.pipeline.preflight import (
 from knowpress.pipeline.recipe import Recipe
 from knowpress.pipeline.report import build_report, knowpress_version, write_report
 from knowpress.pipeline.sources import WORLD_FILE, Source, resolve_source
-from knowpress.runtimes.loader import expert_skip_of, kv_policy_of, load_runtime
+from knowpress.runtimes.loader import expert_skip_of, kv_policy_of
 from knowpress.runtimes.torch import Runtime, TorchRuntime
 
 STAGE_FILE = "knowpress_stage.json"
@@ -95,25 +96,20 @@ class Runner:
         self, recipe: Recipe, out_dir: Path, *, resume: bool, force: bool, progress: Progress,
         group: Group | None = None,
     ) -> None:  # fmt: skip
-        self.recipe, self.out_dir, self.progress = recipe, Path(out_dir), progress
+        asked = recipe.model.compute_dtype
+        self.out_dir, self.progress = Path(out_dir), progress
         self.group = group  # the launched processes that join data-parallel stages
         self.resume, self.force = resume, force
         self.device = resolve_device(recipe.device)  # before anything is written
+        self.recipe = recipe = resolve_recipe(recipe, self.device)  # compute_dtype: auto
+        self.evaluation = Evaluation(recipe, self.device, asked_dtype=asked)
         self.deploy_dtype = recipe.model.dtype
         self.teacher_src: Source | None = None  # resolved in run()
         self.states: dict[str, Any] = {}  # task -> the reference's state (see evaluate/tasks)
         self._teacher: Any = None  # loaded once, for the stages that need it
 
     def _runtime(self, location: str) -> Runtime:
-        spec = self.recipe.model
-        return load_runtime(
-            location,
-            device=str(self.device),
-            dtype=spec.compute_dtype,
-            batch_size=self.recipe.evaluate.batch_size,
-            trust_remote_code=spec.trust_remote_code,
-            deploy_dtype=self.deploy_dtype,
-        )
+        return self.evaluation.load(location)  # compute dtype, batch size, offload
 
     def _measure(self, runtime: Runtime, world: Any, label: str, stored: int) -> Measurement:
         spec = self.recipe.evaluate
@@ -144,6 +140,7 @@ class Runner:
             scores.update(run_lm_eval(runtime, spec.lm_eval))
         measurement = measure(runtime, scores, source.stored_bytes())
         write_states(self.out_dir / "reference" / STATES_FILE, self.states)
+        self.states = read_states(self.out_dir / "reference" / STATES_FILE) or {}  # as stored
         bf16 = source.bf16_bytes()
         payload = {
             "key": self.eval_key,
@@ -216,6 +213,8 @@ class Runner:
             else:
                 self.progress.log(f"[green]✓[/green] stage {index + 1} ({config.kind}) resumed")
             loaded = None
+            if not any(type(later).needs_teacher for later in recipe.stages[index + 1 :]):
+                self._teacher = None  # no later stage learns from it
             gc.collect()
             measurement, loaded = self._stage_measurement(target, world, index, config.kind)
             history.append(record)
@@ -229,6 +228,7 @@ class Runner:
             reference=reference,
             reference_bf16_bytes=reference_bf16,
             stages=stages,
+            execution=self.evaluation.execution(),
         )
         write_report(report, self.out_dir)
         return RunResult(self.out_dir, report)
@@ -372,7 +372,8 @@ class Runner:
         measurement = self._measure(runtime, world, label, manifest.stored_bytes)
         payload = {"key": self.eval_key, "measurement": measurement.to_json()}
         atomic_write_text(target / EVAL_FILE, json.dumps(payload, indent=1))
-        return measurement, runtime
+        offloaded = self.recipe.evaluate.offload  # a dispatched model is not a stage's input
+        return measurement, None if offloaded else runtime
 
 
 def _runtime_policies(ctx: Context) -> dict[str, dict[str, Any]]:

@@ -35,6 +35,10 @@ class RuntimeOptions:
     #: the dtype the deployed model holds float tensors (and its KV cache) in, for a folder
     #: without a manifest (a manifest's own ``dtype`` wins)
     deploy_dtype: str = "bfloat16"
+    #: spread the model over the device, the CPU and disk (``runtimes/offload.py``; torch only)
+    offload: bool = False
+    #: with ``offload``: place -> bytes it may hold (default: what is free)
+    max_memory: dict[Any, Any] | None = None
 
 
 Loader = Callable[[str, "Manifest | None", RuntimeOptions], "Runtime"]
@@ -94,8 +98,12 @@ def _torch(location: str, manifest: Manifest | None, options: RuntimeOptions) ->
         location,
         dtype=options.dtype,
         trust_remote_code=options.trust_remote_code,
-        device=options.device,
+        device="cpu" if options.offload else options.device,
     )
+    if options.offload:
+        from knowpress.runtimes.offload import offload
+
+        offload(model, options.device, options.max_memory)
     kv_dtype = manifest.dtype if manifest is not None else options.deploy_dtype
     runtime = TorchRuntime(model, tokenizer, batch_size=options.batch_size, kv_policy=policy,
                            kv_dtype=kv_dtype)  # fmt: skip
@@ -132,7 +140,8 @@ def load_runtime(location: str | Path, **options: Any) -> Runtime:
     format (``formats.detect``: the manifest's, else its files') names the runtime.
 
     ``options``: ``device``, ``dtype`` (compute dtype), ``batch_size``, ``trust_remote_code``,
-    ``deploy_dtype`` (KV bytes are counted in it when the folder has no manifest).
+    ``deploy_dtype`` (KV bytes are counted in it when the folder has no manifest),
+    ``offload`` and ``max_memory`` (a torch model spread over device, CPU and disk).
     """
     from knowpress.formats import detect
 

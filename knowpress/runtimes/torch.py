@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
+from knowpress.runtimes.offload import execution_device, placement
+
 if TYPE_CHECKING:
     from knowpress.methods.kv.base import KVPolicy
 
@@ -99,6 +101,10 @@ def split_contexts(
 
 
 def _device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go: an offloaded model's execution device, else its parameters' device."""
+    dispatched = execution_device(model)
+    if dispatched is not None:
+        return dispatched
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -181,6 +187,7 @@ class TorchRuntime:
         return self._kv_bytes
 
     def describe(self) -> dict[str, Any]:
+        offloaded = placement(self.model)
         return {
             "runtime": self.name,
             "device": str(_device(self.model)),
@@ -189,6 +196,7 @@ class TorchRuntime:
             "kv_dtype": self.kv_dtype,
             **({} if self.expert_skip is None else
                {"expert_skip": f"{self.expert_skip.name} beta={self.expert_skip.beta:g}"}),
+            **({} if offloaded is None else {"offload": offloaded}),
         }  # fmt: skip
 
     def _batches(
@@ -274,6 +282,17 @@ class TorchRuntime:
             parts.append(self.model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
                                     **cache).logits)  # fmt: skip
         return torch.cat(parts, dim=1)
+
+    @torch.inference_mode()
+    def score_probe(self, rows: int, length: int) -> None:
+        """One scoring pass (as ``next_token_logprobs`` runs it, its float32 log-softmax
+        included) over ``rows`` seeded random sequences of ``length`` tokens, discarded: what
+        ``runtimes/batching.py`` tries to learn whether a batch fits."""
+        vocab = self.model.config.get_text_config(decoder=True).vocab_size
+        ids = torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(_device(self.model))
+        logits = self._logits(ids, torch.ones_like(ids))
+        torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
     @torch.inference_mode()
     def nll(self, texts: Sequence[str], exclude_token_ids: Sequence[int] = ()) -> list[NLL]:

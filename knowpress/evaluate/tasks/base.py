@@ -63,6 +63,9 @@ class Task:
     higher_is_better: ClassVar[bool] = True
     relative: ClassVar[bool] = True
     needs_facts: ClassVar[bool] = True
+    #: the longest sequence the task runs, in tokens (None: up to the runtime's
+    #: ``max_positions``); ``evaluate.batch_size: auto`` sizes batches for the longest task
+    max_tokens: ClassVar[int | None] = None
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
 

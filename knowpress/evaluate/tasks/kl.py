@@ -109,6 +109,7 @@ class KL(Task):
     higher_is_better = False
     relative = False
     needs_facts = False
+    max_tokens = max(WINDOW, PROMPT_TOKENS + CONTINUATION_TOKENS)
     summary = "KL(reference || model) per token on held-out text and reference samples, top-1"
     paper = "Dutta et al. 2024 (Accuracy is not all you need), arXiv:2407.09141"
 
