@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from knowpress.core.errors import KnowpressError
 from knowpress.core.registry import Registry
+from knowpress.core.specs import DEFAULT_MAX_SHARD_SIZE
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +47,8 @@ class Format:
         return f"{self.name} folders are written by their own stage, not by save_model"
 
     def save(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path,
-             dtype: torch.dtype | None, modules: dict[str, Any]) -> None:  # fmt: skip
+             dtype: torch.dtype | None, modules: dict[str, Any],
+             max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:  # fmt: skip
         raise KnowpressError(self.holds(modules) or f"{self.name}: cannot save a model")
 
     def load(

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from knowpress.core.errors import KnowpressError
+from knowpress.core.specs import DEFAULT_MAX_SHARD_SIZE
 from knowpress.formats.base import Format, register
 from knowpress.formats.ct_layout import (
     FORMATS,
@@ -334,7 +335,8 @@ class CompressedTensorsFormat(Format):
         return blocker(items_of(modules))
 
     def save(self, model: Any, tokenizer: Any, folder: Path, dtype: torch.dtype | None,
-             modules: dict[str, Any]) -> None:  # fmt: skip
+             modules: dict[str, Any], max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+             ) -> None:  # fmt: skip
         from knowpress.formats.weights import (
             deploy_state,
             packed_tensor_of,
@@ -348,7 +350,7 @@ class CompressedTensorsFormat(Format):
         state = deploy_state(model, dtype) if dtype is not None else model.state_dict()
         state = {k: v for k, v in state.items() if packed_tensor_of(k, set(modules)) is None}
         state.update(ct_state(modules))  # codes re-laid out as compressed-tensors stores them
-        save_weights(model, folder, state, original_format=True)
+        save_weights(model, folder, state, original_format=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(folder)
         set_dtype(folder, dtype)
         write_config(folder, model, modules)

@@ -24,6 +24,7 @@ its own conversion mapping (:func:`expert_names`), so an architecture without on
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +156,7 @@ def tensors(prefix: str, q: Quantized, scheme: Scheme) -> dict[str, torch.Tensor
     return stored
 
 
-def read(raw: dict[str, torch.Tensor], prefix: str, scheme: Scheme, n: int) -> Quantized:
+def read(raw: Mapping[str, torch.Tensor], prefix: str, scheme: Scheme, n: int) -> Quantized:
     """Inverse of :func:`tensors`: codes ``[out, n]``, per-row scales, zeros, global scale."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 

@@ -7,6 +7,7 @@ packed from its per-expert tensors (``ct_layout.read``), code for code."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,37 +15,33 @@ import torch
 from torch import nn
 
 from knowpress.core.errors import KnowpressError
-from knowpress.formats.ct_layout import SUFFIXES, ExpertNames, Scheme, expert_names, read
+from knowpress.formats.ct_layout import ExpertNames, Scheme, expert_names, read
 from knowpress.tensors.packing import Quantized
 
 FORMAT = "compressed-tensors"
 
 
-def _raw(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a quantized module (those with a ``weight_scale``), by name."""
-    from safetensors import safe_open
-
-    raw: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
-            keys = list(handle.keys())
-            quantized = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".weight_scale")}
-            for key in keys:
-                prefix, _, leaf = key.rpartition(".")
-                if prefix in quantized and (leaf in SUFFIXES or leaf == "weight"):
-                    raw[key] = handle.get_tensor(key)
-    return raw
-
-
 def load_modules(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from knowpress.formats.compressed_tensors import scheme_for
+    from knowpress.formats.shards import LazyTensors
 
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     quant = config.quantization_config
     quant = quant if isinstance(quant, dict) else quant.to_dict()
     del config.quantization_config
+    model, info = _float_model(directory, config, dtype, trust_remote_code)
+    groups = list((quant.get("config_groups") or {}).values())
+    with LazyTensors(directory) as raw:  # each module's tensors read from its shard when used
+        _rebuild(model, raw, groups, set(info.get("missing_keys") or []), directory)
+    return model.eval()
+
+
+def _float_model(directory: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool
+                 ) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """The model transformers builds from the folder without its quantization config (every
+    shard of an indexed folder read) and its loading info."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -52,7 +49,7 @@ def load_modules(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             directory, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
             use_safetensors=True, output_loading_info=True,
         )  # fmt: skip
@@ -60,9 +57,14 @@ def load_modules(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    raw = _raw(directory)
-    groups = list((quant.get("config_groups") or {}).values())
-    names = expert_names(config.model_type)
+
+
+def _rebuild(model: nn.Module, raw: Mapping[str, torch.Tensor], groups: list[dict[str, Any]],
+             missing_keys: set[str], directory: Path) -> None:  # fmt: skip
+    """Every quantized module of ``raw`` (those with a ``weight_scale``) rebuilt packed."""
+    from knowpress.formats.compressed_tensors import scheme_for
+
+    names = expert_names(model.config.model_type)
     expert = (re.compile(rf"(.+\.experts)\.(\d+)\.({names.gate}|{names.up}|{names.down})")
               if isinstance(names, ExpertNames) else None)  # fmt: skip
     dense: dict[str, str] = {}  # checkpoint prefix -> module name
@@ -77,7 +79,7 @@ def load_modules(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -
             dense[prefix] = names.module(prefix) if isinstance(names, ExpertNames) else prefix
     rebuilt = {f"{name}.weight" for name in dense.values()}
     rebuilt |= {f"{m}.{fused}" for m in experts for fused in ("gate_up_proj", "down_proj")}
-    missing = sorted(set(info.get("missing_keys") or []) - rebuilt)
+    missing = sorted(missing_keys - rebuilt)
     if missing:  # transformers would run these randomly initialised
         raise KnowpressError(
             f"{directory}: {len(missing)} weight(s) of this architecture are not in the "
@@ -97,7 +99,6 @@ def load_modules(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -
             for j, projections in by_expert.items()
         }  # fmt: skip
         _install_experts(model, module, stored, names, directory)
-    return model.eval()
 
 
 def _submodule(model: nn.Module, name: str, directory: Path) -> Any:
@@ -119,7 +120,7 @@ def _quant_linear(linear: nn.Module, q: Quantized, scheme: Scheme) -> nn.Module:
     return module
 
 
-def _expert(model: nn.Module, raw: dict[str, torch.Tensor], groups: list[dict[str, Any]],
+def _expert(model: nn.Module, raw: Mapping[str, torch.Tensor], groups: list[dict[str, Any]],
             prefix: str, module: str, proj: str, names: ExpertNames, directory: Path,
             ) -> tuple[Quantized, Scheme]:  # fmt: skip
     """One expert's stored projection, read at the width of the fused tensor it joins."""

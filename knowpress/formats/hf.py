@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from knowpress.core.io import atomic_write_text
+from knowpress.core.specs import DEFAULT_MAX_SHARD_SIZE
 from knowpress.formats.base import Format, register
 from knowpress.formats.weights import deploy_state, save_weights
 
@@ -29,9 +30,10 @@ class HFFormat(Format):
         return f"{len(modules)} packed module(s) need a quantized format" if modules else None
 
     def save(self, model: Any, tokenizer: Any, folder: Path, dtype: torch.dtype | None,
-             modules: dict[str, Any]) -> None:  # fmt: skip
+             modules: dict[str, Any], max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+             ) -> None:  # fmt: skip
         state = deploy_state(model, dtype) if dtype is not None else None
-        save_weights(model, folder, state, original_format=True)
+        save_weights(model, folder, state, original_format=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(folder)
         if dtype is not None:
             config = json.loads((folder / "config.json").read_text())

@@ -24,6 +24,7 @@ from transformers import (
 
 from knowpress.core.errors import KnowpressError, error_summary, short
 from knowpress.core.registry import close_matches
+from knowpress.core.specs import DEFAULT_MAX_SHARD_SIZE
 from knowpress.formats.base import FORMATS, detect, format_for
 from knowpress.formats.weights import packed_modules
 
@@ -42,6 +43,7 @@ def save_model(
     tokenizer: PreTrainedTokenizerBase,
     directory: Path,
     dtype: torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> str:
     """Save model and tokenizer (safetensors) in the first format of :data:`SAVE_ORDER` that
     holds it and return that format's name: ``hf`` (no packed layers),
@@ -51,7 +53,8 @@ def save_model(
 
     ``dtype`` is the deploy dtype of every float tensor no stage compressed (None: keep the
     model's); packed codes, scales and zero points keep their own. The in-memory model is
-    not changed. transformers' shard-writing tqdm bar is hidden meanwhile.
+    not changed. transformers' shard-writing tqdm bar is hidden meanwhile. Weights larger
+    than ``max_shard_size`` bytes are written as shards with an index (``shards.py``).
     """
     from knowpress.formats.compressed_tensors import FORMAT
 
@@ -62,7 +65,7 @@ def save_model(
         if reason:
             raise KnowpressError(f"compressed-tensors: {reason}")
     fmt = format_for(modules, SAVE_ORDER)
-    fmt.save(model, tokenizer, directory, dtype, modules)
+    fmt.save(model, tokenizer, directory, dtype, modules, max_shard_size)
     return fmt.name
 
 
@@ -79,8 +82,9 @@ def format_reason(model: PreTrainedModel) -> str | None:
 
 
 def check_local(path: Path, source: str | Path) -> None:
-    """The folder holds what a load needs, each file readable: one line for what is not."""
-    from knowpress.formats.sizes import read_header
+    """The folder holds what a load needs, each file readable: one line for what is not
+    (a sharded folder: every shard its index names, each tensor where the index says)."""
+    from knowpress.formats.shards import folder_header, weight_files
 
     if not path.is_dir():
         raise KnowpressError(f"model path {source}: no such directory (give an HF model dir)")
@@ -100,14 +104,12 @@ def check_local(path: Path, source: str | Path) -> None:
     if not isinstance(config, dict):
         raise KnowpressError(f"{path / 'config.json'}: not a JSON object (a model config)")
     _check_model_type(path / "config.json", config)
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
+    if not weight_files(path):
         raise KnowpressError(
             f"model path {path}: no *.safetensors weights (knowpress never loads pickle "
             f"*.bin files; convert them with safetensors first)"
         )
-    for file in weights:
-        read_header(file)
+    folder_header(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise KnowpressError(
             f"model path {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); save "

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from knowpress.core.errors import KnowpressError
+from knowpress.core.specs import DEFAULT_MAX_SHARD_SIZE
 from knowpress.formats.base import Format, register
 
 QUANT_FILE = "knowpress_quant.json"
@@ -119,13 +119,16 @@ def packed_skeleton(
 
 
 def load_packed(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    """The folder's model, its tensors read one shard at a time (``shards.shard_states``)."""
+    from knowpress.formats.shards import shard_states
+
     model = packed_skeleton(directory, dtype, trust_remote_code)
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(file))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    expected, seen, unexpected = list(model.state_dict()), set(), []
+    for state in shard_states(directory):
+        unexpected += model.load_state_dict(state, strict=False).unexpected_keys
+        seen.update(state)
     tied = set(model.all_tied_weights_keys)  # empty unless the config ties them
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in expected if k not in seen and k not in tied]
     if missing or unexpected:
         raise KnowpressError(
             f"{directory}: packed checkpoint does not match its config "
@@ -153,12 +156,19 @@ class PackedFormat(Format):
         return None if modules else "no packed module: a plain hf folder holds the model"
 
     def save(self, model: Any, tokenizer: Any, folder: Path, dtype: torch.dtype | None,
-             modules: dict[str, Any]) -> None:  # fmt: skip
+             modules: dict[str, Any], max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+             ) -> None:  # fmt: skip
         from knowpress.core.io import atomic_write_text
         from knowpress.formats.weights import deploy_state, save_weights
 
         state = deploy_state(model, dtype) if dtype is not None else None
-        save_weights(model, folder, state, original_format=False)  # in-memory tensor names
+        save_weights(
+            model,
+            folder,
+            state,
+            original_format=False,  # in-memory tensor names
+            max_shard_size=max_shard_size,
+        )
         tokenizer.save_pretrained(folder)
         config = json.loads((folder / "config.json").read_text())
         if dtype is not None:

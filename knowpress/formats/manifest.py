@@ -14,8 +14,9 @@ the folder (the runner's ``atomic_dir``) and read back on resume and by ``load_r
      "structure": {"experts_per_layer": [8, 6]},  # per-layer facts a loader needs
      "stored_bytes": 525312}
 
-Stored bytes are the payload a deployment ships: weights and every non-metadata file (ONNX
-graphs and external data, policy tables). Config and tokenizer files are the same for every
+Stored bytes are the payload a deployment ships: weights (every shard of a sharded folder and
+its ``model.safetensors.index.json``) and every non-metadata file (ONNX graphs and external
+data, policy tables). Config and tokenizer files are the same for every
 row of a report, so they are listed but not counted.
 """
 
@@ -152,13 +153,15 @@ def changed_files(directory: Path, manifest: Manifest, content: bool = True) -> 
 
 def stored_bytes(directory: Path) -> int:
     """Bytes of the stored payload: the manifest's files (checked on disk), or for a folder
-    without a manifest its ``*.safetensors``."""
+    without a manifest its weight files (every shard) and their index."""
+    from knowpress.formats.shards import weight_bytes
     from knowpress.formats.sizes import safetensors_files
 
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest is None:
-        return sum(f.stat().st_size for f in safetensors_files(directory))
+        safetensors_files(directory)  # none is one line
+        return weight_bytes(directory)
     problems = changed_files(directory, manifest, content=False)
     if problems:
         raise KnowpressError(

@@ -65,16 +65,29 @@ def read_header(file: Path) -> dict[str, dict]:
 
 
 def safetensors_files(directory: Path) -> list[Path]:
-    files = sorted(Path(directory).glob("*.safetensors"))
+    """The folder's weight files: every shard its index names, else its ``*.safetensors``
+    (``shards.weight_files``); none is one line."""
+    from knowpress.formats.shards import weight_files
+
+    files = weight_files(Path(directory))
     if not files:
         raise KnowpressError(f"{directory}: no *.safetensors weight files")
     return files
 
 
+def index_bytes(directory: Path) -> int:
+    """Bytes of the folder's shard index (``model.safetensors.index.json``; 0 without one)."""
+    from knowpress.formats.shards import INDEX_FILE
+
+    index = Path(directory) / INDEX_FILE
+    return index.stat().st_size if index.is_file() else 0
+
+
 def bf16_bytes(directory: Path) -> int:
     """Bytes the directory's safetensors would take with every float tensor in bfloat16
-    (integer tensors as they are), headers included: the size users deploy."""
-    total = 0
+    (integer tensors as they are), headers included, every shard and the index counted:
+    the size users deploy."""
+    total = index_bytes(directory)
     for file in safetensors_files(directory):
         header = read_header(file)
         entries = [
@@ -83,6 +96,21 @@ def bf16_bytes(directory: Path) -> int:
         ]
         total += safetensors_bytes(entries)
     return total
+
+
+def one_file_bytes(directory: Path) -> int:
+    """Bytes of the folder's tensors as one safetensors file: a single file's size, or for
+    shards the file holding all their entries (one header, no index) -- what a plan that
+    predicts one file (``safetensors_bytes``) is compared with."""
+    files = safetensors_files(directory)
+    if len(files) == 1 and not index_bytes(directory):
+        return files[0].stat().st_size
+    entries: list[Entry] = []
+    for file in files:
+        header = read_header(file)
+        order = sorted(header, key=lambda name: header[name]["data_offsets"][0])
+        entries += [(n, header[n]["dtype"], tuple(header[n]["shape"])) for n in order]
+    return safetensors_bytes(entries)
 
 
 def safetensors_bytes(entries: Iterable[Entry], metadata: dict[str, str] | None = None) -> int:

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 
 from knowpress.core.errors import disk_full
 from knowpress.core.io import atomic_write_text, follow_umask
+from knowpress.core.specs import DEFAULT_MAX_SHARD_SIZE
 
 
 def deploy_dtype_of(key: str, tensor: torch.Tensor, packed: set[str], dtype: torch.dtype | None
@@ -69,16 +70,21 @@ def set_dtype(directory: Path, dtype: torch.dtype | None) -> None:
 
 
 def save_weights(model: PreTrainedModel, directory: Path, state: dict[str, torch.Tensor] | None,
-                  original_format: bool) -> None:  # fmt: skip
+                  original_format: bool, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                  ) -> None:  # fmt: skip
     """``save_pretrained`` of the weights, its tqdm bar hidden, ENOSPC as one ``OSError``,
-    the files given the umask's mode (transformers writes them 0600)."""
+    the files given the umask's mode (transformers writes them 0600). A state larger than
+    ``max_shard_size`` bytes is written as ``model-0000K-of-0000N.safetensors`` shards and
+    ``model.safetensors.index.json`` (``shards.py``); a tensor larger than it gets a shard of
+    its own."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         model.save_pretrained(directory, safe_serialization=True, state_dict=state,
-                              save_original_format=original_format)  # fmt: skip
+                              save_original_format=original_format,
+                              max_shard_size=max_shard_size)  # fmt: skip
     except Exception as exc:
         if disk_full(exc):  # safetensors reports ENOSPC as its own error type
             raise OSError(errno.ENOSPC, "No space left on device", str(directory)) from None

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from knowpress.core.specs import CalibrationSpec
+from knowpress.core.specs import DEFAULT_MAX_SHARD_SIZE, CalibrationSpec
 
 if TYPE_CHECKING:
     from knowpress.methods.kv.base import KVPolicy
@@ -69,10 +69,12 @@ class Context:
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[StageRecord] = field(default_factory=list)
     resume_dir: Path | None = None
-    #: what a stage needs of the recipe, not the recipe: the deploy and compute dtypes, whether
-    #: remote code may run, the calibration text data-aware stages read
+    #: what a stage needs of the recipe, not the recipe: the deploy and compute dtypes, the
+    #: largest weight file a save writes (bytes), whether remote code may run, the calibration
+    #: text data-aware stages read
     deploy_dtype: str = "bfloat16"
     compute_dtype: str = "float32"
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     trust_remote_code: bool = False
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
 
@@ -84,8 +86,9 @@ class Context:
         """A context carrying what stages need of ``recipe``."""
         spec = recipe.model
         return cls(model=model, tokenizer=tokenizer, out_dir=out_dir, deploy_dtype=spec.dtype,
-                   compute_dtype=spec.compute_dtype, trust_remote_code=spec.trust_remote_code,
-                   calibration=recipe.data.calibration, **fields)  # fmt: skip
+                   compute_dtype=spec.compute_dtype, max_shard_size=spec.max_shard_size,
+                   trust_remote_code=spec.trust_remote_code, calibration=recipe.data.calibration,
+                   **fields)  # fmt: skip
 
     def calibration_ids(self, max_positions: int) -> list[list[int]]:
         """Token sequences of the calibration text (``calibration.calibration_ids``)."""

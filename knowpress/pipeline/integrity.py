@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from knowpress.core.errors import KnowpressError
-from knowpress.formats.sizes import read_header, safetensors_files
+from knowpress.formats.shards import folder_header
+from knowpress.formats.sizes import one_file_bytes
 
 if TYPE_CHECKING:
     from knowpress.formats.sizes import Entry
@@ -53,11 +54,11 @@ def check_folder(
     model_type: str = "",
 ) -> None:  # fmt: skip
     """Packed at the planned settings in the folder format ``storage`` (every tensor the plan
-    stores, at its dtype and shape), no float copy, bytes within 1% of ``predicted``."""
-    header: dict[str, Any] = {}
-    for file in safetensors_files(folder):
-        header.update(read_header(file))
-    stored = sum(f.stat().st_size for f in safetensors_files(folder))
+    stores, at its dtype and shape, in whichever shard holds it), no float copy, bytes within
+    1% of ``predicted`` (the plan predicts one file: a sharded folder's tensors are sized as
+    one file, ``sizes.one_file_bytes``; the shards' own headers and index are not planned)."""
+    header: dict[str, Any] = folder_header(folder)
+    stored = one_file_bytes(folder)
     for a in assignments:
         expected = expected_entries(a, storage, model_type)
         names = {e[0] for e in expected}

@@ -15,9 +15,9 @@ saved there in the deploy dtype, the manifest is written last, and the folder is
 into place only when all of it succeeded. Every model is scored through ``load_runtime`` on
 what was written to disk. Nothing is written before ``_prepare`` has checked what can fail
 without weights (``preflight``). ``resume=True`` skips stages whose hash (config chained onto the
-input's hash and the run key: teacher, ``data``, knowpress version, deploy dtype) matches
-the record and whose payload files are as the manifest recorded; a stage whose checkpoint
-exists but whose evaluation does not is only re-evaluated.
+input's hash and the run key: teacher, ``data``, knowpress version, deploy dtype, shard
+size) matches the record and whose payload files (every shard) are as the manifest recorded;
+a stage whose checkpoint exists but whose evaluation does not is only re-evaluated.
 """
 
 from __future__ import annotations
@@ -190,9 +190,8 @@ class Runner:
         self.eval_key = stable_hash(
             [recipe.evaluate.model_dump(mode="json"), reference_src.key, version]
         )
-        run_key = stable_hash(
-            [self.teacher_src.key, recipe.data.model_dump(mode="json"), version, self.deploy_dtype]
-        )
+        run_key = stable_hash([self.teacher_src.key, recipe.data.model_dump(mode="json"), version,
+                               self.deploy_dtype, recipe.model.max_shard_size])  # fmt: skip
         reference, reference_bf16 = self._reference(reference_src, world)
 
         stages: list[tuple[StageRecord, Measurement]] = []
@@ -320,7 +319,9 @@ class Runner:
             if callable(save):
                 fmt = save(ctx, tmp)
             else:
-                fmt = save_model(ctx.model, ctx.tokenizer, tmp, dtype=dtype)
+                fmt = save_model(
+                    ctx.model, ctx.tokenizer, tmp, dtype=dtype, max_shard_size=ctx.max_shard_size
+                )
             verify = getattr(stage, "verify", None)
             if callable(verify):  # the stage checks what was written, before it is installed
                 try:
