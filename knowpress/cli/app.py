@@ -123,6 +123,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compute(dtype: str) -> str:
+    return "auto: bfloat16 on cuda, float32 on cpu" if dtype == "auto" else dtype
+
+
 def _print_plan(recipe: Any, out_dir: Path) -> None:
     """The dry run: everything that can fail without weights is checked before printing."""
     import yaml
@@ -139,7 +143,7 @@ def _print_plan(recipe: Any, out_dir: Path) -> None:
     reference = named(recipe.reference, "the model")
     out.print(
         f"[bold]plan[/bold] (dry run: nothing loaded)\n  model:     {model} "
-        f"(stored in {recipe.model.dtype}, computed in {recipe.model.compute_dtype})\n"
+        f"(stored in {recipe.model.dtype}, computed in {_compute(recipe.model.compute_dtype)})\n"
         f"  reference: {reference}\n  teacher:   {teacher}\n  device:    {recipe.device}\n"
         f"  output:    {out_dir}"
     )

@@ -16,7 +16,7 @@ from knowpress.core.errors import KnowpressError, short
 def cmd_eval(args: argparse.Namespace) -> int:
     from knowpress.cli.app import err, out
     from knowpress.cli.quiet import hide_library_output
-    from knowpress.core.device import resolve_device
+    from knowpress.core.device import resolve_compute_dtype, resolve_device
     from knowpress.core.io import atomic_write_text
     from knowpress.core.progress import Progress
     from knowpress.core.specs import ModelSpec
@@ -37,8 +37,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = resolve_source(spec, field="--model")
     check_artifact(Path(source.location), "--model")
     world = _eval_world(args, tasks) if tasks else None
-    device = str(resolve_device(args.device, "--device"))
-    options = {"device": device, "batch_size": args.batch_size,
+    target = resolve_device(args.device, "--device")
+    options = {"device": str(target), "batch_size": args.batch_size,
+               "dtype": resolve_compute_dtype("auto", target),  # bf16 on cuda, fp32 on cpu
                "trust_remote_code": args.trust_remote_code}  # fmt: skip
     progress = Progress(console=err, enabled=not args.quiet)
     with progress.session():

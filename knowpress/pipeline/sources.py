@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from knowpress.core.device import resolve_compute_dtype
 from knowpress.core.errors import KnowpressError
 from knowpress.core.measure import directory_fingerprint, stable_hash
 from knowpress.core.specs import ModelSpec
@@ -33,11 +34,19 @@ class Source:
         path = Path(self.location)
         return path if path.is_dir() else None
 
-    def load(self, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """The model and tokenizer, in the spec's compute dtype, on ``device``."""
+    def load(
+        self, device: str = "cpu", follow: str | None = None
+    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The model and tokenizer, in the spec's compute dtype, on ``device``: its ``auto``
+        follows ``follow`` (the run's resolved compute dtype) when given, else the device."""
+        import torch
+
+        dtype = self.spec.compute_dtype
+        if dtype == "auto":
+            dtype = follow or resolve_compute_dtype(dtype, torch.device(device))
         return load_model(
             self.location,
-            dtype=self.spec.compute_dtype,
+            dtype=dtype,
             trust_remote_code=self.spec.trust_remote_code,
             device=device,
         )

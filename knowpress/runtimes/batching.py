@@ -78,9 +78,9 @@ def pick_batch_size(runtime: Any, length: int, cap: int = AUTO_CAP) -> BatchChoi
         return BatchChoice(size, f"{how} on {device} without running out of memory")
     import psutil
 
-    available = psutil.virtual_memory().available
     config = runtime.model.config.get_text_config(decoder=True)
     per_row = row_bytes(config, length, runtime.model.dtype.itemsize)
+    available = psutil.virtual_memory().available
     size = max(1, min(cap, int(CPU_SHARE * available // per_row)))
     return BatchChoice(size, f"auto: {size} on cpu, ~{per_row / 2**20:.1f} MiB a sequence of "
                              f"{length} tokens in {CPU_SHARE:.0%} of {available / GIB:.1f} GiB "

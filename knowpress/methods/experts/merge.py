@@ -44,8 +44,9 @@ class Merge(ExpertPruner):
                 for k, members in groups.items():
                     if len(members) == 1:
                         continue
-                    n = stats.counts[members].to(tensor.dtype).to(tensor.device)
+                    # float32 math whatever the compute dtype, rounded once
+                    n = stats.counts[members].to(device=tensor.device, dtype=torch.float32)
                     n = n if float(n.sum()) > 0 else torch.ones_like(n)
                     w = (n / n.sum()).view(-1, 1, 1)
-                    tensor[k] = (tensor[members] * w).sum(0)
+                    tensor[k] = (tensor[members].float() * w).sum(0).to(tensor.dtype)
         keep_experts(block, keep)

@@ -167,7 +167,8 @@ class Distill:
         calib = [
             data.batch(i)[0].to(ctx.device) for i in range(CALIBRATION_BATCHES if pruned else 0)
         ]
-        student = make_student(cfg.student, ctx.model, calib).to(ctx.device)
+        # float32 weights for AdamW (bf16 autocast on cuda); the teacher stays in the compute dtype
+        student = make_student(cfg.student, ctx.model, calib).to(ctx.device).float()
         student.requires_grad_(True)
         extra = _extra_models(cfg.loss, student, ctx)
         checkpoint = ctx.resume_dir / "train_state.safetensors" if ctx.resume_dir else None
@@ -203,7 +204,7 @@ def _extra_models(loss: Any, student: Any, ctx: Context) -> dict[str, Any]:
             model = copy.deepcopy(student)
         else:
             source = resolve_source(spec, field=f"loss.{name}.path")
-            model, _ = source.load(str(ctx.device))
+            model, _ = source.load(str(ctx.device), follow=ctx.compute_dtype)
         if model.config.vocab_size != student.config.vocab_size:
             raise KnowpressError(
                 f"loss.{name}: its vocabulary ({model.config.vocab_size}) differs from the "
