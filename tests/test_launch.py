@@ -1,5 +1,6 @@
-"""``accelerate launch -m knowpress.cli apply`` with 2 CPU processes (gloo) trains the same
-student as one process, and launches knowpress cannot serve fail in one line."""
+"""``accelerate launch -m knowpress.cli apply`` with 2 CPU processes (gloo), data-parallel or
+FSDP2-sharded, trains the same student as one process, and launches knowpress cannot serve
+fail in one line."""
 
 from __future__ import annotations
 
@@ -38,20 +39,26 @@ def _recipe(root: Path) -> dict[str, object]:
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
-def test_two_launched_processes_train_what_one_process_trains(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "flags", [["--multi_gpu"], ["--use_fsdp", "--fsdp_version", "2"]], ids=["ddp", "fsdp2"]
+)
+def test_two_launched_processes_train_what_one_process_trains(
+    tmp_path: Path, flags: list[str]
+) -> None:
     data = _recipe(tmp_path)
     file = tmp_path / "r.yaml"
     file.write_text(yaml.safe_dump(data))
     one = apply(validate_recipe(data), tmp_path / "one").report
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2"]
+    launch = ["accelerate", "launch", *flags, "--num_processes", "2"]
     cmd = [*launch, "-m", "knowpress.cli", "apply", str(file), "-o", str(tmp_path / "two"), "-q"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     a, b = (one["stages"][0]["details"], two["stages"][0]["details"])
     assert a["on_policy_steps"] == b["on_policy_steps"] > 0
+    assert "parallel" not in a and b["parallel"] == {"processes": 2, "fsdp": "--use_fsdp" in flags}
     assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["schedule"]["t"] - b["schedule"]["t"]) < 1e-6
     first = load_file(str(tmp_path / "one" / "stages" / "01-distill" / "model.safetensors"))
     second = load_file(str(tmp_path / "two" / "stages" / "01-distill" / "model.safetensors"))
@@ -68,17 +75,25 @@ def test_a_launched_process_outside_the_cli_is_refused(
     assert not (tmp_path / "out").exists()
 
 
-def test_an_fsdp_launch_is_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "add --fsdp_version 2"),
+     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported")],
+    ids=["fsdp1", "deepspeed"],
+)  # fmt: skip
+def test_a_launch_knowpress_cannot_serve_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    env: dict[str, str], message: str,
+) -> None:  # fmt: skip
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(KnowpressError, match="FSDP is not supported"):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(KnowpressError, match=message):
         join(validate_recipe(_recipe(tmp_path)))
     file = tmp_path / "r.yaml"
     file.write_text(yaml.safe_dump(_recipe(tmp_path)))
     capsys.readouterr()  # what saving the tiny model printed
     assert main(["apply", str(file), "-o", str(tmp_path / "out"), "-q"]) == EXIT_USER
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "launch with --multi_gpu" in err[0]
+    assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "out").exists()

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from knowpress.core.io import atomic_file
 
-_ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
 @dataclass
@@ -51,8 +51,13 @@ def save_state(
     for name, param in model.named_parameters():
         tensors[f"param.{name}"] = param.detach().to("cpu", copy=True)
         for slot, value in optimizer.state.get(param, {}).items():
-            if slot in _ADAM_KEYS and isinstance(value, torch.Tensor):
+            if slot in ADAM_KEYS and isinstance(value, torch.Tensor):
                 tensors[f"adam.{name}.{slot}"] = value.detach().to("cpu", copy=True)
+    write_state(path, tensors, state, key)
+
+
+def write_state(path: Path, tensors: dict[str, torch.Tensor], state: TrainState, key: str) -> None:
+    """The checkpoint file of ``tensors`` (``param.*`` / ``adam.*`` as above), atomically."""
     metadata = {
         "preset_key": key,
         "step": str(state.step),
@@ -64,22 +69,38 @@ def save_state(
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def read_state(
+    path: Path, key: str, shapes: dict[str, torch.Size]
+) -> tuple[TrainState, dict[str, torch.Tensor]] | None:
+    """The state and tensors of ``path``, or ``None`` when it is absent, belongs to another
+    key, or lacks a parameter of ``shapes`` (name -> shape) or holds it in another shape."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+        names = set(handle.keys())
+        if meta.get("preset_key") != key or {f"param.{n}" for n in shapes} - names:
+            return None
+        loaded = {name: handle.get_tensor(name) for name in names}
+    if any(loaded[f"param.{n}"].shape != shape for n, shape in shapes.items()):
+        return None
+    ema = meta.get("ema", "")
+    extra = json.loads(meta.get("extra") or "{}")
+    state = TrainState(int(meta["step"]), float(ema) if ema else None, float(meta["seconds"]),
+                       extra)  # fmt: skip
+    return state, loaded
+
+
 def load_state(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, key: str
 ) -> TrainState | None:
     """Restore ``path`` into ``model`` / ``optimizer``; ``None`` when it belongs to another
     preset key or does not match the model (the caller then starts from step 0)."""
-    if not path.is_file():
-        return None
     params = dict(model.named_parameters())
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-        names = set(handle.keys())
-        if meta.get("preset_key") != key or {f"param.{n}" for n in params} - names:
-            return None
-        loaded = {name: handle.get_tensor(name) for name in names}
-    if any(loaded[f"param.{n}"].shape != p.shape for n, p in params.items()):
+    read = read_state(path, key, {name: p.shape for name, p in params.items()})
+    if read is None:
         return None
+    state, loaded = read
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(loaded[f"param.{name}"])
@@ -87,11 +108,9 @@ def load_state(
         moments = {
             # AdamW keeps ``step`` on the CPU unless capturable; the moments live with the param
             f: loaded[k] if f == "step" else loaded[k].to(param.device)
-            for f in _ADAM_KEYS
+            for f in ADAM_KEYS
             if (k := f"adam.{name}.{f}") in loaded
         }
         if moments:
             optimizer.state[param] = moments
-    ema = meta.get("ema", "")
-    extra = json.loads(meta.get("extra") or "{}")
-    return TrainState(int(meta["step"]), float(ema) if ema else None, float(meta["seconds"]), extra)
+    return state

@@ -13,8 +13,15 @@ way, builds the same stage, joins its collectives (``methods/distill/parallel.py
 ``rank::world``, summed gradients) and drops its copy. When rank 0 ends outside such a stage,
 finished or failed, it broadcasts ``stop``; a failure inside one ends rank 0's process and
 the launcher stops the rest. One node, one file system: followers read rank 0's folders.
-FSDP (a model sharded because it does not fit one device) is not implemented: a launch
-asking for it is refused.
+
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m knowpress.cli apply ...
+
+runs the same way, but a distill stage shards its student and teacher with FSDP2
+(``methods/distill/fsdp.py``: parameters, gradients and AdamW's moments split over the
+processes) and gathers the trained student on rank 0, which saves it as one process does.
+FSDP version 1 and DeepSpeed are refused in one line. Across nodes, or when the teacher does
+not fit beside the student, write the teacher's top-k logits once (``teacher_cache``) and
+train from them: the cache files are per batch row, read by any number of processes.
 """
 
 from __future__ import annotations
@@ -97,16 +104,23 @@ class Group:
 
 def join(recipe: Any) -> Group | None:
     """The process group of a launched run (None for one process), after checking the launch
-    asks for what knowpress does: data parallelism, not FSDP or DeepSpeed."""
+    asks for what knowpress does: data parallelism, or FSDP2 (``--fsdp_version 2``)."""
     world = launched_world()
     if world == 1:
         return None
-    for flag, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(flag, "").lower() in ("1", "true"):
-            raise KnowpressError(
-                f"accelerate launch: {what} is not supported; knowpress trains data-parallel "
-                "(every process holds the whole model): launch with --multi_gpu"
-            )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise KnowpressError(
+            "accelerate launch: DeepSpeed is not supported; launch with --multi_gpu "
+            "(data-parallel) or --use_fsdp --fsdp_version 2 (sharded)"
+        )
+    from knowpress.methods.distill.fsdp import requested_version
+
+    version = requested_version()
+    if version not in (None, 2):
+        raise KnowpressError(
+            f"accelerate launch: FSDP version {version} is not supported; knowpress shards "
+            "with FSDP2 (fully_shard): add --fsdp_version 2"
+        )
     from datetime import timedelta
 
     import torch

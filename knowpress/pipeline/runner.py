@@ -266,8 +266,11 @@ class Runner:
         )
 
     def teacher(self) -> Any:
-        """The teacher model, loaded on first use and kept for later stages."""
-        if self._teacher is None:
+        """The teacher model, loaded on first use and kept for later stages (loaded again
+        after a distill stage sharded it under FSDP: its forwards need every process)."""
+        from knowpress.methods.distill.fsdp import is_sharded
+
+        if self._teacher is None or is_sharded(self._teacher):
             assert self.teacher_src is not None  # prepare() resolves it before any stage
             self._teacher, _ = self.teacher_src.load(self.device)
         return self._teacher

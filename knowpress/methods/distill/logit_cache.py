@@ -3,18 +3,22 @@
 Dataset batches are a pure function of (data, seed, step) (``data.py``), so the teacher's
 next-token distributions can be stored once and reused by every later distill run with the
 same teacher, data and batch settings: the top ``k`` log-probabilities per token (at the
-loss's temperature) and one tail bucket holding the rest of the mass::
+loss's temperature) and one tail bucket holding the rest of the mass, per batch row::
 
-    indices  [B, T, k]  int32      top-k token ids of the teacher
-    logprobs [B, T, k+1] float16   log p of those ids, then log(1 − Σ top-k p)
+    indices  [T, k]  int32      top-k token ids of the teacher
+    logprobs [T, k+1] float16   log p of those ids, then log(1 − Σ top-k p)
 
-One file per step (``step-{n:07d}.safetensors``) under the cache folder; its metadata holds
-the hash of the batch's token ids, ``k`` and the temperature, and a file whose hash or
-settings differ from the batch being trained is recomputed, never used. A divergence is then
-taken over the ``k+1`` bins, the student's distribution collapsed into the same bins (its
-log-probs at the teacher's top-k ids, and the log of the rest); with ``k = V − 1`` that is
-the full distribution. Losses that need whole logits (TAID's logit interpolation, Delta-KD,
-CE) cannot use the cache; on-policy batches are scored by the live teacher.
+One file per row of a step's batch (``step-{n:07d}/row-{r:05d}.safetensors``) under the cache
+folder; its metadata holds the hash of the row's token ids, ``k`` and the temperature, and a
+file whose hash or settings differ from the row being trained is recomputed, never used.
+Files are per row, not per process, so a cache written by one run serves a run with any
+number of processes (each reads its rows ``rank::world``): one job writes the cache (the
+teacher on its own machines, FSDP-sharded if need be), the training job reads it — the
+multi-node path. A divergence is then taken over the ``k+1`` bins, the student's
+distribution collapsed into the same bins (its log-probs at the teacher's top-k ids, and the
+log of the rest); with ``k = V − 1`` that is the full distribution. Losses that need whole
+logits (TAID's logit interpolation, Delta-KD, CE) cannot use the cache; on-policy batches
+are scored by the live teacher.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from safetensors.torch import save_file
 
 from knowpress.core.config import FrozenConfig
 from knowpress.core.io import atomic_file
-from knowpress.methods.distill.parallel import distributed
 
 TINY = 1e-12
 
@@ -80,36 +83,50 @@ class TeacherCache:
         self.temperature = temperature
         self.hits = self.misses = 0
 
-    def _file(self, step: int) -> Path:
-        rank, world = distributed()  # each process caches its own rows of the step
-        shard = f"-{rank}of{world}" if world > 1 else ""
-        return self.folder / f"step-{step:07d}{shard}.safetensors"
+    def _file(self, step: int, row: int) -> Path:
+        return self.folder / f"step-{step:07d}" / f"row-{row:05d}.safetensors"
 
     def _meta(self, ids: torch.Tensor) -> dict[str, str]:
         return {"ids": _digest(ids), "k": str(self.k), "temperature": repr(self.temperature)}
 
-    def get(self, step: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        path = self._file(step)
+    def _read(self, path: Path, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not path.is_file():
             return None
         try:
             with safe_open(str(path), "pt") as handle:
                 if (handle.metadata() or {}) != self._meta(ids):
                     return None
-                indices, logprobs = handle.get_tensor("indices"), handle.get_tensor("logprobs")
+                return handle.get_tensor("indices"), handle.get_tensor("logprobs")
         except Exception:  # a torn or foreign file is recomputed, not used
             return None
+
+    def get(self, step: int, rows: list[int], ids: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """The bins of ``ids`` (batch ``rows`` of ``step``), when every row's file matches."""
+        found = []
+        for row, row_ids in zip(rows, ids, strict=True):
+            hit = self._read(self._file(step, row), row_ids)
+            if hit is None:
+                return None
+            found.append(hit)
         self.hits += 1
+        indices, logprobs = (torch.stack(parts) for parts in zip(*found, strict=True))
         return indices.to(ids.device), logprobs.to(ids.device).float()
 
     def put(
-        self, step: int, ids: torch.Tensor, logits: torch.Tensor
+        self, step: int, rows: list[int], ids: torch.Tensor, logits: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         indices, logprobs = bin_teacher(logits, self.k, self.temperature)
         self.misses += 1
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"indices": indices.to(torch.int32).cpu().contiguous(),
-                   "logprobs": logprobs.to(torch.float16).cpu().contiguous()}  # fmt: skip
-        with atomic_file(self._file(step)) as tmp:
-            save_file(tensors, str(tmp), metadata=self._meta(ids))
+        stored = indices.to(torch.int32).cpu(), logprobs.to(torch.float16).cpu()
+        written: set[int] = set()
+        for i, row in enumerate(rows):
+            if row in written:  # a padding copy of a row (FSDP)
+                continue
+            written.add(row)
+            path = self._file(step, row)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tensors = {"indices": stored[0][i].contiguous(), "logprobs": stored[1][i].contiguous()}
+            with atomic_file(path) as tmp:
+                save_file(tensors, str(tmp), metadata=self._meta(ids[i]))
         return indices, logprobs.to(torch.float16).float()  # what a later hit will read

@@ -1,9 +1,10 @@
 """Data parallelism inside a torch.distributed group (``accelerate launch``, torchrun).
 
-Every process holds the whole student and teacher and sees the same batch; process ``r`` of
-``W`` trains on rows ``r::W``. Each divides its loss by the token count of the whole batch
-(all-reduced), so the summed gradients equal one process's on the whole batch and the
-optimizer steps stay identical everywhere. Without a group everything here is a no-op.
+Every process sees the same batch; process ``r`` of ``W`` trains on rows ``r::W``. Each
+divides its loss by the token count of the whole batch (all-reduced), so the summed
+gradients equal one process's on the whole batch and the optimizer steps stay identical
+everywhere. Under FSDP (``fsdp.py``) the models are sharded and FSDP sums the student's
+gradients itself. Without a group everything here is a no-op.
 """
 
 from __future__ import annotations
@@ -22,18 +23,27 @@ def distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def shard(batch: Batch) -> tuple[Batch, torch.Tensor | None]:
-    """This process's rows (``rank::world``) of ``(ids, mask, labels)`` and the token count
-    of the whole batch, which every process divides by; ``(batch, None)`` alone."""
+def shard(batch: Batch, even: bool = False) -> tuple[Batch, torch.Tensor | None, list[int]]:
+    """This process's rows (``rank::world``) of ``(ids, mask, labels)``, the token count of
+    the whole batch, which every process divides by, and the rows' indices in the batch;
+    ``(batch, None, all rows)`` alone. ``even`` (FSDP: every process must run as many
+    forwards): a process with fewer rows than rank 0 gets copies of row 0 without labels."""
     rank, world = distributed()
+    rows = list(range(batch[0].shape[0]))
     if world == 1:
-        return batch, None
+        return batch, None, rows
     import torch.distributed as dist
 
-    rows = tuple(t[rank::world] for t in batch)
-    local = (rows[2][:, 1:] != -100).sum().to(torch.float32)
+    mine = rows[rank::world]
+    if even:
+        mine += [0] * (len(rows[0::world]) - len(mine))
+    index = torch.tensor(mine, dtype=torch.long, device=batch[0].device)
+    ids, mask, labels = (t.index_select(0, index) for t in batch)
+    if even:
+        labels[len(rows[rank::world]) :] = -100  # padding rows: nothing to learn
+    local = (labels[:, 1:] != -100).sum().to(torch.float32)
     dist.all_reduce(local)
-    return rows, local.clamp_min(1)  # type: ignore[return-value]
+    return (ids, mask, labels), local.clamp_min(1), mine
 
 
 def all_reduce_grads(models: list[torch.nn.Module], value: torch.Tensor) -> torch.Tensor:

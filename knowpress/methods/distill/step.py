@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from knowpress.methods.distill.batches import Batch
+from knowpress.methods.distill.fsdp import is_sharded
 from knowpress.methods.distill.logit_cache import TeacherCache
 from knowpress.methods.distill.losses import DistillLoss
 from knowpress.methods.distill.moe_teacher import MoETeacherSpec, sampled_routing
@@ -43,6 +44,7 @@ class Extras:
     cache: TeacherCache | None = None  # dataset batches only
     step: int = 0
     total: torch.Tensor | None = None  # counted tokens of the whole batch over all processes
+    rows: list[int] | None = None  # this process's rows' indices in the batch (the cache's)
 
 
 def _teacher_logits(teacher: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor,
@@ -93,16 +95,25 @@ def batch_loss(student: PreTrainedModel, teacher: PreTrainedModel | None, loss: 
 def _cached_bins(teacher: PreTrainedModel | None, batch: Batch, spec: TrainSpec,
                  extras: Extras) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The teacher's top-k bins ``[B, T-1, k]`` / ``[B, T-1, k+1]`` for a dataset batch:
-    from the cache when its file matches the batch, else computed and stored."""
+    from the cache when its files match the rows, else computed and stored. A sharded
+    teacher runs in every process or in none (its forwards are collective)."""
     cache, (ids, attention, _) = extras.cache, batch
     assert cache is not None and teacher is not None
-    hit = cache.get(extras.step, ids)
-    if hit is not None:
+    rows = extras.rows if extras.rows is not None else list(range(ids.shape[0]))
+    hit = cache.get(extras.step, rows, ids)
+    if is_sharded(teacher):
+        import torch.distributed as dist
+
+        missed = torch.tensor([int(hit is None)], device=ids.device)
+        dist.all_reduce(missed)
+        if not missed.item():
+            return hit  # type: ignore[return-value]
+    elif hit is not None:
         return hit
     with torch.no_grad():
         logits = torch.cat([teacher(input_ids=ids[p], attention_mask=attention[p]).logits[:, :-1]
                             for p in _chunks(ids.shape[0], spec.grad_accum)])  # fmt: skip
-    return cache.put(extras.step, ids, logits)
+    return hit if hit is not None else cache.put(extras.step, rows, ids, logits)
 
 
 def _sft(logits: torch.Tensor, target: torch.Tensor, total: torch.Tensor, weight: float,

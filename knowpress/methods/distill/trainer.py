@@ -6,7 +6,9 @@ al. 2024, arXiv:2306.13649; ``source: teacher`` is sequence-level KD: the teache
 The step's loss over ``grad_accum`` micro-batches is ``step.py``'s; the step loss is
 ``(1 − sft_weight) · KD + sft_weight · CE`` (CE on dataset batches only). Inside a
 torch.distributed group each process takes rows ``rank::world``, gradients are summed
-(``parallel.py``); the student starts from rank 0's weights.
+(``parallel.py``); the student starts from rank 0's weights. Under FSDP2 (``fsdp.py``) the
+student (and a teacher whose routers do not train) is sharded here, FSDP sums its gradients,
+and checkpoints are gathered on rank 0 in the same file layout.
 
 AdamW, linear warmup then cosine to ``min_lr_ratio``, gradient norm clipped. Every
 ``checkpoint_every`` steps the student, AdamW's moments, the step and the loss schedule
@@ -32,6 +34,7 @@ from knowpress.core.config import FrozenConfig
 from knowpress.core.errors import KnowpressError
 from knowpress.core.progress import Progress
 from knowpress.core.train_state import TrainState, load_state, save_state
+from knowpress.methods.distill import fsdp
 from knowpress.methods.distill.batches import Batch, BatchSource, left_pad
 from knowpress.methods.distill.logit_cache import TeacherCache, TeacherCacheSpec
 from knowpress.methods.distill.losses import DistillLoss
@@ -159,6 +162,12 @@ class Trainer:
             self.router_optimizer = torch.optim.AdamW(params, lr=moe.router_lr, weight_decay=0)
         self.spec, self.on_policy, self.sft_weight = spec, on_policy, sft_weight
         self.checkpoint, self.key = checkpoint, key
+        self.sharded = fsdp.active()
+        if self.sharded:  # the same start everywhere, then each process keeps its shard
+            broadcast_parameters(student)
+            fsdp.shard(student)
+            if teacher is not None and self.router_optimizer is None:
+                fsdp.shard(teacher)
         self.optimizer = _optimizer(student, spec)
         make = getattr(loss, "schedule", None)
         self.schedule = make(spec.steps) if callable(make) else None
@@ -167,7 +176,8 @@ class Trainer:
     def _resume(self) -> TrainState:
         state = None
         if self.checkpoint is not None:
-            state = load_state(self.checkpoint, self.student, self.optimizer, self.key)
+            load = fsdp.load_checkpoint if self.sharded else load_state
+            state = load(self.checkpoint, self.student, self.optimizer, self.key)
         if state is None:
             return TrainState()
         if self.schedule is not None and "schedule" in state.extra:
@@ -182,17 +192,22 @@ class Trainer:
         return state
 
     def _save(self, state: TrainState) -> None:
-        if self.checkpoint is None or distributed()[0] != 0:  # one writer: rank 0
-            return
+        if self.checkpoint is None or (distributed()[0] != 0 and not self.sharded):
+            return  # one writer: rank 0 (under FSDP every rank gathers, rank 0 writes)
         state.extra = {"generate_seconds": self.generate_seconds,
                        "on_policy_steps": self.on_policy_steps}  # fmt: skip
         if self.schedule is not None:
             state.extra["schedule"] = self.schedule.state_dict()  # type: ignore[assignment]
+        if self.sharded:
+            fsdp.save_checkpoint(self.checkpoint, self.student, self.optimizer, state, self.key)
+            if distributed()[0] != 0:
+                return
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         if self.router_optimizer is not None and self.teacher is not None:
             save_state(self._router_file(), _RouterSet(self.teacher), self.router_optimizer,
                        state, self.key)  # fmt: skip
-        save_state(self.checkpoint, self.student, self.optimizer, state, self.key)
+        if not self.sharded:
+            save_state(self.checkpoint, self.student, self.optimizer, state, self.key)
 
     def _router_file(self) -> Path:
         assert self.checkpoint is not None
@@ -214,7 +229,8 @@ class Trainer:
 
     def run(self, progress: Progress) -> Outcome:
         spec, device = self.spec, next(self.student.parameters()).device
-        for model in [self.student, *self.extra_models.values()]:  # same start on every rank
+        whole = [] if self.sharded else [self.student]  # a sharded student was broadcast
+        for model in [*whole, *self.extra_models.values()]:  # same start on every rank
             broadcast_parameters(model)
         state = self._resume()
         start_step, begun = state.step, time.perf_counter()
@@ -230,11 +246,11 @@ class Trainer:
             sft = 0.0 if generated else self.sft_weight
             extras = Extras(self.extra_models, self.moe, seed=spec.seed * 1_000_003 + step,
                             cache=None if generated else self.cache, step=step)  # fmt: skip
-            batch, extras.total = shard(batch)
+            batch, extras.total, extras.rows = shard(batch, even=self.sharded)
             loss_value = batch_loss(self.student, self.teacher, self.loss, batch, spec, sft,
                                     interp, extras)  # fmt: skip
             routed = self.router_optimizer is not None and self.teacher is not None
-            trained = [self.student, *([_RouterSet(self.teacher)] if routed else [])]  # type: ignore[arg-type]
+            trained = [*whole, *([_RouterSet(self.teacher)] if routed else [])]  # type: ignore[arg-type]
             value = float(all_reduce_grads(trained, loss_value))
             if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)

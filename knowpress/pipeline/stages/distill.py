@@ -7,7 +7,8 @@ text (``pipeline/distill_data.py``; ``data.calibration`` texts without a world) 
 from ``DISTILL_LOSSES`` (``methods/distill/losses.py``, TAID in ``methods/distill/taid.py``),
 optionally mixed with cross-entropy (``sft_weight``) and with on-policy batches
 (``on_policy``: GKD; ``source: teacher``: sequence-level KD). Training is resumable
-mid-stage (``methods/distill/trainer.py``).
+mid-stage (``methods/distill/trainer.py``). Under ``accelerate launch --use_fsdp
+--fsdp_version 2`` the student and the teacher are sharded (``methods/distill/fsdp.py``).
 The student is saved as an ordinary transformers checkpoint of its own config.
 
 ```yaml
@@ -32,10 +33,11 @@ from knowpress.core.errors import KnowpressError, error_summary
 from knowpress.core.progress import Progress
 from knowpress.formats.sizes import parameter_count
 from knowpress.formats.weights import packed_modules
-from knowpress.methods.distill import DISTILL_LOSSES
+from knowpress.methods.distill import DISTILL_LOSSES, fsdp
 from knowpress.methods.distill.logit_cache import TeacherCacheSpec, check_cache_path
 from knowpress.methods.distill.losses import ForwardKL
 from knowpress.methods.distill.moe_teacher import MoETeacherSpec, check_moe_teacher
+from knowpress.methods.distill.parallel import distributed
 from knowpress.methods.distill.students import (
     StudentSpec,
     check_student,
@@ -177,6 +179,13 @@ class Distill:
                           cfg.sft_weight, checkpoint, key, extra, cfg.moe_teacher,
                           cfg.teacher_cache)  # fmt: skip
         outcome = trainer.run(progress)
+        processes = distributed()[1]
+        if processes > 1:
+            ctx.metrics["parallel"] = {"processes": processes, "fsdp": trainer.sharded}
+        if trainer.sharded:  # FSDP: rank 0 gets the whole student back, plain
+            student = fsdp.plain_model(student, ctx.device)
+            if student is None:
+                return ctx  # a follower's share is done; rank 0 saves
         ctx.model = student
         ctx.metrics.update(
             student_parameters=parameter_count(student),
