@@ -39,18 +39,11 @@ from knowpress.core.errors import KnowpressError
 from knowpress.core.io import atomic_dir, atomic_write_text
 from knowpress.core.measure import PeakMemory, stable_hash
 from knowpress.core.progress import Progress
-from knowpress.evaluate.evaluator import (
-    Measurement,
-    evaluate_reference,
-    evaluate_runtime,
-    measure,
-)
-from knowpress.evaluate.lm_eval_bridge import run_lm_eval
-from knowpress.evaluate.states import STATES_FILE, read_states, write_states
+from knowpress.evaluate.evaluator import Measurement
 from knowpress.formats.io import format_reason, load_model, save_model
 from knowpress.formats.manifest import build_manifest, changed_files, read_manifest, write_manifest
 from knowpress.pipeline.context import Context, StageRecord
-from knowpress.pipeline.execution import Evaluation, resolve_recipe
+from knowpress.pipeline.execution import EVAL_FILE, Evaluation, read_json, resolve_recipe
 from knowpress.pipeline.launch import Group, launched_world
 from knowpress.pipeline.outdir import OutputFolder, resume_dir, stage_dir
 from knowpress.pipeline.preflight import (
@@ -70,7 +63,6 @@ from knowpress.runtimes.loader import expert_skip_of, kv_policy_of
 from knowpress.runtimes.torch import Runtime, TorchRuntime
 
 STAGE_FILE = "knowpress_stage.json"
-EVAL_FILE = "eval.json"
 
 
 @dataclass
@@ -84,13 +76,6 @@ class RunResult:
         return None if gate is None else bool(gate["passed"])
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 class Runner:
     def __init__(
         self, recipe: Recipe, out_dir: Path, *, resume: bool, force: bool, progress: Progress,
@@ -102,56 +87,13 @@ class Runner:
         self.resume, self.force = resume, force
         self.device = resolve_device(recipe.device)  # before anything is written
         self.recipe = recipe = resolve_recipe(recipe, self.device)  # compute_dtype: auto
-        self.evaluation = Evaluation(recipe, self.device, asked_dtype=asked)
+        self.evaluation = Evaluation(recipe, self.device, asked, progress)  # + reference states
         self.deploy_dtype = recipe.model.dtype
         self.teacher_src: Source | None = None  # resolved in run()
-        self.states: dict[str, Any] = {}  # task -> the reference's state (see evaluate/tasks)
         self._teacher: Any = None  # loaded once, for the stages that need it
 
     def _runtime(self, location: str) -> Runtime:
         return self.evaluation.load(location)  # compute dtype, batch size, offload
-
-    def _measure(self, runtime: Runtime, world: Any, label: str, stored: int) -> Measurement:
-        spec = self.recipe.evaluate
-        self.progress.log(f"[dim]evaluating {label} on {', '.join(spec.task_names())}[/dim]")
-        scores = evaluate_runtime(
-            runtime, world, spec.tasks, spec.max_items, self.progress, self.states
-        )
-        if spec.lm_eval is not None:
-            scores.update(run_lm_eval(runtime, spec.lm_eval))
-        return measure(runtime, scores, stored)
-
-    def _reference(self, source: Source, world: Any) -> tuple[Measurement, int]:
-        """The reference's measurement, its bytes in bf16 and the states later rows compare
-        against (``self.states``), cached in OUT/reference."""
-        path = self.out_dir / "reference" / EVAL_FILE
-        cached = _read_json(path) if self.resume else None
-        states = read_states(self.out_dir / "reference" / STATES_FILE)
-        if cached and cached.get("key") == self.eval_key and states is not None:
-            self.states = states
-            return Measurement.from_json(cached["measurement"]), int(cached["bf16_bytes"])
-        runtime = self._runtime(source.location)
-        spec = self.recipe.evaluate
-        self.progress.log(f"[dim]evaluating reference on {', '.join(spec.task_names())}[/dim]")
-        scores, self.states = evaluate_reference(
-            runtime, world, spec.tasks, spec.max_items, self.progress
-        )
-        if spec.lm_eval is not None:
-            scores.update(run_lm_eval(runtime, spec.lm_eval))
-        measurement = measure(runtime, scores, source.stored_bytes())
-        write_states(self.out_dir / "reference" / STATES_FILE, self.states)
-        self.states = read_states(self.out_dir / "reference" / STATES_FILE) or {}  # as stored
-        bf16 = source.bf16_bytes()
-        payload = {
-            "key": self.eval_key,
-            "source": source.location,
-            "bf16_bytes": bf16,
-            "measurement": measurement.to_json(),
-        }
-        atomic_write_text(path, json.dumps(payload, indent=1))
-        del runtime
-        gc.collect()
-        return measurement, bf16
 
     def run(self) -> RunResult:
         inputs = run_inputs(self.recipe)  # OUT may not overlap what the run reads
@@ -192,7 +134,9 @@ class Runner:
         )
         run_key = stable_hash([self.teacher_src.key, recipe.data.model_dump(mode="json"), version,
                                self.deploy_dtype, recipe.model.max_shard_size])  # fmt: skip
-        reference, reference_bf16 = self._reference(reference_src, world)
+        reference, reference_bf16 = self.evaluation.reference(
+            reference_src, world, self.out_dir / "reference", self.eval_key, self.resume
+        )  # released before any stage; its states are what later rows compare with
 
         stages: list[tuple[StageRecord, Measurement]] = []
         history: list[StageRecord] = []
@@ -276,7 +220,7 @@ class Runner:
         return self._teacher
 
     def _finished(self, target: Path, digest: str) -> StageRecord | None:
-        data = _read_json(target / STAGE_FILE)
+        data = read_json(target / STAGE_FILE)
         if not data or data.get("hash") != digest:
             return None
         manifest = read_manifest(target)
@@ -366,14 +310,14 @@ class Runner:
         self, target: Path, world: Any, index: int, kind: str
     ) -> tuple[Measurement, Runtime | None]:
         """The stage's cached measurement, or a fresh one (and the runtime that made it)."""
-        cached = _read_json(target / EVAL_FILE)
+        cached = read_json(target / EVAL_FILE)
         if cached and cached.get("key") == self.eval_key:
             return Measurement.from_json(cached["measurement"]), None
         manifest = read_manifest(target)
         assert manifest is not None  # _finished / _run_stage guarantee it
         runtime = self._runtime(str(target))
         label = f"stage {index + 1} ({kind})"
-        measurement = self._measure(runtime, world, label, manifest.stored_bytes)
+        measurement = self.evaluation.measure(runtime, world, label, manifest.stored_bytes)
         payload = {"key": self.eval_key, "measurement": measurement.to_json()}
         atomic_write_text(target / EVAL_FILE, json.dumps(payload, indent=1))
         offloaded = self.recipe.evaluate.offload  # a dispatched model is not a stage's input

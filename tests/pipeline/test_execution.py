@@ -203,7 +203,7 @@ def test_the_reference_model_is_released_before_stages_run(
 
     def stage(self: Runner, *args: Any, **kwargs: Any) -> Any:
         seen.append(loads[0]() is None)  # the reference's model, loaded first
-        assert set(self.states) == {"kl", "recall"}  # what stages are compared with: the file
+        assert set(self.evaluation.states) == {"kl", "recall"}  # read back from the file
         return original_stage(self, *args, **kwargs)
 
     read: list[Path] = []
@@ -215,7 +215,7 @@ def test_the_reference_model_is_released_before_stages_run(
 
     monkeypatch.setattr(execution, "load_runtime", load)
     monkeypatch.setattr(Runner, "_run_stage", stage)
-    monkeypatch.setattr("knowpress.pipeline.runner.read_states", reading)
+    monkeypatch.setattr(execution, "read_states", reading)
     apply(recipe(), tmp_path / "out")
     assert seen == [True] and len(loads) == 2  # the reference, then the stage's folder
     assert read[-1] == tmp_path / "out" / "reference" / "states.safetensors"
