@@ -261,11 +261,27 @@ def test_offloaded_to_disk_scores_the_same_kl(tiny_teacher_dir: Path, tmp_path: 
         load_runtime(folder, offload=True, max_memory={"cpu": 1})
 
 
-def test_offload_in_a_run_is_in_the_report(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+def test_offload_in_a_run_scores_as_without_it(
+    tiny_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import accelerate.utils
+    from accelerate.utils import compute_module_sizes
+
+    from knowpress.formats.io import load_model
+
+    plain = recipe(evaluate={"tasks": ["kl"], "max_items": 4})
+    expected = apply(plain, tmp_path / "plain").report
+    size = compute_module_sizes(load_model(tiny_teacher_dir)[0])[""]
+    # a host that holds 3/4 of the reference: the rest waits on disk until it runs
+    monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda: {"cpu": size * 3 // 4})
     evaluate = {"tasks": ["kl"], "max_items": 4, "offload": True}
     report = apply(recipe(evaluate=evaluate), tmp_path / "out").report
     assert report["execution"]["offload"] is True
-    assert all("device_map auto" in row["runtime"]["offload"] for row in report["rows"])
+    offload = [row["runtime"]["offload"] for row in report["rows"]]
+    assert "on disk" in offload[0] and all("device_map auto" in o for o in offload)
+    for a, b in zip(report["rows"], expected["rows"], strict=True):  # the int8 stage too
+        assert a["scores"]["kl"] == pytest.approx(b["scores"]["kl"], abs=1e-5)
+    assert expected["rows"][1]["scores"]["kl"] > 0
     assert "models offloaded with device_map auto" in (tmp_path / "out" / "report.md").read_text()
     export = recipe(evaluate=evaluate, stages=[{"kind": "export"}])
     with pytest.raises(KnowpressError, match=r"^evaluate.offload: stages.0 \(export\) is scored "):
