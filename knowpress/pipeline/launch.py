@@ -94,10 +94,11 @@ class Group:
                                 progress=Progress(enabled=False))  # fmt: skip
                 _, world = runner.prepare()
             ctx = runner.context(message["input"], world, [], None)
-            ctx.teacher = runner.teacher()
+            config = recipe.stages[message["index"]]
+            ctx.teacher = runner.teacher() if config.loads_teacher() else None
             with tempfile.TemporaryDirectory(prefix=f"knowpress-rank{self.rank}-") as tmp:
                 ctx.begin_stage(Path(tmp), Path(message["resume"]))
-                recipe.stages[message["index"]].build().run(ctx, Progress(enabled=False))
+                config.build().run(ctx, Progress(enabled=False))
             del ctx
         dist.destroy_process_group()
 

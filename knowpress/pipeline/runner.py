@@ -242,7 +242,7 @@ class Runner:
     ) -> StageRecord:
         config = self.recipe.stages[index]
         self.progress.log(f"[bold]stage {index + 1}/{len(self.recipe.stages)}: {config.kind}")
-        if type(config).needs_teacher:
+        if config.loads_teacher():
             ctx.teacher = self.teacher()
         resume = resume_dir(target, digest)
         together = self.group is not None and type(config).data_parallel

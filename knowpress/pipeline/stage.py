@@ -54,6 +54,12 @@ class StageConfig(FrozenConfig):
         before the first write (``preflight.check_inputs``). The default: none."""
         return {}
 
+    def loads_teacher(self) -> bool:
+        """Whether the runner loads the teacher into ``ctx.teacher`` for this stage: a kind
+        that ``needs_teacher`` (checked against it before the first write) unless its settings
+        say otherwise (distill's ``teacher_cache.read_only``)."""
+        return type(self).needs_teacher
+
     def check_teacher(self, model: Any, teacher: Any) -> None:
         """For a stage that ``needs_teacher``: what can fail against the teacher's structure
         (meta device) and the model's, before any work; raise ``KnowpressError``."""

@@ -14,11 +14,12 @@ file whose hash or settings differ from the row being trained is recomputed, nev
 Files are per row, not per process, so a cache written by one run serves a run with any
 number of processes (each reads its rows ``rank::world``): one job writes the cache (the
 teacher on its own machines, FSDP-sharded if need be), the training job reads it — the
-multi-node path. A divergence is then taken over the ``k+1`` bins, the student's
-distribution collapsed into the same bins (its log-probs at the teacher's top-k ids, and the
-log of the rest); with ``k = V − 1`` that is the full distribution. Losses that need whole
-logits (TAID's logit interpolation, Delta-KD, CE) cannot use the cache; on-policy batches
-are scored by the live teacher.
+multi-node path; with ``read_only`` the training job does not even load the teacher, and a
+row missing from the cache is an error. A divergence is then taken over the ``k+1`` bins,
+the student's distribution collapsed into the same bins (its log-probs at the teacher's
+top-k ids, and the log of the rest); with ``k = V − 1`` that is the full distribution.
+Losses that need whole logits (TAID's logit interpolation, Delta-KD, CE) cannot use the
+cache; on-policy batches are scored by the live teacher.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ TINY = 1e-12
 class TeacherCacheSpec(FrozenConfig):
     path: str = Field(description="folder of the cache (created; reused across runs)")
     top_k: int = Field(64, ge=1, description="teacher log-probs kept per token, plus a tail bucket")
+    read_only: bool = Field(
+        False, description="every step from the cache, written by an earlier run: no teacher"
+    )
 
 
 def check_cache_path(spec: TeacherCacheSpec) -> str | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedModel
 
+from knowpress.core.errors import KnowpressError
 from knowpress.methods.distill.batches import Batch
 from knowpress.methods.distill.fsdp import is_sharded
 from knowpress.methods.distill.logit_cache import TeacherCache
@@ -98,9 +99,17 @@ def _cached_bins(teacher: PreTrainedModel | None, batch: Batch, spec: TrainSpec,
     from the cache when its files match the rows, else computed and stored. A sharded
     teacher runs in every process or in none (its forwards are collective)."""
     cache, (ids, attention, _) = extras.cache, batch
-    assert cache is not None and teacher is not None
+    assert cache is not None
     rows = extras.rows if extras.rows is not None else list(range(ids.shape[0]))
     hit = cache.get(extras.step, rows, ids)
+    if teacher is None:  # teacher_cache.read_only
+        if hit is None:
+            raise KnowpressError(
+                f"teacher_cache.read_only: step {extras.step + 1} (rows {rows[0]}..{rows[-1]}) "
+                f"is not in {cache.folder} for this data, top_k and temperature; write the "
+                "cache with a run without read_only first"
+            )
+        return hit
     if is_sharded(teacher):
         import torch.distributed as dist
 

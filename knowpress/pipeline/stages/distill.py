@@ -9,6 +9,8 @@ optionally mixed with cross-entropy (``sft_weight``) and with on-policy batches
 (``on_policy``: GKD; ``source: teacher``: sequence-level KD). Training is resumable
 mid-stage (``methods/distill/trainer.py``). Under ``accelerate launch --use_fsdp
 --fsdp_version 2`` the student and the teacher are sharded (``methods/distill/fsdp.py``).
+``teacher_cache: {path, read_only: true}`` trains from a cache an earlier run wrote,
+without loading the teacher (the multi-node path).
 The student is saved as an ordinary transformers checkpoint of its own config.
 
 ```yaml
@@ -77,6 +79,9 @@ class DistillConfig(StageConfig):
     def build(self) -> Distill:
         return Distill(self)
 
+    def loads_teacher(self) -> bool:
+        return self.teacher_cache is None or not self.teacher_cache.read_only
+
     def structure_after(self, model: Any) -> Any:
         """The student on the meta device: later stages are checked against its shapes."""
         import torch
@@ -144,6 +149,11 @@ class DistillConfig(StageConfig):
                     "teacher_cache: a cached teacher cannot sample its routing or train its "
                     "routers; drop moe_teacher or the cache"
                 )
+            if self.teacher_cache.read_only and self.on_policy is not None:
+                raise KnowpressError(
+                    "teacher_cache.read_only: on-policy batches are scored by the live "
+                    "teacher, which a read-only cache does not load; drop on_policy or read_only"
+                )
         op = self.on_policy
         gkd = f", on-policy {op.rate:.0%} from the {op.source}" if op else ""
         return [f"student: {self.student.make}; loss {self.loss.name}{gkd}; "
@@ -157,13 +167,14 @@ class Distill:
     def run(self, ctx: Context, progress: Progress) -> Context:
         cfg = self.config
         cfg.check(ctx.model, ctx.deploy_dtype)
-        teacher = ctx.teacher
-        if teacher is None:
+        teacher = ctx.teacher if cfg.loads_teacher() else None  # read_only: every step cached
+        if teacher is None and cfg.loads_teacher():
             raise KnowpressError("distill: no teacher was loaded (recipe.teacher)")
-        cfg.check_teacher(ctx.model, teacher)
-        if cfg.moe_teacher is not None and cfg.moe_teacher.router_lr > 0:
-            teacher = copy.deepcopy(teacher)  # trains the routers of a copy, not the teacher
-        teacher.eval().requires_grad_(False)
+        if teacher is not None:
+            cfg.check_teacher(ctx.model, teacher)
+            if cfg.moe_teacher is not None and cfg.moe_teacher.router_lr > 0:
+                teacher = copy.deepcopy(teacher)  # trains the routers of a copy, not the teacher
+            teacher.eval().requires_grad_(False)
         data = _data(ctx, cfg.train)
         pruned = cfg.student.make in ("depth", "width")  # importance needs calibration tokens
         calib = [
@@ -187,10 +198,13 @@ class Distill:
             if student is None:
                 return ctx  # a follower's share is done; rank 0 saves
         ctx.model = student
+        if teacher is not None:
+            ctx.metrics.update(
+                teacher_parameters=parameter_count(teacher),
+                student_share=parameter_count(student) / parameter_count(teacher),
+            )
         ctx.metrics.update(
             student_parameters=parameter_count(student),
-            teacher_parameters=parameter_count(teacher),
-            student_share=parameter_count(student) / parameter_count(teacher),
             student_config={k: getattr(student.config, k, None) for k in _SHAPE_KEYS},
             **{k: v for k, v in vars(outcome).items() if v != {}},
         )

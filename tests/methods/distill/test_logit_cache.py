@@ -48,15 +48,15 @@ def test_top_k_bins_keep_the_tail_mass() -> None:
     assert binned.item() <= forward_kl(s.log_softmax(-1), t.log_softmax(-1)).mean().item()
 
 
-def _run(cache: Path, seed: int = 0) -> tuple[Trainer, Any]:
+def _run(cache: Path, seed: int = 0, read_only: bool = False) -> tuple[Trainer, Any]:
     tokenizer = tiny_tokenizer(64)
     data = DistillData(None, tokenizer, TEXTS, 8, 16, seed=seed)
-    teacher = tiny_llama(seed=1, vocab_size=64).eval().requires_grad_(False)
+    teacher = None if read_only else tiny_llama(seed=1, vocab_size=64).eval().requires_grad_(False)
     student = tiny_llama(seed=2, vocab_size=64, hidden_size=32, intermediate_size=32)
     loss = DISTILL_LOSSES.get("forward_kl").model_validate({"name": "forward_kl"})
     spec = TrainSpec(steps=4, batch_size=8, warmup=1)
     trainer = Trainer(student, teacher, loss, data, spec, None, 0.2, None, "k", None, None,
-                      TeacherCacheSpec(path=str(cache), top_k=8))  # fmt: skip
+                      TeacherCacheSpec(path=str(cache), top_k=8, read_only=read_only))  # fmt: skip
     return trainer, trainer.run(Progress(enabled=False))
 
 
@@ -68,6 +68,30 @@ def test_a_second_run_reads_the_cache_and_ends_identically(tmp_path: Path) -> No
         assert torch.equal(second.student.state_dict()[key], value), key
     _, other = _run(tmp_path / "cache", seed=5)  # other batches: the files do not match them
     assert other.cache["misses"] == 4
+    # the files are per batch row: any number of processes reads its rows from them
+    assert sorted(p.name for p in (tmp_path / "cache" / "step-0000000").iterdir()) == [
+        f"row-{r:05d}.safetensors" for r in range(8)
+    ]
+
+
+def test_a_read_only_cache_trains_without_the_teacher(tmp_path: Path) -> None:
+    first, _ = _run(tmp_path / "cache")
+    second, out = _run(tmp_path / "cache", read_only=True)
+    assert second.teacher is None and out.cache == {"hits": 4, "misses": 0}
+    for key, value in first.student.state_dict().items():
+        assert torch.equal(second.student.state_dict()[key], value), key
+    with pytest.raises(KnowpressError, match=r"teacher_cache\.read_only: step 1 .* not in"):
+        _run(tmp_path / "cache", seed=5, read_only=True)  # other batches: no file matches
+
+
+def test_a_read_only_cache_refuses_on_policy_batches() -> None:
+    stage = {"kind": "distill", "teacher_cache": {"path": "./c", "read_only": True},
+             "on_policy": {"rate": 0.5}}  # fmt: skip
+    config = validate_recipe({"version": 1, "model": {"path": "./x"}, "stages": [stage]}).stages[0]
+    assert not config.loads_teacher()
+    with pytest.raises(KnowpressError, match=r"teacher_cache\.read_only: on-policy") as info:
+        config.check(tiny_llama(), "bfloat16")
+    assert "\n" not in str(info.value)
 
 
 def test_the_cache_refuses_losses_that_need_whole_logits() -> None:

@@ -109,3 +109,36 @@ def test_delta_kd_runs_with_its_base_models_and_refuses_another_vocabulary(
     with pytest.raises(KnowpressError, match=r"stages\.0\.loss\.teacher_base: its tokenizer"):
         apply(_recipe(stage), tmp_path / "out2")
     assert not (tmp_path / "out2").exists()  # refused before the first write
+
+
+def test_a_read_only_teacher_cache_trains_without_loading_the_teacher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from knowpress.pipeline.runner import Runner
+
+    model = tmp_path / "model"
+    tiny_llama(seed=3).save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    text = tmp_path / "notes.txt"
+    text.write_text("\n".join(f"line {i} says the river is {i % 7} metres deep" for i in range(64)))
+
+    def recipe(read_only: bool) -> Any:
+        cache = {"path": str(tmp_path / "cache"), "top_k": 8, "read_only": read_only}
+        stage = {"kind": "distill", "student": {"make": "depth", "keep": 0.5},
+                 "teacher_cache": cache, "train": {"steps": 3, "batch_size": 4}}  # fmt: skip
+        return validate_recipe({
+            "version": 1, "model": {"path": str(model)}, "stages": [stage],
+            "data": {"calibration": {"path": str(text)}},
+            "evaluate": {"tasks": ["kl"], "text": {"path": str(text)}},
+        })  # fmt: skip
+
+    written = apply(recipe(False), tmp_path / "writes").report["stages"][0]["details"]
+    assert written["cache"] == {"hits": 0, "misses": 3} and "teacher_parameters" in written
+
+    def no_teacher(self: Runner) -> Any:
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(Runner, "teacher", no_teacher)
+    read = apply(recipe(True), tmp_path / "reads").report["stages"][0]["details"]
+    assert read["cache"] == {"hits": 3, "misses": 0} and "teacher_parameters" not in read
+    assert abs(read["loss"] - written["loss"]) < 1e-6
