@@ -287,3 +287,41 @@ def test_offload_in_a_run_scores_as_without_it(
     with pytest.raises(KnowpressError, match=r"^evaluate.offload: stages.0 \(export\) is scored "):
         apply(export, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_distill_teacher_is_held_in_the_compute_dtype_the_student_trains_in_float32(
+    tiny_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from knowpress.pipeline.stages import distill
+
+    held: list[tuple[torch.dtype, torch.dtype]] = []
+    original = distill.Trainer
+
+    def trainer(student: Any, teacher: Any, *args: Any) -> Any:
+        held.append((next(student.parameters()).dtype, next(teacher.parameters()).dtype))
+        return original(student, teacher, *args)
+
+    teacher_held: list[tuple[bool, bool]] = []  # (at a stage's start, at its end)
+    original_stage = Runner._run_stage
+
+    def stage_run(self: Runner, *args: Any, **kwargs: Any) -> Any:
+        before = self._teacher is not None
+        record = original_stage(self, *args, **kwargs)
+        teacher_held.append((before, self._teacher is not None))
+        return record
+
+    monkeypatch.setattr(distill, "Trainer", trainer)
+    monkeypatch.setattr(Runner, "_run_stage", stage_run)
+    stage = {"kind": "distill", "student": {"make": "depth", "keep": 0.5},
+             "train": {"steps": 2, "batch_size": 4}}  # fmt: skip
+    quantize = {"kind": "quantize", "method": {"name": "rtn", "bits": 8, "group_size": 32}}
+    model = {"world": "test-tiny", "compute_dtype": "bfloat16"}
+    evaluate = {"tasks": ["kl"], "max_items": 2}
+    report = apply(recipe(model=model, stages=[stage, quantize], evaluate=evaluate),
+                   tmp_path / "out").report  # fmt: skip
+    assert held == [(torch.float32, torch.bfloat16)]  # never both float32
+    # the teacher is loaded for the distill stage and dropped before the quantize stage
+    assert teacher_held == [(False, True), (False, False)]
+    assert report["execution"]["compute_dtype"] == "bfloat16"
+    assert report["execution"]["compute_dtype_from"] == "model.compute_dtype"
+    assert all(row["runtime"]["dtype"] == "bfloat16" for row in report["rows"])
