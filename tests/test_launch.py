@@ -23,7 +23,8 @@ from knowpress.testing.models import tiny_llama, tiny_tokenizer
 
 STAGE = {"kind": "distill", "student": {"make": "width", "mlp_keep": 0.5},
          "loss": {"name": "taid"}, "on_policy": {"rate": 0.5, "max_new_tokens": 4},
-         "train": {"steps": 4, "batch_size": 8, "seq_len": 16, "checkpoint_every": 2}}  # fmt: skip
+         "train": {"steps": 4, "batch_size": 8, "seq_len": 16, "checkpoint_every": 2,
+                   "warmup": 1, "lr": 0.01}}  # fmt: skip
 
 
 def _recipe(root: Path) -> dict[str, object]:
@@ -62,7 +63,15 @@ def test_two_launched_processes_train_what_one_process_trains(
     assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["schedule"]["t"] - b["schedule"]["t"]) < 1e-6
     first = load_file(str(tmp_path / "one" / "stages" / "01-distill" / "model.safetensors"))
     second = load_file(str(tmp_path / "two" / "stages" / "01-distill" / "model.safetensors"))
-    assert max((first[k] - second[k]).abs().max().item() for k in first) < 1e-4
+    assert set(first) == set(second)  # the same layout: names, shapes, dtypes, config
+    assert all(first[k].shape == second[k].shape and first[k].dtype == second[k].dtype
+               for k in first)  # fmt: skip
+    gap = max((first[k] - second[k]).abs().max().item() for k in first)
+    print(f"{' '.join(flags)}: max |two processes - one| = {gap:.2e}")
+    assert gap < 1e-4
+    configs = [json.loads((tmp_path / r / "stages" / "01-distill" / "config.json").read_text())
+               for r in ("one", "two")]  # fmt: skip
+    assert configs[0] == configs[1]
     assert first["model.layers.0.mlp.up_proj.weight"].shape[0] == 64  # half of 128
 
 
