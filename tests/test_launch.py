@@ -106,3 +106,33 @@ def test_a_launch_knowpress_cannot_serve_is_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_teacher_a_stage_left_sharded_is_loaded_again(tmp_path: Path) -> None:
+    """After an FSDP distill stage the runner's teacher is sharded (its forwards need every
+    process): the next stage that needs it gets a fresh whole copy."""
+    import torch.distributed as dist
+
+    from knowpress.methods.distill import fsdp
+    from knowpress.pipeline.runner import Runner
+
+    loads: list[object] = []
+
+    class Source:
+        def load(self, device: str) -> tuple[object, None]:
+            loads.append(tiny_llama(seed=1))
+            return loads[-1], None
+
+    runner = Runner.__new__(Runner)
+    runner._teacher, runner.teacher_src, runner.device = None, Source(), "cpu"
+    first = runner.teacher()
+    assert runner.teacher() is first and len(loads) == 1  # kept while whole
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        fsdp.shard(first)
+        assert fsdp.is_sharded(first)
+        second = runner.teacher()
+        assert second is not first and not fsdp.is_sharded(second) and len(loads) == 2
+    finally:
+        dist.destroy_process_group()
