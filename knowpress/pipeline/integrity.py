@@ -141,9 +141,12 @@ def check_round_trip(ctx: Context, folder: Path) -> None:
     for key, tensor in ctx.model.state_dict().items():
         if tensor.is_floating_point() and packed_tensor_of(key, packed) is None:
             tensor.copy_(tensor.to(deploy))  # what the folder holds of the untouched tensors
-    reloaded, tokenizer = load_model(folder, dtype=ctx.compute_dtype,
+    held = next(p for p in ctx.model.parameters() if p.is_floating_point())
+    # reloaded as the in-memory model is held (a block-wise stage: as stored, on the CPU), so
+    # both run the same arithmetic
+    reloaded, tokenizer = load_model(folder, dtype=str(held.dtype).removeprefix("torch."),
                                      trust_remote_code=ctx.trust_remote_code,
-                                     device=ctx.device)  # fmt: skip
+                                     device=held.device)  # fmt: skip
     prompts = probe_prompts(ctx)
     here = TorchRuntime(ctx.model, ctx.tokenizer).greedy(prompts, PROBE_TOKENS)
     there = TorchRuntime(reloaded, tokenizer).greedy(prompts, PROBE_TOKENS)

@@ -150,7 +150,10 @@ class Runner:
             record = self._finished(target, digest) if (self.resume and not dirty) else None
             if record is None:
                 dirty = True
-                ctx = self.context(input_dir, world, history, loaded)
+                if type(config).blockwise:  # held as stored instead (pipeline/blockwise.py)
+                    loaded = None
+                    gc.collect()
+                ctx = self.context(input_dir, world, history, loaded, type(config).blockwise)
                 record = self._run_stage(ctx, index, digest, target, input_dir, input_bytes)
                 del ctx
             else:
@@ -177,12 +180,23 @@ class Runner:
         return RunResult(self.out_dir, report)
 
     def context(
-        self, location: str, world: Any, history: list[StageRecord], loaded: Runtime | None
-    ) -> Context:
+        self, location: str, world: Any, history: list[StageRecord], loaded: Runtime | None,
+        blockwise: bool = False,
+    ) -> Context:  # fmt: skip
         """The context a stage starts from: the model stored at ``location`` (reusing the
-        runtime that just scored it), with the policies and structure its manifest records."""
+        runtime that just scored it), with the policies and structure its manifest records.
+        A block-wise stage gets the model as stored, on the CPU (``pipeline/blockwise.py``)."""
         spec = self.recipe.model
-        if isinstance(loaded, TorchRuntime):
+        if blockwise:
+            from knowpress.pipeline.blockwise import stored_dtype
+
+            model, tokenizer = load_model(
+                location,
+                dtype=stored_dtype(location, spec.compute_dtype),
+                trust_remote_code=spec.trust_remote_code,
+                device="cpu",
+            )
+        elif isinstance(loaded, TorchRuntime):
             model, tokenizer = loaded.model, loaded.tokenizer
             if loaded.expert_skip is not None:  # stages see the plain model; ctx carries it
                 from knowpress.methods.experts.skip import detach

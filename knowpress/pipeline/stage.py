@@ -31,6 +31,9 @@ class StageConfig(FrozenConfig):
     packs_weights: ClassVar[bool] = False
     #: under ``accelerate launch`` every process runs this stage (``knowpress/pipeline/launch.py``)
     data_parallel: ClassVar[bool] = False
+    #: its calibration passes run one decoder block on the device at a time: the runner
+    #: hands it the model as stored, on the CPU (``pipeline/blockwise.py``)
+    blockwise: ClassVar[bool] = False
     #: writes a non-PyTorch artifact (ONNX) no later stage can load: only last in a recipe;
     #: its stage object's ``save(ctx, folder) -> format`` replaces the runner's model save
     final: ClassVar[bool] = False

@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from knowpress.arch.moe import MoEBlock, expert_mlp, moe_blocks
+from knowpress.arch.sequential import Onload, moe_inputs
 from knowpress.core.config import FrozenConfig
 from knowpress.core.errors import KnowpressError
 
@@ -117,11 +118,12 @@ def solve(costs: torch.Tensor, sizes: list[int], candidates: list[int], avg_bits
 
 def plan_expert_bits(
     spec: MoELPSpec, model: nn.Module, batches: list[torch.Tensor],
-    groups: dict[str, tuple[int, int]], symmetric: bool,
+    groups: dict[str, tuple[int, int]], symmetric: bool, onload: Onload | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """``{experts module name: [bits per expert]}`` for every MoE block of ``model`` plus the
-    figures the stage reports (``groups``: that module's gate_up / down group sizes)."""
-    from knowpress.methods.experts.router_fit import block_inputs
+    figures the stage reports (``groups``: that module's gate_up / down group sizes); the
+    blocks' inputs come from one block-wise pass (``arch/sequential.py``)."""
+    onload = onload or Onload(next(model.parameters()).device)
 
     blocks = moe_blocks(model)
     missing = [f"{b.name}.experts" for b in blocks if f"{b.name}.experts" not in groups]
@@ -131,9 +133,9 @@ def plan_expert_bits(
             "fused expert tensors (the default targets do)"
         )
     costs, sizes, owners = [], [], []
-    for i, block in enumerate(blocks):
+    for _, block, inputs, _step in moe_inputs(model, batches, onload):
         name = f"{block.name}.experts"
-        x = block_inputs(model, batches, i)
+        x = torch.cat(inputs)
         errors, importance = expert_errors(block, x, list(spec.candidates), groups[name],
                                            symmetric)  # fmt: skip
         costs.append(errors * importance[:, None])

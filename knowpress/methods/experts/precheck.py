@@ -28,6 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from knowpress.arch.moe import MoEBlock
+from knowpress.arch.sequential import Onload, sequential_log_probs
 from knowpress.core.config import FrozenConfig
 from knowpress.methods.experts.base import ExpertPruner
 from knowpress.methods.experts.budget import Budget, keep_for
@@ -68,11 +69,6 @@ def pruned_in_place(blocks: list[MoEBlock], stats: list[ExpertStats], pruner: Ex
             block.router.num_experts = block.experts.num_experts = n
 
 
-@torch.no_grad()
-def _log_probs(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    device = next(model.parameters()).device
-    return [model(input_ids=b.to(device), use_cache=False).logits.float().log_softmax(-1)
-            for b in batches]  # fmt: skip
 
 
 def _kl(reference: list[torch.Tensor], pruned: list[torch.Tensor]) -> float:
@@ -98,14 +94,17 @@ def grid(blocks: list[MoEBlock], requested: float) -> list[float]:
 
 def precheck(model: nn.Module, blocks: list[MoEBlock], stats: list[ExpertStats],
              pruner: ExpertPruner, budget: Budget, probe: list[torch.Tensor],
-             spec: PrecheckSpec, requested: float) -> dict[str, Any]:  # fmt: skip
-    """The estimate (module docstring) for pruning at ``requested`` sparsity."""
-    reference = _log_probs(model, probe)
+             spec: PrecheckSpec, requested: float,
+             onload: Onload | None = None) -> dict[str, Any]:  # fmt: skip
+    """The estimate (module docstring) for pruning at ``requested`` sparsity; each probe
+    forward runs one decoder block at a time (``arch/sequential.py``)."""
+    onload = onload or Onload(next(model.parameters()).device)
+    reference = sequential_log_probs(model, probe, onload)
     curve: dict[str, float] = {}
     for s in grid(blocks, requested):
         keeps = keep_for(blocks, stats, pruner, s, budget)
         with pruned_in_place(blocks, stats, pruner, keeps):
-            curve[f"{s:g}"] = round(_kl(reference, _log_probs(model, probe)), 5)
+            curve[f"{s:g}"] = round(_kl(reference, sequential_log_probs(model, probe, onload)), 5)
     tolerated = max([float(s) for s, kl in curve.items() if kl <= spec.max_kl], default=0.0)
     keeps = keep_for(blocks, stats, pruner, requested, budget)
     share = [float(r.reap.sum()) for r in stats]

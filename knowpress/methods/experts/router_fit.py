@@ -18,55 +18,14 @@ sigmoid routers are fitted on Z as is). Selection agreement = mean over tokens o
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from knowpress.arch.moe import MoEBlock, moe_blocks
+from knowpress.arch.sequential import Onload, moe_inputs
 from knowpress.core.errors import KnowpressError
-
-Turn = Callable[[torch.Tensor], torch.Tensor]  # what a capture keeps of a block's inputs
-
-
-@torch.no_grad()
-def _capture(model: nn.Module, batches: list[torch.Tensor],
-             pick: dict[int, Turn]) -> dict[int, torch.Tensor]:  # fmt: skip
-    """One pass over ``batches``: for each MoE block index in ``pick``, its float inputs
-    ``[N, H]`` turned by ``pick[i]`` and concatenated over the batches."""
-    blocks = moe_blocks(model)
-    seen: dict[int, list[torch.Tensor]] = {i: [] for i in pick}
-    handles = []
-    for i, turn in pick.items():
-
-        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i,
-                 turn: Turn = turn) -> None:  # fmt: skip
-            hidden = args[0] if args else kwargs["hidden_states"]
-            seen[i].append(turn(hidden.detach().reshape(-1, hidden.shape[-1]).float()))
-
-        handles.append(blocks[i].block.register_forward_pre_hook(hook, with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {i: torch.cat(parts) for i, parts in seen.items()}
-
-
-def block_inputs(model: nn.Module, batches: list[torch.Tensor], index: int) -> torch.Tensor:
-    """``[N, H]`` float inputs of MoE block ``index`` over ``batches``."""
-    return _capture(model, batches, {index: lambda x: x})[index]
-
-
-def router_logits(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``[N, E]`` router logits of every MoE block, in one pass (small beside the inputs)."""
-    blocks = moe_blocks(model)
-    pick = {i: (lambda x, b=b: _logits(b, x)) for i, b in enumerate(blocks)}
-    found = _capture(model, batches, pick)  # type: ignore[arg-type]
-    return [found[i] for i in range(len(blocks))]
 
 
 def _logits(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
@@ -98,22 +57,34 @@ def fit_router(block: MoEBlock, x: torch.Tensor, target: torch.Tensor, damp: flo
     block.router.weight.data.copy_(solution.T.to(block.router.weight.dtype))
 
 
+def router_logits(model: nn.Module, batches: list[torch.Tensor],
+                  onload: Onload) -> list[torch.Tensor]:  # fmt: skip
+    """``[N, E]`` router logits of every MoE block on its own inputs, in one block-wise pass
+    (on the CPU: small beside the inputs)."""
+    return [_logits(block, torch.cat(x)).cpu() for _, block, x, _ in
+            moe_inputs(model, batches, onload)]  # fmt: skip
+
+
 def recalibrate(model: nn.Module, original: nn.Module, batches: list[torch.Tensor],
-                kept: list[list[int]], damp: float) -> list[dict[str, Any]]:  # fmt: skip
-    """Refit every block's router in order; per block the agreement before and after."""
-    blocks, sources = moe_blocks(model), moe_blocks(original)
-    if len(blocks) != len(sources):
+                kept: list[list[int]], damp: float,
+                onload: Onload | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Refit every block's router in order, one decoder block onloaded at a time
+    (``arch/sequential.py``): block ``i`` is fitted on its inputs after the refits before it.
+    Per block the agreement before and after."""
+    onload = onload or Onload(next(model.parameters()).device)
+    count, sources = len(moe_blocks(model)), len(moe_blocks(original))
+    if count != sources:
         raise KnowpressError(
-            f"recalibrate_routers: the model has {len(blocks)} MoE blocks, the original "
-            f"(teacher) {len(sources)}; the teacher must be the model before compression"
+            f"recalibrate_routers: the model has {count} MoE blocks, the original "
+            f"(teacher) {sources}; the teacher must be the model before compression"
         )
-    targets = router_logits(original, batches)  # the original does not change: one pass
+    targets = router_logits(original, batches, onload)  # the original does not change
     report = []
-    for i, block in enumerate(blocks):
-        target = targets[i][:, kept[i]]
-        x = block_inputs(model, batches, i)  # after the refits before it: one pass each
+    for i, block, inputs, step in moe_inputs(model, batches, onload):
+        x, target = torch.cat(inputs), targets[i][:, kept[i]].to(onload.device)
         before = agreement(block, x, target)
         fit_router(block, x, target, damp)
+        step.changed = True  # the next blocks see this router's choices
         report.append({"layer": block.layer, "agreement_before": round(before, 5),
                        "agreement_after": round(agreement(block, x, target), 5)})  # fmt: skip
     return report

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from knowpress.arch.moe import MoEBlock, moe_blocks
+from knowpress.arch.sequential import Onload, moe_inputs
 
 
 @dataclass
@@ -94,26 +95,14 @@ def _accumulate(block: MoEBlock, stats: ExpertStats, x: torch.Tensor, probe_toke
 
 
 @torch.no_grad()
-def expert_stats(model: nn.Module, batches: list[torch.Tensor],
-                 probe_tokens: int = 512) -> list[ExpertStats]:  # fmt: skip
+def expert_stats(model: nn.Module, batches: list[torch.Tensor], probe_tokens: int = 512,
+                 onload: Onload | None = None) -> list[ExpertStats]:  # fmt: skip
     """Statistics of every MoE block of ``model`` over ``batches`` (token ids ``[B, T]``,
-    unpadded), in ``moe_blocks`` order."""
-    blocks = moe_blocks(model)
-    stats = [ExpertStats(layer=b.layer) for b in blocks]
-    handles = []
-    for block, record in zip(blocks, stats, strict=True):
-
-        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 block: MoEBlock = block, record: ExpertStats = record) -> None:  # fmt: skip
-            hidden = args[0] if args else kwargs["hidden_states"]
-            _accumulate(block, record, hidden.reshape(-1, hidden.shape[-1]), probe_tokens)
-
-        handles.append(block.block.register_forward_pre_hook(hook, with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    unpadded), in ``moe_blocks`` order, one decoder block onloaded at a time
+    (``arch/sequential.py``; default: where the model is)."""
+    onload = onload or Onload(next(model.parameters()).device)
+    stats = [ExpertStats(layer=b.layer) for b in moe_blocks(model)]
+    for index, block, inputs, _step in moe_inputs(model, batches, onload):
+        for x in inputs:  # batch by batch, as the forward passes saw them
+            _accumulate(block, stats[index], x, probe_tokens)
     return stats

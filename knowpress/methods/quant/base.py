@@ -25,6 +25,7 @@ from knowpress.core.registry import Registry
 Calibration = Callable[[int], "list[torch.Tensor]"]
 
 if TYPE_CHECKING:
+    from knowpress.arch.sequential import Onload
     from knowpress.core.progress import Progress
     from knowpress.formats.sizes import Entry
     from knowpress.methods.quant.targets import Target
@@ -76,10 +77,12 @@ class QuantMethod(FrozenConfig):
         calibration: Calibration,
         progress: Progress,
         plan: Mapping[str, QuantMethod] | None = None,
+        onload: Onload | None = None,
     ) -> dict[str, Any]:
         """Quantize every target in ``model``; ``plan`` maps a target name to the settings it
         takes instead of this method's (``plan.py``); ``calibration`` gives data-aware
-        methods their batches. Returns the method's figures for the stage details."""
+        methods their batches and ``onload`` where their block-wise passes run (default: the
+        model's own device and dtypes). Returns the method's figures for the stage details."""
         raise NotImplementedError
 
 
@@ -242,6 +245,7 @@ class GroupWise(QuantMethod):
         calibration: Calibration,
         progress: Progress,
         plan: Mapping[str, QuantMethod] | None = None,
+        onload: Onload | None = None,
     ) -> dict[str, Any]:
         """Linear targets through ``quantize_linear``; fused expert tensors and embedding
         tables with the same group-wise rounding (``round_target``)."""

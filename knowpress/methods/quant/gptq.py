@@ -32,7 +32,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from knowpress.arch.layers import capture_inputs, decoder_layers, run_layer
+from knowpress.arch.layers import LayerInput, decoder_layers
+from knowpress.arch.sequential import Onload, blocks, tail_logits
 from knowpress.core.errors import KnowpressError
 from knowpress.methods.quant.base import (
     QUANT_METHODS,
@@ -139,7 +140,11 @@ class GPTQ(GroupWise):
         calibration: Calibration,
         progress: Progress,
         plan: Mapping[str, QuantMethod] | None = None,
+        onload: Onload | None = None,
     ) -> dict[str, Any]:
+        """Block by block (``arch/sequential.py``): each decoder block onloaded, its targets'
+        Hessians collected on its inputs and solved, the block re-run for the next one."""
+        onload = onload or Onload(next(model.parameters()).device)
         batches = calibration(_max_positions(model))
         prefix, layers = decoder_layers(model)
         by_layer: dict[int, list[Target]] = {}
@@ -153,20 +158,20 @@ class GPTQ(GroupWise):
             (outside if index is None else by_layer.setdefault(index, [])).append(target)
         errors: dict[str, dict[str, float]] = {}
         fallback: list[str] = []
-        device = next(model.parameters()).device
-        inputs = capture_inputs(model, batches)
-        for index in progress.track(range(len(layers)), f"{self.name}: layers"):
-            chosen = by_layer.get(index, [])
+        final: list[LayerInput] = []
+        steps = blocks(model, batches, onload, final if outside else None)
+        for step in progress.track(steps, f"{self.name}: layers", total=len(layers)):
+            chosen = by_layer.get(step.index, [])
             if chosen:
                 collectors = _collectors(model, chosen)
-                run_layer(layers[index], inputs)
+                step.run()
                 self._solve_all(model, chosen, collectors, plan, errors, fallback)
-            inputs = run_layer(layers[index], inputs)
-        if outside:
+                step.changed = True
+        if outside:  # the head, on the fully quantized trunk's last hidden states
+            _check_head(model, outside)
             collectors = _collectors(model, outside)
-            with torch.inference_mode():
-                for ids in batches:
-                    model(input_ids=ids.to(device), use_cache=False)
+            for _ in tail_logits(model, final, onload):
+                pass
             self._solve_all(model, outside, collectors, plan, errors, fallback)
         return {"modules": errors, **({"rtn_fallback_experts": fallback} if fallback else {})}
 
@@ -183,6 +188,8 @@ class GPTQ(GroupWise):
                 errors[target.name] = method._solve_experts(model, target, collector, fallback)
             else:
                 errors[target.module] = method._solve(model, target, collectors[target.name])
+        for collector in collectors.values():  # solved: later passes must not feed them
+            collector.handle.remove()
 
     def _solve(self, model: nn.Module, target: Target, collector: _Collector) -> dict[str, float]:
         linear = as_linear(model.get_submodule(target.module))
@@ -248,6 +255,19 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) ->
     rel = noise / signal if signal > 0 else math.nan
     sqnr = 10 * math.log10(1 / rel) if rel > 0 else math.inf
     return {"rel_mse": rel, "sqnr_db": sqnr, "noise": noise, "signal": signal}
+
+
+def _check_head(model: nn.Module, outside: Sequence[Target]) -> None:
+    """Outside the decoder blocks, GPTQ solves the output head only (its inputs are the final
+    norm's outputs); anything else there has no calibration inputs in a block-wise pass."""
+    head = model.get_output_embeddings()
+    for target in outside:
+        if model.get_submodule(target.module) is not head:
+            raise KnowpressError(
+                f"gptq: {target.name} is outside the decoder blocks and is not the output "
+                f"head; GPTQ cannot collect its inputs, so quantize it with rtn (a second "
+                f"quantize stage) or drop it from targets"
+            )
 
 
 def _layer_index(module: str, prefix: str) -> int | None:

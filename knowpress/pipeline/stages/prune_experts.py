@@ -46,6 +46,7 @@ class PruneExpertsConfig(StageConfig):
     paper = "Lasby et al. 2025 (REAP), arXiv:2510.13999"
 
     kind: Literal["prune_experts"]
+    blockwise = True
     method: PrunerSpec = Field(default_factory=lambda: EXPERT_PRUNERS.get("reap")(name="reap"))  # type: ignore[valid-type]
     sparsity: float = Field(gt=0, lt=1, description="share of routed experts removed")
     budget: Literal["per_layer", "global"] = "per_layer"
@@ -106,6 +107,7 @@ class PruneExperts:
         self.config = config
 
     def run(self, ctx: Context, progress: Progress) -> Context:
+        from knowpress.pipeline.blockwise import onload_for
         from knowpress.pipeline.calibration import calibration_batches
 
         cfg, model = self.config, ctx.model
@@ -121,11 +123,12 @@ class PruneExperts:
         batches = calibration_batches(sequences[: len(sequences) - probe_n])
         blocks = moe_blocks(model)
         progress.log(f"[dim]prune_experts: statistics on {len(batches)} batches[/dim]")
-        stats = expert_stats(model, batches)
+        onload = onload_for(ctx)
+        stats = expert_stats(model, batches, onload=onload)
         if cfg.precheck.enabled:
             probe = calibration_batches(sequences[-probe_n:])
             estimate = precheck(model, blocks, stats, cfg.method, cfg.budget, probe,
-                                cfg.precheck, cfg.sparsity)  # fmt: skip
+                                cfg.precheck, cfg.sparsity, onload)  # fmt: skip
             ctx.metrics["precheck"] = estimate
             _report_risk(estimate, cfg, progress)
         keeps, structure = prune_blocks(model, blocks, stats, cfg.method, cfg.sparsity, cfg.budget)

@@ -36,6 +36,7 @@ from knowpress.methods.quant import QUANT_METHODS
 from knowpress.methods.quant.base import QuantMethod
 from knowpress.methods.quant.plan import Assignment, PlanSpec, resolve
 from knowpress.methods.quant.targets import identity, select, still_float
+from knowpress.pipeline.blockwise import onload_for
 from knowpress.pipeline.context import Context
 from knowpress.pipeline.integrity import check_bits, check_folder, check_round_trip
 from knowpress.pipeline.stage import STAGES, StageConfig
@@ -51,6 +52,7 @@ class QuantizeConfig(StageConfig):
     summary = "weight-only quantization of targeted tensors, stored packed"
 
     packs_weights = True
+    blockwise = True
 
     kind: Literal["quantize"]
     method: QuantMethodSpec  # type: ignore[valid-type]
@@ -210,7 +212,10 @@ class Quantize:
         self.assignments, self.predicted, self.storage = assignments, predicted, storage
         before = {t.name: identity(ctx.model, t) for t in targets}
         plan = {a.target.name: a.method for a in assignments}
-        ctx.metrics.update(method.apply(ctx.model, targets, calibration(ctx), progress, plan))
+        onload = onload_for(ctx)
+        ctx.metrics.update(
+            method.apply(ctx.model, targets, calibration(ctx), progress, plan, onload)
+        )
         left = still_float(ctx.model, targets, before)
         if left:
             raise KnowpressError(
@@ -289,7 +294,8 @@ def _with_expert_bits(spec: MoELPSpec, assignments: list[Assignment], ctx: Conte
     sequences = ctx.calibration_ids(positions)
     progress.log("[dim]quantize: moe_lp bits per expert (integer program)[/dim]")
     result = plan_expert_bits(spec, ctx.model, calibration_batches(sequences), pairs,
-                              bool(getattr(fused[0].method, "symmetric", True)))  # fmt: skip
+                              bool(getattr(fused[0].method, "symmetric", True)),
+                              onload_for(ctx))  # fmt: skip
     ctx.metrics["bits_plan"] = result
     out = []
     for a in assignments:

@@ -36,6 +36,7 @@ class RecalibrateRoutersConfig(StageConfig):
     kind: Literal["recalibrate_routers"]
     damp: float = Field(0.01, gt=0, description="ridge pull toward the current router")
     needs_teacher = True
+    blockwise = True
 
     def build(self) -> RecalibrateRouters:
         return RecalibrateRouters(self)
@@ -51,6 +52,7 @@ class RecalibrateRouters:
 
     def run(self, ctx: Context, progress: Progress) -> Context:
         from knowpress.methods.experts.router_fit import kept_ids, recalibrate
+        from knowpress.pipeline.blockwise import onload_for
         from knowpress.pipeline.calibration import calibration_batches
 
         if ctx.teacher is None:
@@ -68,7 +70,7 @@ class RecalibrateRouters:
             )
         progress.log(f"[dim]recalibrate_routers: {len(now)} routers[/dim]")
         layers = recalibrate(ctx.model, ctx.teacher, calibration_batches(sequences), kept,
-                             self.config.damp)  # fmt: skip
+                             self.config.damp, onload_for(ctx))  # fmt: skip
         ctx.metrics.update(
             routers=layers,
             agreement_before=round(sum(r["agreement_before"] for r in layers) / len(layers), 5),
