@@ -155,7 +155,10 @@ class Evaluation:
         gc.collect()
         write_states(folder / STATES_FILE, states)
         del states
-        self.states = read_states(folder / STATES_FILE) or {}  # compared as stored
+        stored = read_states(folder / STATES_FILE)  # later rows are compared with the file
+        if stored is None:
+            raise KnowpressError(f"{folder / STATES_FILE}: written but not readable back")
+        self.states = stored
         bf16 = source.bf16_bytes()
         payload = {"key": key, "source": source.location, "bf16_bytes": bf16,
                    "measurement": measurement.to_json()}  # fmt: skip
