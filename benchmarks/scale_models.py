@@ -16,7 +16,7 @@ import torch
 
 #: name -> (family, config overrides); parameter counts are with a 32,000-word vocabulary
 SIZES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama-10m": ("llama", dict(hidden_size=128, num_hidden_layers=4, intermediate_size=352,
+    "llama-10m": ("llama", dict(hidden_size=128, num_hidden_layers=4, intermediate_size=384,
                                 num_attention_heads=4, num_key_value_heads=2)),
     "llama-100m": ("llama", dict(hidden_size=768, num_hidden_layers=8, intermediate_size=2048,
                                  num_attention_heads=12, num_key_value_heads=4)),
