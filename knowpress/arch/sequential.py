@@ -131,7 +131,7 @@ def onloaded_trunk(
 ) -> Iterator[None]:
     """The modules outside the decoder blocks on ``device`` in ``dtype`` for the duration."""
     prefix, _ = decoder_layers(model)
-    home = _home(model)
+    home = home_device(model)
     moved = Onloaded(_trunk(model, prefix), device, dtype, home)
     try:
         yield
@@ -139,7 +139,7 @@ def onloaded_trunk(
         moved.restore()
 
 
-def _home(model: nn.Module) -> torch.device:
+def home_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -175,7 +175,7 @@ def blocks(
     resumes, the block's outputs (re-run if ``changed`` or never run) become the next inputs
     and the block is offloaded. ``final``, when given, receives the last block's outputs."""
     prefix, layers = decoder_layers(model)
-    home = _home(model)
+    home = home_device(model)
     device = onload.device
     inputs = embed(model, batches, onload)
     keep = torch.device("cpu") if onload.offload_activations else device
@@ -211,7 +211,7 @@ def tail_logits(
     norm, head = final_norm(model), model.get_output_embeddings()
     if norm is None or head is None:
         raise KnowpressError(f"{type(model).__name__}: no final norm / output head found")
-    moved = Onloaded([norm, head], onload.device, onload.dtype, _home(model))
+    moved = Onloaded([norm, head], onload.device, onload.dtype, home_device(model))
     try:
         for item in hidden:
             with torch.inference_mode():

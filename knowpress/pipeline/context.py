@@ -83,10 +83,15 @@ class Context:
         cls, recipe: Recipe, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         out_dir: Path, **fields: Any,
     ) -> Context:  # fmt: skip
-        """A context carrying what stages need of ``recipe``."""
+        """A context carrying what stages need of ``recipe`` (``compute_dtype: auto``
+        resolved against ``device``, as the runner resolves it)."""
+        from knowpress.core.device import resolve_compute_dtype
+
         spec = recipe.model
+        device = fields.get("device", torch.device("cpu"))
+        compute = resolve_compute_dtype(spec.compute_dtype, device)
         return cls(model=model, tokenizer=tokenizer, out_dir=out_dir, deploy_dtype=spec.dtype,
-                   compute_dtype=spec.compute_dtype, max_shard_size=spec.max_shard_size,
+                   compute_dtype=compute, max_shard_size=spec.max_shard_size,
                    trust_remote_code=spec.trust_remote_code, calibration=recipe.data.calibration,
                    **fields)  # fmt: skip
 

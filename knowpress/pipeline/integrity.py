@@ -132,6 +132,7 @@ def check_bits(ctx: Context, assignments: list[Assignment]) -> None:
 @torch.inference_mode()
 def check_round_trip(ctx: Context, folder: Path) -> None:
     """The reloaded folder's greedy tokens equal the in-memory model's on probe prompts."""
+    from knowpress.arch.sequential import Onloaded, home_device
     from knowpress.formats.io import load_model
     from knowpress.formats.weights import packed_modules, packed_tensor_of
     from knowpress.runtimes.torch import TorchRuntime
@@ -141,14 +142,18 @@ def check_round_trip(ctx: Context, folder: Path) -> None:
     for key, tensor in ctx.model.state_dict().items():
         if tensor.is_floating_point() and packed_tensor_of(key, packed) is None:
             tensor.copy_(tensor.to(deploy))  # what the folder holds of the untouched tensors
-    held = next(p for p in ctx.model.parameters() if p.is_floating_point())
-    # reloaded as the in-memory model is held (a block-wise stage: as stored, on the CPU), so
-    # both run the same arithmetic
-    reloaded, tokenizer = load_model(folder, dtype=str(held.dtype).removeprefix("torch."),
-                                     trust_remote_code=ctx.trust_remote_code,
-                                     device=held.device)  # fmt: skip
     prompts = probe_prompts(ctx)
-    here = TorchRuntime(ctx.model, ctx.tokenizer).greedy(prompts, PROBE_TOKENS)
+    # both in the compute dtype on the device: a model held as stored (a block-wise stage) is
+    # onloaded whole for its greedy tokens and restored exactly before the reload
+    compute = getattr(torch, ctx.compute_dtype)
+    moved = Onloaded([ctx.model], ctx.device, compute, home_device(ctx.model))
+    try:
+        here = TorchRuntime(ctx.model, ctx.tokenizer).greedy(prompts, PROBE_TOKENS)
+    finally:
+        moved.restore()
+    reloaded, tokenizer = load_model(folder, dtype=ctx.compute_dtype,
+                                     trust_remote_code=ctx.trust_remote_code,
+                                     device=ctx.device)  # fmt: skip
     there = TorchRuntime(reloaded, tokenizer).greedy(prompts, PROBE_TOKENS)
     for prompt, a, b in zip(prompts, here, there, strict=True):
         if a != b:
