@@ -54,18 +54,34 @@ if TYPE_CHECKING:
 MIN_EXPERT_ROWS = 16  # calibration tokens an expert needs for its own Hessian
 
 
+class _LastGram:
+    """``xᵀx`` of the last input seen, kept with the input itself: q/k/v (and gate/up) receive
+    the same tensor object in turn, so its product is computed once (exactly the same)."""
+
+    def __init__(self) -> None:
+        self.input: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+
+    def of(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs is not self.input or self.gram is None:
+            x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+            self.input, self.gram = inputs, x.T @ x  # the reference keeps its address unique
+        return self.gram
+
+
 class _Collector:
     """Accumulates ``Σ xᵀx`` and the row count of a linear layer's inputs (forward pre-hook)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, last: _LastGram | None = None) -> None:
         self.sum: torch.Tensor | None = None
         self.rows = 0
+        self.last = last or _LastGram()
         self.handle = module.register_forward_pre_hook(self.hook)
 
     def hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        self.sum = x.T @ x if self.sum is None else self.sum + x.T @ x
-        self.rows += x.shape[0]
+        gram = self.last.of(args[0])
+        self.sum = gram.clone() if self.sum is None else self.sum + gram
+        self.rows += args[0].numel() // args[0].shape[-1]
 
     def hessian(self) -> torch.Tensor:
         self.handle.remove()
@@ -235,11 +251,12 @@ def _collectors(model: nn.Module, targets: Sequence[Target]) -> dict[str, Any]:
     experts module (by module name) for its fused targets."""
     out: dict[str, Any] = {}
     fused: dict[str, list[str]] = {}
+    last = _LastGram()  # shared: modules fed the same input in turn share its product
     for target in targets:
         if target.kind == "fused_experts":
             fused.setdefault(target.module, []).append(target.attribute)
         else:
-            out[target.name] = _Collector(model.get_submodule(target.module))
+            out[target.name] = _Collector(model.get_submodule(target.module), last)
     for module, names in fused.items():
         out[module] = _ExpertCollector(model.get_submodule(module), names)
     return out
