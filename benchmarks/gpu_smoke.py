@@ -41,6 +41,8 @@ HELPER = Path(__file__).resolve()
 SCHEMA = "knowpress-gpu-smoke/1"
 TAIL = 1500  # characters of a step's output kept in the JSON
 NOT_SELECTED = "not selected (--only)"
+INSTALL_S = 120  # the install step's pip calls, all together
+TENSORRT_INSTALL_S = 200  # install/tensorrt's, beside the teacher builds
 RESERVE_S = 20  # kept back from the deadline for the JSON (an environment probe, nvidia-smi)
 
 #: modules knowpress (core + export extra) imports -> what pip installs when one is missing
@@ -72,8 +74,8 @@ DENSE, MOE = "bios-dense-tiny", "bios-moe-tiny"
 CHOICE = (
     "tiny presets (bios-dense-tiny, bios-moe-tiny: the ones the recipes name). The small "
     "presets train 6000-10000 steps at 512 positions (4 layers, h192; bios-moe-small took 107 "
-    "min on two CPU threads), estimated at 2-4 min each on one H100 before any recipe runs; "
-    "with five recipes, the 1 B scale point and a TensorRT engine that does not fit 8 minutes."
+    "min on two CPU threads), estimated at 2-4 min each on one H100 before any recipe runs: "
+    "with five recipes, the 1 B scale point and a TensorRT engine that does not fit in 8 minutes."
 )
 
 KV_RECIPE = """\
@@ -400,6 +402,7 @@ def cmd_trt(args: argparse.Namespace) -> int:
         "max_rel_logits_diff": max(diffs) / scale if scale else None,
         "prefill_and_decode_diffs": diffs,
         "greedy_equal": greedy,
+        "torch_peak_gpu_bytes": int(torch.cuda.max_memory_allocated()),
     }
     Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
@@ -421,6 +424,7 @@ class Run:
         self.steps: dict[str, dict[str, Any]] = {}
         self.done: dict[str, threading.Event] = {}
         self.lock = threading.Lock()
+        self.local = threading.local()
         cores = os.cpu_count() or 4
         self.env = dict(os.environ)
         self.env.update(
@@ -464,10 +468,11 @@ class Run:
         safe = name.replace("/", "_")
         result = run_process(argv, budget, self.work / "logs" / f"{safe}.log", self.env)
         status = "ok" if result["exit_code"] == 0 else "failed"
+        reason = None if status == "ok" else _last_line(result.get("log_tail", ""))
         if result["timed_out"]:
-            status = "timeout"
+            status, reason = "timeout", f"ran past its {budget:.0f} s and was killed"
         return self.record(
-            name, status=status, started_at_s=started, timeout_s=round(budget, 1),
+            name, status=status, reason=reason, started_at_s=started, timeout_s=round(budget, 1),
             command=" ".join(_short(a) for a in argv), **result,
         )  # fmt: skip
 
@@ -502,7 +507,8 @@ class Run:
     # -- install
 
     def pip(self, *args: str, timeout: float = 60) -> tuple[bool, str]:
-        budget = min(timeout, self.left() - 60)
+        until = getattr(self.local, "until", float("inf"))  # the calling step's own limit
+        budget = min(timeout, self.left() - 60, until - now())
         if budget < 5:
             return False, "no time left in the budget"
         argv = [self.python, "-m", "pip", "--disable-pip-version-check", *args]
@@ -568,6 +574,7 @@ class Run:
 
     def install(self, name: str) -> None:
         start = now()
+        self.local.until = start + INSTALL_S
         figures: dict[str, Any] = {}
         missing = self.missing()
         figures["missing_before"] = missing
@@ -587,6 +594,7 @@ class Run:
         ok = not critical
         self.record(
             name, status="ok" if ok else "failed", wall_s=round(now() - start, 2),
+            timeout_s=INSTALL_S, started_at_s=round(start - self.start, 1),
             exit_code=0 if ok else 1, figures=figures,
             reason=None if ok else f"still missing: {critical}",
         )  # fmt: skip
@@ -618,6 +626,7 @@ class Run:
 
     def install_tensorrt(self, name: str) -> None:
         start = now()
+        self.local.until = start + TENSORRT_INSTALL_S
         cuda = self.probe("import json, torch; print(json.dumps(torch.version.cuda))")
         major = str(cuda).split(".")[0] if isinstance(cuda, str) else "12"
         present = self.probe("import json, tensorrt; print(json.dumps(tensorrt.__version__))")
@@ -642,6 +651,7 @@ class Run:
             reason = f"tensorrt not installable: {why}"
         self.record(
             name, status="ok" if ok else "failed", wall_s=round(now() - start, 2),
+            timeout_s=TENSORRT_INSTALL_S, started_at_s=round(start - self.start, 1),
             exit_code=0 if ok else 1, figures=figures, reason=reason,
         )  # fmt: skip
 
@@ -719,12 +729,20 @@ class Run:
             argv += ["--bundle", bundle]
         entry = self.launch(name, argv, 90)
         entry["figures"] = _read_json(out)
+        errors = [b["error"] for b in (entry["figures"] or {}).get("bundles", []) if "error" in b]
+        if errors and entry["status"] != "timeout":
+            entry["reason"] = "; ".join(errors)
 
     def tensorrt(self, name: str) -> None:
+        self.done["install/tensorrt"].wait()
         install = self.steps.get("install/tensorrt", {})
-        if install.get("status") != "ok":
+        if install.get("status") != "ok" and install.get("reason") != NOT_SELECTED:
             self.record(name, status="skipped",
                         reason=install.get("reason") or "tensorrt not installable")  # fmt: skip
+            return
+        reason = self.wait("export/float32")
+        if reason:
+            self.record(name, status="skipped", reason=reason)
             return
         out = self.work / "tensorrt.json"
         argv = [self.python, str(HELPER), "trt", "--bundle", str(self.work / "export-float32"),
@@ -766,7 +784,7 @@ class Run:
         plan += [
             ("export/float32", self.export, (f"teacher/{DENSE}",)),
             ("onnxruntime", self.ort, ("export/float32",)),
-            ("tensorrt", self.tensorrt, ("export/float32", "install/tensorrt")),
+            ("tensorrt", self.tensorrt, ()),  # waits for install/tensorrt, export/float32
         ]
         for name, fn, deps in plan:
             if only is not None and name not in only:
@@ -894,6 +912,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if not result["not_ok"] else 1
 
 
+#: what the device machines' image lacks of knowpress's needs (their package list in the
+#: device tool's KINDS.md): carried as wheels, since nothing can be fetched there
+CARRIED_WHEELS = (
+    "pydantic>=2.7,<3", "pydantic-core", "annotated-types", "typing-inspection",
+    "typing-extensions", "platformdirs>=4", "compressed-tensors>=0.20,<0.21", "loguru",
+    "gguf>=0.19,<0.20",
+)  # fmt: skip
+
+
+def cmd_wheels(args: argparse.Namespace) -> int:
+    """Here, before a device run: the wheels ``CARRIED_WHEELS`` for the machine's Python
+    (x86-64 manylinux) into ``--dest`` (``.whl``, carried with ``carry: [".whl"]``)."""
+    platforms = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                 "manylinux2014_x86_64", "manylinux1_x86_64")  # fmt: skip
+    argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--python-version", args.python_version, "--implementation", "cp", "-d",
+            args.dest]  # fmt: skip
+    for platform in platforms:
+        argv += ["--platform", platform]
+    done = subprocess.run([*argv, *CARRIED_WHEELS], cwd=ROOT)
+    total = sum(f.stat().st_size for f in Path(ROOT / args.dest).glob("*.whl"))
+    print(f"{args.dest}: {total / 2**20:.1f} MiB of wheels (the device carries 64 MiB at most)")
+    return done.returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -911,6 +954,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--peak", required=True)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=func)
+    p = sub.add_parser("wheels", help="download the wheels a device run carries")
+    p.add_argument("--dest", default=".whl")
+    p.add_argument("--python-version", default="3.12")
+    p.set_defaults(func=cmd_wheels)
     p = sub.add_parser("ort")
     p.add_argument("--bundle", action="append", required=True)
     p.add_argument("--json", required=True)

@@ -57,9 +57,11 @@ if [ -z "$PY" ]; then
         echo "gpu_smoke: $(head -n1 <<<"$gpus") is listed but no Python here has a torch that sees it (tried .venv, .gpu-venv, $BASE); nothing was run" >&2
         exit 2
     fi
-    # a venv of our own over BASE's packages (a .pth, so BASE's own venv counts too)
+    # a venv of our own over BASE's packages (a .pth, so BASE's own venv counts too); without
+    # ensurepip (a distribution's python3) pip comes from BASE's packages through the .pth
     rm -rf "$ROOT/.gpu-venv"
-    if "$BASE" -m venv "$ROOT/.gpu-venv" >/dev/null 2>&1; then
+    if "$BASE" -m venv "$ROOT/.gpu-venv" >/dev/null 2>&1 ||
+        { rm -rf "$ROOT/.gpu-venv" && "$BASE" -m venv --without-pip "$ROOT/.gpu-venv" >/dev/null 2>&1; }; then
         SITE="$("$ROOT/.gpu-venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
         "$BASE" -c 'import site, sys; print("\n".join([*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]))' \
             >"$SITE/_gpu_smoke_base.pth"
