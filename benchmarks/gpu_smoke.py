@@ -162,11 +162,13 @@ def peak_record(path: Path) -> None:
 def cmd_cli(args: argparse.Namespace) -> int:
     """``compress ARGS`` in this process (as the console script runs it), then its peak."""
     sys.argv = ["compress", *args.rest]
-    from knowpress.cli.app import main
-
     code = 3
     try:
+        from knowpress.cli.app import main
+
         code = int(main())
+    except ImportError as exc:  # a dependency the install step could not bring
+        print(f"knowpress cannot be imported here: {exc}", file=sys.stderr)
     finally:
         peak_record(Path(args.peak))
     return code
@@ -538,14 +540,18 @@ class Run:
         return {"failed": reqs, "tries": tries, "reason": _last_line(tries[-1]["output"])}
 
     def probe(self, code: str, timeout: float = 120) -> Any:
+        """The JSON a short Python snippet prints last, or ``{"error": why}``."""
         try:
             done = subprocess.run([self.python, "-c", code], capture_output=True, text=True,
                                   timeout=timeout, env=self.env)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout} s"}
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return {"error": str(exc)}
         if done.returncode:
             return {"error": _last_line(done.stderr) or f"exit {done.returncode}"}
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        try:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            return {"error": f"no JSON in {tail(done.stdout, 200)!r}"}
 
     def missing(self) -> list[str]:
         code = (
@@ -699,9 +705,9 @@ class Run:
             ]
             timeout = RECIPES[name.split("/", 1)[1]][2]
             entry = self.cli(name, args, timeout)
-            if entry.get("exit_code") == 1:
-                entry["status"] = "gate_failed"
             entry["figures"] = report_figures(out / "report.json")
+            if entry.get("exit_code") == 1 and (entry["figures"] or {}).get("gate"):
+                entry["status"] = "gate_failed"  # exit 1 is only ever a failed gate
             if recipe is None:
                 entry["recipe"] = KV_RECIPE
 

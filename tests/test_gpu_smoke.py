@@ -53,6 +53,21 @@ def test_without_a_gpu_one_line_and_exit_2(tmp_path: Path) -> None:
     assert time.monotonic() - start < 10
 
 
+def test_a_gpu_no_torch_sees_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: Test GPU (UUID: GPU-0)'\n")
+    smi.chmod(0o755)
+    env = dict(os.environ, GPU_SMOKE_NVIDIA_SMI=str(smi), GPU_SMOKE_PYTHON="/bin/false",
+               CUDA_VISIBLE_DEVICES="")  # fmt: skip
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "smoke.json")],
+                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "GPU 0: Test GPU" in lines[0] and "no Python here has a torch that sees it" in lines[0]
+    assert not (tmp_path / "smoke.json").exists()
+
+
 def test_report_figures_read_the_final_row(tmp_path: Path) -> None:
     report = {
         "rows": [
