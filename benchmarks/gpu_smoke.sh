@@ -23,10 +23,11 @@
 # Exit: 0 every step ok, 1 a step did not pass (the JSON says which and why), 2 no GPU here.
 
 set -u
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT" || exit 2
 START=$(date +%s)
-OUT_JSON="${1:-benchmarks/results/gpu_smoke.json}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT_JSON="${1:-$ROOT/benchmarks/results/gpu_smoke.json}"
+case "$OUT_JSON" in /*) ;; *) OUT_JSON="$PWD/$OUT_JSON" ;; esac
+cd "$ROOT" || exit 2
 BUDGET="${GPU_SMOKE_BUDGET_S:-470}"
 SMI="${GPU_SMOKE_NVIDIA_SMI:-nvidia-smi}"
 
