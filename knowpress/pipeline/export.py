@@ -22,7 +22,7 @@ import torch
 
 from knowpress.core.errors import KnowpressError
 from knowpress.core.io import atomic_write_text
-from knowpress.formats.onnx import nbits
+from knowpress.formats.onnx import nbits, nbits_graph
 from knowpress.formats.onnx.format import EXPORT_FILE
 from knowpress.formats.onnx.graph import (
     DATA_FILE,
@@ -139,7 +139,7 @@ def _graph(model: Any, graph: Path, config: Any, progress: Any,
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its steps
         spec = export_graph(model, graph, graph_io)
     if config.weights == "int4":
-        info = nbits.rewrite(graph, targets, layout, _first_level(config))
+        info = nbits_graph.rewrite(graph, targets, layout, _first_level(config))
         _log_layout(info, progress)
         return spec, info
     extra = {"dequantized": dequantized} if dequantized else {}
@@ -187,7 +187,7 @@ def _parity(model: Any, graph: Path, spec: Any, config: Any, progress: Any,
             f"[yellow]export: parity fails at accuracy_level 4 ({failure}); MatMulNBits "
             "set to accuracy_level 0 (float math: exact, slower on CPU)[/yellow]"
         )
-        nbits.set_accuracy_level(graph, 0)
+        nbits_graph.set_accuracy_level(graph, 0)
         info["accuracy_level"] = 0
         info["accuracy_level_4_parity"] = {
             k: result[k] for k in ("max_abs_logits", "max_rel_logits", "greedy_equal")

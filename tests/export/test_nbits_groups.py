@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from knowpress.core.errors import KnowpressError
 from knowpress.core.progress import Progress
-from knowpress.formats.onnx import nbits
+from knowpress.formats.onnx import nbits, nbits_graph
 from knowpress.pipeline.stages.quantize import QuantizeConfig
 from knowpress.tensors.packing import quantize_groups, unpack
 from knowpress.tensors.qlinear import QuantLinear
@@ -86,7 +86,7 @@ def test_onnxruntime_computes_every_layout(group: int, k: int, carried: bool,
         assert part.scales.shape == (n, blocks)
         assert symmetric or part.zeros.shape == (n, -(-blocks // 2))  # type: ignore[union-attr]
     node = helper.make_node("MatMul", ["A", "W"], ["Y"])
-    nodes, inits = nbits._node(onnx, helper, node, target, "w", 0)
+    nodes, inits = nbits_graph._node(onnx, helper, node, target, "w", 0)
     assert [n.op_type for n in nodes].count("MatMulNBits") == (k // 43 if group == 43 else 1)
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [5, k])],

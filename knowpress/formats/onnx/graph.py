@@ -259,7 +259,7 @@ def finalize(path: Path) -> None:
     traces (``metadata_props``) dropped."""
     import onnx
 
-    from knowpress.formats.onnx.nbits import save
+    from knowpress.formats.onnx.nbits_graph import save
 
     model = onnx.load(str(path))
     graph = model.graph
@@ -280,7 +280,7 @@ def store_half(path: Path) -> int:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from knowpress.formats.onnx.nbits import save
+    from knowpress.formats.onnx.nbits_graph import save
 
     model = onnx.load(str(path))
     graph = model.graph

@@ -21,7 +21,7 @@ def quantize_int8(path: Path) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from knowpress.formats.onnx.nbits import save
+    from knowpress.formats.onnx.nbits_graph import save
 
     scratch = path.parent / ".int8"
     scratch.mkdir()
