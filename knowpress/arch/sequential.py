@@ -29,6 +29,7 @@ from torch import nn
 
 from knowpress.arch.layers import LayerInput, _Stop, decoder_layers
 from knowpress.core.errors import KnowpressError
+from knowpress.core.measure import release_memory
 
 
 def _move(item: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
@@ -190,6 +191,7 @@ def blocks(
             del step, staged, outputs
         finally:
             onloaded.restore()
+            release_memory()  # the block's compute-dtype copies, back to the OS
     if final is not None:
         final.extend(inputs)
 

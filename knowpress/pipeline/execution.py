@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from knowpress.core.device import resolve_compute_dtype
 from knowpress.core.errors import KnowpressError
 from knowpress.core.io import atomic_write_text
+from knowpress.core.measure import release_memory
 from knowpress.evaluate.evaluator import (
     Measurement,
     evaluate_reference,
@@ -152,7 +152,7 @@ class Evaluation:
             scores.update(run_lm_eval(runtime, spec.lm_eval))
         measurement = measure(runtime, scores, source.stored_bytes())
         del runtime  # nothing else holds the reference model: released here
-        gc.collect()
+        release_memory()
         write_states(folder / STATES_FILE, states)
         del states
         stored = read_states(folder / STATES_FILE)  # later rows are compared with the file

@@ -37,7 +37,7 @@ import yaml
 from knowpress.core.device import resolve_device
 from knowpress.core.errors import KnowpressError
 from knowpress.core.io import atomic_dir, atomic_write_text
-from knowpress.core.measure import PeakMemory, stable_hash
+from knowpress.core.measure import PeakMemory, release_memory, stable_hash
 from knowpress.core.progress import Progress
 from knowpress.evaluate.evaluator import Measurement
 from knowpress.formats.io import format_reason, load_model, save_model
@@ -152,7 +152,7 @@ class Runner:
                 dirty = True
                 if type(config).blockwise:  # held as stored instead (pipeline/blockwise.py)
                     loaded = None
-                    gc.collect()
+                release_memory()  # what the last runtime freed, back to the OS
                 ctx = self.context(input_dir, world, history, loaded, type(config).blockwise)
                 record = self._run_stage(ctx, index, digest, target, input_dir, input_bytes)
                 del ctx
