@@ -130,14 +130,25 @@ def _trunk(model: nn.Module, prefix: str) -> list[nn.Module]:
 def onloaded_trunk(
     model: nn.Module, device: torch.device, dtype: torch.dtype | None
 ) -> Iterator[None]:
-    """The modules outside the decoder blocks on ``device`` in ``dtype`` for the duration."""
+    """Modules outside the decoder blocks onloaded when first called (a pre-hook), so only
+    those the forward runs take device memory (the embedding, not the head), all restored
+    after."""
     prefix, _ = decoder_layers(model)
     home = home_device(model)
-    moved = Onloaded(_trunk(model, prefix), device, dtype, home)
+    moved: list[Onloaded] = []
+
+    def onload(module: nn.Module, _args: Any) -> None:
+        if not any(module in item.modules for item in moved):
+            moved.append(Onloaded([module], device, dtype, home))
+
+    handles = [m.register_forward_pre_hook(onload) for m in _trunk(model, prefix)]
     try:
         yield
     finally:
-        moved.restore()
+        for handle in handles:
+            handle.remove()
+        for item in reversed(moved):
+            item.restore()
 
 
 def home_device(model: nn.Module) -> torch.device:
