@@ -85,9 +85,11 @@ class _Collector:
 
     def hessian(self) -> torch.Tensor:
         self.handle.remove()
+        self.last.input = self.last.gram = None  # the pass is over: hold no [in, in] copy
         if self.sum is None:
             raise RuntimeError("GPTQ: a target saw no calibration input")
-        return 2.0 * self.sum / self.rows
+        hessian, self.sum = 2.0 * self.sum / self.rows, None  # the sum freed once made
+        return hessian
 
 
 class _ExpertCollector:
