@@ -64,6 +64,13 @@ def resolve_recipe(recipe: Recipe, device: torch.device) -> Recipe:
     stage whose artifact is not a torch model is refused in one line."""
     dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
     if recipe.evaluate.offload:
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise KnowpressError(
+                "evaluate.offload: needs the accelerate package (pip install accelerate, or "
+                "the eval extra); set evaluate.offload: false"
+            )
         for index, stage in enumerate(recipe.stages):
             if stage.kind == "export":
                 raise KnowpressError(
