@@ -63,8 +63,9 @@ def gptq_quantize(
         scales, zeros = static_scales, static_zeros
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_features, device=w.device)
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))  # no [in, in] identity allocated
     upper = _inverse_cholesky(h)
+    del h
     codes = _solve(w, upper, perm, scales, zeros, quant, group_size, act_order, block)
     codes = codes[:, torch.argsort(perm)]
     zeros = None if zeros is None else zeros.to(torch.uint8)
@@ -75,10 +76,15 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of ``H⁻¹`` (raised damping retried if ``H`` is not positive
     definite in float32)."""
     for extra in (0.0, 1e-6, 1e-4, 1e-2):
-        lifted = h + extra * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
+        lifted = h
+        if extra:
+            lifted = h.clone()
+            lifted.diagonal().add_(extra * torch.mean(torch.diag(h)))
         factor, info = torch.linalg.cholesky_ex(lifted)
+        del lifted
         if int(info) == 0:
             inverse = torch.cholesky_inverse(factor)
+            del factor
             return torch.linalg.cholesky(inverse, upper=True)
     raise ValueError("GPTQ: the Hessian is not positive definite even with extra damping")
 
