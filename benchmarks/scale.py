@@ -83,8 +83,9 @@ def run_stage(kind: str, model: Path, work: Path, args: argparse.Namespace) -> d
     compress = [sys.executable, "-m", "knowpress.cli"]
     calib = {"path": str(model / "text.txt"), "samples": args.calib_samples,
              "seq_len": args.seq_len}  # fmt: skip
-    small_eval = {"tasks": ["perplexity"], "text": {"path": str(model / "text.txt"),
-                                                    "max_tokens": 256}}  # fmt: skip
+    # the smallest real evaluation (kl caps its tokens; perplexity scores the whole text)
+    small_eval = {"tasks": ["kl"], "text": {"path": str(model / "text.txt"), "max_tokens": 256},
+                  "batch_size": 8}  # fmt: skip
     stage = {
         "quantize": {"kind": "quantize", "method": {"name": "gptq", "bits": 4, "group_size": 128}},
         "prune_experts": {"kind": "prune_experts", "method": {"name": "reap"}, "sparsity": 0.25,
@@ -217,6 +218,37 @@ def write(path: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> N
                "exponents": exponents(rows)}  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1))
+    plot(rows, path.with_suffix(".png"))
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Seconds and peak RSS / bf16 bytes against parameters, one line per stage (log axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    keys = sorted({(r["family"], r["stage"]) for r in rows})
+    for family, stage in keys:
+        pts = sorted((r["params"], _seconds(r), _peak(r) / r["bf16_bytes"]) for r in rows
+                     if (r["family"], r["stage"]) == (family, stage) and _seconds(r))  # fmt: skip
+        if not pts:
+            continue
+        label = f"{family} {stage}"
+        left.plot([p for p, _, _ in pts], [s for _, s, _ in pts], "o-", label=label)
+        right.plot([p for p, _, _ in pts], [m for _, _, m in pts], "o-", label=label)
+    left.set(xscale="log", yscale="log", xlabel="parameters", ylabel="seconds (stage / oneshot)")
+    right.set(xscale="log", yscale="log", xlabel="parameters", ylabel="peak RSS / bf16 bytes")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _peak(row: dict[str, Any]) -> float:
+    """The stage's own peak RSS (knowpress), else the process tree's (llm-compressor)."""
+    return float(row.get("stage_report", {}).get("peak_rss_bytes") or row["peak_rss_bytes"])
 
 
 if __name__ == "__main__":
