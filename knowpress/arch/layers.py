@@ -44,8 +44,11 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 @torch.inference_mode()
-def capture_inputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[LayerInput]:
-    """What the first decoder block receives for each batch of token ids ``[B, T]``."""
+def capture_inputs(
+    model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device | None = None
+) -> list[LayerInput]:
+    """What the first decoder block receives for each batch of token ids ``[B, T]`` (ids sent
+    to ``device``, default the model's)."""
     _, layers = decoder_layers(model)
     captured: list[LayerInput] = []
 
@@ -56,7 +59,7 @@ def capture_inputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[La
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     try:
         for ids in batches:
             with contextlib.suppress(_Stop):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from knowpress.arch.layers import LayerInput, _Stop, decoder_layers
+from knowpress.arch.layers import LayerInput, capture_inputs, decoder_layers, run_layer
 from knowpress.core.errors import KnowpressError
 from knowpress.core.measure import release_memory
 
@@ -102,15 +102,9 @@ class BlockStep:
     changed: bool = False
     outputs: list[LayerInput] | None = field(default=None, repr=False)
 
-    @torch.inference_mode()
     def run(self) -> list[LayerInput]:
-        out = []
-        for item in self.inputs:
-            result = self.layer(item.hidden, use_cache=False, **item.kwargs)
-            hidden = result[0] if isinstance(result, tuple) else result
-            out.append(LayerInput(hidden, item.kwargs))
-        self.outputs = out
-        return out
+        self.outputs = run_layer(self.layer, self.inputs)
+        return self.outputs
 
 
 def _trunk(model: nn.Module, prefix: str) -> list[nn.Module]:
@@ -155,28 +149,11 @@ def home_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
 def embed(model: nn.Module, batches: Sequence[torch.Tensor], onload: Onload) -> list[LayerInput]:
     """What the first decoder block receives for each ``[B, T]`` batch, computed with the
     trunk onloaded (the blocks never run)."""
-    _, layers = decoder_layers(model)
-    captured: list[LayerInput] = []
-
-    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kept = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
-        captured.append(LayerInput(hidden, kept))
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with onloaded_trunk(model, onload.device, onload.dtype):
-            for ids in batches:
-                with contextlib.suppress(_Stop):
-                    model(input_ids=ids.to(onload.device), use_cache=False)
-    finally:
-        handle.remove()
-    return captured
+    with onloaded_trunk(model, onload.device, onload.dtype):
+        return capture_inputs(model, batches, onload.device)
 
 
 def blocks(
