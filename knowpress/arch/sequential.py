@@ -30,6 +30,7 @@ from torch import nn
 from knowpress.arch.layers import LayerInput, capture_inputs, decoder_layers, run_layer
 from knowpress.core.errors import KnowpressError
 from knowpress.core.measure import release_memory
+from knowpress.core.pages import MappedStorages
 
 
 def _move(item: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
@@ -57,28 +58,44 @@ class Onload:
 class Onloaded:
     """Modules moved to ``device``, floating parameters cast to ``dtype`` (buffers keep
     theirs: rotary tables, packed scales); :meth:`restore` puts back every tensor they had
-    (same object, same device and dtype) and moves tensors added since to ``home``."""
+    (same object, same device and dtype) and moves tensors added since to ``home``. Then the
+    pages of the file-mapped storages they held and no longer hold (a weight a stage
+    replaced, one cast back into a new copy) leave RSS (``core/pages.py``); ``model``: the
+    whole model, whose live tensors keep their pages."""
 
     def __init__(self, modules: Sequence[nn.Module], device: torch.device,
-                 dtype: torch.dtype | None, home: torch.device) -> None:  # fmt: skip
-        self.modules, self.home = list(modules), home
-        # by id, holding the tensor: an id freed meanwhile may be reused by a new tensor
-        self.saved: dict[int, tuple[torch.Tensor, torch.device, torch.dtype]] = {}
+                 dtype: torch.dtype | None, home: torch.device,
+                 model: nn.Module | None = None) -> None:  # fmt: skip
+        self.modules, self.home, self.model = list(modules), home, model
+        self.mapped = MappedStorages(_tensors(self.modules))
+        # by id, holding the tensor (an id freed meanwhile may be reused by a new tensor) and
+        # its data, given back unless the stage changed its values: no second copy
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         params = {id(p) for m in self.modules for p in m.parameters()}
         for tensor in _tensors(self.modules):  # tied tensors once
-            self.saved[id(tensor)] = (tensor, tensor.device, tensor.dtype)
+            self.saved[id(tensor)] = (tensor, tensor.data)
             cast = dtype if dtype is not None and tensor.is_floating_point() else None
             cast = cast if id(tensor) in params else None
             tensor.data = tensor.data.to(device=device, dtype=cast)
 
     def restore(self) -> None:
         for tensor in _tensors(self.modules):
-            same, device, dtype = self.saved.get(id(tensor), (None, self.home, tensor.dtype))
-            if same is not tensor:  # added since: sent home as built
-                device, dtype = self.home, tensor.dtype
-            if tensor.device != device or tensor.dtype != dtype:
-                tensor.data = tensor.data.to(device=device, dtype=dtype)
+            same, data = self.saved.get(id(tensor), (None, None))
+            if same is not tensor or data is None:  # added since: sent home as built
+                if tensor.device != self.home:
+                    tensor.data = tensor.data.to(self.home)
+                continue
+            current = tensor.data
+            if current.data_ptr() == data.data_ptr() and current.dtype == data.dtype:
+                continue  # never moved (a buffer already on the device, in its dtype)
+            # unchanged (compared where the stage saw it): the original, exactly as held
+            unchanged = current.shape == data.shape and torch.equal(
+                current, data.to(device=current.device, dtype=current.dtype)
+            )
+            tensor.data = data if unchanged else current.to(device=data.device, dtype=data.dtype)
         self.saved.clear()
+        live = self.modules if self.model is None else [self.model]
+        self.mapped.release(_tensors(live))
 
 
 def _tensors(modules: Sequence[nn.Module]) -> list[torch.Tensor]:
@@ -133,7 +150,7 @@ def onloaded_trunk(
 
     def onload(module: nn.Module, _args: Any) -> None:
         if not any(module in item.modules for item in moved):
-            moved.append(Onloaded([module], device, dtype, home))
+            moved.append(Onloaded([module], device, dtype, home, model))
 
     handles = [m.register_forward_pre_hook(onload) for m in _trunk(model, prefix)]
     try:
@@ -169,7 +186,7 @@ def blocks(
     inputs = embed(model, batches, onload)
     keep = torch.device("cpu") if onload.offload_activations else device
     for index, layer in enumerate(layers):
-        onloaded = Onloaded([layer], device, onload.dtype, home)
+        onloaded = Onloaded([layer], device, onload.dtype, home, model)
         try:
             staged = [LayerInput(_move(x.hidden, device), _move(x.kwargs, device)) for x in inputs]
             step = BlockStep(index, f"{prefix}.{index}", layer, staged)
@@ -201,7 +218,7 @@ def tail_logits(
     norm, head = final_norm(model), model.get_output_embeddings()
     if norm is None or head is None:
         raise KnowpressError(f"{type(model).__name__}: no final norm / output head found")
-    moved = Onloaded([norm, head], onload.device, onload.dtype, home_device(model))
+    moved = Onloaded([norm, head], onload.device, onload.dtype, home_device(model), model)
     try:
         for item in hidden:
             with torch.inference_mode():

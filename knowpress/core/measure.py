@@ -57,11 +57,18 @@ def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``):
     tensors below glibc's mmap threshold (which grows to 32 MB) are freed into the heap and
     would otherwise stay resident, inflating every later peak. A no-op off glibc."""
-    import contextlib
-    import ctypes
     import gc
 
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """glibc's ``malloc_trim``: freed heap pages back to the OS (no garbage collection, so
+    cheap enough to call after every module a loop rebuilds). A no-op off glibc."""
+    import contextlib
+    import ctypes
+
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from knowpress.core.errors import KnowpressError
+from knowpress.core.measure import trim_heap
 from knowpress.formats.ct_layout import ExpertNames, Scheme, expert_names, read
 from knowpress.tensors.packing import Quantized
 
@@ -30,17 +31,59 @@ def load_modules(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -
     quant = config.quantization_config
     quant = quant if isinstance(quant, dict) else quant.to_dict()
     del config.quantization_config
-    model, info = _float_model(directory, config, dtype, trust_remote_code)
-    groups = list((quant.get("config_groups") or {}).values())
     with LazyTensors(directory) as raw:  # each module's tensors read from its shard when used
+        vacant = set(_layout(raw, config.model_type)[0].values())
+        model, info = _float_model(directory, config, dtype, trust_remote_code, vacant)
+        groups = list((quant.get("config_groups") or {}).values())
         _rebuild(model, raw, groups, set(info.get("missing_keys") or []), directory)
     return model.eval()
 
 
-def _float_model(directory: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool
-                 ) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+class _Vacant(nn.Module):
+    """Where a packed linear goes, until ``_rebuild`` puts it there: the linear's shape, its
+    bias (a float tensor the checkpoint holds) and no weight, so transformers neither finds
+    one missing nor allocates and initialises it (a whole float model at the load dtype)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = linear.bias
+        # what ``QuantLinear.from_quantized`` reads of the weight: dtype, device (no memory)
+        self.weight_like = torch.empty((), dtype=linear.weight.dtype, device="cpu").expand(
+            linear.out_features, linear.in_features
+        )
+
+
+def _vacating(config: Any, vacant: set[str]) -> Any:
+    """The architecture's causal-LM class, with the linears in ``vacant`` made ``_Vacant``
+    between construction and weight loading (same class name: same key conversions); None
+    for an architecture transformers' auto mapping does not know (remote code)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    base = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if base is None or not vacant:
+        return None
+
+    class Vacated(base):  # type: ignore[misc, valid-type]
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            for name in vacant:  # a name no module has is refused by ``_rebuild``
+                try:
+                    linear = self.get_submodule(name)
+                except AttributeError:
+                    continue
+                if isinstance(linear, nn.Linear):
+                    self.set_submodule(name, _Vacant(linear))
+
+    Vacated.__name__, Vacated.__qualname__ = base.__name__, base.__qualname__
+    return Vacated
+
+
+def _float_model(directory: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool,
+                 vacant: set[str]) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     """The model transformers builds from the folder without its quantization config (every
-    shard of an indexed folder read) and its loading info."""
+    shard of an indexed folder read), the linears in ``vacant`` left ``_Vacant``, and its
+    loading info."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -49,7 +92,7 @@ def _float_model(directory: Path, config: Any, dtype: torch.dtype, trust_remote_
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return (_vacating(config, vacant) or AutoModelForCausalLM).from_pretrained(
             directory, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
             use_safetensors=True, output_loading_info=True,
         )  # fmt: skip
@@ -59,16 +102,15 @@ def _float_model(directory: Path, config: Any, dtype: torch.dtype, trust_remote_
             hf_logging.enable_progress_bar()
 
 
-def _rebuild(model: nn.Module, raw: Mapping[str, torch.Tensor], groups: list[dict[str, Any]],
-             missing_keys: set[str], directory: Path) -> None:  # fmt: skip
-    """Every quantized module of ``raw`` (those with a ``weight_scale``) rebuilt packed."""
-    from knowpress.formats.compressed_tensors import scheme_for
-
-    names = expert_names(model.config.model_type)
+def _layout(raw: Mapping[str, torch.Tensor], model_type: str
+            ) -> tuple[dict[str, str], dict[str, dict[int, dict[str, str]]]]:  # fmt: skip
+    """The quantized modules of ``raw`` (those with a ``weight_scale``): dense checkpoint
+    prefix -> module name, and experts module -> expert -> projection -> prefix."""
+    names = expert_names(model_type)
     expert = (re.compile(rf"(.+\.experts)\.(\d+)\.({names.gate}|{names.up}|{names.down})")
               if isinstance(names, ExpertNames) else None)  # fmt: skip
-    dense: dict[str, str] = {}  # checkpoint prefix -> module name
-    experts: dict[str, dict[int, dict[str, str]]] = {}  # module -> expert -> projection -> prefix
+    dense: dict[str, str] = {}
+    experts: dict[str, dict[int, dict[str, str]]] = {}
     for prefix in sorted({k.rsplit(".", 1)[0] for k in raw if k.endswith(".weight_scale")}):
         hit = expert.fullmatch(prefix) if expert is not None else None
         if hit is not None:
@@ -77,6 +119,16 @@ def _rebuild(model: nn.Module, raw: Mapping[str, torch.Tensor], groups: list[dic
             experts.setdefault(module, {}).setdefault(int(hit.group(2)), {})[hit.group(3)] = prefix
         else:
             dense[prefix] = names.module(prefix) if isinstance(names, ExpertNames) else prefix
+    return dense, experts
+
+
+def _rebuild(model: nn.Module, raw: Mapping[str, torch.Tensor], groups: list[dict[str, Any]],
+             missing_keys: set[str], directory: Path) -> None:  # fmt: skip
+    """Every quantized module of ``raw`` (those with a ``weight_scale``) rebuilt packed."""
+    from knowpress.formats.compressed_tensors import scheme_for
+
+    names = expert_names(model.config.model_type)
+    dense, experts = _layout(raw, model.config.model_type)
     rebuilt = {f"{name}.weight" for name in dense.values()}
     rebuilt |= {f"{m}.{fused}" for m in experts for fused in ("gate_up_proj", "down_proj")}
     missing = sorted(missing_keys - rebuilt)
@@ -91,6 +143,8 @@ def _rebuild(model: nn.Module, raw: Mapping[str, torch.Tensor], groups: list[dic
         scheme = scheme_for(groups, prefix, directory)
         q = read(raw, prefix, scheme, linear.in_features)
         model.set_submodule(name, _quant_linear(linear, q, scheme))
+        del q
+        trim_heap()  # the unpacked codes, back to the OS before the next module's
     for module, by_expert in experts.items():
         assert isinstance(names, ExpertNames)
         stored = {
@@ -115,7 +169,8 @@ def _quant_linear(linear: nn.Module, q: Quantized, scheme: Scheme) -> nn.Module:
     from knowpress.tensors.qlinear import QuantLinear
 
     group = scheme.group_size or linear.in_features
-    module = QuantLinear.from_quantized(linear, q, scheme.bits, group, FORMAT, scheme.grid)  # type: ignore[arg-type]
+    module = QuantLinear.from_quantized(linear, q, scheme.bits, group, FORMAT, scheme.grid,
+                                        weight=getattr(linear, "weight_like", None))  # fmt: skip
     module.storage = FORMAT
     return module
 

@@ -146,7 +146,7 @@ def check_round_trip(ctx: Context, folder: Path) -> None:
     # both in the compute dtype on the device: a model held as stored (a block-wise stage) is
     # onloaded whole for its greedy tokens and restored exactly before the reload
     compute = getattr(torch, ctx.compute_dtype)
-    moved = Onloaded([ctx.model], ctx.device, compute, home_device(ctx.model))
+    moved = Onloaded([ctx.model], ctx.device, compute, home_device(ctx.model), ctx.model)
     try:
         here = TorchRuntime(ctx.model, ctx.tokenizer).greedy(prompts, PROBE_TOKENS)
     finally:

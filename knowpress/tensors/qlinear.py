@@ -80,8 +80,11 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_quantized(
         cls, linear: nn.Linear, q: Quantized, bits: int, group_size: int, method: str,
-        grid: str = "int",
+        grid: str = "int", weight: torch.Tensor | None = None,
     ) -> QuantLinear:  # fmt: skip
+        """``linear`` quantized as ``q``; ``weight``: what stands for its weight when it has
+        none (the dtype and device the module takes)."""
+        weight = linear.weight if weight is None else weight
         module = cls(
             linear.in_features,
             linear.out_features,
@@ -90,7 +93,7 @@ class QuantLinear(nn.Module):
             symmetric=q.zeros is None,
             bias=linear.bias is not None,
             method=method,
-            dtype=linear.weight.dtype,
+            dtype=weight.dtype,
             grid=grid,
         )
         module.weight_packed = pack(q.codes, bits)
@@ -102,7 +105,7 @@ class QuantLinear(nn.Module):
             module.weight_global_scale = q.global_scale.reshape(1).float().clone()
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        return module.to(linear.weight.device)
+        return module.to(weight.device)
 
     @classmethod
     def empty_like(cls, linear: nn.Linear, spec: dict[str, Any], dtype: torch.dtype) -> QuantLinear:

@@ -55,6 +55,25 @@ def test_onloaded_restores_every_tensor_and_sends_new_ones_home() -> None:
         assert tensor is same and tensor.dtype == dtype and torch.equal(tensor, value), name
 
 
+def test_onloaded_gives_back_unchanged_data_and_keeps_a_change() -> None:
+    layer = tiny_llama().to(torch.bfloat16).model.layers[0]
+    storage = {n: p.data_ptr() for n, p in layer.named_parameters()}
+    moved = Onloaded([layer], CPU, torch.float32, CPU)
+    with torch.no_grad():
+        layer.mlp.up_proj.weight[0, 0] += 1.0  # a stage changed one value
+    moved.restore()
+    changed = {n for n, p in layer.named_parameters() if p.data_ptr() != storage[n]}
+    assert changed == {"mlp.up_proj.weight"}  # every other tensor is its own storage again
+    assert layer.mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+def test_a_pass_in_a_narrower_dtype_leaves_float32_weights_exact() -> None:
+    layer = tiny_llama().model.layers[0]  # held float32, run in bf16: restored unrounded
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    Onloaded([layer], CPU, torch.bfloat16, CPU).restore()
+    assert all(torch.equal(p, before[n]) for n, p in layer.named_parameters())
+
+
 @pytest.mark.parametrize("make", [tiny_llama, lambda: tiny_mixtral(vocab_size=128)])
 def test_block_wise_log_probs_equal_the_whole_model(make: Callable[[], Any]) -> None:
     model = _bf16_exact(make())
