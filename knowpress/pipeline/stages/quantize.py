@@ -15,7 +15,13 @@ safetensors header) as ``details.predicted_bytes``, next to what the runner meas
   targets: ["re:.*\\.mlp\\..*"]     # optional; default: every linear + fused expert tensor
   ignore: [lm_head]
   plan: {rules: [{match: "*.down_proj", bits: 8}]}   # optional per-tensor settings (plan.py)
+  bits_plan: {name: sensitivity, avg_bits: 3}          # optional widths by integer programming
 ```
+
+``bits_plan`` (``methods/quant/bit_plans/``): ``moe_lp`` (a width per routed expert) or
+``sensitivity`` (a width per linear, at the byte budget uniform ``avg_bits`` stores). The folder
+format is decided on the widths the plan may mix (``storage_view``) before it runs, so the
+plan's byte accounting is the folder's.
 """
 
 from __future__ import annotations
