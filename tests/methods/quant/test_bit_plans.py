@@ -18,7 +18,7 @@ from knowpress.methods.quant.base import QuantMethod
 from knowpress.methods.quant.bit_plans import BIT_PLANS, solve
 from knowpress.methods.quant.bit_plans.base import byte_budget, payload_bytes
 from knowpress.methods.quant.bit_plans.sensitivity import SensitivitySpec
-from knowpress.methods.quant.plan import resolve
+from knowpress.methods.quant.plan import PlanSpec, Rule, resolve
 from knowpress.methods.quant.targets import select
 from knowpress.pipeline.recipe import validate_recipe
 from knowpress.pipeline.stages.quantize import QuantizeConfig
@@ -189,3 +189,16 @@ def test_every_plan_plans_its_row(name: str) -> None:
         w for a in chosen for w in (getattr(a.method, "expert_bits", None) or [a.method.bits])
     }
     assert widths <= set(spec.candidates) and details["avg_bits"] <= spec.avg_bits
+
+
+def test_a_rule_with_bits_keeps_its_width_outside_the_plan() -> None:
+    model = tiny_llama(layers=1).eval()
+    config = _config(RTN3, {"name": "sensitivity", "avg_bits": 3.0, "candidates": [2, 4]})
+    config = config.model_copy(update={"plan": PlanSpec(rules=[Rule(match="*.down_proj", bits=8)])})
+    assignments = config.resolve(model)
+    spec = SensitivitySpec(name="sensitivity", avg_bits=3.0, candidates=[2, 4])
+    chosen, details = spec.plan(model, assignments, _batches(), Onload(), "knowpress")
+    assert "model.layers.0.mlp.down_proj.weight" not in details["widths"]
+    assert len(details["widths"]) == 6
+    down = next(a for a in chosen if a.target.name.endswith("down_proj.weight"))
+    assert down.method.bits == 8

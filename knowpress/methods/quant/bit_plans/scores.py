@@ -160,7 +160,8 @@ def measure(
             scorers = _install(model, inside[step.index], candidates, False, onload.device)
             step.run()
             _finish(scorers, scores, ties)
-    grads = _tail(model, final, batches, onload, outside, candidates, fisher, (scores, ties))
+    if fisher or outside:  # the output score needs the tail only for a planned head
+        grads = _tail(model, final, batches, onload, outside, candidates, fisher, (scores, ties))
     if fisher:
         _backward(model, kept, grads, onload, inside, candidates, (scores, ties))
     return scores, ties
