@@ -128,8 +128,10 @@ class SensitivitySpec(BitPlan):
         achieved = sum(w * planned[row[n]].target.shape[0] * planned[row[n]].target.shape[1]
                        for n, w in widths.items()) / weights  # fmt: skip
         details = {
-            "name": "sensitivity", "score": self.score, "widths": widths,
-            "budget_bytes": budget, "planned_bytes": spent, "avg_bits": round(achieved, 4),
+            "name": "sensitivity", "score": self.score, "avg_bits": round(achieved, 4),
+            "budget_bytes": budget, "planned_bytes": spent,
+            "tensors_per_width": {str(b): list(widths.values()).count(b) for b in self.candidates},
+            "widths": widths,
             "scores": {n: [float(f"{s:.4g}") for s in scores[n]] for n in widths},
         }  # fmt: skip
         return base.with_widths(assignments, widths), details
