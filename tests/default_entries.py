@@ -80,6 +80,12 @@ QUANT_METHODS: dict[str, list[tuple[dict[str, Any], float]]] = {
     ],
 }
 
+#: bit plan -> (bits_plan block, the tiny model it plans: "dense" tiny_llama | "moe" tiny_mixtral)
+BIT_PLANS: dict[str, tuple[dict[str, Any], str]] = {
+    "moe_lp": ({"name": "moe_lp", "avg_bits": 3.0}, "moe"),
+    "sensitivity": ({"name": "sensitivity", "avg_bits": 3.0}, "dense"),
+}
+
 #: eval task -> its options (none yet); every task runs on a protocol-only runtime
 TASKS: dict[str, dict[str, Any]] = {
     "recall": {},

@@ -14,11 +14,13 @@ from knowpress.methods.distill import DISTILL_LOSSES
 from knowpress.methods.experts import EXPERT_PRUNERS
 from knowpress.methods.kv import KV_POLICIES
 from knowpress.methods.quant import QUANT_METHODS
+from knowpress.methods.quant.bit_plans import BIT_PLANS
 from knowpress.pipeline.stage import STAGES
 
 FAMILIES: list[tuple[Registry[Any], dict[str, Any]]] = [
     (STAGES, rows.STAGES),
     (QUANT_METHODS, rows.QUANT_METHODS),
+    (BIT_PLANS, rows.BIT_PLANS),
     (TASKS, rows.TASKS),
     (KV_POLICIES, rows.KV_POLICIES),
     (FORMATS, rows.FORMATS),

@@ -18,16 +18,15 @@ def families() -> list[tuple[str, dict[str, Any]]]:
     from knowpress.evaluate.tasks import TASKS
     from knowpress.methods.distill import DISTILL_LOSSES
     from knowpress.methods.experts import EXPERT_PRUNERS
-    from knowpress.methods.experts.moe_lp import MoELPSpec
     from knowpress.methods.kv import KV_POLICIES
     from knowpress.methods.quant import QUANT_METHODS
+    from knowpress.methods.quant.bit_plans import BIT_PLANS
     from knowpress.pipeline.stage import STAGES
     from knowpress.worlds import PRESETS
 
-    plan_name = MoELPSpec.model_fields["name"].annotation.__args__[0]  # type: ignore[union-attr]
     return [
         ("stage", dict(STAGES.items())), ("quant method", dict(QUANT_METHODS.items())),
-        ("bit plan", {plan_name: MoELPSpec}),
+        ("bit plan", dict(BIT_PLANS.items())),
         ("expert pruning", dict(EXPERT_PRUNERS.items())), ("KV policy", dict(KV_POLICIES.items())),
         ("distill loss", dict(DISTILL_LOSSES.items())), ("eval task", dict(TASKS.items())),
         ("world preset", dict(PRESETS.items())),

@@ -113,6 +113,11 @@ def one_file_bytes(directory: Path) -> int:
     return safetensors_bytes(entries)
 
 
+def payload_bytes(entries: Iterable[Entry]) -> int:
+    """Bytes of the tensors' data alone (no header): what a bit plan's budget counts."""
+    return sum(_ITEM_BYTES[tag] * math.prod(shape) for _, tag, shape in entries)
+
+
 def safetensors_bytes(entries: Iterable[Entry], metadata: dict[str, str] | None = None) -> int:
     """Size of the safetensors file holding ``entries`` (header rebuilt, padded to 8)."""
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}

@@ -55,6 +55,7 @@ class Assignment:
     method: QuantMethod
     rule: int | None  # index of the rule that set them (None: the method's defaults)
     fallback: str | None  # the group-size fallback applied, if any
+    rule_bits: bool = False  # a rule set its bits (a bits_plan leaves them)
 
 
 def fallback_group(in_features: int, wanted: int) -> int:
@@ -88,7 +89,7 @@ def resolve(
                 update["group_size"] = None
         chosen = method.model_copy(update=update) if update else method
         chosen, fallback = _fit_group(chosen, target)
-        out.append(Assignment(target, chosen, index, fallback))
+        out.append(Assignment(target, chosen, index, fallback, "bits" in update))
     unused = [i for i in range(len(rules)) if i not in used]
     if unused:
         raise KnowpressError(

@@ -15,7 +15,13 @@ safetensors header) as ``details.predicted_bytes``, next to what the runner meas
   targets: ["re:.*\\.mlp\\..*"]     # optional; default: every linear + fused expert tensor
   ignore: [lm_head]
   plan: {rules: [{match: "*.down_proj", bits: 8}]}   # optional per-tensor settings (plan.py)
+  bits_plan: {name: sensitivity, avg_bits: 3}          # optional widths by integer programming
 ```
+
+``bits_plan`` (``methods/quant/bit_plans/``): ``moe_lp`` (a width per routed expert) or
+``sensitivity`` (a width per linear, at the byte budget uniform ``avg_bits`` stores). The folder
+format is decided on the widths the plan may mix (``storage_view``) before it runs, so the
+plan's byte accounting is the folder's.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ from knowpress.core.errors import KnowpressError
 from knowpress.core.progress import Progress
 from knowpress.formats.sizes import Entry, dtype_tag, safetensors_bytes
 from knowpress.formats.weights import deploy_dtype_of, packed_modules, packed_tensor_of
-from knowpress.methods.experts.moe_lp import MoELPSpec
 from knowpress.methods.quant import QUANT_METHODS
 from knowpress.methods.quant.base import QuantMethod
+from knowpress.methods.quant.bit_plans import BIT_PLANS, BitPlan
 from knowpress.methods.quant.plan import Assignment, PlanSpec, resolve
 from knowpress.methods.quant.targets import identity, select, still_float
 from knowpress.pipeline.blockwise import onload_for
@@ -43,6 +49,10 @@ from knowpress.pipeline.stage import STAGES, StageConfig
 
 QuantMethodSpec = Annotated[
     Union[tuple(QUANT_METHODS.get(n) for n in QUANT_METHODS.names())],  # noqa: UP007
+    Field(discriminator="name"),
+]
+BitPlanSpec = Annotated[
+    Union[tuple(BIT_PLANS.get(n) for n in BIT_PLANS.names())],  # noqa: UP007
     Field(discriminator="name"),
 ]
 
@@ -61,8 +71,8 @@ class QuantizeConfig(StageConfig):
     )
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="name globs")
     plan: PlanSpec | None = Field(None, description="per-tensor bits / group size rules")
-    bits_plan: MoELPSpec | None = Field(
-        None, description="MoE: bits per expert by integer programming (moe_lp, avg_bits)"
+    bits_plan: BitPlanSpec | None = Field(  # type: ignore[valid-type]
+        None, description="widths by integer programming: moe_lp (experts), sensitivity (linears)"
     )
     format: Literal["auto", "knowpress", "compressed-tensors"] = Field(
         "auto", description="folder format; auto: compressed-tensors when it can hold the output"
@@ -103,29 +113,16 @@ class QuantizeConfig(StageConfig):
 
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         assignments = self.resolve(model)
-        if self.bits_plan is not None:
-            if not any(a.target.kind == "fused_experts" for a in assignments):
-                raise KnowpressError(
-                    "quantize.bits_plan: moe_lp assigns bits to fused MoE experts, and the "
-                    "targets hold none (an MoE model, with its experts targeted, is needed)"
-                )
-            if not hasattr(self.method, "expert_bits"):
-                raise KnowpressError(
-                    f"quantize.bits_plan: {self.method.name} has no bits per expert"
-                )
-            if getattr(self.method, "dtype", "int") != "int":
-                raise KnowpressError(
-                    f"quantize.bits_plan: moe_lp chooses integer widths; method.dtype "
-                    f"{self.method.dtype} has one width (use dtype: int)"
-                )
-            _check_whole_experts(assignments)
-        storage, reason = self.storage(model, _per_expert(assignments, self.bits_plan))
+        plan: BitPlan | None = self.bits_plan
+        if plan is not None:
+            plan.check(assignments, self.method, model)
+        storage, reason = self.storage(
+            model, plan.storage_view(assignments) if plan else assignments
+        )
         predicted = predicted_bytes(model, assignments, deploy_dtype, storage)
         lines = plan_lines(self, assignments, predicted)
-        if self.bits_plan is not None:
-            lines.append(f"bits_plan: moe_lp, {self.bits_plan.avg_bits:g} bits per routed expert "
-                         "on average, chosen on calibration data (the prediction above is at "
-                         "the method's bits)")  # fmt: skip
+        if plan is not None:
+            lines += plan.lines(model, assignments, storage, predicted)
         return [*lines, f"format: {storage}" + (f" ({reason})" if reason else "")]
 
 
@@ -204,10 +201,12 @@ class Quantize:
     def run(self, ctx: Context, progress: Progress) -> Context:
         method: QuantMethod = self.config.method
         assignments = self.config.resolve(ctx.model)
-        if self.config.bits_plan is not None:
-            assignments = _with_expert_bits(self.config.bits_plan, assignments, ctx, progress)
+        plan: BitPlan | None = self.config.bits_plan
+        view = plan.storage_view(assignments) if plan else assignments
+        storage, reason = self.config.storage(ctx.model, view)  # decided before the plan sizes
+        if plan is not None:
+            assignments = _planned(plan, assignments, storage, ctx, progress)
         targets = [a.target for a in assignments]
-        storage, reason = self.config.storage(ctx.model, assignments)
         predicted = predicted_bytes(ctx.model, assignments, ctx.deploy_dtype, storage)
         self.assignments, self.predicted, self.storage = assignments, predicted, storage
         before = {t.name: identity(ctx.model, t) for t in targets}
@@ -245,66 +244,18 @@ class Quantize:
         check_round_trip(ctx, folder)
 
 
-def _per_expert(assignments: list[Assignment], bits_plan: MoELPSpec | None) -> list[Assignment]:
-    """With a bits plan, the fused targets as the run will hold them: a width per expert (the
-    method's until the plan chooses), which decides the folder format before the plan runs."""
-    import dataclasses
-
-    if bits_plan is None:
-        return assignments
-    out = []
-    for a in assignments:
-        if a.target.kind == "fused_experts":
-            widths = [getattr(a.method, "bits", 4)] * a.target.shape[0]
-            a = dataclasses.replace(a, method=a.method.model_copy(update={"expert_bits": widths}))
-        out.append(a)
-    return out
-
-
-def _check_whole_experts(assignments: list[Assignment]) -> None:
-    """moe_lp sets one width per expert for both its tensors: both must be targeted."""
-    fused: dict[str, set[str]] = {}
-    for a in assignments:
-        if a.target.kind == "fused_experts":
-            fused.setdefault(a.target.module, set()).add(a.target.attribute)
-    for module, names in fused.items():
-        if names != {"gate_up_proj", "down_proj"}:
-            raise KnowpressError(
-                f"quantize.bits_plan: moe_lp sets each expert's width for its gate_up_proj and "
-                f"down_proj, and {module} has only {sorted(names)} targeted; target both"
-            )
-
-
-def _with_expert_bits(spec: MoELPSpec, assignments: list[Assignment], ctx: Context,
-                      progress: Progress) -> list[Assignment]:  # fmt: skip
-    """The assignments with moe_lp's bits per expert on every fused tensor (both tensors of
-    an experts module share its experts' widths); the plan goes into the stage details."""
-    import dataclasses
-
-    from knowpress.methods.experts.moe_lp import plan_expert_bits
+def _planned(plan: BitPlan, assignments: list[Assignment], storage: str, ctx: Context,
+             progress: Progress) -> list[Assignment]:  # fmt: skip
+    """The assignments at the widths ``plan`` chooses on the calibration batches (8 sequences
+    a pass); the plan's figures go into the stage details."""
     from knowpress.pipeline.calibration import calibration_batches
 
-    fused = [a for a in assignments if a.target.kind == "fused_experts"]
-    groups: dict[str, dict[str, int]] = {}
-    for a in fused:
-        groups.setdefault(a.target.module, {})[a.target.attribute] = (
-            getattr(a.method, "group_size", None) or a.target.shape[-1])  # fmt: skip
-    pairs = {m: (g.get("gate_up_proj", 0), g.get("down_proj", 0)) for m, g in groups.items()}
     positions = int(getattr(ctx.model.config, "max_position_embeddings", 2048))
-    sequences = ctx.calibration_ids(positions)
-    progress.log("[dim]quantize: moe_lp bits per expert (integer program)[/dim]")
-    result = plan_expert_bits(spec, ctx.model, calibration_batches(sequences), pairs,
-                              bool(getattr(fused[0].method, "symmetric", True)),
-                              onload_for(ctx))  # fmt: skip
-    ctx.metrics["bits_plan"] = result
-    out = []
-    for a in assignments:
-        bits = (
-            result["expert_bits"].get(a.target.module) if a.target.kind == "fused_experts" else None
-        )
-        method = a.method.model_copy(update={"expert_bits": bits}) if bits else a.method
-        out.append(dataclasses.replace(a, method=method))
-    return out
+    batches = calibration_batches(ctx.calibration_ids(positions))
+    progress.log(f"[dim]quantize: {plan.name} bit plan (integer program)[/dim]")
+    chosen, details = plan.plan(ctx.model, assignments, batches, onload_for(ctx), storage)
+    ctx.metrics["bits_plan"] = details
+    return chosen
 
 
 def predicted_bytes(

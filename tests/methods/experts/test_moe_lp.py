@@ -10,8 +10,8 @@ import torch
 
 from knowpress.arch.moe import moe_blocks
 from knowpress.formats.io import load_model, save_model
-from knowpress.methods.experts.moe_lp import MoELPSpec, solve
 from knowpress.methods.quant import QUANT_METHODS
+from knowpress.methods.quant.bit_plans.moe_lp import MoELPSpec, solve
 from knowpress.methods.quant.targets import select
 from knowpress.tensors.qexperts import packed_names
 from knowpress.testing.models import tiny_mixtral, tiny_tokenizer

@@ -17,40 +17,93 @@ allocates) holds the bits constraint within every MoE block: output errors of di
 blocks are not on one scale (the residual stream grows with depth), and one program over
 all blocks moved bits to the deepest ones. ``global`` is the single constraint above. The
 chosen widths become each fused tensor's ``expert_bits`` in the quantize stage
-(``tensors/qexperts.py`` stores them).
+(``tensors/qexperts.py`` stores them). The program is the shared one (``base.solve``) with
+sizes in bit-parameters ``b · n_i``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from knowpress.arch.moe import MoEBlock, expert_mlp, moe_blocks
 from knowpress.arch.sequential import Onload, moe_inputs
-from knowpress.core.config import FrozenConfig
 from knowpress.core.errors import KnowpressError
+from knowpress.methods.quant.base import QuantMethod
+from knowpress.methods.quant.bit_plans import base
+from knowpress.methods.quant.bit_plans.base import BIT_PLANS, BitPlan
+from knowpress.methods.quant.plan import Assignment
 
 
-class MoELPSpec(FrozenConfig):
+@BIT_PLANS.register("moe_lp")
+class MoELPSpec(BitPlan):
     summary = "bits per routed expert by integer programming over error x routing weight"
     paper = "Huang et al. 2024 (MC-MoE, PMQ), arXiv:2410.06270"
 
     name: Literal["moe_lp"]
     avg_bits: float = Field(gt=0, description="mean bits over the routed experts' weights")
-    candidates: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [2, 3, 4])
     budget: Literal["per_layer", "global"] = "per_layer"
 
-    @model_validator(mode="after")
-    def _reachable(self) -> MoELPSpec:
-        if not min(self.candidates) <= self.avg_bits <= max(self.candidates):
-            raise ValueError(
-                f"avg_bits {self.avg_bits} is outside the candidates' range "
-                f"({min(self.candidates)}..{max(self.candidates)})"
+    def check(self, assignments: Sequence[Assignment], method: QuantMethod,
+              model: nn.Module) -> None:  # fmt: skip
+        if not any(a.target.kind == "fused_experts" for a in assignments):
+            raise KnowpressError(
+                "quantize.bits_plan: moe_lp assigns bits to fused MoE experts, and the "
+                "targets hold none (an MoE model, with its experts targeted, is needed)"
             )
-        return self
+        if not hasattr(method, "expert_bits"):
+            raise KnowpressError(f"quantize.bits_plan: {method.name} has no bits per expert")
+        super().check(assignments, method, model)
+        _check_whole_experts(assignments)
+
+    def storage_view(self, assignments: list[Assignment]) -> list[Assignment]:
+        """The fused targets with a width per expert (the method's until the plan chooses)."""
+        widths = {a.target.name: [getattr(a.method, "bits", 4)] * a.target.shape[0]
+                  for a in assignments if a.target.kind == "fused_experts"}  # fmt: skip
+        return base.with_widths(assignments, widths)
+
+    def lines(self, model: nn.Module, assignments: list[Assignment], storage: str,
+              predicted: int) -> list[str]:  # fmt: skip
+        return [
+            f"bits_plan: moe_lp, {self.avg_bits:g} bits per routed expert on average, "
+            "chosen on calibration data (the prediction above is at the method's bits)"
+        ]
+
+    def plan(
+        self, model: nn.Module, assignments: list[Assignment], batches: list[torch.Tensor],
+        onload: Onload, storage: str,
+    ) -> tuple[list[Assignment], dict[str, Any]]:  # fmt: skip
+        """moe_lp's bits per expert on every fused tensor (both tensors of an experts module
+        share its experts' widths)."""
+        fused = [a for a in assignments if a.target.kind == "fused_experts"]
+        groups: dict[str, dict[str, int]] = {}
+        for a in fused:
+            groups.setdefault(a.target.module, {})[a.target.attribute] = (
+                getattr(a.method, "group_size", None) or a.target.shape[-1])  # fmt: skip
+        pairs = {m: (g.get("gate_up_proj", 0), g.get("down_proj", 0)) for m, g in groups.items()}
+        result = plan_expert_bits(self, model, batches, pairs,
+                                  bool(getattr(fused[0].method, "symmetric", True)),
+                                  onload)  # fmt: skip
+        widths = {a.target.name: result["expert_bits"][a.target.module] for a in fused}
+        return base.with_widths(assignments, widths), result
+
+
+def _check_whole_experts(assignments: Sequence[Assignment]) -> None:
+    """moe_lp sets one width per expert for both its tensors: both must be targeted."""
+    fused: dict[str, set[str]] = {}
+    for a in assignments:
+        if a.target.kind == "fused_experts":
+            fused.setdefault(a.target.module, set()).add(a.target.attribute)
+    for module, names in fused.items():
+        if names != {"gate_up_proj", "down_proj"}:
+            raise KnowpressError(
+                f"quantize.bits_plan: moe_lp sets each expert's width for its gate_up_proj and "
+                f"down_proj, and {module} has only {sorted(names)} targeted; target both"
+            )
 
 
 def _rounded(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
@@ -90,30 +143,14 @@ def expert_errors(
 
 def solve(costs: torch.Tensor, sizes: list[int], candidates: list[int], avg_bits: float,
           groups: list[int] | None = None) -> list[int]:  # fmt: skip
-    """The MILP (module docstring): ``costs [n, C]`` = w_i·L_{i,b}; ``groups``: each
-    expert's budget group (its block; None: one group); the chosen bits per expert."""
-    import numpy as np
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
-    n, c = costs.shape
-    groups = groups or [0] * n
-    one_each = np.kron(np.eye(n), np.ones(c))  # Σ_b x_{i,b} = 1
-    bits = [np.array(candidates, dtype=float) * s for s in sizes]
-    rows, limits = [], []
-    for g in sorted(set(groups)):
-        rows.append(
-            np.concatenate([b if k == g else 0 * b for b, k in zip(bits, groups, strict=True)])
-        )
-        limits.append(
-            avg_bits * float(sum(s for s, k in zip(sizes, groups, strict=True) if k == g))
-        )
-    budget = LinearConstraint(np.stack(rows), -np.inf, np.array(limits))
-    result = milp(costs.reshape(-1).numpy(), integrality=np.ones(n * c), bounds=Bounds(0, 1),
-                  constraints=[LinearConstraint(one_each, 1, 1), budget])  # fmt: skip
-    if not result.success:
-        raise KnowpressError(f"bits_plan moe_lp: the integer program failed ({result.message})")
-    choice = result.x.reshape(n, c).argmax(axis=1)
-    return [candidates[int(k)] for k in choice]
+    """The MILP (module docstring): ``costs [n, C]`` = w_i·L_{i,b}; ``sizes`` each expert's
+    parameters; ``groups``: each expert's budget group (its block; None: one group); the
+    chosen bits per expert (``base.solve`` with sizes ``b · n_i``)."""
+    labels = groups or [0] * len(sizes)
+    bit_params = torch.tensor([[float(b * s) for b in candidates] for s in sizes])
+    budgets = [avg_bits * float(sum(s for s, k in zip(sizes, labels, strict=True) if k == g))
+               for g in sorted(set(labels))]  # fmt: skip
+    return base.solve(costs, bit_params, candidates, budgets, labels)
 
 
 def plan_expert_bits(
