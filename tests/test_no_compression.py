@@ -88,6 +88,11 @@ def test_judge_compares_bytes_then_kv() -> None:
     assert judge(_row(900, 64.0), "quantize", given)["flag"] is None  # fewer bytes
     assert judge(_row(1010, 32.0), "compress_kv", given)["flag"] is None  # a policy table, less KV
     assert judge(_row(1000, 64.0), "compress_kv", given)["flag"] == "unchanged"
+    larger = judge(_row(1000, 128.0), "compress_kv", given)  # a sweep's next, larger budget
+    assert larger["flag"] == "grew"
+    assert larger["note"] == (
+        "the same stored bytes as its input (1,000), a larger KV cache (128.0 vs 64.0 bytes/token)"
+    )
     assert judge(_row(1650, 64.0), "distill", given)["flag"] == "grew"
     assert judge(_row(1650, 64.0), "export", given) is None  # a conversion, not judged
     unknown = {"bytes": 1000, "kv_bytes_per_token": None}  # model is not the reference

@@ -2,7 +2,8 @@
 
 A stage of a kind in ``COMPRESSING_KINDS`` compresses when its stored bytes are below its
 input's, or its KV bytes per token are. Otherwise the row is flagged: ``grew`` (more stored
-bytes and no smaller KV cache: a ``distill`` student larger than its teacher) or
+bytes and no smaller KV cache: a ``distill`` student larger than its teacher; or the same bytes
+and a larger KV cache: a ``compress_kv`` at a larger budget than the one before it) or
 ``unchanged`` (same stored bytes and KV bytes per token: a ``compress_kv`` budget above any
 context it is measured on). The report says so in a warning line and a row flag, and a gate
 fails on a flagged row unless the recipe sets ``gate: {allow_no_compression: true}``.
@@ -73,12 +74,19 @@ def judge(row: dict[str, Any], kind: str, given: dict[str, Any]) -> dict[str, An
     smaller_kv = kv_known and kv < in_kv * (1 - _SAME_KV)
     if fewer_bytes or smaller_kv or in_size is None:
         return out
-    same_kv = "the same KV bytes/token" if kv_known else "KV bytes/token not compared"
+    larger_kv = kv_known and kv > in_kv * (1 + _SAME_KV)
+    if larger_kv:  # a later compress_kv of a sweep at a larger budget than the row before
+        same_kv = f"a larger KV cache ({kv:,.1f} vs {in_kv:,.1f} bytes/token)"
+    else:
+        same_kv = "the same KV bytes/token" if kv_known else "KV bytes/token not compared"
     if size > in_size:
         out["flag"] = "grew"
         out["note"] = (
             f"{size / in_size:.2f}x its input's stored bytes ({size:,} vs {in_size:,}), {same_kv}"
         )
+    elif larger_kv:
+        out["flag"] = "grew"
+        out["note"] = f"the same stored bytes as its input ({size:,}), {same_kv}"
     elif kv_known or not (row.get("runtime") or {}).get("kv_policy"):
         out["flag"] = "unchanged"
         out["note"] = f"the same stored bytes as its input ({size:,}), {same_kv}"
