@@ -42,13 +42,12 @@ DEFAULT_MAX_REL = {"exact": 1e-4, "int4_acc4": 0.05, "int8": 0.15}
 def refuse_unholdable(model: torch.nn.Module) -> None:
     """Packed modules other than ``QuantLinear`` (fused experts, embeddings, tied heads):
     MatMulNBits is 2-D, so they cannot be carried, and silently widening them is not done."""
+    from knowpress.formats.weights import packed_modules
     from knowpress.tensors.qlinear import QuantLinear
 
-    names = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear) or not hasattr(module, "dequantized_weight"):
-            continue
-        names.append(name)
+    # every packed module (``packing_spec``): packed fused experts expose no
+    # ``dequantized_weight``, and their unpacking (a bit shift) has no ONNX translation
+    names = [n for n, m in packed_modules(model).items() if not isinstance(m, QuantLinear)]
     if names:
         raise KnowpressError(
             f"{names[0]} (and {len(names) - 1} more) are packed modules MatMulNBits cannot hold "

@@ -148,3 +148,21 @@ def test_store_float16_halves_the_float_tensors_and_keeps_parity(tmp_path: Path)
     assert saved >= 0.95 * 128 * 64 * 2  # the float32 embedding [128, 64] at half the bytes
     assert half["parity_max_rel_logits"] < 1e-4 and half["parity_greedy_equal"]
     assert "Cast" in _ops(tmp_path / "f16")
+
+
+def test_packed_fused_experts_are_refused_before_the_graph() -> None:
+    """Packed fused MoE experts have no MatMulNBits layout (and their unpacking has no ONNX
+    translation): the export refuses them in one line naming them, the packed linears beside
+    them being carried as usual."""
+    from knowpress.formats.weights import packed_modules
+    from knowpress.pipeline.export import refuse_unholdable
+    from knowpress.testing.models import tiny_moe
+
+    model = tiny_moe("mixtral", layers=1)
+    method = RTN(name="rtn", bits=4, group_size=16)
+    method.apply(model, select(model, None, ["lm_head"]), None, Progress(False))
+    packed = packed_modules(model)
+    experts = [n for n, m in packed.items() if not isinstance(m, QuantLinear)]
+    assert experts and any(isinstance(m, QuantLinear) for m in packed.values())
+    with pytest.raises(KnowpressError, match=rf"^{experts[0]} .*packed modules MatMulNBits"):
+        refuse_unholdable(model)
