@@ -101,6 +101,33 @@ class QuantizeConfig(StageConfig):
             raise KnowpressError(f"quantize.method: {problems[0]}{more}")
         return assignments
 
+    def structure_after(self, model: Any) -> Any:
+        """A meta copy of ``model`` with every target packed at its planned settings and
+        folder format, so a later stage (qad) is checked against the packed layers."""
+        import copy
+
+        from knowpress.methods.quant.base import GroupWise, as_linear
+        from knowpress.tensors.qlinear import QuantLinear
+
+        assignments = _per_expert(self.resolve(model), self.bits_plan)
+        storage, _ = self.storage(model, assignments)
+        packed = copy.deepcopy(model)
+        with torch.device("meta"):  # shapes only: rounding meta tensors costs nothing
+            for a in assignments:
+                m: Any = a.method
+                assert isinstance(m, GroupWise)
+                if a.target.kind != "linear":
+                    m.round_target(packed, a.target)
+                    continue
+                linear = as_linear(packed.get_submodule(a.target.module))
+                q = m.quantize_weight(linear.weight)
+                g = m.group(linear.in_features)
+                packed.set_submodule(a.target.module, QuantLinear.from_quantized(
+                    linear, q, m.bits, g, m.name, m.dtype))  # fmt: skip
+        for module in packed_modules(packed).values():
+            module.storage = storage
+        return packed
+
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         assignments = self.resolve(model)
         if self.bits_plan is not None:
