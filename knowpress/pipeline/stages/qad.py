@@ -159,7 +159,8 @@ class QAD:
         self.assignments = assignments_of(model)
         self.storage = _storage(model)
         self.predicted = predicted_bytes(model, self.assignments, ctx.deploy_dtype, self.storage)
-        codes_before = {n: m.weight_packed.clone() for n, m in packed_modules(model).items()}
+        stored = {n: (m.weight_packed.clone(), m.weight_scale.clone())
+                  for n, m in packed_modules(model).items()}  # fmt: skip
         model.requires_grad_(False)  # only the quantizers train
         swap_in(model, list(packed_modules(model)), cfg.train_weights)
         data = training_data(ctx, cfg.train, "qad")
@@ -173,17 +174,17 @@ class QAD:
         outcome = trainer.run(progress)
         after = distill_kl(model, teacher, probe, ctx.device)
         pack_back(model)
-        changed = sum(
-            int(not torch.equal(m.weight_packed, codes_before[n]))
-            for n, m in packed_modules(model).items()
-        )
+        now = packed_modules(model)
+        new_codes = sum(not torch.equal(now[n].weight_packed, c) for n, (c, _) in stored.items())
+        new_scales = sum(not torch.equal(now[n].weight_scale, s) for n, (_, s) in stored.items())
         ctx.model = model
         ctx.metrics.update(
             trained_layers=len(self.assignments),
             train_weights=cfg.train_weights,
             kd_loss_before=round(before, 6),
             kd_loss_after=round(after, 6),
-            layers_with_new_codes=changed,
+            layers_with_new_codes=new_codes,
+            layers_with_new_scales=new_scales,
             predicted_bytes=self.predicted,
             format=self.storage,
             **{k: v for k, v in vars(outcome).items() if v != {}},
