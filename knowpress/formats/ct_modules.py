@@ -59,17 +59,17 @@ def _float_model(directory: Path, config: Any, dtype: torch.dtype, trust_remote_
             hf_logging.enable_progress_bar()
 
 
-def _rebuild(model: nn.Module, raw: Mapping[str, torch.Tensor], groups: list[dict[str, Any]],
-             missing_keys: set[str], directory: Path) -> None:  # fmt: skip
-    """Every quantized module of ``raw`` (those with a ``weight_scale``) rebuilt packed."""
-    from knowpress.formats.compressed_tensors import scheme_for
-
+def _layout(model: nn.Module, keys: Any, missing_keys: set[str], directory: Path
+            ) -> tuple[dict[str, str], dict[str, dict[int, dict[str, str]]], Any]:  # fmt: skip
+    """The quantized modules of a folder holding tensors ``keys`` (those with a
+    ``weight_scale``): dense (checkpoint prefix -> module name) and experts (module ->
+    expert -> projection -> prefix), and the architecture's expert names."""
     names = expert_names(model.config.model_type)
     expert = (re.compile(rf"(.+\.experts)\.(\d+)\.({names.gate}|{names.up}|{names.down})")
               if isinstance(names, ExpertNames) else None)  # fmt: skip
-    dense: dict[str, str] = {}  # checkpoint prefix -> module name
-    experts: dict[str, dict[int, dict[str, str]]] = {}  # module -> expert -> projection -> prefix
-    for prefix in sorted({k.rsplit(".", 1)[0] for k in raw if k.endswith(".weight_scale")}):
+    dense: dict[str, str] = {}
+    experts: dict[str, dict[int, dict[str, str]]] = {}
+    for prefix in sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith(".weight_scale")}):
         hit = expert.fullmatch(prefix) if expert is not None else None
         if hit is not None:
             assert isinstance(names, ExpertNames)
@@ -86,6 +86,15 @@ def _rebuild(model: nn.Module, raw: Mapping[str, torch.Tensor], groups: list[dic
             f"checkpoint (first: {missing[0]}); its layout is not one this transformers loads "
             f"(e.g. per-expert names from an older MoE export)"
         )
+    return dense, experts, names
+
+
+def _rebuild(model: nn.Module, raw: Mapping[str, torch.Tensor], groups: list[dict[str, Any]],
+             missing_keys: set[str], directory: Path) -> None:  # fmt: skip
+    """Every quantized module of ``raw`` (those with a ``weight_scale``) rebuilt packed."""
+    from knowpress.formats.compressed_tensors import scheme_for
+
+    dense, experts, names = _layout(model, raw, missing_keys, directory)
     for prefix, name in dense.items():
         linear = _submodule(model, name, directory)
         scheme = scheme_for(groups, prefix, directory)
@@ -169,3 +178,45 @@ def _install_experts(model: nn.Module, module: str, by_expert: dict[int, dict[st
                         FORMAT, None, scheme.grid)  # fmt: skip
         install(experts, fused, spec, flat)
     experts.storage = FORMAT
+
+
+def ct_skeleton(directory: Path, trust_remote_code: bool) -> nn.Module:
+    """The folder's model on the current default device (meta: shapes, no memory) with a
+    packed module, buffers unset, for each quantized one the folder stores, at its config
+    group's settings: what the checks before the first write see (``load_modules`` fills
+    the same modules from the stored values)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from knowpress.formats.compressed_tensors import scheme_for
+    from knowpress.formats.shards import folder_header
+    from knowpress.tensors.qexperts import install, spec_for
+    from knowpress.tensors.qlinear import QuantLinear
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    quant = config.quantization_config
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    groups = list((quant.get("config_groups") or {}).values())
+    dense, experts, names = _layout(model, folder_header(directory), set(), directory)
+    for prefix, name in dense.items():
+        linear, scheme = _submodule(model, name, directory), scheme_for(groups, prefix, directory)
+        n = linear.in_features
+        module = QuantLinear(n, linear.out_features, scheme.bits, scheme.group_size or n,
+                             scheme.symmetric, linear.bias is not None, FORMAT,
+                             grid=scheme.grid)  # fmt: skip
+        module.storage = FORMAT
+        model.set_submodule(name, module)
+    for name, by_expert in experts.items():
+        module = _submodule(model, name, directory)
+        first = by_expert[min(by_expert)]
+        for fused, proj in (("gate_up_proj", names.gate), ("down_proj", names.down)):
+            if proj not in first:
+                raise KnowpressError(f"{directory}: expert {min(by_expert)} of {name} lacks {proj}")
+            scheme = scheme_for(groups, first[proj], directory)
+            weight = getattr(module, fused)
+            spec = spec_for(weight, scheme.bits, scheme.group_size or weight.shape[2],
+                            scheme.symmetric, FORMAT, None, scheme.grid)  # fmt: skip
+            install(module, fused, spec, None)
+        module.storage = FORMAT
+    return model

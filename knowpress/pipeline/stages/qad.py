@@ -12,7 +12,11 @@ trainer (``methods/distill/trainer.py``: any ``DISTILL_LOSSES`` loss, TAID, on-p
 the result back into the input's modules: the same grid, bits, group sizes, scale dtype and
 folder format, so the stored bytes equal the input's; the quantize stage's integrity check
 runs on the saved folder. ``train_weights: false`` trains the scales alone (the codes then
-move only where a scale moves them).
+move only where a scale moves them). Measured on bios-dense-tiny at GPTQ int2 g32 (200 steps
+of 16, lr 1e-3, ``recipes/qad-int2.yaml``): scales and weights take worst-task retention from
+0.963 to 0.997 and KL from 0.070 to 0.045 nats/token, scales alone to 0.988 / 0.051; so
+``train_weights`` defaults to true. The input's folder format (compressed-tensors or
+knowpress's) is kept; the stage runs in one process (no ``accelerate launch``).
 
 ```yaml
 - kind: quantize
@@ -21,7 +25,7 @@ move only where a scale moves them).
   train_weights: true                   # false: scales only
   loss: {name: forward_kl}              # any DISTILL_LOSSES entry (taid, ...)
   on_policy: {rate: 0.25}               # optional (GKD)
-  train: {steps: 200, batch_size: 16, lr: 1e-4}
+  train: {steps: 200, batch_size: 16, lr: 1.0e-3}
 ```
 """
 
@@ -64,7 +68,7 @@ class QADConfig(StageConfig):
     loss: LossSpec = Field(default_factory=lambda: ForwardKL(name="forward_kl"))  # type: ignore[valid-type]
     sft_weight: float = Field(0.0, ge=0, le=1, description="share of CE on the labels")
     on_policy: OnPolicySpec | None = None
-    train: TrainSpec = TrainSpec(steps=100, lr=1e-4)
+    train: TrainSpec = TrainSpec()
     needs_teacher = True
     packs_weights = True  # keeps the packing: allowed after quantize, nothing float after it
 

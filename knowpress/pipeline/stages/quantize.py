@@ -102,28 +102,34 @@ class QuantizeConfig(StageConfig):
         return assignments
 
     def structure_after(self, model: Any) -> Any:
-        """A meta copy of ``model`` with every target packed at its planned settings and
-        folder format, so a later stage (qad) is checked against the packed layers."""
+        """A meta copy of ``model`` with every target packed (empty buffers) at its planned
+        settings and folder format: a later stage (qad) is checked against the packed layers."""
         import copy
 
-        from knowpress.methods.quant.base import GroupWise, as_linear
+        from knowpress.tensors.qembed import install_embedding
+        from knowpress.tensors.qexperts import current_weight, install, spec_for
         from knowpress.tensors.qlinear import QuantLinear
 
         assignments = _per_expert(self.resolve(model), self.bits_plan)
         storage, _ = self.storage(model, assignments)
         packed = copy.deepcopy(model)
-        with torch.device("meta"):  # shapes only: rounding meta tensors costs nothing
+        with torch.device("meta"):  # shapes only, no rounding
             for a in assignments:
                 m: Any = a.method
-                assert isinstance(m, GroupWise)
-                if a.target.kind != "linear":
-                    m.round_target(packed, a.target)
-                    continue
-                linear = as_linear(packed.get_submodule(a.target.module))
-                q = m.quantize_weight(linear.weight)
-                g = m.group(linear.in_features)
-                packed.set_submodule(a.target.module, QuantLinear.from_quantized(
-                    linear, q, m.bits, g, m.name, m.dtype))  # fmt: skip
+                t = a.target
+                g = m.group(t.shape[-1])
+                module = packed.get_submodule(t.module)
+                if t.kind == "linear":
+                    bias = getattr(module, "bias", None) is not None
+                    packed.set_submodule(t.module, QuantLinear(
+                        t.shape[1], t.shape[0], m.bits, g, m.symmetric, bias, m.name,
+                        grid=m.dtype))  # fmt: skip
+                elif t.kind == "fused_experts":
+                    weight = current_weight(module, t.attribute)
+                    spec = spec_for(weight, m.bits, g, m.symmetric, m.name, m.expert_bits, m.dtype)
+                    install(module, t.attribute, spec, None)
+                else:  # an embedding table (int grid): rounding meta tensors costs nothing
+                    install_embedding(packed, t.module, m.bits, g, m.symmetric, m.name)
         for module in packed_modules(packed).values():
             module.storage = storage
         return packed

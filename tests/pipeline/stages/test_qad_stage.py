@@ -55,6 +55,10 @@ def test_at_learning_rate_zero_the_stored_tensors_are_the_input_bit_for_bit(
     assert details["layers_with_new_codes"] == details["layers_with_new_scales"] == 0
     assert details["steps"] == 12
     assert details["kd_loss_after"] == details["kd_loss_before"]
+    # a quantized folder as the model: its packed layers are what --dry-run checks qad on
+    recipe = {**_recipe(QAD), "model": {"path": str(stages / "01-quantize")}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o"), "--dry-run"]) == 0
 
 
 @pytest.mark.parametrize(
