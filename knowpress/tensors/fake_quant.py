@@ -5,7 +5,7 @@ and a fixed zero point ``z`` (asymmetric: the stored one; symmetric: ``2^(b−1)
 offset ``packing.py`` stores codes with), ``b`` bits, ``q_max = 2^b − 1``::
 
     v   = W / s
-    W_q = s · (round(clamp(v, −z, q_max − z)))        # = s · (clamp(round(v) + z, 0, q_max) − z)
+    W_q = s · round(clamp(v, −z, q_max − z))     # = s · (clamp(round(v) + z, 0, q_max) − z)
 
 ``round`` has a straight-through gradient (Bengio et al. 2013) and ``s`` the LSQ gradient
 (Esser et al. 2020, "Learned Step Size Quantization", arXiv:1902.08153)::

@@ -110,12 +110,12 @@ def trainable_layers(model: Any) -> dict[str, Any]:
             "layers: put a quantize stage before qad (or give a quantized model folder)"
         )
     for name, module in packed.items():
-        kind = getattr(module, "kind", "fused_experts")
+        kind = getattr(module, "kind", "fused_experts")  # packed experts carry no kind
         if kind != "linear":
+            what = _KINDS.get(kind, kind.replace("_", " "))
             raise KnowpressError(
-                f"qad trains packed linear layers, and {name} is a packed "
-                f"{kind.replace('_', ' ')}: add '{name}' to the quantize stage's ignore "
-                f"(quantize.ignore)"
+                f"qad trains packed linear layers, and {name} holds {what}: add '{name}' to "
+                f"the quantize stage's ignore (quantize.ignore)"
             )
         if module.grid != "int":
             raise KnowpressError(
@@ -123,6 +123,10 @@ def trainable_layers(model: Any) -> dict[str, Any]:
                 f"quantize.method.dtype: int"
             )
     return packed
+
+
+_KINDS = {"fused_experts": "packed fused MoE experts", "embedding": "a packed embedding",
+          "tied_head": "a head tied to a packed embedding"}  # fmt: skip
 
 
 def _settings(module: Any) -> str:
@@ -204,7 +208,8 @@ class QAD:
 
 
 def _storage(model: Any) -> str:
-    """The input's folder format: compressed-tensors when every packed layer came from it."""
+    """The input's folder format, as ``save_model`` decides it: compressed-tensors when every
+    packed layer is stored so, else knowpress's packed format."""
     kinds = {getattr(m, "storage", "knowpress") for m in packed_modules(model).values()}
     return kinds.pop() if len(kinds) == 1 else "knowpress"
 

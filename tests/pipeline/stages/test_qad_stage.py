@@ -134,12 +134,12 @@ def _dry_run(recipe: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixtu
         ([{"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 16}}, QAD],
          "test-moe-tiny",
          r"stages\.1 \(qad\): qad trains packed linear layers, and model\.layers\.0\.mlp\.experts "
-         r"is a packed fused experts: add 'model\.layers\.0\.mlp\.experts' to the quantize "
+         r"holds packed fused MoE experts: add 'model\.layers\.0\.mlp\.experts' to the quantize "
          r"stage's ignore \(quantize\.ignore\)"),
         ([{"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 16},
            "targets": ["model.embed_tokens", "*.q_proj"]}, QAD], "test-tiny",
-         r"stages\.1 \(qad\): qad trains packed linear layers, and model\.embed_tokens is a "
-         r"packed embedding"),
+         r"stages\.1 \(qad\): qad trains packed linear layers, and model\.embed_tokens holds a "
+         r"packed embedding: add 'model\.embed_tokens' to the quantize stage's ignore"),
         ([QUANTIZE, QAD, {"kind": "distill", "train": {"steps": 2}}], "test-tiny",
          r"stages\.2 \(distill\): changes float weights, and stages\.0 packs them first"),
         ([QUANTIZE, {**QAD, "loss": {"name": "ce"}, "on_policy": {"rate": 0.5}}], "test-tiny",
