@@ -32,6 +32,11 @@ STAGES: dict[str, dict[str, Any]] = {
     "compress_kv": {"kind": "compress_kv", "policy": {"name": "streaming", "budget": 16}},
     "skip_experts": {"kind": "skip_experts", "policy": {"name": "odp", "beta": 0.5}},
     "export": {"kind": "export", "weights": "int4", "accuracy_level": 4},
+    "qad": {"kind": "qad", "train": {"steps": 4, "batch_size": 8, "checkpoint_every": 2}},
+}
+#: stage kind -> the stages that make its input (qad trains what a quantize stage packed)
+STAGE_INPUTS: dict[str, list[dict[str, Any]]] = {
+    "qad": [{"kind": "quantize", "method": {"name": "rtn", "bits": 2, "group_size": 32}}],
 }
 #: stage kind -> the preset it runs on when not ``test-tiny`` (MoE stages need an MoE teacher)
 STAGE_MODELS: dict[str, str] = {

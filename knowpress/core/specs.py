@@ -96,6 +96,9 @@ class CalibrationSpec(Strict):
     samples: int = Field(128, gt=0)
     seq_len: int = Field(256, ge=8)
     seed: int = 0
+    offload: bool = Field(
+        False, description="block-wise passes keep activations on the CPU between blocks"
+    )
 
     @model_validator(mode="after")
     def _one_file_source(self) -> CalibrationSpec:

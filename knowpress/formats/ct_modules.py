@@ -7,7 +7,7 @@ packed from its per-expert tensors (``ct_layout.read``), code for code."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ def _float_model(directory: Path, config: Any, dtype: torch.dtype, trust_remote_
             hf_logging.enable_progress_bar()
 
 
-def _layout(raw: Mapping[str, torch.Tensor], model_type: str
+def _layout(raw: Iterable[str], model_type: str
             ) -> tuple[dict[str, str], dict[str, dict[int, dict[str, str]]]]:  # fmt: skip
     """The quantized modules of ``raw`` (those with a ``weight_scale``): dense checkpoint
     prefix -> module name, and experts module -> expert -> projection -> prefix."""
@@ -224,3 +224,46 @@ def _install_experts(model: nn.Module, module: str, by_expert: dict[int, dict[st
                         FORMAT, None, scheme.grid)  # fmt: skip
         install(experts, fused, spec, flat)
     experts.storage = FORMAT
+
+
+def ct_skeleton(directory: Path, trust_remote_code: bool) -> nn.Module:
+    """The folder's model on the current default device (meta: shapes, no memory) with a
+    packed module, buffers unset, for each quantized one the folder stores, at its config
+    group's settings: what the checks before the first write see (``load_modules`` fills
+    the same modules from the stored values)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from knowpress.formats.compressed_tensors import scheme_for
+    from knowpress.formats.shards import folder_header
+    from knowpress.tensors.qexperts import install, spec_for
+    from knowpress.tensors.qlinear import QuantLinear
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    quant = config.quantization_config
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    groups = list((quant.get("config_groups") or {}).values())
+    dense, experts = _layout(folder_header(directory), config.model_type)
+    names = expert_names(config.model_type)
+    for prefix, name in dense.items():
+        linear, scheme = _submodule(model, name, directory), scheme_for(groups, prefix, directory)
+        n = linear.in_features
+        module = QuantLinear(n, linear.out_features, scheme.bits, scheme.group_size or n,
+                             scheme.symmetric, linear.bias is not None, FORMAT,
+                             grid=scheme.grid)  # fmt: skip
+        module.storage = FORMAT
+        model.set_submodule(name, module)
+    for name, by_expert in experts.items():
+        module = _submodule(model, name, directory)
+        first = by_expert[min(by_expert)]
+        for fused, proj in (("gate_up_proj", names.gate), ("down_proj", names.down)):
+            if proj not in first:
+                raise KnowpressError(f"{directory}: expert {min(by_expert)} of {name} lacks {proj}")
+            scheme = scheme_for(groups, first[proj], directory)
+            weight = getattr(module, fused)
+            spec = spec_for(weight, scheme.bits, scheme.group_size or weight.shape[2],
+                            scheme.symmetric, FORMAT, None, scheme.grid)  # fmt: skip
+            install(module, fused, spec, None)
+        module.storage = FORMAT
+    return model

@@ -42,7 +42,9 @@ def stored_dtype(location: str, fallback: str) -> str:
 
 
 def onload_for(ctx: Context) -> Onload:
-    """Blocks onloaded to the run's device in its compute dtype."""
+    """Blocks onloaded to the run's device in its compute dtype; with
+    ``data.calibration.offload`` the activations between blocks wait on the CPU (device
+    memory: one block and one block's activations, whatever the calibration size)."""
     from knowpress.arch.sequential import Onload
 
-    return Onload(ctx.device, getattr(torch, ctx.compute_dtype))
+    return Onload(ctx.device, getattr(torch, ctx.compute_dtype), ctx.calibration.offload)

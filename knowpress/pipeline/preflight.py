@@ -273,6 +273,7 @@ def structure_model(spec: ModelSpec, location: str | None) -> PreTrainedModel | 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from knowpress.formats import detect
+    from knowpress.formats.ct_modules import ct_skeleton
     from knowpress.formats.knowpress_packed import packed_skeleton
 
     trust = spec.trust_remote_code
@@ -280,8 +281,11 @@ def structure_model(spec: ModelSpec, location: str | None) -> PreTrainedModel | 
     if folder is not None:
         try:
             with torch.device("meta"):
-                if detect(folder)[0].name == "hf-packed":
+                found = detect(folder)[0].name
+                if found == "hf-packed":
                     return packed_skeleton(folder, torch.float32, trust)
+                if found == "hf-compressed-tensors":  # its packed modules, for qad's check
+                    return ct_skeleton(folder, trust)
                 config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
                 return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
         except KnowpressError:

@@ -142,3 +142,15 @@ def test_block_wise_expert_statistics_equal_whole_model_hooks() -> None:
         assert a.tokens == b.tokens and torch.equal(a.counts, b.counts)
         for name in ("weight_sum", "saliency_sum", "cosine_sum"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_calibration_offload_reaches_the_block_wise_passes() -> None:
+    from types import SimpleNamespace
+
+    from knowpress.core.specs import CalibrationSpec
+    from knowpress.pipeline.blockwise import onload_for
+
+    for offload in (False, True):
+        ctx = SimpleNamespace(device=CPU, compute_dtype="float32",
+                              calibration=CalibrationSpec(offload=offload))  # fmt: skip
+        assert onload_for(ctx) == Onload(CPU, torch.float32, offload)  # type: ignore[arg-type]

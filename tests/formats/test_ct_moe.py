@@ -18,6 +18,7 @@ from ct_stock import ours, quantized, stock, tensors
 from knowpress.core.errors import KnowpressError
 from knowpress.formats.compressed_tensors import FORMAT
 from knowpress.formats.ct_layout import expert_names
+from knowpress.formats.ct_modules import ct_skeleton
 from knowpress.formats.io import format_reason, load_model, save_model
 from knowpress.formats.weights import packed_modules
 from knowpress.methods.quant import QUANT_METHODS
@@ -132,6 +133,10 @@ def test_the_experts_come_back_packed(name: str, folders: dict[str, Any], tmp_pa
             a, b = getattr(experts, fused + suffix), getattr(original, fused + suffix)
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), fused + suffix
     assert {m.storage for m in packed_modules(reloaded).values()} == {FORMAT}
+    with torch.device("meta"):  # what the checks before the first write see: the same modules
+        skeleton = ct_skeleton(folder, trust_remote_code=False)
+    specs = {n: m.packing_spec() for n, m in packed_modules(skeleton).items()}
+    assert specs == {n: m.packing_spec() for n, m in packed_modules(reloaded).items()}
     assert save_model(reloaded, tokenizer, tmp_path) == "hf-compressed-tensors"
     assert tensors(tmp_path) == tensors(folder)
     fresh = tiny_moe(arch)

@@ -35,6 +35,7 @@ from torch import nn
 from knowpress.arch.layers import LayerInput, decoder_layers
 from knowpress.arch.sequential import Onload, blocks, tail_logits
 from knowpress.core.errors import KnowpressError
+from knowpress.core.measure import trim_heap
 from knowpress.methods.quant.base import (
     QUANT_METHODS,
     Calibration,
@@ -206,6 +207,7 @@ class GPTQ(GroupWise):
                 errors[target.name] = method._solve_experts(model, target, collector, fallback)
             else:
                 errors[target.module] = method._solve(model, target, collectors[target.name])
+            trim_heap()  # the solve's [in, in] temporaries, back before the next target's
         for collector in collectors.values():  # solved: later passes must not feed them
             collector.handle.remove()
 

@@ -5,6 +5,7 @@ from knowpress.pipeline.stages import (  # noqa: F401
     distill,
     export,
     prune_experts,
+    qad,
     quantize,
     recalibrate_routers,
     skip_experts,

@@ -175,7 +175,7 @@ class Distill:
             if cfg.moe_teacher is not None and cfg.moe_teacher.router_lr > 0:
                 teacher = copy.deepcopy(teacher)  # trains the routers of a copy, not the teacher
             teacher.eval().requires_grad_(False)
-        data = _data(ctx, cfg.train)
+        data = training_data(ctx, cfg.train)
         pruned = cfg.student.make in ("depth", "width")  # importance needs calibration tokens
         calib = [
             data.batch(i)[0].to(ctx.device) for i in range(CALIBRATION_BATCHES if pruned else 0)
@@ -183,7 +183,7 @@ class Distill:
         # float32 weights for AdamW (bf16 autocast on cuda); the teacher stays in the compute dtype
         student = make_student(cfg.student, ctx.model, calib).to(ctx.device).float()
         student.requires_grad_(True)
-        extra = _extra_models(cfg.loss, student, ctx)
+        extra = extra_models(cfg.loss, student, ctx)
         checkpoint = ctx.resume_dir / "train_state.safetensors" if ctx.resume_dir else None
         key = ctx.resume_dir.name if ctx.resume_dir else "distill"
         trainer = Trainer(student, teacher, cfg.loss, data, cfg.train, cfg.on_policy,
@@ -215,7 +215,7 @@ _SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_att
                "num_key_value_heads", "head_dim")  # fmt: skip
 
 
-def _extra_models(loss: Any, student: Any, ctx: Context) -> dict[str, Any]:
+def extra_models(loss: Any, student: Any, ctx: Context) -> dict[str, Any]:
     """The loss's frozen base models (Delta-KD): loaded from their specs, or for an absent
     ``student_base`` the student as made, before any step. One vocabulary for all."""
     from knowpress.pipeline.sources import resolve_source
@@ -237,8 +237,8 @@ def _extra_models(loss: Any, student: Any, ctx: Context) -> dict[str, Any]:
     return models
 
 
-def _data(ctx: Context, train: TrainSpec) -> DistillData:
-    """The world's training epochs, else ``data.calibration``'s texts."""
+def training_data(ctx: Context, train: TrainSpec, kind: str = "distill") -> DistillData:
+    """The world's training epochs, else ``data.calibration``'s texts (qad trains on them too)."""
     from knowpress.pipeline.calibration import calibration_texts
 
     world = ctx.world if hasattr(ctx.world, "training_in_context") else None
@@ -247,4 +247,4 @@ def _data(ctx: Context, train: TrainSpec) -> DistillData:
         return DistillData(world, ctx.tokenizer, texts, train.batch_size, train.seq_len,
                            train.seed)  # fmt: skip
     except ValueError as exc:
-        raise KnowpressError(f"distill: {exc} (set data.calibration.path)") from None
+        raise KnowpressError(f"{kind}: {exc} (set data.calibration.path)") from None

@@ -111,6 +111,41 @@ class QuantizeConfig(StageConfig):
             raise KnowpressError(f"quantize.method: {problems[0]}{more}")
         return assignments
 
+    def structure_after(self, model: Any) -> Any:
+        """A meta copy of ``model`` with every target packed (empty buffers) at its planned
+        settings and folder format: a later stage (qad) is checked against the packed layers."""
+        import copy
+
+        from knowpress.tensors.qembed import install_embedding
+        from knowpress.tensors.qexperts import current_weight, install, spec_for
+        from knowpress.tensors.qlinear import QuantLinear
+
+        assignments = self.resolve(model)
+        if self.bits_plan is not None:  # widths the plan may choose (shapes alike)
+            assignments = self.bits_plan.storage_view(assignments)
+        storage, _ = self.storage(model, assignments)
+        packed = copy.deepcopy(model)
+        with torch.device("meta"):  # shapes only, no rounding
+            for a in assignments:
+                m: Any = a.method
+                t = a.target
+                g = m.group(t.shape[-1])
+                module = packed.get_submodule(t.module)
+                if t.kind == "linear":
+                    bias = getattr(module, "bias", None) is not None
+                    packed.set_submodule(t.module, QuantLinear(
+                        t.shape[1], t.shape[0], m.bits, g, m.symmetric, bias, m.name,
+                        grid=m.dtype))  # fmt: skip
+                elif t.kind == "fused_experts":
+                    weight = current_weight(module, t.attribute)
+                    spec = spec_for(weight, m.bits, g, m.symmetric, m.name, m.expert_bits, m.dtype)
+                    install(module, t.attribute, spec, None)
+                else:  # an embedding table (int grid): rounding meta tensors costs nothing
+                    install_embedding(packed, t.module, m.bits, g, m.symmetric, m.name)
+        for module in packed_modules(packed).values():
+            module.storage = storage
+        return packed
+
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         assignments = self.resolve(model)
         plan: BitPlan | None = self.bits_plan

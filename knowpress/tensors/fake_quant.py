@@ -1,0 +1,138 @@
+"""Fake quantization with learnable step sizes: a packed int layer made trainable, and back.
+
+For a weight ``W`` ``[out, in]`` in groups of ``g`` inputs, each group with a scale ``s``
+and a fixed zero point ``z`` (asymmetric: the stored one; symmetric: ``2^(b−1)``, the
+offset ``packing.py`` stores codes with), ``b`` bits, ``q_max = 2^b − 1``::
+
+    v   = W / s
+    W_q = s · round(clamp(v, −z, q_max − z))     # = s · (clamp(round(v) + z, 0, q_max) − z)
+
+``round`` has a straight-through gradient (Bengio et al. 2013) and ``s`` the LSQ gradient
+(Esser et al. 2020, "Learned Step Size Quantization", arXiv:1902.08153)::
+
+    ∂W_q/∂W = 1 if −z ≤ v ≤ q_max − z else 0
+    ∂W_q/∂s = round(v) − v  inside,   −z below,   q_max − z above
+
+Inside is inclusive: a weight on the first or last code still learns, as ``torch.clamp``
+passes its gradient at the bounds. LSQ's gradient scale ``1/√(N·q_max)`` is left out: AdamW
+normalises each parameter's step. The scale the forward uses is the stored one:
+``s`` rounded to the grid's scale dtype (fp16 for ``int``) with a straight-through gradient,
+so what trains is exactly what :meth:`FakeQuantLinear.to_packed` stores; the codes come from
+``Grid.encode`` (``grids.py`` / ``packing.quantize_with``), the function RTN and GPTQ use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from knowpress.tensors.grids import Grid, scale_dtype
+from knowpress.tensors.packing import pack, unpack
+from knowpress.tensors.qlinear import QuantLinear
+
+FP16_MAX = 65504.0
+FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal): a scale never reaches 0
+
+
+def stored_scale(scale: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``scale`` as the folder stores it (clamped to (0, fp16 max], rounded to ``dtype``),
+    in float32, with a straight-through gradient through the rounding."""
+    clamped = scale.clamp(FP16_TINY, FP16_MAX)
+    return clamped + (clamped.to(dtype).float() - clamped).detach()
+
+
+def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                  group_size: int) -> torch.Tensor:  # fmt: skip
+    """``W_q`` of the module docstring: ``weight`` ``[out, in]``, per-group ``scale`` and
+    ``zero`` ``[out, in/g]`` (float32), differentiable in ``weight`` and ``scale``."""
+    out_features, in_features = weight.shape
+    w = weight.reshape(out_features, in_features // group_size, group_size)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    v = w / s
+    clipped = torch.clamp(v, -z, (2**bits - 1) - z)  # gradient 0 outside the code range
+    rounded = clipped + (torch.round(clipped) - clipped).detach()  # straight-through round
+    return (s * rounded).reshape(out_features, in_features)
+
+
+class FakeQuantLinear(nn.Module):
+    """A ``QuantLinear`` (int grid) made trainable: ``weight`` (float32, initialised to the
+    dequantized codes) and ``scale`` (float32, from the stored scales) are parameters; the
+    zero points stay fixed. ``to_packed()`` returns the ``QuantLinear`` it stores."""
+
+    def __init__(self, module: QuantLinear, train_weights: bool) -> None:
+        super().__init__()
+        if module.grid != "int":
+            raise ValueError(f"fake quantization covers the int grid, not {module.grid}")
+        self.spec: dict[str, Any] = module.packing_spec()
+        self.storage, self.compute_dtype = module.storage, module.compute_dtype
+        self.bits, self.group_size = module.bits, module.group_size
+        self.symmetric = module.symmetric
+        device = module.weight_packed.device
+        self.weight = nn.Parameter(module.dequantized_weight(torch.float32),
+                                   requires_grad=train_weights)  # fmt: skip
+        self.scale = nn.Parameter(module.weight_scale.float().clone())
+        groups = module.in_features // module.group_size
+        if module.weight_zero_point is None:  # symmetric: the fixed offset of the codes
+            zero = torch.full_like(self.scale, 2.0 ** (module.bits - 1))
+        else:
+            zero = unpack(module.weight_zero_point, module.bits, groups).float()
+        self.register_buffer("zero", zero.to(device))
+        self.bias = module.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)  # QAD trains the quantizer, not the rest
+
+    def quantized_weight(self) -> torch.Tensor:
+        """``W_q`` in float32 at the stored (fp16) scales."""
+        scale = stored_scale(self.scale, scale_dtype("int"))
+        return fake_quantize(self.weight, scale, self.zero, self.bits, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+
+    @torch.no_grad()
+    def codes(self) -> torch.Tensor:
+        """Unpacked uint8 codes ``[out, in]`` of the current weight at the stored scales,
+        by the grid's own encoder (the rounding RTN and GPTQ store)."""
+        out_features, in_features = self.weight.shape
+        groups = in_features // self.group_size
+        w = self.weight.detach().float().reshape(out_features, groups, self.group_size)
+        scale = stored_scale(self.scale.detach()).unsqueeze(-1)
+        zero = None if self.symmetric else self.zero.unsqueeze(-1)
+        codes = Grid("int", self.bits, self.symmetric).encode(w, scale, zero)
+        return codes.reshape(out_features, in_features)
+
+    @torch.no_grad()
+    def to_packed(self) -> QuantLinear:
+        """The ``QuantLinear`` of the same spec holding ``codes()``, the scales cast to the
+        grid's scale dtype and the input's zero points."""
+        spec = self.spec
+        module = QuantLinear(spec["in_features"], spec["out_features"], spec["bits"],
+                             spec["group_size"], spec["symmetric"], spec["bias"],
+                             spec["method"], dtype=self.compute_dtype)  # fmt: skip
+        module = module.to(self.weight.device)
+        module.weight_packed = pack(self.codes(), self.bits)
+        module.weight_scale = stored_scale(self.scale.detach()).to(scale_dtype("int"))
+        if not self.symmetric:
+            module.weight_zero_point = pack(self.zero.to(torch.uint8), self.bits)
+        if self.bias is not None:
+            module.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        module.storage = self.storage
+        return module
+
+
+def swap_in(model: nn.Module, names: list[str], train_weights: bool) -> None:
+    """Replace each ``QuantLinear`` named in ``names`` by its ``FakeQuantLinear``."""
+    for name in names:
+        model.set_submodule(name, FakeQuantLinear(model.get_submodule(name), train_weights))
+
+
+def pack_back(model: nn.Module) -> list[str]:
+    """Replace every ``FakeQuantLinear`` by the ``QuantLinear`` it stores; their names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    for name in names:
+        model.set_submodule(name, model.get_submodule(name).to_packed())
+    return names
