@@ -60,3 +60,17 @@ def test_a_stage_after_export_is_refused_before_the_first_write(tmp_path: Path) 
     with pytest.raises(KnowpressError, match=r"stages.1 \(compress_kv\) follows stages.0 "
                        r"\(export\).*put the export stage last"):  # fmt: skip
         check_stages(recipe, tiny_llama())  # type: ignore[arg-type]
+
+
+def test_packed_experts_before_an_onnx_export_are_refused_at_dry_run() -> None:
+    """A quantize stage that packs fused MoE experts, then ``export: onnx``: refused by the
+    stage checks (the dry run) with the line the export would stop on, not after the run."""
+    from knowpress.pipeline.preflight import check_stages
+    from knowpress.testing.models import tiny_moe
+
+    quantize = {"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": 16}}
+    with pytest.raises(KnowpressError, match=r"stages.1 \(export\): model.layers.0.mlp.experts "
+                       r"\(and 1 more\) are packed modules MatMulNBits cannot hold"):  # fmt: skip
+        check_stages(_recipe([quantize, {"kind": "export"}]), tiny_moe("mixtral", layers=2))  # type: ignore[arg-type]
+    ignored = {**quantize, "ignore": ["lm_head", "re:.*experts.*"]}  # experts left float
+    check_stages(_recipe([ignored, {"kind": "export"}]), tiny_moe("mixtral", layers=2))  # type: ignore[arg-type]

@@ -178,6 +178,9 @@ class ExportConfig(StageConfig):
             check_model(model.config.get_text_config(decoder=True))
             return [f"export gguf, weights {self.weights}"]
         check_exportable(model.config.get_text_config(decoder=True))
+        from knowpress.pipeline.export import refuse_unholdable
+
+        refuse_unholdable(model)  # packed by a quantize stage before (its structure_after)
         if self.tensorrt is not None:
             from knowpress.formats.onnx.tensorrt import check
 
