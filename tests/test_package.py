@@ -46,3 +46,28 @@ def test_every_recipe_validates_and_dry_runs(
         code = main(["apply", str(path), "-o", str(tmp_path / path.stem), "--dry-run"])
         assert code == 0, capsys.readouterr().err
         assert not (tmp_path / path.stem).exists()
+
+
+def test_ci_example_gates_against_its_committed_baseline(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """examples/ci/knowledge-gate.yml runs a recipe that exists and checks its report against
+    the committed baseline, which is a report of that recipe that passes its own gate."""
+    import yaml
+
+    from knowpress.cli.app import main
+    from knowpress.pipeline.recipe import load_recipe
+
+    workflow = yaml.safe_load((ROOT / "examples/ci/knowledge-gate.yml").read_text())
+    commands = [step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"]]
+    apply = next(c for c in commands if c.startswith("compress apply "))
+    check = next(c for c in commands if c.startswith("compress check "))
+    recipe = apply.split()[2]
+    assert (ROOT / recipe).is_file()
+    baseline = check.split("--baseline ")[1].split()[0]
+    report = yaml.safe_load((ROOT / baseline).read_text())  # JSON is YAML
+    ours = load_recipe(ROOT / recipe).dump()
+    for key in ("stages", "gate"):  # the baseline is a run of the recipe as committed
+        assert report["recipe"][key] == ours[key], key
+    assert main(["check", str(ROOT / baseline), "--baseline", str(ROOT / baseline)]) == 0
+    assert "gate passed" in capsys.readouterr().out
