@@ -130,6 +130,16 @@ def check_bits(ctx: Context, assignments: list[Assignment]) -> None:
 
 
 @torch.inference_mode()
+def verify_packed(ctx: Context, folder: Path, assignments: list[Assignment], predicted: int,
+                  storage: str) -> None:  # fmt: skip
+    """The whole check of a packing stage's saved folder (quantize, qad): bits in memory,
+    the folder's tensors and bytes, greedy tokens after a reload."""
+    check_bits(ctx, assignments)
+    model_type = str(getattr(ctx.model.config, "model_type", ""))
+    check_folder(assignments, folder, predicted, storage, model_type)
+    check_round_trip(ctx, folder)
+
+
 def check_round_trip(ctx: Context, folder: Path) -> None:
     """The reloaded folder's greedy tokens equal the in-memory model's on probe prompts."""
     from knowpress.arch.sequential import Onloaded, home_device

@@ -59,6 +59,23 @@ LossSpec = Annotated[
 CALIBRATION_BATCHES = 4  # batches the depth / width importance is measured on
 
 
+def loss_sources(loss: Any) -> dict[str, Any]:
+    """The models a loss loads itself (Delta-KD's bases), by recipe field."""
+    specs = {name: getattr(loss, name) for name in type(loss).extra_models}
+    return {f"loss.{name}": spec for name, spec in specs.items() if spec is not None}
+
+
+def check_vocabulary(model: Any, teacher: Any, what: str) -> None:
+    """One line when the teacher's vocabulary is not the model's (``what`` compares them)."""
+    ours, theirs = model.config.vocab_size, teacher.config.vocab_size
+    if ours != theirs:
+        raise KnowpressError(
+            f"teacher: its vocabulary ({theirs:,} tokens) is not the model's ({ours:,}); "
+            f"{what} compares next-token distributions: give a teacher with the model's "
+            f"tokenizer"
+        )
+
+
 @STAGES.register("distill")
 class DistillConfig(StageConfig):
     summary = "train a student (copy, smaller config, depth/width-pruned) against the teacher"
@@ -97,17 +114,10 @@ class DistillConfig(StageConfig):
             ) from None
 
     def sources(self) -> dict[str, Any]:
-        specs = {name: getattr(self.loss, name) for name in type(self.loss).extra_models}
-        return {f"loss.{name}": spec for name, spec in specs.items() if spec is not None}
+        return loss_sources(self.loss)
 
     def check_teacher(self, model: Any, teacher: Any) -> None:
-        ours, theirs = model.config.vocab_size, teacher.config.vocab_size
-        if ours != theirs:
-            raise KnowpressError(
-                f"teacher: its vocabulary ({theirs:,} tokens) is not the model's ({ours:,}); "
-                f"distillation compares next-token distributions: give a teacher with the "
-                f"model's tokenizer"
-            )
+        check_vocabulary(model, teacher, "distillation")
         if self.moe_teacher is not None:
             problem = check_moe_teacher(self.moe_teacher, teacher.config)
             if problem:

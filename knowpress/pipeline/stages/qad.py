@@ -47,9 +47,15 @@ from knowpress.methods.quant.plan import Assignment
 from knowpress.methods.quant.rtn import RTN
 from knowpress.methods.quant.targets import Target
 from knowpress.pipeline.context import Context
-from knowpress.pipeline.integrity import check_bits, check_folder, check_round_trip
+from knowpress.pipeline.integrity import verify_packed
 from knowpress.pipeline.stage import STAGES, StageConfig
-from knowpress.pipeline.stages.distill import LossSpec, extra_models, training_data
+from knowpress.pipeline.stages.distill import (
+    LossSpec,
+    check_vocabulary,
+    extra_models,
+    loss_sources,
+    training_data,
+)
 from knowpress.pipeline.stages.quantize import predicted_bytes
 
 EVAL_BATCHES = 2  # batches the forward KL is measured on before and after training
@@ -76,16 +82,10 @@ class QADConfig(StageConfig):
         return QAD(self)
 
     def sources(self) -> dict[str, Any]:
-        specs = {name: getattr(self.loss, name) for name in type(self.loss).extra_models}
-        return {f"loss.{name}": spec for name, spec in specs.items() if spec is not None}
+        return loss_sources(self.loss)
 
     def check_teacher(self, model: Any, teacher: Any) -> None:
-        ours, theirs = model.config.vocab_size, teacher.config.vocab_size
-        if ours != theirs:
-            raise KnowpressError(
-                f"teacher: its vocabulary ({theirs:,} tokens) is not the model's ({ours:,}); "
-                f"qad compares next-token distributions: give a teacher with its tokenizer"
-            )
+        check_vocabulary(model, teacher, "qad")
 
     def check(self, model: Any, deploy_dtype: str) -> list[str]:
         layers = trainable_layers(model)
@@ -201,10 +201,7 @@ class QAD:
 
     def verify(self, ctx: Context, folder: Path) -> None:
         """The quantize stage's integrity check on the saved folder."""
-        check_bits(ctx, self.assignments)
-        model_type = str(getattr(ctx.model.config, "model_type", ""))
-        check_folder(self.assignments, folder, self.predicted, self.storage, model_type)
-        check_round_trip(ctx, folder)
+        verify_packed(ctx, folder, self.assignments, self.predicted, self.storage)
 
 
 def _storage(model: Any) -> str:

@@ -44,7 +44,7 @@ from knowpress.methods.quant.plan import Assignment, PlanSpec, resolve
 from knowpress.methods.quant.targets import identity, select, still_float
 from knowpress.pipeline.blockwise import onload_for
 from knowpress.pipeline.context import Context
-from knowpress.pipeline.integrity import check_bits, check_folder, check_round_trip
+from knowpress.pipeline.integrity import verify_packed
 from knowpress.pipeline.stage import STAGES, StageConfig
 
 QuantMethodSpec = Annotated[
@@ -273,10 +273,7 @@ class Quantize:
 
     def verify(self, ctx: Context, folder: Path) -> None:
         """The integrity check (``pipeline/integrity.py``) on the saved folder."""
-        check_bits(ctx, self.assignments)
-        model_type = str(getattr(ctx.model.config, "model_type", ""))
-        check_folder(self.assignments, folder, self.predicted, self.storage, model_type)
-        check_round_trip(ctx, folder)
+        verify_packed(ctx, folder, self.assignments, self.predicted, self.storage)
 
 
 def _planned(plan: BitPlan, assignments: list[Assignment], storage: str, ctx: Context,
