@@ -16,30 +16,98 @@ import torch
 
 #: name -> (family, config overrides); parameter counts are with a 32,000-word vocabulary
 SIZES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama-10m": ("llama", dict(hidden_size=128, num_hidden_layers=4, intermediate_size=384,
-                                num_attention_heads=4, num_key_value_heads=2)),
-    "llama-100m": ("llama", dict(hidden_size=768, num_hidden_layers=8, intermediate_size=2048,
-                                 num_attention_heads=12, num_key_value_heads=4)),
-    "llama-336m": ("llama", dict(hidden_size=1024, num_hidden_layers=24, intermediate_size=2816,
-                                 num_attention_heads=16, num_key_value_heads=4)),
-    "llama-1b": ("llama", dict(hidden_size=2048, num_hidden_layers=20, intermediate_size=5632,
-                               num_attention_heads=32, num_key_value_heads=8)),
-    "qwen3moe-10m": ("qwen3_moe", dict(hidden_size=128, num_hidden_layers=4,
-                                       moe_intermediate_size=128, num_experts=8,
-                                       num_experts_per_tok=2, num_attention_heads=4,
-                                       num_key_value_heads=2, head_dim=64)),
-    "qwen3moe-100m": ("qwen3_moe", dict(hidden_size=512, num_hidden_layers=8,
-                                        moe_intermediate_size=256, num_experts=16,
-                                        num_experts_per_tok=4, num_attention_heads=8,
-                                        num_key_value_heads=2, head_dim=64)),
-    "qwen3moe-350m": ("qwen3_moe", dict(hidden_size=768, num_hidden_layers=12,
-                                        moe_intermediate_size=384, num_experts=24,
-                                        num_experts_per_tok=4, num_attention_heads=12,
-                                        num_key_value_heads=4, head_dim=64)),
-    "qwen3moe-1b": ("qwen3_moe", dict(hidden_size=1024, num_hidden_layers=16,
-                                      moe_intermediate_size=512, num_experts=32,
-                                      num_experts_per_tok=4, num_attention_heads=16,
-                                      num_key_value_heads=4, head_dim=64)),
+    "llama-10m": (
+        "llama",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            intermediate_size=384,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+    ),
+    "llama-100m": (
+        "llama",
+        dict(
+            hidden_size=768,
+            num_hidden_layers=8,
+            intermediate_size=2048,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+        ),
+    ),
+    "llama-336m": (
+        "llama",
+        dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            intermediate_size=2816,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+        ),
+    ),
+    "llama-1b": (
+        "llama",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=20,
+            intermediate_size=5632,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+        ),
+    ),
+    "qwen3moe-10m": (
+        "qwen3_moe",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            moe_intermediate_size=128,
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+        ),
+    ),
+    "qwen3moe-100m": (
+        "qwen3_moe",
+        dict(
+            hidden_size=512,
+            num_hidden_layers=8,
+            moe_intermediate_size=256,
+            num_experts=16,
+            num_experts_per_tok=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=64,
+        ),
+    ),
+    "qwen3moe-350m": (
+        "qwen3_moe",
+        dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            moe_intermediate_size=384,
+            num_experts=24,
+            num_experts_per_tok=4,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            head_dim=64,
+        ),
+    ),
+    "qwen3moe-1b": (
+        "qwen3_moe",
+        dict(
+            hidden_size=1024,
+            num_hidden_layers=16,
+            moe_intermediate_size=512,
+            num_experts=32,
+            num_experts_per_tok=4,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=64,
+        ),
+    ),
 }
 VOCAB = 32000
 
@@ -48,8 +116,14 @@ def build_config(name: str) -> Any:
     from transformers import LlamaConfig, Qwen3MoeConfig
 
     family, values = SIZES[name]
-    common = dict(vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=VOCAB,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if family == "llama":
         return LlamaConfig(**common, **values)
     return Qwen3MoeConfig(**common, **values, decoder_sparse_step=1, mlp_only_layers=[])
@@ -63,8 +137,13 @@ def word_tokenizer(vocab: int = VOCAB) -> Any:
     table = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {f"w{i}": i for i in range(4, vocab)}
     tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
 
 
 def paragraphs(count: int, words: int = 600, seed: int = 0, vocab: int = VOCAB) -> list[str]:

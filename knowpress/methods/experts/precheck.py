@@ -69,8 +69,6 @@ def pruned_in_place(blocks: list[MoEBlock], stats: list[ExpertStats], pruner: Ex
             block.router.num_experts = block.experts.num_experts = n
 
 
-
-
 def _kl(reference: list[torch.Tensor], pruned: list[torch.Tensor]) -> float:
     pairs = zip(reference, pruned, strict=True)
     total = sum(float((p.exp() * (p - q)).sum(-1).sum()) for p, q in pairs)

@@ -123,8 +123,13 @@ def test_a_method_that_leaves_a_target_float_fails_the_stage(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def lazy(
-        self: RTN, model: Any, targets: Sequence[Target], calibration: Any, progress: Any,
-        plan: Any, onload: Any = None,
+        self: RTN,
+        model: Any,
+        targets: Sequence[Target],
+        calibration: Any,
+        progress: Any,
+        plan: Any,
+        onload: Any = None,
     ) -> dict[str, Any]:
         for target in targets[1:]:  # "forgets" the first target
             model.set_submodule(target.module, self.quantize_linear(
