@@ -378,7 +378,8 @@ def check_stages(recipe: Recipe, model: PreTrainedModel | None,
         if type(config).trains_weights and packed_by is not None:
             raise KnowpressError(
                 f"stages.{index} ({config.kind}): changes float weights, and stages.{packed_by} "
-                f"packs them first: put the {config.kind} stage before quantize"
+                f"packs them first: put the {config.kind} stage before "
+                f"{recipe.stages[packed_by].kind}"
             )
         if type(config).packs_weights and uneven_by is not None:
             raise KnowpressError(
