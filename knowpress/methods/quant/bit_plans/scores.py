@@ -176,7 +176,7 @@ def _tail(
     next-token cross-entropy of each batch), the head scored when it is planned."""
     norm, head = final_norm(model), model.get_output_embeddings()
     assert norm is not None and head is not None
-    moved = Onloaded([norm, head], onload.device, onload.dtype, home_device(model))
+    moved = Onloaded([norm, head], onload.device, onload.dtype, home_device(model), model)
     grads = []
     try:
         scorers = _install(model, outside, candidates, fisher, onload.device)
@@ -206,7 +206,7 @@ def _backward(
     device, home = onload.device, home_device(model)
     for index in reversed(range(len(layers))):
         layer = layers[index]
-        moved = Onloaded([layer], device, onload.dtype, home)
+        moved = Onloaded([layer], device, onload.dtype, home, model)
         try:
             scorers = _install(model, inside.get(index, []), candidates, True, device)
             below = []
