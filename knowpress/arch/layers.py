@@ -11,7 +11,7 @@ block ``i`` on the outputs of the blocks before it as they are *after* their own
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,26 @@ import torch
 from torch import nn
 
 from knowpress.core.errors import KnowpressError
+
+
+def built_with(config: Any, hook: Callable[[nn.Module], None]) -> Any:
+    """The architecture's causal-LM class with ``hook(model)`` run between construction and
+    weight loading, so stock ``from_pretrained`` fills what the hook left (same class name:
+    same key conversions); None for a config transformers' auto mapping does not know
+    (remote code)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    base = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if base is None:
+        return None
+
+    class Hooked(base):  # type: ignore[misc, valid-type]
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            hook(self)
+
+    Hooked.__name__, Hooked.__qualname__ = base.__name__, base.__qualname__
+    return Hooked
 
 
 class _Stop(Exception):

@@ -213,18 +213,12 @@ def load_uneven(path: Any, counts: list[int], dtype: torch.dtype,
     checkpoint's tensors; a subclass cuts the blocks (``shrink_to``) in between, so stock
     ``from_pretrained`` fills the right shapes (same class name: same key conversions)."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from knowpress.arch.layers import built_with
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    base = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    if base is None:
+    uneven = built_with(config, lambda model: shrink_to(model, counts))
+    if uneven is None:
         raise KnowpressError(f"{path}: no causal-LM class for {type(config).__name__}")
-
-    class Uneven(base):  # type: ignore[misc, valid-type]
-        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
-            super().__init__(config, *args, **kwargs)
-            shrink_to(self, counts)
-
-    Uneven.__name__, Uneven.__qualname__ = base.__name__, base.__qualname__
-    model = Uneven.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    model = uneven.from_pretrained(path, dtype=dtype, use_safetensors=True)
     return model.eval()  # type: ignore[no-any-return]

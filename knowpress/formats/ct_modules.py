@@ -32,10 +32,11 @@ def load_modules(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -
     quant = quant if isinstance(quant, dict) else quant.to_dict()
     del config.quantization_config
     with LazyTensors(directory) as raw:  # each module's tensors read from its shard when used
-        vacant = set(_layout(raw, config.model_type)[0].values())
+        layout = _layout(raw, config.model_type)
+        vacant = set(layout[0].values())
         model, info = _float_model(directory, config, dtype, trust_remote_code, vacant)
         groups = list((quant.get("config_groups") or {}).values())
-        _rebuild(model, raw, groups, set(info.get("missing_keys") or []), directory)
+        _rebuild(model, raw, layout, groups, set(info.get("missing_keys") or []), directory)
     return model.eval()
 
 
@@ -55,28 +56,21 @@ class _Vacant(nn.Module):
 
 
 def _vacating(config: Any, vacant: set[str]) -> Any:
-    """The architecture's causal-LM class, with the linears in ``vacant`` made ``_Vacant``
-    between construction and weight loading (same class name: same key conversions); None
-    for an architecture transformers' auto mapping does not know (remote code)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    """The architecture's causal-LM class with the linears in ``vacant`` made ``_Vacant``
+    between construction and weight loading; None without any, or for an architecture
+    transformers' auto mapping does not know (remote code)."""
+    from knowpress.arch.layers import built_with
 
-    base = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    if base is None or not vacant:
-        return None
+    def vacate(model: nn.Module) -> None:
+        for name in vacant:  # a name no module has is refused by ``_rebuild``
+            try:
+                linear = model.get_submodule(name)
+            except AttributeError:
+                continue
+            if isinstance(linear, nn.Linear):
+                model.set_submodule(name, _Vacant(linear))
 
-    class Vacated(base):  # type: ignore[misc, valid-type]
-        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
-            super().__init__(config, *args, **kwargs)
-            for name in vacant:  # a name no module has is refused by ``_rebuild``
-                try:
-                    linear = self.get_submodule(name)
-                except AttributeError:
-                    continue
-                if isinstance(linear, nn.Linear):
-                    self.set_submodule(name, _Vacant(linear))
-
-    Vacated.__name__, Vacated.__qualname__ = base.__name__, base.__qualname__
-    return Vacated
+    return built_with(config, vacate) if vacant else None
 
 
 def _float_model(directory: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool,
@@ -102,8 +96,11 @@ def _float_model(directory: Path, config: Any, dtype: torch.dtype, trust_remote_
             hf_logging.enable_progress_bar()
 
 
-def _layout(raw: Iterable[str], model_type: str
-            ) -> tuple[dict[str, str], dict[str, dict[int, dict[str, str]]]]:  # fmt: skip
+# dense checkpoint prefix -> module name; experts module -> expert -> projection -> prefix
+_Layout = tuple[dict[str, str], dict[str, dict[int, dict[str, str]]]]
+
+
+def _layout(raw: Iterable[str], model_type: str) -> _Layout:
     """The quantized modules of ``raw`` (those with a ``weight_scale``): dense checkpoint
     prefix -> module name, and experts module -> expert -> projection -> prefix."""
     names = expert_names(model_type)
@@ -122,13 +119,14 @@ def _layout(raw: Iterable[str], model_type: str
     return dense, experts
 
 
-def _rebuild(model: nn.Module, raw: Mapping[str, torch.Tensor], groups: list[dict[str, Any]],
-             missing_keys: set[str], directory: Path) -> None:  # fmt: skip
-    """Every quantized module of ``raw`` (those with a ``weight_scale``) rebuilt packed."""
+def _rebuild(model: nn.Module, raw: Mapping[str, torch.Tensor], layout: _Layout,
+             groups: list[dict[str, Any]], missing_keys: set[str], directory: Path
+             ) -> None:  # fmt: skip
+    """Every quantized module of ``raw`` (``layout``: ``_layout`` of it) rebuilt packed."""
     from knowpress.formats.compressed_tensors import scheme_for
 
     names = expert_names(model.config.model_type)
-    dense, experts = _layout(raw, model.config.model_type)
+    dense, experts = layout
     rebuilt = {f"{name}.weight" for name in dense.values()}
     rebuilt |= {f"{m}.{fused}" for m in experts for fused in ("gate_up_proj", "down_proj")}
     missing = sorted(missing_keys - rebuilt)
