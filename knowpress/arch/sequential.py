@@ -88,11 +88,11 @@ class Onloaded:
             current = tensor.data
             if current.data_ptr() == data.data_ptr() and current.dtype == data.dtype:
                 continue  # never moved (a buffer already on the device, in its dtype)
-            # unchanged (compared where the stage saw it): the original, exactly as held
-            unchanged = current.shape == data.shape and torch.equal(
-                current, data.to(device=current.device, dtype=current.dtype)
-            )
-            tensor.data = data if unchanged else current.to(device=data.device, dtype=data.dtype)
+            # unchanged (compared in the dtype the stage saw): the original, exactly as held;
+            # one transfer home either way, as a plain cast back would take
+            back = current.to(data.device)
+            unchanged = back.shape == data.shape and torch.equal(back, data.to(back.dtype))
+            tensor.data = data if unchanged else back.to(data.dtype)
         self.saved.clear()
         live = self.modules if self.model is None else [self.model]
         self.mapped.release(_tensors(live))
