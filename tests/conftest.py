@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,3 +30,23 @@ def tiny_teacher_dir(knowpress_cache: Path) -> Path:
     from knowpress.teachers import build_teacher
 
     return build_teacher("test-tiny", progress=False)
+
+
+@pytest.fixture
+def dry_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> Callable[[dict[str, Any]], tuple[int, str]]:
+    """``compress apply RECIPE -o tmp_path/out --dry-run`` on a recipe dict: exit code and
+    stderr."""
+    import yaml
+
+    from knowpress.cli import main
+
+    def run(recipe: dict[str, Any]) -> tuple[int, str]:
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        capsys.readouterr()
+        code = main(["apply", str(path), "-o", str(tmp_path / "out"), "--dry-run"])
+        return code, capsys.readouterr().err.strip()
+
+    return run

@@ -5,10 +5,11 @@ is refused before the first write: MoE models, a KV policy, weights of the other
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-import yaml
 
 from knowpress.cli.app import main
 from knowpress.pipeline.recipe import validate_recipe
@@ -54,14 +55,6 @@ def test_the_gguf_row_scores_the_file_with_carried_codes(tiny_teacher_dir: Path,
                  "q8_0", "--force", "-q"]) == 0  # fmt: skip
 
 
-def _dry_run(recipe: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:  # type: ignore[type-arg]
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    capsys.readouterr()
-    code = main(["apply", str(path), "-o", str(tmp_path / "out"), "--dry-run"])
-    return code, capsys.readouterr().err.strip()
-
-
 @pytest.mark.parametrize(
     ("stages", "world", "refused"),
     [
@@ -86,20 +79,20 @@ def test_refused_at_dry_run_in_one_line(
     world: str,
     refused: str,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    dry_run: Callable[[dict[str, Any]], tuple[int, str]],
 ) -> None:
-    code, err = _dry_run(_recipe(stages, world), tmp_path, capsys)
+    code, err = dry_run(_recipe(stages, world))
     assert code == 2 and len(err.splitlines()) == 1, err
     assert re.search(refused, err), err
     assert not (tmp_path / "out").exists()
 
 
 def test_a_full_cache_policy_is_no_refusal(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    dry_run: Callable[[dict[str, Any]], tuple[int, str]],
 ) -> None:
     stages = [{"kind": "compress_kv", "policy": {"name": "full"}},
               {"kind": "export", "format": "gguf", "weights": "q8_0"}]  # fmt: skip
-    code, err = _dry_run(_recipe(stages), tmp_path, capsys)
+    code, err = dry_run(_recipe(stages))
     assert code == 0, err
 
 

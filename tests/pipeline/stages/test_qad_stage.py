@@ -6,6 +6,7 @@ cannot train are refused in one line before any work (``--dry-run`` too)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,15 +114,6 @@ def test_a_killed_qad_stage_resumes_to_the_uninterrupted_weights(
         assert torch.equal(resumed[name], tensor), name
 
 
-def _dry_run(recipe: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-             ) -> tuple[int, str]:  # fmt: skip
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    capsys.readouterr()
-    code = main(["apply", str(path), "-o", str(tmp_path / "out"), "--dry-run"])
-    return code, capsys.readouterr().err.strip()
-
-
 @pytest.mark.parametrize(
     ("stages", "world", "refused"),
     [
@@ -148,9 +140,9 @@ def _dry_run(recipe: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixtu
 )  # fmt: skip
 def test_refused_at_dry_run_in_one_line(
     stages: list[dict[str, Any]], world: str, refused: str, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    dry_run: Callable[[dict[str, Any]], tuple[int, str]],
 ) -> None:  # fmt: skip
-    code, err = _dry_run(_recipe(*stages, world=world), tmp_path, capsys)
+    code, err = dry_run(_recipe(*stages, world=world))
     assert code == 2 and len(err.splitlines()) == 1, err
     assert re.search(refused, err), err
     assert not (tmp_path / "out").exists()
