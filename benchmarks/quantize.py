@@ -79,10 +79,11 @@ def ours(scorer: Scorer, name: str, bits: int, group: int, out: Path,
 
 
 def external(scorer: Scorer, venv: Path, tool: str, bits: int, group: int, calib: Path,
-             out: Path, method: str) -> dict[str, Any]:  # fmt: skip
+             out: Path, method: str, extra: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """``extra``: more arguments for the tool's script (``--asym``, ``--mixed``)."""
     script = EXTERNAL / f"{tool}_quantize.py"
     args = [str(venv / "bin" / "python"), str(script), str(scorer.path), str(out), "--calib",
-            str(calib), "--bits", str(bits), "--group", str(group)]  # fmt: skip
+            str(calib), "--bits", str(bits), "--group", str(group), *(extra or [])]  # fmt: skip
     args += ["--sym"] if tool == "gptqmodel" else ["--method", method]
     # GPTQModel writes logs/ into its working directory; keep them out of the repo.
     run = subprocess.run(args, capture_output=True, text=True, cwd=out.parent)

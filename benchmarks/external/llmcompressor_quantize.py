@@ -1,11 +1,12 @@
 """llm-compressor called directly (run inside a venv with llmcompressor 0.14), for
 benchmarks/quantize.py: GPTQ (``GPTQModifier``) or RTN (``QuantizationModifier``) with
-symmetric int weights in groups, every Linear but the head; saved compressed
+int weights in groups (symmetric, or ``--asym``: zero points), every Linear but the head
+(``--mixed``: attention projections at 8 bits, the MLP at ``--bits``); saved compressed
 (compressed-tensors pack-quantized, which knowpress loads). Prints one JSON line with the
 seconds of the ``oneshot`` call.
 
     python llmcompressor_quantize.py MODEL OUT --calib calib.json --bits 4 --group 32
-        --method gptq|rtn [--damp 0.01]
+        --method gptq|rtn [--damp 0.01] [--asym] [--mixed]
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=32)
     parser.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     parser.add_argument("--damp", type=float, default=0.01)
+    parser.add_argument("--asym", action="store_true")
+    parser.add_argument("--mixed", action="store_true", help="attention W8, MLP W{bits}")
     args = parser.parse_args()
 
     import torch
@@ -34,9 +37,18 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ids = json.loads(Path(args.calib).read_text())
-    groups = {"group_0": {"targets": ["Linear"], "weights": {
-        "num_bits": args.bits, "type": "int", "symmetric": True, "strategy": "group",
-        "group_size": args.group}}}  # fmt: skip
+
+    def weights(bits: int) -> dict:
+        return {"num_bits": bits, "type": "int", "symmetric": not args.asym,
+                "strategy": "group", "group_size": args.group}  # fmt: skip
+
+    if args.mixed:
+        groups = {
+            "attention": {"targets": [r"re:.*self_attn\..*_proj$"], "weights": weights(8)},
+            "mlp": {"targets": [r"re:.*mlp\..*_proj$"], "weights": weights(args.bits)},
+        }
+    else:
+        groups = {"group_0": {"targets": ["Linear"], "weights": weights(args.bits)}}
     if args.method == "gptq":
         recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"],
                               dampening_frac=args.damp)  # fmt: skip

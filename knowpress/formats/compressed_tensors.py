@@ -287,17 +287,22 @@ def is_ct_folder(directory: Path) -> bool:
 
 
 def scheme_for(groups: list[dict[str, Any]], name: str, directory: Path) -> Scheme:
-    """The scheme of the config group targeting checkpoint module ``name``."""
+    """The scheme of the config group targeting checkpoint module ``name``: a target naming
+    it (exact, or ``re:`` regex) first, else one naming its class. Every module a folder
+    stores packed is a ``Linear`` in the checkpoint's layout (experts too, per expert), so
+    ``Linear``, llm-compressor's usual target (its W4A16 preset), catches each of them."""
     import re
 
-    for group in groups:
-        for target in group.get("targets", []):
-            hit = re.fullmatch(target[3:], name) if target.startswith("re:") else target == name
-            if hit:
-                scheme = read_scheme(group.get("weights") or {})
-                if isinstance(scheme, str):
-                    raise KnowpressError(f"{directory}: {name}: {scheme} are not packed here")
-                return scheme
+    def hit(target: str) -> bool:
+        return bool(re.fullmatch(target[3:], name)) if target.startswith("re:") else target == name
+
+    named = [g for g in groups if any(hit(t) for t in g.get("targets", []))]
+    by_class = [g for g in groups if "Linear" in g.get("targets", [])]
+    for group in [*named, *by_class][:1]:
+        scheme = read_scheme(group.get("weights") or {})
+        if isinstance(scheme, str):
+            raise KnowpressError(f"{directory}: {name}: {scheme} are not packed here")
+        return scheme
     raise KnowpressError(f"{directory}: {name} is quantized but no config group targets it")
 
 

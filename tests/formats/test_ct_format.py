@@ -136,3 +136,22 @@ def test_a_folder_whose_weights_do_not_all_load_is_refused(tmp_path: Path) -> No
     save_file(renamed, str(file), metadata={"format": "pt"})
     with pytest.raises(KnowpressError, match=r"not in the checkpoint \(first: model\.layers\.1"):
         load_model(tmp_path)
+
+
+def test_a_config_group_targeting_the_linear_class_loads(tmp_path: Path) -> None:
+    """llm-compressor's presets (W4A16) target ``Linear`` by class, not by name."""
+    method = RTN(name="rtn", bits=4, group_size=32, symmetric=True)
+    model = _quantized(method, "compressed-tensors")
+    save_model(model, tiny_tokenizer(), tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    groups = config["quantization_config"]["config_groups"]
+    assert len(groups) == 1
+    next(iter(groups.values()))["targets"] = ["Linear"]
+    path.write_text(json.dumps(config))
+    loaded, _ = load_model(tmp_path)
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    packed = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert len(packed) == 14 and all(m.bits == 4 for m in packed)
