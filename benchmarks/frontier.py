@@ -100,12 +100,14 @@ def _stored(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def ours(scorer: Scorer, name: str, stages: list[dict[str, Any]], out: Path) -> list[dict]:
+def ours(scorer: Scorer, name: str, stages: list[dict[str, Any]], out: Path,
+         data: dict[str, Any] | None = None) -> list[dict]:  # fmt: skip
     """Run the point's recipe (its own evaluation cut to a few kl items: the Scorer scores
-    every stage's folder afterwards) and score each stage's stored folder."""
+    every stage's folder afterwards; ``data``: the recipe's data section) and score each
+    stage's stored folder."""
     recipe = validate_recipe({
         "version": 1, "model": {"path": str(scorer.path)}, "stages": stages,
-        "evaluate": {"tasks": ["kl"], "max_items": 8},
+        "evaluate": {"tasks": ["kl"], "max_items": 8}, **({"data": data} if data else {}),
     })  # fmt: skip
     start = time.perf_counter()
     apply(recipe, out, force=True)

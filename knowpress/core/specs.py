@@ -83,12 +83,13 @@ class ModelSpec(Strict):
 
 class CalibrationSpec(Strict):
     """The text data-aware stages (GPTQ, expert statistics) run the model on: the world's
-    training text (``train``: bios and questions) or held-out text, a local file (``path``:
+    training text (``train``: bios and questions), its held-out text (``heldout``: bios in
+    templates the teacher never saw), half of each (``mix``), a local file (``path``:
     .txt paragraphs, .jsonl / .json records), or a dataset in the local Hugging Face cache
     (``dataset: name`` or ``name:config``). Packed into ``samples`` sequences of ``seq_len``
     tokens (see ``pipeline/calibration.py``)."""
 
-    world: Literal["train", "heldout"] = "train"
+    world: Literal["train", "heldout", "mix"] = "train"
     path: str | None = Field(None, description="a local .txt / .jsonl / .json file")
     field: str = Field("text", description="string field of JSON records (path, dataset)")
     dataset: str | None = Field(None, description="HF dataset in the local cache")

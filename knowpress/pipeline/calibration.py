@@ -1,12 +1,13 @@
 """Calibration data: the token sequences data-aware stages (GPTQ, expert statistics) run.
 
 Texts come from ``data.calibration`` (``recipe.CalibrationSpec``): the world's training text
-(``world: train``, the bios and questions the teacher learnt from) or its held-out text, a
-local file (the ``evaluate.text`` rules: .txt paragraphs, .jsonl / .json records with
-``field``), or a dataset already in the local Hugging Face cache. They are shuffled (``seed``),
-tokenized with the model's tokenizer, joined with its end-of-sequence token and cut into
-``samples`` sequences of ``seq_len`` tokens (at most ``max_positions``): every position sees
-real text, as in GPTQ's own calibration on C4 windows.
+(``world: train``, the bios and questions the teacher learnt from), its held-out text, both
+(``mix``: the two interleaved, as many of each), a local file (the ``evaluate.text`` rules:
+.txt paragraphs, .jsonl / .json records with ``field``), or a dataset already in the local
+Hugging Face cache. They are shuffled (``seed``), tokenized with the model's tokenizer, joined
+with its end-of-sequence token and cut into ``samples`` sequences of ``seq_len`` tokens (at
+most ``max_positions``): every position sees real text, as in GPTQ's own calibration on C4
+windows.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ def calibration_texts(spec: CalibrationSpec, world: Any) -> list[str]:
         return load_texts(TextSpec(path=spec.path, field=spec.field), "data.calibration")[0]
     if spec.dataset is not None:
         return _dataset_texts(spec)
-    if spec.world == "heldout":
-        texts = list(world.heldout_texts()) if world is not None else []
+    heldout = list(world.heldout_texts()) if world is not None and spec.world != "train" else []
+    method = getattr(world, "training_texts", None)
+    train = list(method()) if callable(method) and spec.world != "heldout" else []
+    if spec.world == "mix":  # equal shares: the training text outnumbers the held-out bios
+        random.Random(spec.seed).shuffle(train)
+        texts = [t for pair in zip(train, heldout, strict=False) for t in pair]
     else:
-        method = getattr(world, "training_texts", None)
-        texts = list(method()) if callable(method) else []
+        texts = heldout or train
     if not texts:
         raise KnowpressError(
             f"data.calibration.world: this run has no {spec.world} text to calibrate on (no "

@@ -29,3 +29,20 @@ def test_only_the_texts_needed_are_tokenized_and_the_ids_do_not_depend_on_it(
     chunked = calibration.calibration_ids(spec, None, tokenizer, 64)
     assert chunked == whole and [len(s) for s in whole] == [16] * 4
     assert sum(seen) <= 21  # 64 tokens are 16 of the 5000 texts (4 tokens each): 3 chunks of 7
+
+
+class _World:
+    def training_texts(self) -> list[str]:
+        return [f"t{i}" for i in range(100)]
+
+    def heldout_texts(self) -> list[str]:
+        return [f"h{i}" for i in range(10)]
+
+
+def test_mix_takes_as_many_held_out_as_training_texts() -> None:
+    assert calibration.calibration_texts(CalibrationSpec(world="heldout"), _World())[0] == "h0"
+    assert len(calibration.calibration_texts(CalibrationSpec(world="train"), _World())) == 100
+    mixed = calibration.calibration_texts(CalibrationSpec(world="mix"), _World())
+    assert [t[0] for t in mixed] == ["t", "h"] * 10
+    assert [t for t in mixed if t[0] == "h"] == [f"h{i}" for i in range(10)]
+    assert len({t for t in mixed if t[0] == "t"}) == 10
