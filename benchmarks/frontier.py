@@ -10,8 +10,9 @@ teacher. A chain gives one row per stage, so ``gptq-w2 -> qad`` shows both point
 
 Anchors (optional venvs, run in the same process tree on the same calibration ids):
 ``--llmcompressor-venv``: llm-compressor 0.14 GPTQ W4A16 symmetric and asymmetric at g32 and
-g128, W3/W2 g32, and its mixed scheme (attention W8, MLP W4, g32); ``--gptqmodel-venv``:
-GPTQModel 7.6 GPTQ. Their folders are scored by the same Scorer.
+g64 (g128 does not divide these teachers' 64- and 192-wide inputs, and llm-compressor refuses
+it), W3 and W2 at g32, and a mixed scheme (attention W8, MLP W4, g32); ``--gptqmodel-venv``:
+GPTQModel 7.6 GPTQ at W4, W3, W2 g32. Their folders are scored by the same Scorer.
 
 Writes ``benchmarks/results/frontier.json`` (rows kept per preset) and ``frontier.png`` (worst
 task retention vs stored bytes / bf16 teacher, Pareto front of each tool drawn).
@@ -48,7 +49,7 @@ GROUP = 32
 # llm-compressor schemes: (label, bits, group, symmetric, mixed)
 LLMC_SCHEMES = [
     ("w4-g32", 4, 32, True, False), ("w4-g32-asym", 4, 32, False, False),
-    ("w4-g128", 4, 128, True, False), ("w4-g128-asym", 4, 128, False, False),
+    ("w4-g64", 4, 64, True, False), ("w4-g64-asym", 4, 64, False, False),
     ("w8attn-w4mlp-g32", 4, 32, True, True), ("w3-g32", 3, 32, True, False),
     ("w3-g32-asym", 3, 32, False, False), ("w2-g32", 2, 32, True, False),
 ]  # fmt: skip
@@ -62,7 +63,7 @@ def _quantize(bits: int, symmetric: bool = True, **extra: Any) -> dict[str, Any]
 def _qad(steps: int) -> dict[str, Any]:
     every = max(1, steps // 4)
     return {"kind": "qad", "train_weights": True, "loss": {"name": "forward_kl"},
-            "train": {"steps": steps, "batch_size": 16, "lr": 1e-3, "warmup": 10,
+            "train": {"steps": steps, "batch_size": 16, "warmup": 10,
                       "checkpoint_every": every}}  # fmt: skip
 
 
@@ -70,10 +71,12 @@ def _sensitivity(avg: float) -> dict[str, Any]:
     return {"name": "sensitivity", "avg_bits": avg, "candidates": [2, 3, 4, 8]}
 
 
-# the embedding (tied to the head) packed at int4 after qad (which trains packed linears
-# only): at these sizes it is a large share of the bytes
-EMBED = {"kind": "quantize", "method": {"name": "rtn", "bits": 4, "group_size": GROUP},
-         "targets": ["model.embed_tokens"], "ignore": []}  # fmt: skip
+def _embed(bits: int) -> dict[str, Any]:
+    """The embedding (tied to the head) packed too, after qad (which trains packed linears
+    only): at these sizes it is a large share of the bytes (0.58 of bios-dense-capacity's at
+    int4 g32), which llm-compressor leaves in bf16."""
+    return {"kind": "quantize", "method": {"name": "rtn", "bits": bits, "group_size": GROUP},
+            "targets": ["model.embed_tokens"], "ignore": []}  # fmt: skip
 
 
 def points(steps: int) -> dict[str, list[dict[str, Any]]]:
@@ -86,12 +89,14 @@ def points(steps: int) -> dict[str, list[dict[str, Any]]]:
         "gptq-w2": [_quantize(2), _qad(steps)],
         "sens-3.5": [_quantize(4, bits_plan=_sensitivity(3.5)), _qad(steps)],
         "sens-2.5": [_quantize(2, bits_plan=_sensitivity(2.5)), _qad(steps)],
-        "gptq-w2-embed4": [_quantize(2), _qad(steps), EMBED],
+        "gptq-w2-embed4": [_quantize(2), _qad(steps), _embed(4)],
+        "w8-embed4": [_quantize(8), _embed(4)],
+        "sens-7-embed8": [_quantize(8, bits_plan=_sensitivity(7.0)), _qad(steps), _embed(8)],
         "half-w3-embed4": [
             {"kind": "distill", "student": half, "loss": {"name": "taid"},
              "train": {"steps": 4 * steps, "batch_size": 32, "lr": 1e-3,
                        "checkpoint_every": steps}},
-            _quantize(3), _qad(steps), EMBED,
+            _quantize(3), _qad(steps), _embed(4),
         ],
     }  # fmt: skip
 
@@ -229,13 +234,14 @@ def main() -> None:
     parser.add_argument("--points", nargs="+", choices=list(points(1)))
     parser.add_argument("--qad-steps", type=int, default=300)
     parser.add_argument("--max-items", type=int)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to merge rows into")
     args = parser.parse_args()
     torch.set_num_threads(training_threads())
     fresh = []
     for name in args.presets:  # written after each preset: a later failure loses nothing
         print(name, flush=True)
         fresh.append(measure(name, args))
-        write_presets(RESULTS, fresh, plot, _keep)
+        write_presets(args.results, fresh, plot, _keep)
 
 
 def _keep(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> None:

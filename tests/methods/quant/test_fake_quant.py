@@ -71,12 +71,12 @@ def test_trained_weights_and_scales_are_what_gets_packed() -> None:
     packed = RTN(name="rtn", bits=3, group_size=16, symmetric=False).quantize_linear(linear)
     fake = FakeQuantLinear(packed, train_weights=True)
     with torch.no_grad():
-        fake.weight.add_(0.3 * torch.randn_like(fake.weight))
-        fake.scale.mul_(1.1)
+        fake.latent.add_(torch.randn_like(fake.latent))  # a grid step, on average
+        fake.log_scale.add_(0.1)
     back = fake.to_packed()
     assert not torch.equal(back.weight_packed, packed.weight_packed)
     assert torch.equal(back.weight_zero_point, packed.weight_zero_point)  # zero points fixed
-    assert torch.equal(back.weight_scale, fake.scale.detach().half())
+    assert torch.equal(back.weight_scale, fake.scale().detach().half())
     x = torch.randn(3, 32)
     assert torch.allclose(back(x), fake(x), atol=1e-6)  # the packed layer is the trained one
 
@@ -86,4 +86,23 @@ def test_scales_only_leaves_the_weight_frozen() -> None:
     packed = RTN(name="rtn", bits=4, group_size=32).quantize_linear(linear)
     fake = FakeQuantLinear(packed, train_weights=False)
     trainable = [n for n, p in fake.named_parameters() if p.requires_grad]
-    assert trainable == ["scale"]
+    assert trainable == ["log_scale"]
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_one_step_moves_codes_and_scales_by_the_same_share_at_every_width(bits: int) -> None:
+    """An AdamW step of lr moves each weight by ~lr grid steps and each scale by a factor of
+    ~exp(lr), whatever the width: in raw units lr 0.05 would be many int8 steps."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 8, bias=False)
+    packed = RTN(name="rtn", bits=bits, group_size=32).quantize_linear(linear)
+    fake = FakeQuantLinear(packed, train_weights=True)
+    step = fake.scale().detach().repeat_interleave(32, dim=1)
+    weight, scale = fake.weight().detach(), fake.scale().detach()
+    optimizer = torch.optim.AdamW(fake.parameters(), lr=0.05, weight_decay=0.0)
+    fake(torch.randn(16, 64)).square().sum().backward()
+    optimizer.step()
+    moved = (fake.weight().detach() - weight).abs() / step
+    assert moved.max() <= 0.05 * 1.001 and moved.max() >= 0.04
+    factor = (fake.scale().detach() / scale).log().abs()
+    assert factor.max() <= 0.05 * 1.001 and factor.max() >= 0.04
