@@ -200,6 +200,27 @@ def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
+def markdown(results: list[dict[str, Any]]) -> str:
+    """The README table: per preset and llm-compressor scheme, knowpress's best point within
+    2 % of its bytes, and the best point overall at or under those bytes."""
+    lines = [
+        "| teacher | llm-compressor scheme | its bytes / bf16 | its worst | knowpress best "
+        "at ±2 % bytes | bytes / bf16 | worst | gain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        bf16 = next(r["stored_bytes"] / r["size_vs_bf16_teacher"] for r in result["rows"]
+                    if "error" not in r)  # fmt: skip
+        for row in result["equal_bytes"]:
+            lines.append(
+                f"| {result['preset']} | {row['anchor'].split('/', 1)[1]} | "
+                f"{row['anchor_bytes'] / bf16:.3f} | {row['anchor_worst']:.3f} | "
+                f"{row['ours']} | {row['ours_bytes'] / bf16:.3f} | {row['ours_worst']:.3f} | "
+                f"{row['gain']:+.3f} |"
+            )
+    return "\n".join(lines)
+
+
 def _line(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"  {row['method']:32s} failed: {' / '.join(row['error'])}"
@@ -239,7 +260,11 @@ def main() -> None:
     parser.add_argument("--qad-steps", type=int, default=300)
     parser.add_argument("--max-items", type=int)
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to merge rows into")
+    parser.add_argument("--table", action="store_true", help="print the README table, run nothing")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.results.read_text())["presets"]))
+        return
     torch.set_num_threads(training_threads())
     fresh = []
     for name in args.presets:  # written after each preset: a later failure loses nothing

@@ -122,3 +122,22 @@ def test_kv_benchmark_policies_validate_and_bio_prompts_stop_before_a_value() ->
         bio = world.training_bios()[world.people.index(person) * world.config.bios_per_person]
         assert bio.startswith(prompt) and any(bio[len(prompt) :].strip().startswith(v)
                                               for v in values)  # fmt: skip
+
+
+def _row(tool: str, method: str, stored: int, worst: float) -> dict[str, object]:
+    return {"tool": tool, "method": method, "stored_bytes": stored, "worst_retention": worst,
+            "size_vs_bf16_teacher": stored / 1000}  # fmt: skip
+
+
+def test_frontier_pareto_and_equal_bytes_on_a_hand_built_case() -> None:
+    frontier = _instrument("frontier")
+    rows = [_row("knowpress", "a", 500, 0.60), _row("knowpress", "b", 505, 0.70),
+            _row("knowpress", "c", 400, 0.65), _row("knowpress", "d", 530, 0.95),
+            _row("llm-compressor", "llmcompressor/w4-g32", 503, 0.49),
+            _row("llm-compressor", "llmcompressor/w2-g32", 300, 0.10)]  # fmt: skip
+    front = frontier.pareto([r for r in rows if r["tool"] == "knowpress"])
+    assert [r["method"] for r in front] == ["c", "b", "d"]  # a: c is smaller and keeps more
+    table = frontier.equal_bytes(rows)  # d is 5 % over, outside the 2 % window
+    assert [(t["anchor"], t["ours"], round(t["gain"], 3)) for t in table] == [
+        ("llmcompressor/w4-g32", "b", 0.21)
+    ]
