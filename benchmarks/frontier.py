@@ -24,6 +24,7 @@ task retention vs stored bytes / bf16 teacher, Pareto front of each tool drawn).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -98,7 +99,7 @@ def points(steps: int) -> dict[str, list[dict[str, Any]]]:
                              _embed(8)],
         "half-w3-embed4": [
             {"kind": "distill", "student": half, "loss": {"name": "taid"},
-             "train": {"steps": 4 * steps, "batch_size": 32, "lr": 1e-3,
+             "train": {"steps": 3 * steps, "batch_size": 32, "lr": 1e-3,
                        "checkpoint_every": steps}},
             _quantize(3), _qad(steps), _embed(4),
         ],
@@ -150,11 +151,19 @@ def anchors(scorer: Scorer, args: argparse.Namespace, calib: Path, tmp: Path) ->
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every anchor and point on one preset; the preset's entry is written after each of
+    them (``write_presets`` keeps the rows a rerun does not measure), so a stopped run loses
+    at most the point it was on."""
     path = build_teacher(name, progress=True)
     scorer = Scorer(path, args.max_items)
     wanted = points(args.qad_steps)
     chosen = args.points or list(wanted)
-    rows: list[dict[str, Any]] = []
+    entry: dict[str, Any] = {
+        "preset": name, "preset_key": PRESETS.get(name).key(), "teacher": str(path),
+        "teacher_scores": {t: s.score for t, s in scorer.teacher.items()},
+        "gated_tasks": scorer.gated, "max_items": args.max_items, "qad_steps": args.qad_steps,
+        "threads": torch.get_num_threads(), "rows": [],
+    }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         calib = Path(tmp) / "calib.json"
         spec = validate_recipe({"version": 1, "model": {"path": str(path)}}).data.calibration
@@ -162,14 +171,13 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         ids = calibration_ids(spec, scorer.world, tokenizer, model.config.max_position_embeddings)
         calib.write_text(json.dumps(ids))
         del model
-        rows += anchors(scorer, args, calib, Path(tmp))
+        if args.llmcompressor_venv or args.gptqmodel_venv:
+            entry["rows"] = anchors(scorer, args, calib, Path(tmp))
+            write_presets(args.results, [copy.deepcopy(entry)], plot, _keep)
         for point in chosen:
-            rows += ours(scorer, point, wanted[point], Path(tmp) / point)
-    return {"preset": name, "preset_key": PRESETS.get(name).key(), "teacher": str(path),
-            "teacher_scores": {t: s.score for t, s in scorer.teacher.items()},
-            "gated_tasks": scorer.gated, "max_items": args.max_items,
-            "qad_steps": args.qad_steps, "threads": torch.get_num_threads(),
-            "rows": rows, "equal_bytes": equal_bytes(rows)}  # fmt: skip
+            entry["rows"] += ours(scorer, point, wanted[point], Path(tmp) / point)
+            write_presets(args.results, [copy.deepcopy(entry)], plot, _keep)
+    return entry
 
 
 def equal_bytes(rows: list[dict[str, Any]], tolerance: float = 0.02) -> list[dict[str, Any]]:
@@ -266,11 +274,9 @@ def main() -> None:
         print(markdown(json.loads(args.results.read_text())["presets"]))
         return
     torch.set_num_threads(training_threads())
-    fresh = []
-    for name in args.presets:  # written after each preset: a later failure loses nothing
+    for name in args.presets:
         print(name, flush=True)
-        fresh.append(measure(name, args))
-        write_presets(args.results, fresh, plot, _keep)
+        measure(name, args)
 
 
 def _keep(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> None:
