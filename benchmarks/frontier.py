@@ -88,6 +88,8 @@ def points(steps: int) -> dict[str, list[dict[str, Any]]]:
         "gptq-w4-asym": [_quantize(4, symmetric=False), _qad(steps)],
         "gptq-w3": [_quantize(3), _qad(steps)],
         "gptq-w2": [_quantize(2), _qad(steps)],
+        "sens-4": [_quantize(4, bits_plan=_sensitivity(4.0)), _qad(steps)],
+        "sens-4-asym": [_quantize(4, symmetric=False, bits_plan=_sensitivity(4.0)), _qad(steps)],
         "sens-3.5": [_quantize(4, bits_plan=_sensitivity(3.5)), _qad(steps)],
         "sens-2.5": [_quantize(2, bits_plan=_sensitivity(2.5)), _qad(steps)],
         "gptq-w2-embed4": [_quantize(2), _qad(steps), _embed(4)],
@@ -128,7 +130,8 @@ def ours(scorer: Scorer, name: str, stages: list[dict[str, Any]], out: Path,
         seconds = float(record.get("seconds") or 0.0)
         label = f"{name}/{folder.name}"
         rows.append(scorer.score(folder, _stored(folder), seconds, method=label,
-                                 tool="knowpress", point=name))  # fmt: skip
+                                 tool="knowpress", point=name,
+                                 format=record.get("format")))  # fmt: skip
         print(_line(rows[-1]), flush=True)
     return rows
 
