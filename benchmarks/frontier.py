@@ -91,6 +91,7 @@ def points(steps: int) -> dict[str, list[dict[str, Any]]]:
         "sens-4": [_quantize(4, bits_plan=_sensitivity(4.0)), _qad(steps)],
         "sens-4-asym": [_quantize(4, symmetric=False, bits_plan=_sensitivity(4.0)), _qad(steps)],
         "sens-3.5": [_quantize(4, bits_plan=_sensitivity(3.5)), _qad(steps)],
+        "sens-3": [_quantize(3, bits_plan=_sensitivity(3.0)), _qad(steps)],
         "sens-2.5": [_quantize(2, bits_plan=_sensitivity(2.5)), _qad(steps)],
         "gptq-w2-embed4": [_quantize(2), _qad(steps), _embed(4)],
         "w8-embed4": [_quantize(8), _embed(4)],
