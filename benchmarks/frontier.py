@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from quantize import external, keep_rows
-from results_io import save_figure, write_presets
+from results_io import retention_axes, save_figure, write_presets
 from scoring import Scorer
 
 from knowpress.formats.io import load_model
@@ -266,9 +266,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                 ax.step([r["size_vs_bf16_teacher"] for r in front],
                         [r["worst_retention"] for r in front], where="post",
                         color=dots.get_facecolor()[0])  # fmt: skip
-            ax.set_title(result["preset"])
-            ax.set_xlabel("stored bytes / bf16 teacher")
-            ax.set_ylabel("worst-task retention")
+            retention_axes(ax, result["preset"])
 
     save_figure(path, len(results), draw)
 

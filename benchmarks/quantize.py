@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_io import save_figure, write_presets
+from results_io import retention_axes, save_figure, write_presets
 from scoring import Scorer
 
 from knowpress.core.progress import Progress
@@ -167,9 +167,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                               key=lambda r: r["stored_bytes"])  # fmt: skip
                 ax.plot([r["size_vs_bf16_teacher"] for r in rows],
                         [r["worst_retention"] for r in rows], "o-", label=method)  # fmt: skip
-            ax.set_title(result["preset"])
-            ax.set_xlabel("stored bytes / bf16 teacher")
-            ax.set_ylabel("worst-task retention")
+            retention_axes(ax, result["preset"])
 
     save_figure(path, len(results), draw)
 

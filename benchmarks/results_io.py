@@ -78,6 +78,13 @@ def save_figure(
     plt.close(fig)
 
 
+def retention_axes(ax: Any, title: str) -> None:
+    """A panel of worst-task retention against stored bytes / the bf16 teacher's."""
+    ax.set_title(title)
+    ax.set_xlabel("stored bytes / bf16 teacher")
+    ax.set_ylabel("worst-task retention")
+
+
 def grouped_bars(ax: Any, labels: list[str], series: dict[str, list[float]]) -> None:
     """One group of bars per label, one bar per series in each (a legend entry each)."""
     width = 0.8 / max(1, len(series))

@@ -13,11 +13,12 @@ the result back into the input's modules: the same grid, bits, group sizes, scal
 folder format, so the stored bytes equal the input's; the quantize stage's integrity check
 runs on the saved folder. ``train_weights: false`` trains the scales alone (the codes then
 move only where a scale moves them). The weights train in grid steps and the scales in
-log-scale (``tensors/fake_quant.py``), so ``lr`` means the same at every width. Measured on bios-dense-tiny at GPTQ int2 g32 (200 steps
-of 16, lr 1e-2, ``recipes/qad-int2.yaml``): scales and weights take worst-task retention from
-0.963 to 0.996 and KL from 0.070 to 0.046 nats/token, scales alone to 0.980 / 0.061; so
-``train_weights`` defaults to true. The input's folder format (compressed-tensors or
-knowpress's) is kept; the stage runs in one process (no ``accelerate launch``).
+log-scale (``tensors/fake_quant.py``), so ``lr`` means the same at every width. Measured on
+bios-dense-tiny at GPTQ int2 g32 (200 steps of 16, lr 1e-2, ``recipes/qad-int2.yaml``):
+scales and weights take worst-task retention from 0.963 to 0.996 and KL from 0.070 to 0.046
+nats/token, scales alone to 0.980 / 0.061; so ``train_weights`` defaults to true. The
+input's folder format (compressed-tensors or knowpress's) is kept; the stage runs in one
+process (no ``accelerate launch``).
 
 ```yaml
 - kind: quantize
