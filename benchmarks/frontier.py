@@ -86,6 +86,7 @@ def points(steps: int) -> dict[str, list[dict[str, Any]]]:
     return {
         "gptq-w4": [_quantize(4), _qad(steps)],
         "gptq-w4-asym": [_quantize(4, symmetric=False), _qad(steps)],
+        "gptq-w4-asym-qad3x": [_quantize(4, symmetric=False), _qad(3 * steps)],
         "gptq-w3": [_quantize(3), _qad(steps)],
         "gptq-w2": [_quantize(2), _qad(steps)],
         "sens-4": [_quantize(4, bits_plan=_sensitivity(4.0)), _qad(steps)],
