@@ -32,12 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from quantize import external, keep_rows
+from quantize import calibration_file, external, keep_rows
 from results_io import retention_axes, save_figure, write_presets
 from scoring import Scorer
 
-from knowpress.formats.io import load_model
-from knowpress.pipeline.calibration import calibration_ids
 from knowpress.pipeline.recipe import validate_recipe
 from knowpress.pipeline.runner import apply
 from knowpress.teachers import build_teacher
@@ -110,10 +108,6 @@ def points(steps: int) -> dict[str, list[dict[str, Any]]]:
     }  # fmt: skip
 
 
-def _stored(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-
-
 def ours(scorer: Scorer, name: str, stages: list[dict[str, Any]], out: Path,
          data: dict[str, Any] | None = None) -> list[dict]:  # fmt: skip
     """Run the point's recipe (its own evaluation cut to a few kl items: the Scorer scores
@@ -129,11 +123,10 @@ def ours(scorer: Scorer, name: str, stages: list[dict[str, Any]], out: Path,
     rows = []
     for folder in sorted(p for p in (out / "stages").iterdir() if p.is_dir()):
         record = json.loads((folder / "knowpress_stage.json").read_text())
-        seconds = float(record.get("seconds") or 0.0)
-        label = f"{name}/{folder.name}"
-        rows.append(scorer.score(folder, _stored(folder), seconds, method=label,
+        label = f"{name}/{folder.name}"  # bytes_after: the stage's stored files, as measured
+        rows.append(scorer.score(folder, record["bytes_after"], record["seconds"], method=label,
                                  tool="knowpress", point=name,
-                                 format=record.get("format")))  # fmt: skip
+                                 format=record["format"]))  # fmt: skip
         print(_line(rows[-1]), flush=True)
     return rows
 
@@ -170,12 +163,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(), "rows": [],
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        calib = Path(tmp) / "calib.json"
-        spec = validate_recipe({"version": 1, "model": {"path": str(path)}}).data.calibration
-        model, tokenizer = load_model(path)
-        ids = calibration_ids(spec, scorer.world, tokenizer, model.config.max_position_embeddings)
-        calib.write_text(json.dumps(ids))
-        del model
+        calib = calibration_file(scorer, Path(tmp))
         if args.llmcompressor_venv or args.gptqmodel_venv:
             entry["rows"] = anchors(scorer, args, calib, Path(tmp))
             write_presets(args.results, [copy.deepcopy(entry)], plot, _keep)

@@ -102,17 +102,23 @@ def external(scorer: Scorer, venv: Path, tool: str, bits: int, group: int, calib
         return {"method": label, "bits": bits, "group": group, "error": [message]}
 
 
+def calibration_file(scorer: Scorer, folder: Path) -> Path:
+    """``folder/calib.json``: the token ids of the default ``data.calibration`` spec (what
+    knowpress's stages calibrate on), for the external tools."""
+    spec = validate_recipe({"version": 1, "model": {"path": str(scorer.path)}}).data.calibration
+    model, tokenizer = load_model(scorer.path)
+    ids = calibration_ids(spec, scorer.world, tokenizer, model.config.max_position_embeddings)
+    path = folder / "calib.json"
+    path.write_text(json.dumps(ids))
+    return path
+
+
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     path = build_teacher(name, progress=True)
     scorer = Scorer(path, args.max_items)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        calib = Path(tmp) / "calib.json"
-        spec = validate_recipe({"version": 1, "model": {"path": str(path)}}).data.calibration
-        model, tokenizer = load_model(path)
-        limit = model.config.max_position_embeddings
-        ids = calibration_ids(spec, scorer.world, tokenizer, limit)
-        calib.write_text(json.dumps(ids))
+        calib = calibration_file(scorer, Path(tmp))
         for bits in args.bits:
             for method in args.methods:
                 for symmetric in (True, False) if args.asymmetric else (True,):

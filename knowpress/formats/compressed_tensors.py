@@ -296,14 +296,16 @@ def scheme_for(groups: list[dict[str, Any]], name: str, directory: Path) -> Sche
     def hit(target: str) -> bool:
         return bool(re.fullmatch(target[3:], name)) if target.startswith("re:") else target == name
 
-    named = [g for g in groups if any(hit(t) for t in g.get("targets", []))]
-    by_class = [g for g in groups if "Linear" in g.get("targets", [])]
-    for group in [*named, *by_class][:1]:
-        scheme = read_scheme(group.get("weights") or {})
-        if isinstance(scheme, str):
-            raise KnowpressError(f"{directory}: {name}: {scheme} are not packed here")
-        return scheme
-    raise KnowpressError(f"{directory}: {name} is quantized but no config group targets it")
+    named = (g for g in groups if any(hit(t) for t in g.get("targets", [])))
+    by_class = (g for g in groups if "Linear" in g.get("targets", []))
+    group = next(named, None)
+    group = next(by_class, None) if group is None else group
+    if group is None:
+        raise KnowpressError(f"{directory}: {name} is quantized but no config group targets it")
+    scheme = read_scheme(group.get("weights") or {})
+    if isinstance(scheme, str):
+        raise KnowpressError(f"{directory}: {name}: {scheme} are not packed here")
+    return scheme
 
 
 def load_ct(directory: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:

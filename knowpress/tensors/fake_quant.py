@@ -83,8 +83,9 @@ class FakeQuantLinear(nn.Module):
         # [out, in/g]; a zero scale is stored as the smallest fp16 anyway (stored_scale)
         initial = module.weight_scale.float().clamp(FP16_TINY, FP16_MAX)
         self.register_buffer("initial_scale", initial)
-        weight = module.dequantized_weight(torch.float32)
-        self.latent = nn.Parameter(weight / self._per_input(initial), requires_grad=train_weights)
+        grouped = self._grouped(module.dequantized_weight(torch.float32))
+        latent = (grouped / initial.unsqueeze(-1)).reshape(initial.shape[0], -1)
+        self.latent = nn.Parameter(latent, requires_grad=train_weights)
         self.log_scale = nn.Parameter(torch.zeros_like(initial))
         groups = module.in_features // module.group_size
         if module.weight_zero_point is None:  # symmetric: the fixed offset of the codes
@@ -96,13 +97,14 @@ class FakeQuantLinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)  # QAD trains the quantizer, not the rest
 
-    def _per_input(self, per_group: torch.Tensor) -> torch.Tensor:
-        """``[out, in/g]`` -> ``[out, in]`` (each group's value on its inputs)."""
-        return per_group.repeat_interleave(self.group_size, dim=1)
+    def _grouped(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[out, in]`` -> ``[out, in/g, g]`` (a view)."""
+        return weight.reshape(weight.shape[0], -1, self.group_size)
 
     def weight(self) -> torch.Tensor:
-        """``W = s₀ · u`` (float32, ``[out, in]``)."""
-        return self.latent * self._per_input(self.initial_scale)
+        """``W = s₀ · u`` (float32, ``[out, in]``), the scales broadcast over their groups."""
+        grouped = self._grouped(self.latent) * self.initial_scale.unsqueeze(-1)
+        return grouped.reshape(self.latent.shape)
 
     def scale(self) -> torch.Tensor:
         """``s = s₀ · exp(ρ)`` (float32, ``[out, in/g]``), before rounding to fp16."""
@@ -122,13 +124,11 @@ class FakeQuantLinear(nn.Module):
         """Unpacked uint8 codes ``[out, in]`` of the current weight at the stored scales,
         by the grid's own encoder (the rounding RTN and GPTQ store)."""
         weight = self.weight().detach()
-        out_features, in_features = weight.shape
-        groups = in_features // self.group_size
-        w = weight.reshape(out_features, groups, self.group_size)
+        w = self._grouped(weight)
         scale = stored_scale(self.scale().detach()).unsqueeze(-1)
         zero = None if self.symmetric else self.zero.unsqueeze(-1)
         codes = Grid("int", self.bits, self.symmetric).encode(w, scale, zero)
-        return codes.reshape(out_features, in_features)
+        return codes.reshape(weight.shape)
 
     @torch.no_grad()
     def to_packed(self) -> QuantLinear:
